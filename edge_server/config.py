@@ -1,0 +1,354 @@
+"""The cluster file: one TOML document describes every node, limit, API key and the skill.
+
+Everything is parsed here, once, into frozen dataclasses with defaults in one place.  A bad file
+raises :class:`ConfigError` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_server.token_bucket import Limit
+
+__all__ = [
+    "ClusterConfig",
+    "ConfigError",
+    "LimitRule",
+    "NodeSpec",
+    "RegionSpec",
+    "RouterConfig",
+    "ServerConfig",
+    "SkillConfig",
+    "load_cluster",
+    "parse_cluster",
+]
+
+SECRET_ENV = "EDGE_CLUSTER_SECRET"
+MODES = ("eventual",)
+SKILL_KINDS = ("simulated", "upstream")
+
+
+class ConfigError(ValueError):
+    """A cluster file is missing a key, has a wrong type or an impossible value."""
+
+    def __init__(self, source: str, key: str, expected: str, got: Any = None) -> None:
+        self.source, self.key, self.expected = source, key, expected
+        shown = "" if got is None else f", got {got!r}"
+        super().__init__(f"{source}: key '{key}': expected {expected}{shown}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    id: str  # unique across the cluster; names the node's G-Counter entry and audit file
+    region: str
+    host: str  # address the node listens on and peers dial
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRule:
+    pattern: str  # fnmatch glob over the limiter key (a tenant, or anything /v1/limits/check gets)
+    rate: float  # tokens per second, global across the cluster
+    burst: float  # bucket size, global across the cluster
+
+    def matches(self, key: str) -> bool:
+        return fnmatch.fnmatchcase(key, self.pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class SkillConfig:
+    name: str = "rating"  # the {skill} of /v1/skills/{skill}/invoke
+    kind: str = "simulated"  # "simulated" or "upstream"
+    median_ms: float = 50.0  # simulated: lognormal latency with this median ...
+    p99_ms: float = 200.0  # ... and this 99th percentile (0 and 0 = instant)
+    error_rate: float = 0.0  # simulated: fraction of calls that fail with 502
+    cpu_us: float = 0.0  # simulated: CPU burned per call, microseconds
+    url: str = ""  # upstream: where to POST the body
+    timeout_ms: float = 5000.0  # upstream: give up after this long (502)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    max_body_bytes: int = 64 * 1024  # larger bodies get 413
+    max_key_bytes: int = 256  # longer limiter keys get 400
+    max_cost: int = 1_000_000  # larger costs get 400
+    max_inflight: int = 10_000  # above this, requests get 503 and /readyz says overloaded
+    audit_fsync: bool = False  # False: survive kill -9 (write before reply); True: survive power loss
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    health_interval_ms: float = 100.0  # active /readyz checks of every node
+    health_timeout_ms: float = 250.0
+    connect_timeout_ms: float = 250.0
+    request_timeout_ms: float = 10_000.0
+    eject_ms: float = 1000.0  # a passively ejected node stays out at least this long
+    rise: int = 2  # consecutive good checks before an ejected node gets traffic again
+    latency_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # region -> region
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    source: str  # the file it came from, for error messages
+    secret: bytes
+    gossip_interval_ms: float
+    mode: str
+    regions: tuple[RegionSpec, ...]
+    limits: tuple[LimitRule, ...]
+    api_keys: Mapping[str, str]  # API key -> tenant
+    skill: SkillConfig
+    audit_dir: Path
+    max_keys: int = 100_000
+    key_idle_ttl_s: float = 300.0
+    peer_timeout_ms: float = 0.0  # 0: five gossip intervals, at least 250 ms
+    server: ServerConfig = field(default_factory=ServerConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    @property
+    def nodes(self) -> tuple[NodeSpec, ...]:
+        return tuple(n for r in self.regions for n in r.nodes)
+
+    def node(self, node_id: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise ConfigError(self.source, "regions.nodes.id", f"a node named {node_id!r}; known: "
+                          + ", ".join(n.id for n in self.nodes))
+
+    def limit_for(self, key: str) -> Limit | None:
+        for rule in self.limits:
+            if rule.matches(key):
+                return Limit(rule.rate, rule.burst)
+        return None
+
+
+def load_cluster(path: str | os.PathLike[str]) -> ClusterConfig:
+    """Read and validate a cluster file."""
+    p = Path(path)
+    source = str(p)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(source, "(file)", "an existing file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(syntax)", f"valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "(file)", f"a readable UTF-8 file ({exc})") from None
+    return parse_cluster(raw, source=source, base_dir=p.parent)
+
+
+class _Reader:
+    """Typed access to one table of the TOML document, with errors that name the key."""
+
+    def __init__(self, source: str, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+        self.source, self.table, self.prefix = source, table, prefix
+        if not isinstance(table, Mapping):
+            raise ConfigError(source, prefix.rstrip("."), "a table", table)
+        for key in table:
+            if key not in known:
+                raise ConfigError(source, prefix + key, "one of " + ", ".join(sorted(known)) + " (unknown key)")
+
+    def _get(self, key: str, default: Any, required: bool) -> Any:
+        if key not in self.table:
+            if required:
+                raise ConfigError(self.source, self.prefix + key, "a value (missing)")
+            return default
+        return self.table[key]
+
+    def str(self, key: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self._get(key, default, required)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.source, self.prefix + key, "a non-empty string", value)
+        return value
+
+    def num(self, key: str, default: float | None = None, *, required: bool = False,
+            minimum: float = 0.0, positive: bool = False) -> float:
+        value = self._get(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.source, self.prefix + key, "a number", value)
+        if positive and not value > 0:
+            raise ConfigError(self.source, self.prefix + key, "a number > 0", value)
+        if value < minimum:
+            raise ConfigError(self.source, self.prefix + key, f"a number >= {minimum:g}", value)
+        return float(value)
+
+    def int(self, key: str, default: int | None = None, *, required: bool = False,
+            minimum: int = 0, maximum: int | None = None) -> int:
+        value = self._get(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.source, self.prefix + key, "an integer", value)
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(self.source, self.prefix + key, f"an integer {bound}", value)
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default, False)
+        if not isinstance(value, bool):
+            raise ConfigError(self.source, self.prefix + key, "true or false", value)
+        return value
+
+    def list(self, key: str, *, required: bool = True) -> list:
+        value = self._get(key, [], required)
+        if not isinstance(value, list) or (required and not value):
+            raise ConfigError(self.source, self.prefix + key, "a non-empty array of tables", value)
+        return value
+
+    def table_(self, key: str) -> Mapping[str, Any]:
+        value = self._get(key, {}, False)
+        if not isinstance(value, Mapping):
+            raise ConfigError(self.source, self.prefix + key, "a table", value)
+        return value
+
+
+_TOP = {"cluster", "regions", "limits", "api_keys", "skill", "server", "router"}
+_CLUSTER = {"secret", "gossip_interval_ms", "mode", "audit_dir", "max_keys", "key_idle_ttl_s", "peer_timeout_ms"}
+
+
+def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir: Path | None = None) -> ClusterConfig:
+    """Validate a parsed cluster document (see README, "The cluster file")."""
+    top = _Reader(source, raw, "", _TOP)
+    cl = _Reader(source, top.table_("cluster"), "cluster.", _CLUSTER)
+    secret = os.environ.get(SECRET_ENV) or cl._get("secret", None, False)
+    if not isinstance(secret, str) or len(secret) < 8:
+        raise ConfigError(source, "cluster.secret", f"a string of 8+ characters (or ${SECRET_ENV})",
+                          None if secret is None else "<hidden>")
+    mode = cl.str("mode", "eventual")
+    if mode not in MODES:
+        raise ConfigError(source, "cluster.mode", "one of " + ", ".join(MODES), mode)
+    audit_dir = Path(cl.str("audit_dir", "audit"))
+    if not audit_dir.is_absolute() and base_dir is not None:
+        audit_dir = base_dir / audit_dir
+
+    regions = _parse_regions(source, top.list("regions"))
+    limits = []
+    for i, item in enumerate(top.list("limits")):
+        r = _Reader(source, item, f"limits[{i}].", {"pattern", "rate", "burst"})
+        limits.append(LimitRule(r.str("pattern", required=True), r.num("rate", required=True, positive=True),
+                                r.num("burst", required=True, minimum=1.0)))
+    api_keys_raw = top.table_("api_keys")
+    api_keys: dict[str, str] = {}
+    for key, tenant in api_keys_raw.items():
+        if not isinstance(tenant, str) or not tenant:
+            raise ConfigError(source, f"api_keys.{key}", "a tenant name (string)", tenant)
+        api_keys[key] = tenant
+
+    sk = _Reader(source, top.table_("skill"), "skill.",
+                 {"name", "kind", "median_ms", "p99_ms", "error_rate", "cpu_us", "url", "timeout_ms"})
+    d = SkillConfig()
+    skill = SkillConfig(
+        name=sk.str("name", d.name), kind=sk.str("kind", d.kind),
+        median_ms=sk.num("median_ms", d.median_ms), p99_ms=sk.num("p99_ms", d.p99_ms),
+        error_rate=sk.num("error_rate", d.error_rate), cpu_us=sk.num("cpu_us", d.cpu_us),
+        url=sk._get("url", d.url, False), timeout_ms=sk.num("timeout_ms", d.timeout_ms, positive=True),
+    )
+    if skill.kind not in SKILL_KINDS:
+        raise ConfigError(source, "skill.kind", "one of " + ", ".join(SKILL_KINDS), skill.kind)
+    if skill.error_rate > 1:
+        raise ConfigError(source, "skill.error_rate", "a fraction between 0 and 1", skill.error_rate)
+    if skill.p99_ms < skill.median_ms:
+        raise ConfigError(source, "skill.p99_ms", f"a number >= skill.median_ms ({skill.median_ms:g})", skill.p99_ms)
+    if skill.kind == "upstream" and not (isinstance(skill.url, str) and skill.url.startswith(("http://", "https://"))):
+        raise ConfigError(source, "skill.url", "an http:// or https:// URL for kind = 'upstream'", skill.url)
+
+    sv = _Reader(source, top.table_("server"), "server.",
+                 {"max_body_bytes", "max_key_bytes", "max_cost", "max_inflight", "audit_fsync"})
+    ds = ServerConfig()
+    server = ServerConfig(
+        max_body_bytes=sv.int("max_body_bytes", ds.max_body_bytes, minimum=64),
+        max_key_bytes=sv.int("max_key_bytes", ds.max_key_bytes, minimum=1),
+        max_cost=sv.int("max_cost", ds.max_cost, minimum=1),
+        max_inflight=sv.int("max_inflight", ds.max_inflight, minimum=1),
+        audit_fsync=sv.bool("audit_fsync", ds.audit_fsync),
+    )
+    router = _parse_router(source, top.table_("router"), {r.name for r in regions})
+    return ClusterConfig(
+        source=source,
+        secret=secret.encode(),
+        gossip_interval_ms=cl.num("gossip_interval_ms", 20.0, positive=True),
+        mode=mode,
+        regions=regions,
+        limits=tuple(limits),
+        api_keys=api_keys,
+        skill=skill,
+        audit_dir=audit_dir,
+        max_keys=cl.int("max_keys", 100_000, minimum=1),
+        key_idle_ttl_s=cl.num("key_idle_ttl_s", 300.0, positive=True),
+        peer_timeout_ms=cl.num("peer_timeout_ms", 0.0),
+        server=server,
+        router=router,
+    )
+
+
+def _parse_regions(source: str, items: list) -> tuple[RegionSpec, ...]:
+    regions: list[RegionSpec] = []
+    seen_ids: set[str] = set()
+    seen_addr: set[tuple[str, int]] = set()
+    for i, item in enumerate(items):
+        r = _Reader(source, item, f"regions[{i}].", {"name", "nodes"})
+        name = r.str("name", required=True)
+        if any(x.name == name for x in regions):
+            raise ConfigError(source, f"regions[{i}].name", "a region name used once", name)
+        nodes = []
+        for j, node in enumerate(r.list("nodes")):
+            n = _Reader(source, node, f"regions[{i}].nodes[{j}].", {"id", "host", "port"})
+            spec = NodeSpec(n.str("id", required=True), name, n.str("host", "127.0.0.1"),
+                            n.int("port", required=True, minimum=1, maximum=65535))
+            if spec.id in seen_ids:
+                raise ConfigError(source, f"regions[{i}].nodes[{j}].id", "a node id used once", spec.id)
+            if (spec.host, spec.port) in seen_addr:
+                raise ConfigError(source, f"regions[{i}].nodes[{j}].port", "an address used once", spec.port)
+            seen_ids.add(spec.id)
+            seen_addr.add((spec.host, spec.port))
+            nodes.append(spec)
+        regions.append(RegionSpec(name, tuple(nodes)))
+    return tuple(regions)
+
+
+def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str]) -> RouterConfig:
+    r = _Reader(source, table, "router.", {"host", "port", "health_interval_ms", "health_timeout_ms",
+                                           "connect_timeout_ms", "request_timeout_ms", "eject_ms",
+                                           "rise", "latency_ms"})
+    d = RouterConfig()
+    latency: dict[str, dict[str, float]] = {}
+    for src, row in r.table_("latency_ms").items():
+        if src not in region_names:
+            raise ConfigError(source, f"router.latency_ms.{src}", "a region of the cluster", src)
+        if not isinstance(row, Mapping):
+            raise ConfigError(source, f"router.latency_ms.{src}", "a table of region = milliseconds", row)
+        latency[src] = {}
+        for dst, ms in row.items():
+            if dst not in region_names:
+                raise ConfigError(source, f"router.latency_ms.{src}.{dst}", "a region of the cluster", dst)
+            if isinstance(ms, bool) or not isinstance(ms, int | float) or ms < 0:
+                raise ConfigError(source, f"router.latency_ms.{src}.{dst}", "a number >= 0", ms)
+            latency[src][dst] = float(ms)
+    return RouterConfig(
+        host=r.str("host", d.host),
+        port=r.int("port", d.port, maximum=65535),
+        health_interval_ms=r.num("health_interval_ms", d.health_interval_ms, positive=True),
+        health_timeout_ms=r.num("health_timeout_ms", d.health_timeout_ms, positive=True),
+        connect_timeout_ms=r.num("connect_timeout_ms", d.connect_timeout_ms, positive=True),
+        request_timeout_ms=r.num("request_timeout_ms", d.request_timeout_ms, positive=True),
+        eject_ms=r.num("eject_ms", d.eject_ms),
+        rise=r.int("rise", d.rise, minimum=1),
+        latency_ms=latency,
+    )
