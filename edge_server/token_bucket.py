@@ -28,6 +28,7 @@ from edge_server.gcounter import Entry, KeyCounters, consumed_between
 
 __all__ = [
     "BucketTable",
+    "CostExceedsBurst",
     "Decision",
     "KeyTableFull",
     "Limit",
@@ -58,6 +59,14 @@ class KeyTableFull(Exception):
 
 class NoLimitForKey(LookupError):
     """No configured limit pattern matches the key."""
+
+
+class CostExceedsBurst(ValueError):
+    """A single request costs more than the key's burst: it could never be allowed."""
+
+    def __init__(self, burst: float) -> None:
+        super().__init__(f"cost exceeds the burst {burst:g}")
+        self.burst = burst
 
 
 class _KeyState:
@@ -160,6 +169,8 @@ class BucketTable:
         else:
             self._keys.move_to_end(key)
         limit = st.limit
+        if cost > limit.burst:
+            raise CostExceedsBurst(limit.burst)
         elapsed = now - st.stamp
         if elapsed > 0:
             level = st.level + elapsed * limit.rate

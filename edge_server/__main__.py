@@ -1,0 +1,119 @@
+"""Command line: ``edge-server --cluster FILE --node ID`` runs a node; ``edge-server router ...`` the router.
+
+Exit status: 0 after a clean stop, 2 for a bad cluster file or arguments, 3 when the node cannot
+bind its port or read its audit trail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from edge_server.config import ClusterConfig, ConfigError, load_cluster
+
+__all__ = ["main"]
+
+log = logging.getLogger("edge_server")
+
+
+def _use_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def _fail(status: int, message: str) -> int:
+    print(f"edge-server: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int:
+    from edge_server.app import build_app
+    from edge_server.node import Node
+
+    node = Node(config, node_id)
+    app = build_app(node)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, node.spec.host, node.spec.port, reuse_address=True, backlog=4096)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        return _fail(3, f"node {node_id}: cannot listen on {node.spec.host}:{node.spec.port}: {exc.strerror}")
+    try:
+        node.recover()
+    except (OSError, ValueError, KeyError) as exc:
+        await runner.cleanup()
+        return _fail(3, f"node {node_id}: cannot read audit trail {node.audit.path}: {exc}")
+    assert node.gossiper is not None
+    tasks = [asyncio.create_task(node.gossiper.run(), name="gossip"),
+             asyncio.create_task(node.housekeeping(), name="housekeeping")]
+    log.info("node serving", extra={"host": node.spec.host, "port": node.spec.port,
+                                    "peers": [p.id for p in node.peers], "cold": node.cold})
+    try:
+        await _wait_for_stop()
+        node.draining = True
+        log.info("draining", extra={"seconds": drain_s})
+        await asyncio.sleep(drain_s)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await runner.cleanup()
+        await node.close()
+        log.info("node stopped")
+    return 0
+
+
+def _node_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edge-server", description="Run one Rating API Edge node.")
+    parser.add_argument("--cluster", required=True, help="cluster file (TOML)")
+    parser.add_argument("--node", required=True, help="id of the node to run, as in the cluster file")
+    parser.add_argument("--drain-ms", type=float, default=300.0,
+                        help="after SIGTERM, answer /readyz 503 this long before closing (default 300)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    try:
+        config = load_cluster(args.cluster)
+        spec = config.node(args.node)
+    except ConfigError as exc:
+        return _fail(2, str(exc))
+    from edge_server.logs import setup_logging
+
+    setup_logging(args.log_level, node=spec.id, region=spec.region)
+    loop_kind = _use_uvloop()
+    log.info("starting", extra={"cluster": args.cluster, "loop": loop_kind, "mode": config.mode})
+    return asyncio.run(serve_node(config, args.node, args.drain_ms / 1000))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "router":
+        from edge_server.router_main import router_main
+
+        return router_main(argv[1:])
+    return _node_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

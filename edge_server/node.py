@@ -1,0 +1,149 @@
+"""One edge node at run time: the limiter table, its audit trail, gossip and readiness, wired together.
+
+The HTTP layer (``app.py``) only parses and answers; every decision goes through :meth:`Node.decide`,
+which takes tokens from the pure core and returns only once the grant is in the audit trail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from edge_server.audit import AuditLog, AuditUnavailable
+from edge_server.config import ClusterConfig, NodeSpec
+from edge_server.gossip import Gossiper
+from edge_server.metrics import NodeMetrics
+from edge_server.skill import Skill, make_skill
+from edge_server.token_bucket import BucketTable, Decision
+from edge_server.wire import ReplayGuard
+
+__all__ = ["Node", "Outcome"]
+
+log = logging.getLogger("edge_server.node")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: Decision
+    request_id: str
+    audit_seq: int  # 0 when denied
+
+
+class Node:
+    def __init__(self, config: ClusterConfig, node_id: str) -> None:
+        self.config = config
+        self.spec: NodeSpec = config.node(node_id)
+        self.peers = [n for n in config.nodes if n.id != node_id]
+        self.metrics = NodeMetrics()
+        self.boot = int(time.time() * 1000)
+        self._request_ids = itertools.count(1)
+        self.audit = AuditLog(config.audit_dir / f"{node_id}.jsonl", node_id, self.spec.region,
+                              fsync=config.server.audit_fsync)
+        self.table: BucketTable | None = None
+        self.replay = ReplayGuard({p.id for p in self.peers})
+        self.skill: Skill = make_skill(config.skill)
+        self.gossiper: Gossiper | None = None
+        self.started = time.time()
+        self.recovered_ready = False
+        self.draining = False
+        self.inflight = 0
+        self.exhausted = False
+        self.cold = False
+
+    @property
+    def gossip_interval_s(self) -> float:
+        return self.config.gossip_interval_ms / 1000
+
+    def recover(self) -> None:
+        """Build the table and replay the audit trail; a node with history starts cold (empty)."""
+        now = time.time()
+        peer_timeout = self.config.peer_timeout_ms / 1000 or None
+        holder: list[BucketTable] = []
+        recovered = self.audit.open(lambda key, cost, gen: holder[0].commit(key, cost, gen))
+        self.cold = recovered.events > 0
+        table = BucketTable(
+            self.spec.id, [p.id for p in self.peers], self.config.limit_for, now=now,
+            gossip_interval=self.gossip_interval_s, peer_timeout=peer_timeout,
+            max_keys=self.config.max_keys, idle_ttl=self.config.key_idle_ttl_s, cold=self.cold,
+        )
+        holder.append(table)
+        for key, entry in recovered.own.items():
+            table.recover(key, entry, now)
+        self.table = table
+        self.recovered_ready = True
+        self.gossiper = Gossiper(table, self.spec, self.peers, self.config.secret, self.boot,
+                                 self.gossip_interval_s, self.metrics)
+        log.info("audit recovered", extra={"events": recovered.events, "keys": len(recovered.own),
+                                           "cold": self.cold, "truncated_bytes": recovered.truncated_bytes})
+
+    def new_request_id(self) -> str:
+        return f"{self.spec.id}-{self.boot}-{next(self._request_ids)}"
+
+    async def decide(self, key: str, cost: int, request_id: str) -> Outcome:
+        """Take ``cost`` tokens of ``key``; when allowed, return only after the grant is audited.
+
+        Raises ``KeyTableFull``/``NoLimitForKey`` from the core and ``AuditUnavailable``.
+        """
+        table = self.table
+        assert table is not None
+        now = time.time()
+        decision = table.take(key, cost, now)
+        if not decision.allowed:
+            self.metrics.denied.inc()
+            return Outcome(decision, request_id, 0)
+        gen = table.generation_of(key, now)
+        seq, done = self.audit.append(key, cost, gen, request_id, now)
+        try:
+            await done
+        except AuditUnavailable:
+            table.refund(key, cost)
+            raise
+        self.metrics.allowed.inc()
+        self.metrics.tokens.inc(cost)
+        return Outcome(decision, request_id, seq)
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.recovered_ready:
+            return False, "starting"
+        if self.draining:
+            return False, "draining"
+        if self.cold and not self._cold_synced():
+            return False, "starting"
+        if self.inflight >= self.config.server.max_inflight:
+            return False, "overloaded"
+        if self.exhausted:
+            return False, "exhausted"
+        return True, "ok"
+
+    def _cold_synced(self) -> bool:
+        """A restarted node serves once every live peer has sent its baseline, or after a timeout."""
+        assert self.table is not None
+        if time.time() - self.started > max(1.0, 3 * self.table.peer_timeout):
+            return True
+        return all(self.table._peers[p.id].synced for p in self.peers)
+
+    async def housekeeping(self) -> None:
+        """Liveness, expiry and gauges, a few times a second."""
+        table = self.table
+        assert table is not None
+        m = self.metrics
+        tick = 0
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            table.tick(now)
+            self.exhausted = table.exhausted(now)
+            m.live_keys.set(table.key_count())
+            m.live_peers.set(len(table.live_peers()))
+            m.inflight.set(self.inflight)
+            tick += 1
+            if tick % 4 == 0:
+                table.expire(now)
+                m.crdt_entries.set(table.entry_count())
+
+    async def close(self) -> None:
+        await self.skill.close()
+        self.audit.close()
