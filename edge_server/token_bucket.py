@@ -299,6 +299,7 @@ class BucketTable:
                 learned += grew
                 st.last_active = now
                 if not baseline:
+                    self._refill(st, now)
                     floor = -self.max_debt_bursts * st.limit.burst
                     level = st.level - grew
                     st.level = floor if level < floor else level
@@ -417,6 +418,14 @@ class BucketTable:
         st = _KeyState(limit, level, now)
         self._keys[key] = st
         return st
+
+    @staticmethod
+    def _refill(st: _KeyState, now: float) -> None:
+        elapsed = now - st.stamp
+        if elapsed > 0:
+            level = st.level + elapsed * st.limit.rate
+            st.level = st.limit.burst if level > st.limit.burst else level
+            st.stamp = now
 
     def _evict_one(self, now: float) -> bool:
         """Make room by dropping the least recently active key whose bucket is full again."""

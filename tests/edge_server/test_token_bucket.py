@@ -1,0 +1,267 @@
+"""The pure limiter core, driven by a manual clock: envelope, convergence, bursts, restarts, expiry."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_server.token_bucket import BucketTable, CostExceedsBurst, KeyTableFull, Limit, NoLimitForKey
+
+NODES = ["n1", "n2", "n3"]
+
+
+def make(node="n1", peers=NODES, rate=100.0, burst=100.0, now=0.0, **kw) -> BucketTable:
+    return BucketTable(node, peers, lambda key: Limit(rate, burst), now=now, **kw)
+
+
+def grant(table: BucketTable, key: str, cost: int, now: float) -> bool:
+    d = table.take(key, cost, now)
+    if d.allowed:
+        table.commit(key, cost)
+    return d.allowed
+
+
+def exchange(src: BucketTable, dst: BucketTable, now: float) -> None:
+    """One gossip round from src to dst, acknowledged."""
+    dst.on_peer_boot(src.node_id, 1, now)
+    upto, entries = src.delta_for(dst.node_id)
+    dst.merge(src.node_id, entries, now)
+    src.on_peer_boot(dst.node_id, 1, now)
+    src.on_ack(dst.node_id, upto, now)
+
+
+def full_sync(tables: list[BucketTable], now: float) -> None:
+    for _ in range(2):
+        for a in tables:
+            for b in tables:
+                if a is not b:
+                    exchange(a, b, now)
+
+
+def max_window_excess(times_costs: list[tuple[float, int]], rate: float, burst: float) -> float:
+    """Brute force: max over windows [s, t] of admitted - (B + R (t - s))."""
+    worst = -burst
+    for i, (s, _) in enumerate(times_costs):
+        total = 0
+        for t, c in times_costs[i:]:
+            total += c
+            worst = max(worst, total - burst - rate * (t - s))
+    return worst
+
+
+def test_single_node_admits_burst_then_rate():
+    t = make(peers=["n1"])
+    admitted = sum(grant(t, "k", 1, 0.0) for _ in range(150))
+    assert admitted == 100
+    assert not grant(t, "k", 1, 0.0)
+    assert grant(t, "k", 1, 0.011)  # 1.1 tokens refilled
+    d = t.take("k", 5, 0.011)
+    assert not d.allowed and d.retry_after_s == pytest.approx((5 - 0.1) / 100, rel=1e-6)
+
+
+def test_errors_for_unknown_limit_huge_cost_and_full_table():
+    t = BucketTable("n1", ["n1"], lambda k: None if k == "nolimit" else Limit(10, 10), now=0, max_keys=2)
+    with pytest.raises(NoLimitForKey):
+        t.take("nolimit", 1, 0)
+    with pytest.raises(CostExceedsBurst):
+        t.take("a", 11, 0)
+    grant(t, "a", 1, 0)
+    grant(t, "b", 1, 0)
+    with pytest.raises(KeyTableFull):
+        t.take("c", 1, 0.01)
+    # once a key's bucket is full again and nothing is in flight, it can be evicted for a new one
+    assert grant(t, "c", 1, 5.0)
+    assert t.key_count() == 2 and t.evicted_keys == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 0.05), st.integers(1, 5)), min_size=1, max_size=300))
+def test_single_node_never_exceeds_envelope(steps):
+    t = make(peers=["n1"], rate=50, burst=20)
+    now, admitted = 0.0, []
+    for gap, cost in steps:
+        now += gap
+        if grant(t, "k", cost, now):
+            admitted.append((now, cost))
+    assert max_window_excess(admitted, 50, 20) <= 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.floats(0, 0.02), st.integers(1, 3)), min_size=1, max_size=200))
+def test_cluster_with_instant_gossip_never_exceeds_envelope(steps):
+    tables = [make(n, rate=50, burst=20) for n in NODES]
+    now, admitted = 0.0, []
+    for who, gap, cost in steps:
+        now += gap
+        if grant(tables[who], "k", cost, now):
+            admitted.append((now, cost))
+            for other in tables:
+                if other is not tables[who]:
+                    exchange(tables[who], other, now)
+    assert max_window_excess(admitted, 50, 20) <= 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["a", "b"]), st.integers(1, 4),
+                          st.sampled_from(["take", "gossip", "tick"])), max_size=150),
+       st.randoms(use_true_random=False))
+def test_any_gossip_order_converges(ops, rng):
+    tables = [make(n, rate=1000, burst=1000) for n in NODES]
+    committed = {n: {"a": 0, "b": 0} for n in NODES}
+    now = 0.0
+    for who, key, cost, op in ops:
+        now += 0.001
+        t = tables[who]
+        if op == "take":
+            if grant(t, key, cost, now):
+                committed[t.node_id][key] += cost
+        elif op == "gossip":
+            exchange(t, tables[(who + 1 + rng.randrange(2)) % 3], now)
+        else:
+            t.tick(now)
+    full_sync(tables, now)
+    views = [{k: t.counters(k) for k in ("a", "b") if t.has_key(k)} for t in tables]
+    assert views[0] == views[1] == views[2]
+    for t in tables:
+        for key in ("a", "b"):
+            if t.has_key(key):
+                assert t.own_count(key) == committed[t.node_id][key]
+                counts = t.counters(key)
+                for node in NODES:
+                    assert counts.get(node, (0, 0))[1] == committed[node][key]
+
+
+def test_first_burst_on_a_fresh_key_is_shared_not_multiplied():
+    tables = [make(n) for n in NODES]
+    admitted = sum(grant(t, "fresh", 1, 0.0) for t in tables for _ in range(100))
+    assert admitted <= 100
+    assert admitted >= 99  # each node spends its share B/N before it hears from anyone
+
+
+def test_silent_peers_stop_holding_back_spending_after_timeout():
+    t = make(gossip_interval=0.02)  # peer timeout 0.25 s
+    assert sum(grant(t, "k", 1, 0.0) for _ in range(100)) == 33
+    t.tick(0.3)
+    assert sum(grant(t, "k", 1, 0.3) for _ in range(100)) == 97  # 67 left + 30 refilled, no share cap
+
+
+def test_peer_spending_is_subtracted_when_learned():
+    a, b = make("n1", peers=["n1", "n2"]), make("n2", peers=["n1", "n2"])
+    for _ in range(60):
+        grant(a, "k", 1, 0.0)
+    exchange(a, b, 0.0)
+    assert b.level("k", 0.0) == pytest.approx(50)
+    # acknowledged spending no longer counts as unseen: a can spend its share (B/2) again
+    assert sum(grant(a, "k", 1, 0.0) for _ in range(60)) == 50
+
+
+def test_dead_node_count_is_kept_and_survivors_get_the_whole_rate():
+    tables = [make(n) for n in NODES]
+    now = 0.0
+    for _ in range(3):
+        for t in tables:
+            grant(t, "k", 10, now)
+        full_sync(tables, now)
+    dead_count = tables[2].own_count("k")
+    survivors = tables[:2]
+    now = 1.0
+    admitted = 0
+    for step in range(200):  # 2 s at 10 ms steps, survivors split the load
+        now = 1.0 + step * 0.01
+        for t in survivors:
+            t.tick(now)
+            while grant(t, "k", 1, now):
+                admitted += 1
+        full_sync(survivors, now)
+    for t in survivors:
+        assert t.counters("k")["n3"][1] == dead_count
+    # over ~2 s the two survivors admit the global rate (plus what the bucket held), no more
+    assert 190 <= admitted <= 100 + 100 * 2.0 + 5
+
+
+def test_cold_restart_starts_empty_and_never_lowers_its_count():
+    a = make("n1")
+    for _ in range(20):
+        grant(a, "k", 1, 0.0)
+    own = a.counters("k")["n1"]
+    restarted = make("n1", now=1.0, cold=True)
+    restarted.recover("k", own, 1.0)
+    assert restarted.counters("k")["n1"] == own
+    assert not restarted.take("k", 1, 1.0).allowed  # empty: it does not know the level
+    assert grant(restarted, "k", 1, 1.02)
+    assert restarted.counters("k")["n1"] == (own[0], own[1] + 1)
+
+
+def test_cold_node_takes_first_sync_as_baseline():
+    peer = make("n2")
+    for _ in range(30):
+        grant(peer, "k", 1, 0.0)
+    cold = make("n1", now=0.5, cold=True)
+    cold.merge("n2", peer.delta_for("n1")[1], 0.5)
+    assert cold.level("k", 0.6) == pytest.approx(10, abs=1e-6)  # refilled 0.1 s from empty, nothing subtracted
+    later = sum(grant(peer, "k", 1, 0.6) for _ in range(5))
+    assert later > 0
+    cold.merge("n2", peer.delta_for("n1")[1], 0.6)
+    assert cold.level("k", 0.6) == pytest.approx(10 - later, abs=1e-6)  # later growth is subtracted
+
+
+def test_expired_key_restarts_under_a_newer_generation_visible_to_peers():
+    a, b = make("n1", peers=["n1", "n2"], idle_ttl=10), make("n2", peers=["n1", "n2"], idle_ttl=10)
+    for _ in range(50):
+        grant(a, "k", 1, 0.0)
+    full_sync([a, b], 0.0)
+    for now in (5.0, 11.0, 12.0):
+        full_sync([a, b], now)
+        a.tick(now)
+    assert a.expire(20.0) == 1 and not a.has_key("k")
+    grant(a, "k", 3, 20.0)
+    full_sync([a, b], 20.0)
+    gen, count = b.counters("k")["n1"]
+    assert count == 3 and gen > 1
+    assert b.level("k", 20.0) == pytest.approx(97)
+
+
+def test_debt_is_bounded():
+    a, b = make("n1", peers=["n1", "n2"]), make("n2", peers=["n1", "n2"])
+    for t in (a, b):  # peers silent for longer than the timeout: both spend alone (a partition)
+        t.tick(1.0)
+    for now in [1.0 + i * 0.1 for i in range(50)]:
+        for t in (a, b):
+            t.tick(now)
+            while grant(t, "k", 1, now):
+                pass
+    full_sync([a, b], 6.0)
+    assert a.level("k", 6.0) >= -100 - 1e-9
+
+
+def test_delta_only_carries_changed_keys():
+    a, b = make("n1", peers=["n1", "n2"]), make("n2", peers=["n1", "n2"])
+    for i in range(1000):
+        grant(a, f"k{i}", 1, 0.0)
+    exchange(a, b, 0.0)
+    grant(a, "k7", 1, 0.01)
+    upto, entries = a.delta_for("n2")
+    assert [k for k, _ in entries] == ["k7"]
+    assert upto == a.change_seq
+    _, capped = a.delta_for("n2", max_entries=1)
+    assert len(capped) == 1
+
+
+def test_random_workload_keeps_own_counts_exact():
+    rng = random.Random(7)
+    tables = [make(n, rate=200, burst=50) for n in NODES]
+    granted = dict.fromkeys(NODES, 0)
+    now = 0.0
+    for _ in range(3000):
+        now += rng.random() * 0.002
+        t = rng.choice(tables)
+        if grant(t, "k", rng.randint(1, 3), now):
+            granted[t.node_id] = t.own_count("k")
+        if rng.random() < 0.1:
+            exchange(t, tables[(tables.index(t) + 1) % 3], now)
+    full_sync(tables, now)
+    for t in tables:
+        assert {n: t.counters("k")[n][1] for n in NODES} == granted
