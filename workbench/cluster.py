@@ -1,0 +1,337 @@
+"""Launch a whole cluster as real OS processes on loopback, and own them until the end.
+
+``async with Cluster.launch(scenario) as cluster:`` starts every edge node and the router on free
+loopback ports, routes every node-to-node and router-to-node link through a fault proxy (so faults
+need no privileges), waits for readiness, and reaps every process on exit -- also on an error,
+a cancellation or Ctrl-C.  Each node gets its own cluster file in which its peers' addresses are
+the proxies of its outgoing links; the router gets one in which the nodes are its proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from workbench.faultproxy import ProxyMesh
+from workbench.recorder import ProcessSample
+from workbench.scenario import Scenario
+
+__all__ = ["Cluster", "ClusterError", "ManagedProcess", "free_port"]
+
+ROUTER = "router"
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started or a control named something that does not exist."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (bound and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ManagedProcess:
+    """One node or the router: how to start it, and its current process."""
+
+    name: str
+    region: str
+    port: int
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+    state: str = "new"  # new, running, paused, killed, stopped
+    started_at: float = 0.0
+    history: list[tuple[float, str]] = field(default_factory=list)
+    _ps: psutil.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def start(self, env: dict[str, str]) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child once started
+        try:
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)
+        finally:
+            log.close()
+        self.state = "running"
+        self.started_at = time.monotonic()
+        self.history.append((self.started_at, "start"))
+        self._ps = None
+
+    def signal(self, sig: int, state: str) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, sig)
+        self.state = state
+        self.history.append((time.monotonic(), state))
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def reap(self, timeout: float = 2.0) -> None:
+        """SIGKILL if still there, and wait, so no zombie or orphan is left behind."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGCONT)
+                os.kill(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def sample(self, t_s: float) -> ProcessSample | None:
+        if not self.alive() or self.popen is None:
+            return None
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.popen.pid)
+                self._ps.cpu_percent(None)
+            return ProcessSample(t_s=t_s, name=self.name, cpu_pct=self._ps.cpu_percent(None),
+                                 rss_mb=self._ps.memory_info().rss / 2**20)
+        except psutil.Error:
+            return None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """A running cluster; create it with :meth:`launch`."""
+
+    def __init__(self, scenario: Scenario, run_dir: Path, *, proxies: bool = True,
+                 ready_timeout_s: float = 20.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.scenario = scenario
+        self.run_dir = run_dir
+        self.use_proxies = proxies
+        self.ready_timeout_s = ready_timeout_s
+        self.clock = clock
+        self.secret = secrets.token_hex(16)
+        topo = scenario.topology
+        self.nodes: dict[str, ManagedProcess] = {}
+        self.router: ManagedProcess | None = None
+        self.mesh: ProxyMesh | None = None
+        self.node_ports = {nid: free_port() for nid in topo.node_ids}
+        self.router_port = free_port()
+        self.events: list[tuple[float, str, str]] = []  # (monotonic time, action, target)
+        self._session: aiohttp.ClientSession | None = None
+        self._env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._env.pop("EDGE_CLUSTER_SECRET", None)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def launch(cls, scenario: Scenario, run_dir: str | os.PathLike[str] | None = None, *,
+                     proxies: bool = True, ready_timeout_s: float = 20.0) -> AsyncIterator[Cluster]:
+        """Start everything, yield the running cluster, and always reap it."""
+        folder = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="edge-cluster-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        cluster = cls(scenario, folder, proxies=proxies, ready_timeout_s=ready_timeout_s)
+        try:
+            await cluster._start()
+            yield cluster
+        finally:
+            await asyncio.shield(cluster._shutdown())
+
+    async def _start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        topo = self.scenario.topology
+        if self.use_proxies:
+            links: dict[tuple[str, str], tuple[str, int]] = {}
+            for src in [*topo.node_ids, ROUTER]:
+                for dst in topo.node_ids:
+                    if src != dst:
+                        links[(src, dst)] = ("127.0.0.1", self.node_ports[dst])
+            region_of = {nid: topo.region_of(nid) for nid in topo.node_ids} | {ROUTER: ROUTER}
+            self.mesh = ProxyMesh(links, region_of=region_of, seed=self.scenario.seed, clock=self.clock)
+            await self.mesh.start()
+        audit_dir = self.run_dir / "audit"
+        for nid in topo.node_ids:
+            path = self._write_cluster_file(nid, audit_dir)
+            self.nodes[nid] = ManagedProcess(
+                nid, topo.region_of(nid), self.node_ports[nid],
+                [sys.executable, "-m", "edge_server", "--cluster", str(path), "--node", nid],
+                self.run_dir / f"{nid}.log")
+        router_file = self._write_cluster_file(ROUTER, audit_dir)
+        self.router = ManagedProcess(ROUTER, "-", self.router_port,
+                                     [sys.executable, "-m", "edge_server", "router", "--cluster", str(router_file),
+                                      "--port", str(self.router_port)], self.run_dir / "router.log")
+        for proc in self.nodes.values():
+            proc.start(self._env)
+        await self._wait_ready(list(self.nodes.values()), "/readyz")
+        self.router.start(self._env)
+        await self._wait_ready([self.router], "/healthz")
+        await self._wait_router_sees_all()
+
+    def _write_cluster_file(self, viewer: str, audit_dir: Path) -> Path:
+        """The cluster file as ``viewer`` sees it: every other node behind the viewer's proxy to it."""
+        ports = dict(self.node_ports)
+        if self.mesh is not None:
+            for nid in ports:
+                if nid != viewer:
+                    ports[nid] = self.mesh.port(viewer, nid)
+        return self.scenario.write_cluster_file(self.run_dir / f"cluster-{viewer}.toml", ports,
+                                                router_port=self.router_port, secret=self.secret,
+                                                audit_dir=audit_dir)
+
+    async def _wait_ready(self, procs: list[ManagedProcess], path: str) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        pending = {p.name: p for p in procs}
+        assert self._session is not None
+        while pending:
+            for name, proc in list(pending.items()):
+                if not proc.alive():
+                    raise ClusterError(f"{name} exited with status {proc.popen.returncode if proc.popen else '?'}"
+                                       f" before it was ready; last log lines:\n{proc.log_tail()}")
+                try:
+                    async with self._session.get(proc.url + path) as resp:
+                        if resp.status == 200:
+                            del pending[name]
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    pass
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(sorted(pending))
+                tails = "\n".join(f"--- {n}:\n{p.log_tail()}" for n, p in pending.items())
+                raise ClusterError(f"not ready after {self.ready_timeout_s:g} s: {names}\n{tails}")
+            if pending:
+                await asyncio.sleep(0.05)
+
+    async def _wait_router_sees_all(self) -> None:
+        """Until the router's health checks have found every node, traffic would be skewed."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        assert self._session is not None and self.router is not None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                async with self._session.get(self.router.url + "/v1/router/state") as resp:
+                    doc = await resp.json()
+                    nodes = doc.get("nodes", [])
+                    if isinstance(nodes, dict):
+                        nodes = list(nodes.values())
+                    if nodes and all(n.get("healthy") for n in nodes):
+                        return
+            await asyncio.sleep(0.05)
+        raise ClusterError(f"the router did not see every node healthy within {self.ready_timeout_s:g} s")
+
+    async def _shutdown(self) -> None:
+        procs = [*self.nodes.values(), *([self.router] if self.router else [])]
+        for proc in procs:
+            if proc.alive():
+                proc.signal(signal.SIGCONT, proc.state)
+                proc.signal(signal.SIGTERM, "stopped")
+        deadline = time.monotonic() + 2.0
+        while any(p.alive() for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in procs:
+            proc.reap()
+        if self.mesh is not None:
+            with contextlib.suppress(Exception):
+                await self.mesh.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ controls
+
+    def resolve(self, target: str) -> list[ManagedProcess]:
+        """A region name, a node id or ``"router"`` -> the processes it stands for."""
+        if target == ROUTER and self.router is not None:
+            return [self.router]
+        if target in self.nodes:
+            return [self.nodes[target]]
+        members = [p for p in self.nodes.values() if p.region == target]
+        if not members:
+            known = ", ".join([*self.scenario.topology.regions, *self.nodes, ROUTER])
+            raise ClusterError(f"no region, node or router named {target!r}; known: {known}")
+        return members
+
+    def _record(self, action: str, target: str) -> float:
+        t = self.clock()
+        self.events.append((t, action, target))
+        return t
+
+    def kill(self, target: str) -> float:
+        """SIGKILL every process of ``target``; returns the time it happened."""
+        procs = self.resolve(target)
+        for proc in procs:
+            proc.signal(signal.SIGKILL, "killed")
+        for proc in procs:
+            proc.reap(1.0)
+        return self._record("kill", target)
+
+    def pause(self, target: str) -> float:
+        for proc in self.resolve(target):
+            proc.signal(signal.SIGSTOP, "paused")
+        return self._record("pause", target)
+
+    def resume(self, target: str) -> float:
+        for proc in self.resolve(target):
+            proc.signal(signal.SIGCONT, "running")
+        return self._record("resume", target)
+
+    async def restart(self, target: str, wait_ready: bool = True) -> float:
+        """Start again (same id, same port, same audit trail) whatever of ``target`` is not running."""
+        procs = self.resolve(target)
+        for proc in procs:
+            if proc.alive():
+                proc.signal(signal.SIGKILL, "killed")
+                proc.reap(1.0)
+            proc.start(self._env)
+        t = self._record("restart", target)
+        if wait_ready:
+            await self._wait_ready(procs, "/healthz" if target == ROUTER else "/readyz")
+        return t
+
+    async def stop(self, target: str) -> float:
+        procs = self.resolve(target)
+        for proc in procs:
+            proc.signal(signal.SIGTERM, "stopped")
+        for proc in procs:
+            await asyncio.to_thread(proc.reap, 3.0)
+        return self._record("stop", target)
+
+    # ------------------------------------------------------------------ observation
+
+    @property
+    def router_url(self) -> str:
+        assert self.router is not None
+        return self.router.url
+
+    def node_url(self, node_id: str) -> str:
+        """The node's real address (not through a proxy): what the recorder scrapes."""
+        return self.nodes[node_id].url
+
+    def states(self) -> dict[str, str]:
+        """Process state per node: running, paused, killed, stopped (a crash shows as 'exited')."""
+        out = {}
+        for name, proc in self.nodes.items():
+            out[name] = "exited" if proc.state == "running" and not proc.alive() else proc.state
+        return out
+
+    def sample_processes(self, t_s: float) -> list[ProcessSample]:
+        procs = [*self.nodes.values(), *([self.router] if self.router else [])]
+        return [s for s in (p.sample(t_s) for p in procs) if s is not None]
