@@ -99,6 +99,8 @@ async def _json_body(request: web.Request, node: Node) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"body is not valid JSON ({exc.__class__.__name__})") from None
+    except RecursionError:  # a small body can nest deeper than the parser's stack allows
+        raise ApiError(400, "invalid_json", "body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "body must be a JSON object")
     return body
@@ -124,17 +126,22 @@ def _check_key(key: Any, node: Node) -> str:
         raise ApiError(400, "invalid_field", "key must be a string", "key")
     if not key:
         raise ApiError(400, "invalid_field", "key must not be empty", "key")
-    if len(key.encode()) > node.config.server.max_key_bytes:
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:  # JSON can carry a lone surrogate ("\\ud800"), which is not text
+        raise ApiError(400, "invalid_field", "key must be valid Unicode text", "key") from None
+    if size > node.config.server.max_key_bytes:
         raise ApiError(400, "invalid_field", f"key is longer than {node.config.server.max_key_bytes} bytes", "key")
     return key
 
 
-def _rate_headers(decision: Decision) -> dict[str, str]:
+def _rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
     reset = max(0, math.ceil(decision.retry_after_s)) if not decision.allowed else 0
     return {
         "RateLimit-Limit": str(int(decision.limit)),
         "RateLimit-Remaining": str(int(decision.remaining)),
         "RateLimit-Reset": str(reset),
+        "X-Request-Id": request_id,
     }
 
 
@@ -186,7 +193,7 @@ async def limits_check(request: web.Request) -> web.Response:
         {"allowed": d.allowed, "remaining": int(d.remaining), "limit": d.limit,
          "retry_after_ms": 0 if d.allowed else max(1, math.ceil(d.retry_after_s * 1000)),
          "request_id": request_id},
-        headers=_rate_headers(d))
+        headers=_rate_headers(d, request_id))
 
 
 async def invoke(request: web.Request) -> web.Response:
@@ -209,7 +216,7 @@ async def invoke(request: web.Request) -> web.Response:
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
     outcome = await _decide(node, tenant, cost, request_id)
     d = outcome.decision
-    headers = _rate_headers(d)
+    headers = _rate_headers(d, request_id)
     if not d.allowed:
         headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_s)))
         raise ApiError(429, "rate_limited", f"tenant {tenant!r} is over its limit; retry after "
@@ -278,7 +285,7 @@ async def gossip(request: web.Request) -> web.Response:
         if len(raw) > MAX_GOSSIP_BYTES:
             raise WireError("too_large", "gossip body too large", 413)
         delta = decode_delta(node.config.secret, raw, request.headers.get(SIGNATURE_HEADER),
-                             max_key_bytes=node.config.server.max_key_bytes)
+                             max_key_bytes=node.config.server.max_key_bytes, known_nodes=node.node_ids)
         now = time.time()
         node.replay.check(delta, now)
     except WireError as exc:
