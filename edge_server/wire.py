@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,8 @@ def _load(body: bytes) -> dict[str, Any]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise WireError("malformed", "body is not JSON") from None
+    except RecursionError:
+        raise WireError("malformed", "body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise WireError("malformed", "body is not a JSON object")
     version = doc.get("v")
@@ -97,8 +99,21 @@ def _nonneg_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def decode_delta(secret: bytes, body: bytes, signature: str | None, *, max_key_bytes: int = 256) -> Delta:
-    """Verify and parse a delta; raise :class:`WireError` for anything not exactly right."""
+def _utf8_len(text: str) -> float:
+    """Bytes of ``text`` in UTF-8; infinite for a lone surrogate (valid JSON, not valid text)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return float("inf")
+
+
+def decode_delta(secret: bytes, body: bytes, signature: str | None, *, max_key_bytes: int = 256,
+                 known_nodes: Collection[str] | None = None) -> Delta:
+    """Verify and parse a delta; raise :class:`WireError` for anything not exactly right.
+
+    With ``known_nodes``, an entry for a node outside the cluster is refused: it would be merged,
+    counted against every key's budget and gossiped on forever.
+    """
     _verify(secret, body, signature)
     doc = _load(body)
     if doc.get("kind") != "delta":
@@ -119,12 +134,14 @@ def decode_delta(secret: bytes, body: bytes, signature: str | None, *, max_key_b
                 and isinstance(item[1], dict)):
             raise WireError("malformed", "an entry is not [key, {node: [gen, count]}]")
         key, raw = item
-        if not key or len(key.encode()) > max_key_bytes:
-            raise WireError("malformed", "an entry has an empty or too long key")
+        if not key or _utf8_len(key) > max_key_bytes:
+            raise WireError("malformed", "an entry has an empty, too long or invalid key")
         counters: KeyCounters = {}
         for node, pair in raw.items():
             if not (isinstance(pair, list) and len(pair) == 2 and _nonneg_int(pair[0]) and _nonneg_int(pair[1])):
                 raise WireError("malformed", f"entry {key!r} node {node!r} is not [gen, count]")
+            if known_nodes is not None and node not in known_nodes:
+                raise WireError("unknown_node", f"entry {key!r} names {node!r}, not a node of the cluster")
             counters[node] = (pair[0], pair[1])
         entries.append((key, counters))
     return Delta(sender, boot, seq, float(ts), upto, tuple(entries))

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import API_KEY, TENANT, ClusterProcs  # noqa: E402
+from procs import API_KEY, TENANT, ClusterProcs
 
 
 @pytest.fixture(scope="module")
