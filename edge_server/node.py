@@ -37,6 +37,7 @@ class Node:
         self.config = config
         self.spec: NodeSpec = config.node(node_id)
         self.peers = [n for n in config.nodes if n.id != node_id]
+        self.node_ids = frozenset(n.id for n in config.nodes)
         self.metrics = NodeMetrics()
         self.boot = int(time.time() * 1000)
         self._request_ids = itertools.count(1)
@@ -103,6 +104,7 @@ class Node:
             raise
         self.metrics.allowed.inc()
         self.metrics.tokens.inc(cost)
+        self.metrics.audit_events.inc()
         return Outcome(decision, request_id, seq)
 
     def readiness(self) -> tuple[bool, str]:
