@@ -23,7 +23,9 @@ than tens of seconds because detection happens on the request path:
   the router answers that key's next requests itself (429 ``shed_by_router``) until the hint expires,
   capped at ``SHED_CAP_S`` and at the key's ``burst / rate`` (the bucket refills while the router
   sheds, so no token is lost unless the bucket would overflow) and never for windows under
-  ``SHED_MIN_S``.  A 503 ``overloaded`` ejects that node for ``OVERLOAD_EJECT_S``.
+  ``SHED_MIN_S``.  A hint counts only for what it surely says (see :func:`_retry_seconds`), so the
+  router does not refuse requests the node would have granted.  A 503 ``overloaded`` ejects that node
+  for ``OVERLOAD_EJECT_S``.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from edge_server.config import ClusterConfig, NodeSpec
 
-__all__ = ["OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_MIN_S", "NodeHealth", "Router", "RouterMetrics",
-           "Shedder", "build_router_app"]
+__all__ = ["COARSE_SHED_S", "OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_MIN_S", "NodeHealth", "Router",
+           "RouterMetrics", "Shedder", "build_router_app"]
 
 log = logging.getLogger("edge_server.router")
 
 SHED_CAP_S = 1.0  # never shed a key longer than this, whatever the node's hint
 SHED_MIN_S = 0.005  # hints shorter than this are not worth shedding for
+COARSE_SHED_S = 0.05  # shedding window after a 429 whose only hint is "Retry-After: 1"
 OVERLOAD_EJECT_S = 0.25  # a node that answered 503 overloaded gets no new traffic this long
 MAX_SHED_KEYS = 100_000  # bound on the shedding table; when full, new keys are simply not shed
 INLINE_BODY_MAX = 1 << 20  # responses up to this size are read whole; larger ones are streamed
@@ -419,9 +422,7 @@ class Router:
                parsed: dict | None, data: bytes) -> None:
         status = resp.status
         if status == 429 and key is not None:
-            doc = _json_object(data) or {}
-            retry_ms = doc.get("retry_after_ms") or (doc.get("error") or {}).get("retry_after_ms")
-            retry_s = retry_ms / 1000 if isinstance(retry_ms, int | float) else _seconds(resp.headers)
+            retry_s = _retry_seconds(resp.headers)
             if parsed is None:
                 parsed = _json_object(body)
             self.shedder.learn(key, retry_s, _cost_of(parsed))
@@ -468,11 +469,20 @@ class Router:
                 "routing": self.routing(), "counters": dict(self.counters), "shedding_keys": len(self.shedder)}
 
 
-def _seconds(headers: Any) -> float:
+def _retry_seconds(headers: Any) -> float:
+    """How long a 429's key will surely stay refused, from the most precise hint the node gave.
+
+    ``Retry-After-Ms`` is exact.  ``Retry-After`` is whole seconds rounded up, so the true wait is only
+    known to exceed ``N - 1`` s; for ``Retry-After: 1`` (any wait under a second) the router sheds just
+    ``COARSE_SHED_S``, which spares the node most of a hot key's excess without delaying grants much.
+    """
     try:
-        return float(headers.get("Retry-After", "1"))
+        precise = headers.get("Retry-After-Ms")
+        if precise is not None:
+            return float(precise) / 1000
+        return max(COARSE_SHED_S, float(headers.get("Retry-After", "1")) - 1)
     except ValueError:
-        return 1.0
+        return COARSE_SHED_S
 
 
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
