@@ -425,7 +425,10 @@ def _weights(value: Any, regions: Sequence[str]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Scenario:
-    """Everything a drill needs; the only input of the cluster, load, faults and checker."""
+    """Everything a drill needs; the only input of the cluster, load, faults and checker.
+
+    Immutable (its mappings are read-only views) but not hashable; compare with ``==``.
+    """
 
     name: str = "drill"
     topology: Topology = field(default_factory=lambda: Topology(dict.fromkeys(DEFAULT_REGIONS[:3], 1)))
