@@ -161,7 +161,7 @@ class _Reader:
     def __init__(self, source: str, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
         self.source, self.table, self.prefix = source, table, prefix
         if not isinstance(table, Mapping):
-            raise ConfigError(source, prefix.rstrip("."), "a table", table)
+            raise ConfigError(source, prefix.rstrip(".") or "(top level)", "a table", table)
         for key in table:
             if key not in known:
                 raise ConfigError(source, prefix + key, "one of " + ", ".join(sorted(known)) + " (unknown key)")
@@ -260,6 +260,8 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         error_rate=sk.num("error_rate", d.error_rate), cpu_us=sk.num("cpu_us", d.cpu_us),
         url=sk._get("url", d.url, False), timeout_ms=sk.num("timeout_ms", d.timeout_ms, positive=True),
     )
+    if not isinstance(skill.url, str):
+        raise ConfigError(source, "skill.url", "a string (an http:// or https:// URL)", skill.url)
     if skill.kind not in SKILL_KINDS:
         raise ConfigError(source, "skill.kind", "one of " + ", ".join(SKILL_KINDS), skill.kind)
     if skill.error_rate > 1:
