@@ -451,3 +451,28 @@ def test_port_in_use_exits_3_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.mark.integration
+async def test_failover_under_concurrent_load_retries_in_flight_requests(make_nodes: Any, run_router: Any) -> None:
+    nodes = await make_nodes({"eu": ["eu-1", "eu-2"], "us": ["us-1"], "ap": ["ap-1"]}, health_interval_ms=100)
+    router, url = await run_router(nodes)
+    statuses: list[int] = []
+    stop_at = time.monotonic() + 1.0
+
+    async def worker(s: aiohttp.ClientSession) -> None:
+        for _ in range(2000):  # bounded; stops at stop_at long before
+            if time.monotonic() > stop_at:
+                return
+            statuses.append((await check(s, url, "eu", key="busy"))[0])
+
+    async with aiohttp.ClientSession() as s:
+        workers = [asyncio.create_task(worker(s)) for _ in range(16)]
+        await asyncio.sleep(0.3)
+        nodes.kill9("eu-1")  # the whole home region dies with requests in flight
+        nodes.kill9("eu-2")
+        await asyncio.gather(*workers)
+    errors = [st for st in statuses if st != 200]
+    print(f"\nconcurrent failover: {len(statuses)} requests, {len(errors)} errors, "
+          f"retried {router.counters['retried']}")
+    assert errors == [] and router.counters["retried"] >= 1 and router.routing()["eu"] == "us"
