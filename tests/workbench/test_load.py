@@ -1,0 +1,220 @@
+"""The load generator against a small real aiohttp server on an ephemeral loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from workbench.load import LoadGenerator, LoadSpec, RequestRecord, run_load, status_class
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Target:
+    """What the test server saw, and a switch to make it stall."""
+
+    url: str = ""
+    seen: list[dict[str, str]] = field(default_factory=list)
+    stall: tuple[float, float] = (0.0, 0.0)  # monotonic window in which every request sleeps
+    stall_s: float = 0.2
+    inflight: int = 0
+    max_inflight: int = 0
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[Target]:
+    t = Target()
+
+    async def handle(request: web.Request) -> web.Response:
+        t.inflight += 1
+        t.max_inflight = max(t.max_inflight, t.inflight)
+        try:
+            body = json.loads(await request.read() or b"{}")
+            t.seen.append(
+                {
+                    "path": request.path,
+                    "region": request.headers.get("X-Client-Region", ""),
+                    "auth": request.headers.get("Authorization", ""),
+                    "key": str(body.get("key", "")),
+                    "cost": str(body.get("cost", "")),
+                }
+            )
+            if t.stall[0] <= time.monotonic() < t.stall[1]:
+                await asyncio.sleep(t.stall_s)
+            headers = {"X-Edge-Region": request.headers.get("X-Client-Region", ""), "X-Edge-Node": "n-1"}
+            return web.json_response({"allowed": True}, headers=headers)
+        finally:
+            t.inflight -= 1
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    t.url = f"http://127.0.0.1:{port}"
+    yield t
+    await runner.cleanup()
+
+
+async def test_open_loop_sends_the_requested_count(target: Target) -> None:
+    res = await run_load(LoadSpec(url=target.url, rate_rps=100, duration_s=1.0))
+    assert res.complete and res.sent == 100 and len(res.records) == 100
+    assert all(r.status == 200 and r.node == "n-1" for r in res.records)
+    intended = sorted(r.intended for r in res.records)
+    assert intended[:3] == pytest.approx([0.0, 0.01, 0.02])
+    assert res.latency["2xx"].get_total_count() == 100
+    assert res.lag.get_total_count() == 100
+    assert all(r.intended <= r.start <= r.end for r in res.records)
+    assert res.summary()["counts"]["2xx"] == 100
+
+
+async def test_max_requests_and_poisson_arrivals_are_bounded(target: Target) -> None:
+    res = await run_load(LoadSpec(url=target.url, rate_rps=1000, duration_s=5, max_requests=40))
+    assert res.sent == 40
+    poisson = await run_load(LoadSpec(url=target.url, rate_rps=200, arrival="poisson", duration_s=1.0, seed=7))
+    assert 140 <= poisson.sent <= 260
+    gaps = [b.intended - a.intended for a, b in zip(poisson.records, poisson.records[1:], strict=False)]
+    assert len({round(g, 4) for g in gaps}) > 50  # not evenly spaced
+
+
+async def test_latency_counts_from_intended_time_through_a_stall(target: Target) -> None:
+    """No coordinated omission: requests due while the server stalls carry the stall in their latency."""
+    t0 = time.monotonic()
+    target.stall = (t0 + 0.5, t0 + 0.8)
+    res = await run_load(LoadSpec(url=target.url, rate_rps=200, duration_s=1.5))
+    assert res.sent == 300  # the schedule did not slow down while the server stalled
+    offset = res.t0 - t0
+    during = [r for r in res.records if 0.52 <= r.intended + offset < 0.78]
+    before = [r for r in res.records if r.intended + offset < 0.45]
+    assert len(during) >= 45
+    assert min(r.latency for r in during) >= 0.19
+    assert max(r.latency for r in before) < 0.15
+    # The histogram agrees: ~20 % of requests took >= 200 ms, so p90 reflects the stall.
+    assert res.percentiles_ms("all", (90,))["p90"] >= 190
+
+
+async def test_zipf_keys_are_skewed_and_uniform_are_not(target: Target) -> None:
+    tenants = [f"t{i}" for i in range(20)]
+    spec = LoadSpec(url=target.url, rate_rps=2000, duration_s=0.5, tenants=tenants, key_dist="zipf", zipf_s=1.2)
+    res = await run_load(spec)
+    counts = collections.Counter(r.key for r in res.records)
+    assert counts == collections.Counter(s["key"] for s in target.seen)  # check route: the body key
+    norm = sum(1 / (i + 1) ** 1.2 for i in range(20))
+    assert counts["t0"] / res.sent == pytest.approx(1 / norm, abs=0.06)  # ~0.33
+    assert counts["t0"] > 5 * counts["t19"]
+    uniform = await run_load(LoadSpec(url=target.url, rate_rps=2000, duration_s=0.5, tenants=tenants, seed=1))
+    ucounts = collections.Counter(r.key for r in uniform.records)
+    assert max(ucounts.values()) < 3 * min(ucounts.values())
+
+
+async def test_region_weights_and_headers(target: Target) -> None:
+    spec = LoadSpec(url=target.url, rate_rps=2000, duration_s=0.5, regions={"eu": 3, "us": 1, "ap": 0})
+    res = await run_load(spec)
+    homes = collections.Counter(r.home_region for r in res.records)
+    assert homes["ap"] == 0
+    assert homes["eu"] / res.sent == pytest.approx(0.75, abs=0.06)
+    assert all(r.region == r.home_region for r in res.records)  # X-Edge-Region recorded
+    assert collections.Counter(s["region"] for s in target.seen) == homes
+
+
+async def test_invoke_route_sends_bearer_keys(target: Target) -> None:
+    keys = {"acme": "key-acme", "globex": "key-globex"}
+    spec = LoadSpec(
+        url=target.url, route="invoke", skill="rating", tenants=tuple(keys), api_keys=keys, rate_rps=200,
+        duration_s=0.3, cost=2,
+    )  # fmt: skip
+    res = await run_load(spec)
+    assert {s["path"] for s in target.seen} == {"/v1/skills/rating/invoke"}
+    assert {s["auth"] for s in target.seen} <= {"Bearer key-acme", "Bearer key-globex"}
+    assert all(s["cost"] == "2" for s in target.seen)
+    assert all(r.key in keys and r.cost == 2 for r in res.records)
+    with pytest.raises(ValueError, match="api_keys"):
+        LoadSpec(url=target.url, route="invoke", tenants=("nobody",), api_keys=keys)
+
+
+async def test_closed_loop_users_with_think_time(target: Target) -> None:
+    res = await run_load(LoadSpec(url=target.url, mode="closed", users=2, think_time_s=0.1, duration_s=1.0))
+    assert 14 <= res.sent <= 22  # 2 users x ~10 cycles of (answer + 100 ms)
+    assert target.max_inflight <= 2
+    assert res.complete and all(r.status == 200 for r in res.records)
+
+
+async def test_stop_event_returns_partial_results(target: Target) -> None:
+    stop = asyncio.Event()
+    seen: list[RequestRecord] = []
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    t = time.monotonic()
+    res = await run_load(LoadSpec(url=target.url, rate_rps=100, duration_s=20), stop=stop, on_record=seen.append)
+    assert time.monotonic() - t < 2
+    assert not res.complete
+    assert 15 <= res.sent <= 45 and len(seen) == len(res.records) == res.sent
+
+
+async def test_cancel_keeps_partial_results_on_the_generator(target: Target) -> None:
+    target.stall = (0.0, float("inf"))  # every request hangs: cancelled ones must still be recorded
+    target.stall_s = 10
+    gen = LoadGenerator(LoadSpec(url=target.url, rate_rps=50, duration_s=20))
+    task = asyncio.create_task(gen.run())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    res = gen.result
+    assert not res.complete and res.sent >= 10
+    assert all(r.status == 0 and "cancelled" in r.error for r in res.records)
+    assert res.latency["error"].get_total_count() == res.sent
+
+
+async def test_connection_errors_are_status_zero() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = await run_load(LoadSpec(url=f"http://127.0.0.1:{port}", rate_rps=50, duration_s=0.2, timeout_s=1))
+    assert res.sent == 10
+    assert all(r.status == 0 and r.error for r in res.records)
+    assert status_class(0) == "error" and status_class(429) == "429" and status_class(503) == "5xx"
+
+
+def test_spec_validation_and_round_trip() -> None:
+    spec = LoadSpec(url="http://127.0.0.1:1", regions={"eu": 1.0}, tenants=("a", "b"), key_dist="zipf")
+    assert LoadSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="unknown load keys"):
+        LoadSpec.from_dict({"url": "x", "rps": 3})
+    with pytest.raises(ValueError):
+        LoadSpec(url="x", rate_rps=-1)
+    with pytest.raises(ValueError):
+        LoadSpec(url="x", mode="sideways")
+
+
+async def test_processes_merge_histograms_and_records(target: Target) -> None:
+    res = await asyncio.wait_for(run_load(LoadSpec(url=target.url, rate_rps=100, duration_s=1.0, processes=2)), 40)
+    assert res.complete and res.sent == 100 and len(res.records) == 100
+    assert res.latency["2xx"].get_total_count() == 100 and res.lag.get_total_count() == 100
+    intended = [r.intended for r in res.records]
+    assert intended == sorted(intended)
+    assert len({round(x, 4) for x in intended}) == 100  # the two processes are staggered, not doubled
+
+
+async def test_processes_stop_returns_partial_results(target: Target) -> None:
+    stop = asyncio.Event()
+    spec = LoadSpec(url=target.url, rate_rps=100, duration_s=30, processes=2)
+    task = asyncio.create_task(run_load(spec, stop=stop))
+    while not target.seen:  # both processes spawned and sending
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    stop.set()
+    res = await asyncio.wait_for(task, 10)
+    assert not res.complete
+    assert 10 <= res.sent < 1000 and len(res.records) == res.sent

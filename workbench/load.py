@@ -1,0 +1,584 @@
+"""Load generation: open-loop arrivals and closed-loop users, with HDR histograms and honest latency.
+
+Open loop fixes every request's *intended* send time in advance (constant spacing or Poisson
+arrivals) and measures latency from that time, so a stalled system shows up as latency instead of
+silently slowing the generator down (no coordinated omission). The generator also measures its own
+scheduling lag (actual send time minus intended time): when its p99 passes ``lag_threshold_ms`` the
+run is marked invalid, because the figures would then describe the generator, not the system.
+
+Time: every record holds seconds relative to the run start, and :attr:`LoadResult.t0` is that start
+on ``time.monotonic()``, the clock the fault proxies stamp their events with.
+
+Connections: one shared ``aiohttp.ClientSession`` whose ``TCPConnector`` limit defaults to
+``max(64, min(1024, rate_rps / 10))`` for open loop (100 ms of arrivals in flight at once, which covers
+a target answering in tens of ms) and to ``users`` for closed loop. Past the limit, requests wait in the
+connector; that wait still counts as latency because it is measured from the intended time. A larger
+pool is not free: when a hiccup empties it, aiohttp opens new connections for every arrival, and that
+extra work can push a busy generator into a backlog it does not recover from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import json
+import multiprocessing
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import aiohttp
+from hdrh.histogram import HdrHistogram
+
+__all__ = ["LoadGenerator", "LoadResult", "LoadSpec", "RequestRecord", "run_load", "status_class"]
+
+_HIST_MAX_US = 60_000_000  # histograms hold 1 µs .. 60 s, 3 significant digits
+CLASSES = ("2xx", "429", "4xx", "5xx", "error")
+_STOP_GRACE_S = 0.25  # on stop, in-flight requests get this long to answer before being cancelled
+
+
+def _hist() -> HdrHistogram:
+    return HdrHistogram(1, _HIST_MAX_US, 3)
+
+
+def status_class(status: int) -> str:
+    """``2xx``/``4xx``/``5xx`` by hundreds, ``429`` on its own (it is the limiter speaking), ``error``
+    for no HTTP answer (status 0)."""
+    if status == 0:
+        return "error"
+    if status == 429:
+        return "429"
+    return f"{status // 100}xx"
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to send, how fast and for how long. Defaults live here and nowhere else."""
+
+    url: str  # base URL of the router or a node, e.g. "http://127.0.0.1:8100"
+    mode: str = "open"  # "open" (arrival rate) or "closed" (users with think time)
+    rate_rps: float = 100.0  # open loop: total arrival rate
+    arrival: str = "constant"  # open loop: "constant" spacing or "poisson" arrivals
+    offset_s: float = 0.0  # open loop: first arrival time (staggers the processes of one run)
+    users: int = 10  # closed loop: concurrent users
+    think_time_s: float = 0.0  # closed loop: pause after each answer (exponential when think_random)
+    think_random: bool = False
+    duration_s: float = 10.0  # hard bound on the sending window
+    max_requests: int = 0  # 0 = unbounded; otherwise stop after this many
+    regions: Mapping[str, float] = field(default_factory=lambda: {"local": 1.0})  # home region -> weight
+    tenants: Sequence[str] = ("tenant-0",)  # limiter keys; index i is Zipf rank i
+    key_dist: str = "uniform"  # "uniform" or "zipf"
+    zipf_s: float = 1.1  # Zipf exponent: P(rank i) ~ 1 / (i + 1) ** s
+    api_keys: Mapping[str, str] | None = None  # tenant -> bearer token (route "invoke")
+    route: str = "check"  # "check": POST /v1/limits/check; "invoke": POST /v1/skills/{skill}/invoke
+    skill: str = "rating"
+    cost: int = 1
+    timeout_s: float = 5.0  # per request, total
+    drain_s: float = 0.0  # after the window, wait for in-flight answers; 0 = timeout_s
+    connector_limit: int = 0  # 0 = automatic (see the module docstring)
+    max_inflight: int = 100_000  # open loop: past this, arrivals are recorded as errors, not sent
+    lag_threshold_ms: float = 5.0  # scheduling lag p99 above this marks the run invalid
+    seed: int = 0
+    processes: int = 1  # >1: that many generator processes, each at rate/N, merged
+    keep_records: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("open", "closed"):
+            raise ValueError(f"mode must be 'open' or 'closed', got {self.mode!r}")
+        if self.arrival not in ("constant", "poisson"):
+            raise ValueError(f"arrival must be 'constant' or 'poisson', got {self.arrival!r}")
+        if self.key_dist not in ("uniform", "zipf"):
+            raise ValueError(f"key_dist must be 'uniform' or 'zipf', got {self.key_dist!r}")
+        if self.route not in ("check", "invoke"):
+            raise ValueError(f"route must be 'check' or 'invoke', got {self.route!r}")
+        if self.mode == "open" and self.rate_rps <= 0:
+            raise ValueError(f"rate_rps must be > 0, got {self.rate_rps}")
+        if self.mode == "closed" and self.users < 1:
+            raise ValueError(f"users must be >= 1, got {self.users}")
+        if self.duration_s <= 0 or self.timeout_s <= 0 or self.processes < 1 or self.cost < 1:
+            raise ValueError("duration_s, timeout_s must be > 0; processes, cost must be >= 1")
+        if not self.tenants or not self.regions or min(self.regions.values()) < 0:
+            raise ValueError("tenants and regions must be non-empty, region weights >= 0")
+        if self.route == "invoke" and not self.api_keys:
+            raise ValueError("route 'invoke' needs api_keys (tenant -> bearer token)")
+        missing = [t for t in self.tenants if self.route == "invoke" and t not in (self.api_keys or {})]
+        if missing:
+            raise ValueError(f"api_keys has no token for tenants {missing[:5]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["regions"], d["tenants"] = dict(self.regions), list(self.tenants)
+        d["api_keys"] = dict(self.api_keys) if self.api_keys else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoadSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown load keys {unknown}; expected some of {sorted(known)}")
+        return cls(**{k: tuple(v) if k == "tenants" else v for k, v in d.items()})
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as the client saw it; times are seconds since the run start (monotonic)."""
+
+    intended: float
+    start: float
+    end: float
+    home_region: str
+    region: str  # X-Edge-Region of the answer ("" without one)
+    node: str  # X-Edge-Node of the answer
+    key: str  # the limiter key (the tenant)
+    cost: int
+    status: int  # HTTP status, 0 when no HTTP answer came
+    error: str = ""
+
+    @property
+    def latency(self) -> float:
+        """Seconds from the intended send time to the answer (includes any generator lag)."""
+        return self.end - self.intended
+
+
+@dataclass
+class LoadResult:
+    """Histograms (µs) per status class and of the generator's own lag, plus the records."""
+
+    spec: LoadSpec
+    t0: float  # run start on time.monotonic()
+    elapsed_s: float = 0.0
+    sent: int = 0
+    records: list[RequestRecord] = field(default_factory=list)
+    latency: dict[str, HdrHistogram] = field(default_factory=lambda: {c: _hist() for c in (*CLASSES, "all")})
+    lag: HdrHistogram = field(default_factory=_hist)
+    complete: bool = True  # False when stopped or cancelled before the end
+    overflow: int = 0  # open-loop arrivals not sent because max_inflight was reached
+
+    @property
+    def lag_p99_ms(self) -> float:
+        return self.lag.get_value_at_percentile(99) / 1e3 if self.lag.get_total_count() else 0.0
+
+    @property
+    def valid(self) -> bool:
+        """Whether the generator kept its schedule well enough for its figures to be trusted."""
+        return not self.invalid_reasons
+
+    @property
+    def invalid_reasons(self) -> list[str]:
+        reasons = []
+        if self.lag_p99_ms > self.spec.lag_threshold_ms:
+            reasons.append(f"generator lag p99 {self.lag_p99_ms:.2f} ms > {self.spec.lag_threshold_ms} ms")
+        if self.overflow:
+            reasons.append(f"{self.overflow} arrivals dropped at max_inflight={self.spec.max_inflight}")
+        return reasons
+
+    def percentiles_ms(self, cls: str = "all", pcts: Sequence[float] = (50, 95, 99, 99.9)) -> dict[str, float]:
+        """Latency percentiles in ms (HDR: within 0.1 % of the recorded value)."""
+        h = self.latency[cls]
+        if not h.get_total_count():
+            return {f"p{p:g}": float("nan") for p in pcts}
+        return {f"p{p:g}": h.get_value_at_percentile(p) / 1e3 for p in pcts}
+
+    def summary(self) -> dict[str, Any]:
+        counts = {c: self.latency[c].get_total_count() for c in CLASSES}
+        return {
+            "sent": self.sent,
+            "answered": sum(counts.values()) - counts["error"],
+            "counts": counts,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "throughput_rps": round(self.sent / self.elapsed_s, 1) if self.elapsed_s else 0.0,
+            "latency_ms": self.percentiles_ms(),
+            "lag_ms": {
+                "p50": self.lag.get_value_at_percentile(50) / 1e3,
+                "p99": self.lag_p99_ms,
+                "max": self.lag.get_max_value() / 1e3,
+            },
+            "complete": self.complete,
+            "valid": self.valid,
+            "invalid_reasons": self.invalid_reasons,
+        }
+
+    def add(self, rec: RequestRecord) -> None:
+        us = min(max(int((rec.end - rec.intended) * 1e6), 1), _HIST_MAX_US)
+        self.latency[status_class(rec.status)].record_value(us)
+        self.latency["all"].record_value(us)
+        if self.spec.keep_records:
+            self.records.append(rec)
+
+    def merge(self, other: LoadResult) -> None:
+        """Fold another process's result (same t0) into this one."""
+        for c, h in other.latency.items():
+            self.latency[c].add(h)
+        self.lag.add(other.lag)
+        self.records.extend(other.records)
+        self.sent += other.sent
+        self.overflow += other.overflow
+        self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
+        self.complete = self.complete and other.complete
+
+    def to_wire(self) -> dict[str, Any]:
+        """A compact picklable form for crossing a process boundary."""
+        return {
+            "t0": self.t0, "elapsed_s": self.elapsed_s, "sent": self.sent, "complete": self.complete,
+            "overflow": self.overflow, "records": [tuple(getattr(r, f) for f in _REC) for r in self.records],
+            "latency": {c: h.encode() for c, h in self.latency.items()}, "lag": self.lag.encode(),
+        }  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, spec: LoadSpec, w: Mapping[str, Any]) -> LoadResult:
+        res = cls(spec, w["t0"], w["elapsed_s"], w["sent"], [RequestRecord(*r) for r in w["records"]])
+        res.latency = {c: HdrHistogram.decode(e) for c, e in w["latency"].items()}
+        res.lag = HdrHistogram.decode(w["lag"])
+        res.complete, res.overflow = w["complete"], w["overflow"]
+        return res
+
+
+_REC = [f.name for f in fields(RequestRecord)]
+
+
+class _Picker:
+    """Weighted choice by bisecting cumulative weights: O(log n) and no allocation per pick."""
+
+    def __init__(self, items: Sequence[str], weights: Sequence[float], rng: random.Random) -> None:
+        self.items = list(items)
+        self.cum = list(itertools.accumulate(weights))
+        self.total = self.cum[-1]
+        self.rng = rng
+
+    def __call__(self) -> str:
+        return self.items[bisect.bisect_right(self.cum, self.rng.random() * self.total)]
+
+
+class LoadGenerator:
+    """Runs one :class:`LoadSpec` in this process. Use :func:`run_load` unless you need the object.
+
+    After ``run()`` returned, raised or was cancelled, :attr:`result` holds what was measured
+    (``complete=False`` when it did not run to the end).
+    """
+
+    def __init__(
+        self,
+        spec: LoadSpec,
+        on_record: Callable[[RequestRecord], None] | None = None,
+        start_at: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self.on_record = on_record
+        self.start_at = start_at  # run start on time.monotonic(); processes share one
+        rng = random.Random(spec.seed)
+        self._region = _Picker(list(spec.regions), list(spec.regions.values()), rng)
+        n = len(spec.tenants)
+        weights = [1.0 / (i + 1) ** spec.zipf_s for i in range(n)] if spec.key_dist == "zipf" else [1.0] * n
+        self._tenant = _Picker(spec.tenants, weights, rng)
+        self._rng = rng
+        self._t0 = 0.0
+        self._count = 0
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        base = spec.url.rstrip("/")
+        self._url = f"{base}/v1/skills/{spec.skill}/invoke" if spec.route == "invoke" else f"{base}/v1/limits/check"
+        self._bodies: dict[str, bytes] = {}
+        self.result = LoadResult(spec, t0=0.0)
+
+    async def run(self, stop: asyncio.Event | None = None) -> LoadResult:
+        """Send until the duration (or max_requests) is reached or ``stop`` is set; return the result."""
+        spec = self.spec
+        if spec.processes > 1:
+            return await _run_processes(self, stop)
+        limit = spec.connector_limit or (
+            max(64, min(1024, int(spec.rate_rps / 10))) if spec.mode == "open" else spec.users
+        )
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=spec.timeout_s), skip_auto_headers=("User-Agent",)
+        )
+        now = time.monotonic()
+        self._t0 = self.start_at if self.start_at is not None else now
+        self.result = LoadResult(spec, t0=self._t0)
+        if self._t0 > now:
+            await asyncio.sleep(self._t0 - now)
+        sender = asyncio.create_task(self._open_loop() if spec.mode == "open" else self._closed_loop())
+        watcher = asyncio.create_task(stop.wait()) if stop is not None else None
+        stopped = False
+        try:
+            waiting = {sender} if watcher is None else {sender, watcher}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not sender.done():
+                stopped = True
+                sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            # At the end, aiohttp's own timeout fires first; on stop, answers get a short grace.
+            await self._drain(_STOP_GRACE_S if stopped else (spec.drain_s or spec.timeout_s + 0.5))
+        except asyncio.CancelledError:
+            stopped = True
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            await self._drain(0.0)
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.result.complete = not stopped
+            self.result.elapsed_s = time.monotonic() - self._t0
+            await self._session.close()
+        return self.result
+
+    async def _drain(self, grace_s: float) -> None:
+        """Give in-flight requests ``grace_s``, then cancel them (they are recorded as unfinished)."""
+        if self._inflight and grace_s > 0:
+            await asyncio.wait(set(self._inflight), timeout=grace_s)
+        pending = set(self._inflight)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _body(self, tenant: str) -> bytes:
+        body = self._bodies.get(tenant)
+        if body is None:
+            doc: dict[str, Any] = {"cost": self.spec.cost}
+            if self.spec.route == "check":
+                doc["key"] = tenant
+            else:
+                doc["input"] = {"tenant": tenant}
+            body = self._bodies[tenant] = json.dumps(doc, separators=(",", ":")).encode()
+        return body
+
+    def _budget(self) -> bool:
+        """Claim one request from max_requests; False when it is used up."""
+        if self.spec.max_requests and self._count >= self.spec.max_requests:
+            return False
+        self._count += 1
+        return True
+
+    async def _open_loop(self) -> None:
+        spec, rng, mono, t0 = self.spec, self._rng, time.monotonic, self._t0
+        rate, poisson, end = spec.rate_rps, spec.arrival == "poisson", spec.duration_s
+        i = 0
+        # Constant arrivals are computed from the index, not summed, so no rounding drift.
+        nxt = spec.offset_s + (rng.expovariate(rate) if poisson else 0.0)
+        while nxt < end:
+            now = mono() - t0
+            if nxt > now:
+                await asyncio.sleep(nxt - now)
+                continue
+            while nxt <= now and nxt < end:  # send everything that is due, then sleep
+                if not self._budget():
+                    return
+                if len(self._inflight) >= spec.max_inflight:
+                    self.result.overflow += 1
+                    self._finish(nxt, now, self._region(), "", "", self._tenant(), 0, "max_inflight reached")
+                else:
+                    task = asyncio.create_task(self._request(nxt, self._region(), self._tenant()))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+                i += 1
+                nxt = nxt + rng.expovariate(rate) if poisson else spec.offset_s + i / rate
+
+    async def _closed_loop(self) -> None:
+        async def user() -> None:
+            spec, rng, mono, t0 = self.spec, self._rng, time.monotonic, self._t0
+            intended = mono() - t0
+            while intended < spec.duration_s and self._budget():
+                await self._request(intended, self._region(), self._tenant())
+                think = rng.expovariate(1 / spec.think_time_s) if spec.think_random else spec.think_time_s
+                intended = mono() - t0 + think
+                if think > 0:
+                    await asyncio.sleep(think)
+
+        tasks = [asyncio.create_task(user()) for _ in range(self.spec.users)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _request(self, intended: float, home: str, tenant: str) -> None:
+        spec, t0 = self.spec, self._t0
+        start = time.monotonic() - t0
+        self.result.sent += 1
+        self.result.lag.record_value(min(max(int((start - intended) * 1e6), 1), _HIST_MAX_US))
+        headers = {"X-Client-Region": home, "Content-Type": "application/json"}
+        if spec.route == "invoke":
+            headers["Authorization"] = f"Bearer {spec.api_keys[tenant]}"  # type: ignore[index]
+        status, region, node, error = 0, "", "", ""
+        try:
+            async with self._session.post(self._url, data=self._body(tenant), headers=headers) as resp:  # type: ignore[union-attr]
+                await resp.read()
+                status = resp.status
+                region = resp.headers.get("X-Edge-Region", "")
+                node = resp.headers.get("X-Edge-Node", "")
+        except asyncio.CancelledError:
+            self._finish(intended, start, home, region, node, tenant, 0, "cancelled: run ended before the answer")
+            raise
+        except TimeoutError:
+            error = f"timeout after {spec.timeout_s} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        self._finish(intended, start, home, region, node, tenant, status, error)
+
+    def _finish(
+        self, intended: float, start: float, home: str, region: str, node: str, key: str, status: int, error: str
+    ) -> None:
+        rec = RequestRecord(
+            intended, start, time.monotonic() - self._t0, home, region, node, key, self.spec.cost, status, error
+        )
+        self.result.add(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+
+async def run_load(
+    spec: LoadSpec,
+    *,
+    stop: asyncio.Event | None = None,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> LoadResult:
+    """Run ``spec`` to its end (or until ``stop`` is set) and return the result.
+
+    To keep partial results when *cancelling*, hold the :class:`LoadGenerator` and read its
+    :attr:`~LoadGenerator.result` after the cancellation.
+    """
+    return await LoadGenerator(spec, on_record).run(stop)
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+def _child_spec(spec: LoadSpec, i: int) -> LoadSpec:
+    n = spec.processes
+    share = spec.max_requests // n + (1 if i < spec.max_requests % n else 0) if spec.max_requests else 0
+    users = spec.users // n + (1 if i < spec.users % n else 0)
+    return replace(
+        spec,
+        processes=1,
+        rate_rps=spec.rate_rps / n,
+        offset_s=spec.offset_s + i / spec.rate_rps,
+        users=max(users, 1),
+        max_requests=share,
+        seed=spec.seed * 1000 + i,
+        connector_limit=(spec.connector_limit + n - 1) // n,
+        max_inflight=max(spec.max_inflight // n, 1),
+    )
+
+
+def _child_main(conn: Any, spec_dict: dict[str, Any]) -> None:
+    """Entry point of a generator process: report ready, wait for the start instant, run, send back."""
+
+    async def main() -> None:
+        spec = LoadSpec.from_dict(spec_dict)
+        conn.send("ready")
+        start_at = conn.recv()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(conn.fileno(), stop.set)  # any message from the parent means stop
+        gen = LoadGenerator(spec, start_at=start_at)
+        try:
+            await gen.run(stop)
+        finally:
+            loop.remove_reader(conn.fileno())
+            conn.send(gen.result.to_wire())
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+async def _recv(conn: Any, within_s: float) -> Any:
+    """Await one message on a multiprocessing connection without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await asyncio.wait_for(fut, within_s)
+    finally:
+        loop.remove_reader(conn.fileno())
+    return conn.recv()
+
+
+async def _run_processes(gen: LoadGenerator, stop: asyncio.Event | None) -> LoadResult:
+    """Split ``gen.spec`` over spawned processes that start on one shared instant; merge into gen.result."""
+    spec = gen.spec
+    ctx = multiprocessing.get_context("spawn")
+    procs, conns = [], []
+
+    def tell_stop() -> None:
+        for c in conns:
+            try:
+                c.send("stop")
+            except OSError:
+                pass
+
+    def merge(recvs: list[asyncio.Task[Any]], stopped: bool) -> None:
+        for i, r in enumerate(recvs):
+            if r.done() and not r.cancelled() and r.exception() is None:
+                gen.result.merge(LoadResult.from_wire(_child_spec(spec, i), r.result()))
+            else:
+                gen.result.complete = False
+        gen.result.complete = gen.result.complete and not stopped
+        gen.result.records.sort(key=lambda r: r.intended)
+
+    try:
+        for i in range(spec.processes):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_child_main, args=(child, _child_spec(spec, i).to_dict()), daemon=True)
+            p.start()
+            child.close()
+            procs.append(p)
+            conns.append(parent)
+        for i, c in enumerate(conns):
+            try:
+                ready = await _recv(c, 60)
+            except (EOFError, OSError, TimeoutError):
+                ready = None
+            if ready != "ready":
+                raise RuntimeError(
+                    f"load generator process {i} did not start (exit code {procs[i].exitcode}); a script "
+                    "that uses processes > 1 must guard its entry point with `if __name__ == '__main__':`"
+                )
+        start_at = time.monotonic() + 0.05
+        gen.result = LoadResult(spec, t0=start_at, complete=False)
+        for c in conns:
+            c.send(start_at)
+        bound = spec.duration_s + (spec.drain_s or spec.timeout_s) + 30
+        recvs = [asyncio.create_task(_recv(c, bound)) for c in conns]
+        stopper = asyncio.create_task(stop.wait()) if stop is not None else None
+        stopped = False
+        try:
+            # asyncio.wait, not gather: cancelling us must not cancel the receivers.
+            await asyncio.wait({*recvs, *([stopper] if stopper else [])}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper is not None and stopper.done():
+                stopped = True
+                tell_stop()
+            await asyncio.wait(recvs)
+        except asyncio.CancelledError:
+            stopped = True
+            tell_stop()
+            await asyncio.wait(recvs, timeout=5)
+            merge(recvs, stopped)
+            raise
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+            for r in recvs:
+                r.cancel()
+        gen.result.complete = True
+        merge(recvs, stopped)
+        if gen.on_record is not None:
+            for rec in gen.result.records:
+                gen.on_record(rec)
+        return gen.result
+    finally:
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2)
+        for c in conns:
+            c.close()
