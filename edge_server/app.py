@@ -142,6 +142,7 @@ def _rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
         "RateLimit-Remaining": str(int(decision.remaining)),
         "RateLimit-Reset": str(reset),
         "X-Request-Id": request_id,
+        **({} if decision.allowed else {"Retry-After-Ms": str(max(1, math.ceil(decision.retry_after_s * 1000)))}),
     }
 
 

@@ -181,7 +181,24 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
     admitted = [r for r in rec.requests if r.admitted]
     no_id = sum(1 for r in admitted if not r.request_id)
     missing = [r.request_id for r in admitted if r.request_id and r.request_id not in audit_ids]
-    duplicated = sorted(rid for rid, n in audit_ids.items() if n > 1)
+    # A node killed after auditing a grant but before answering: the router retried the request
+    # elsewhere under the same id.  The tokens were spent twice (both are in the envelope), the client
+    # got one answer; that is an orphaned grant at a kill, reported, not a lost token.
+    kills = [(rec.started_wall + f.t_s, f.target) for f in rec.faults if f.action in ("kill", "pause")]
+    node_events: dict[str, list[Any]] = defaultdict(list)
+    for ev in rec.audit:
+        if ev.request_id and audit_ids[ev.request_id] > 1:
+            node_events[ev.request_id].append(ev)
+    orphaned: list[str] = []
+    duplicated: list[str] = []
+    for rid, events in sorted(node_events.items()):
+        nodes = {ev.node for ev in events}
+        died = [ev for ev in events if any(abs(t - ev.ts) <= inflight_s and target in (ev.node, ev.region)
+                                           for t, target in kills)]
+        if len(nodes) == len(events) and len(events) - len(died) <= 1 and died:
+            orphaned.append(rid)
+        else:
+            duplicated.append(rid)
     cost_mismatch = [r.request_id for r in admitted if r.request_id in audit_cost
                      and audit_ids[r.request_id] == 1 and audit_cost[r.request_id] != r.cost]
     if missing:
@@ -218,7 +235,8 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
         reasons.append(f"{len(mismatched)} node counters disagree with their audit trail: " + "; ".join(mismatched[:3]))
     silent = sorted({ev.node for ev in rec.audit} - set(last))
     figures = {"admitted_replies": len(admitted), "audit_events": len(rec.audit), "missing": len(missing),
-               "duplicated": len(duplicated), "cost_mismatch": len(cost_mismatch), "mismatched": len(mismatched),
+               "duplicated": len(duplicated), "orphaned_at_kill": len(orphaned),
+               "cost_mismatch": len(cost_mismatch), "mismatched": len(mismatched),
                "unverified": unverified, "replies_without_request_id": no_id, "nodes_without_state": silent,
                "unanswered_grants": sum(1 for rid in audit_ids if rid not in answered_ids),
                "token_loss": len(missing) + len(duplicated) + len(cost_mismatch) + len(mismatched)}

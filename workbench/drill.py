@@ -1,0 +1,230 @@
+"""Run one scenario end to end: cluster, load, faults, recording, verdict, results folder.
+
+``await run_drill(scenario)`` is what the CLI and the notebooks call.  A progress callback receives a
+:class:`~workbench.live.LiveStats` snapshot every ``progress_interval_s``; a stop event ends the run
+early and cleanly (the results are then marked incomplete).  Whatever happens, every process is reaped
+and what was recorded is saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from workbench import checker
+from workbench.cluster import Cluster
+from workbench.live import LiveStats
+from workbench.load import LoadGenerator
+from workbench.load import LoadSpec as RunLoadSpec
+from workbench.load import RequestRecord as LoadRecord
+from workbench.nemesis import Nemesis
+from workbench.recorder import (
+    AuditEvent,
+    FaultRecord,
+    Recording,
+    RequestRecord,
+    StateSample,
+    parse_metrics,
+)
+from workbench.scenario import SKILL_NAME, Scenario
+
+__all__ = ["DrillResult", "load_spec_for", "run_drill"]
+
+log = logging.getLogger("workbench.drill")
+
+ProgressCallback = Callable[[dict[str, Any], LiveStats], None]
+
+
+@dataclass
+class DrillResult:
+    scenario: Scenario
+    recording: Recording
+    summary: dict[str, Any]
+    results_dir: Path
+    live: LiveStats
+    cluster_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.summary.get("invariants_ok")) and self.recording.complete
+
+
+def load_spec_for(scenario: Scenario, url: str, *, keep_records: bool = True) -> RunLoadSpec:
+    """The load generator's settings for a scenario aimed at ``url`` (the router)."""
+    load = scenario.load
+    regions = dict(load.region_weights) or dict.fromkeys(scenario.topology.regions, 1.0)
+    api_keys = {tenant: key for key, tenant in scenario.api_keys().items()}
+    return RunLoadSpec(
+        url=url, mode=load.mode, rate_rps=load.rate_rps, arrival=load.arrival, users=load.users,
+        think_time_s=load.think_ms / 1000, duration_s=scenario.duration_s, regions=regions,
+        tenants=tuple(load.tenant_names()), key_dist=load.key_dist, zipf_s=load.zipf_s,
+        api_keys=api_keys, route=load.route, skill=SKILL_NAME, cost=load.cost,
+        timeout_s=max(5.0, scenario.skill.p99_ms / 1000 * 4), drain_s=2.0, seed=scenario.seed,
+        processes=load.processes, keep_records=keep_records,
+    )
+
+
+def to_record(rec: LoadRecord, route: str) -> RequestRecord:
+    return RequestRecord(
+        intended_s=rec.intended, start_s=rec.start, end_s=rec.end, home_region=rec.home_region,
+        answered_region=rec.region, node=rec.node, key=rec.key, cost=rec.cost, status=rec.status,
+        error=rec.error, request_id=getattr(rec, "request_id", ""), route=route,
+        allowed=getattr(rec, "allowed", None),
+    )
+
+
+def _default_results_dir(scenario: Scenario) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(scenario.results_dir) if scenario.results_dir else Path("results")
+    return base / f"{scenario.name}-{stamp}"
+
+
+async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *,
+                    on_progress: ProgressCallback | None = None, progress_interval_s: float = 0.5,
+                    stop: asyncio.Event | None = None, proxies: bool = True,
+                    max_failover_ms: float | None = None, max_client_errors: int | None = None) -> DrillResult:
+    """Run ``scenario`` and return its recording, summary and results folder.
+
+    ``max_failover_ms`` / ``max_client_errors`` add those thresholds to the verdict.
+    """
+    thresholds = {"max_failover_ms": max_failover_ms, "max_client_errors": max_client_errors}
+    out = Path(results_dir) if results_dir is not None else _default_results_dir(scenario)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = scenario.limits[0]
+    live = LiveStats(list(scenario.topology.regions), scenario.duration_s, limit.rate, limit.burst)
+    recording = Recording(scenario=scenario.to_dict())
+    recording.extra["results_dir"] = str(out)
+    route = scenario.load.route
+    info: dict[str, Any] = {}
+    reason = ""
+    try:
+        async with Cluster.launch(scenario, out / "cluster", proxies=proxies) as cluster:
+            info = {"router": cluster.router_url,
+                    "nodes": {n: p.url for n, p in cluster.nodes.items()},
+                    "run_dir": str(cluster.run_dir)}
+            t0 = time.monotonic() + 0.2
+            recording.started_wall = time.time() + (t0 - time.monotonic())
+            cluster_regions = {name: {p.region for p in cluster.resolve(name)}
+                               for name in [*scenario.topology.regions, *cluster.nodes]}
+
+            def on_record(rec: LoadRecord) -> None:
+                record = to_record(rec, route)
+                recording.requests.append(record)
+                live.add(record)
+
+            def on_fault(rec: FaultRecord) -> None:
+                recording.faults.append(rec)
+                live.fault(rec, cluster_regions.get(rec.target))
+
+            spec = load_spec_for(scenario, cluster.router_url, keep_records=False)
+            generator = LoadGenerator(spec, on_record=on_record, start_at=t0)
+            stop_event = stop or asyncio.Event()
+            load_task = asyncio.create_task(generator.run(stop_event), name="load")
+            nemesis = Nemesis(cluster, t0, on_fault)
+            nemesis_task = asyncio.create_task(nemesis.run(scenario.faults), name="nemesis")
+            watch_task = asyncio.create_task(
+                _watch(cluster, t0, recording, live, on_progress, progress_interval_s), name="watch")
+            try:
+                result = await load_task
+            finally:
+                for task in (nemesis_task, watch_task):
+                    task.cancel()
+                for task in (nemesis_task, watch_task):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if not load_task.done():
+                    load_task.cancel()
+            recording.extra["generator"] = result.summary()
+            if not result.complete:
+                reason = "stopped before the end (stop requested)"
+            # let the last grants travel to every peer before the final views are taken
+            await asyncio.sleep(max(0.3, 10 * scenario.topology.gossip_interval_ms / 1000))
+            await _final_scrape(cluster, t0, recording)
+            recording.ended_s = time.monotonic() - t0
+            _read_audits(cluster, recording)
+    except (asyncio.CancelledError, KeyboardInterrupt) as exc:
+        recording.mark_incomplete(f"interrupted ({exc.__class__.__name__})")
+        _finish(recording, out, info, **thresholds)
+        raise
+    except Exception as exc:
+        recording.mark_incomplete(f"failed: {exc}")
+        _finish(recording, out, info, **thresholds)
+        raise
+    recording.complete = not reason
+    recording.incomplete_reason = reason
+    summary = _finish(recording, out, info, **thresholds)
+    return DrillResult(scenario, recording, summary, out, live, info)
+
+
+def _finish(recording: Recording, out: Path, info: dict[str, Any], **thresholds: Any) -> dict[str, Any]:
+    """Save the recording and its summary, whatever state the run ended in."""
+    recording.extra.setdefault("cluster", info)
+    recording.save(out)
+    summary = checker.summarize(recording, **thresholds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return summary
+
+
+async def _watch(cluster: Cluster, t0: float, recording: Recording, live: LiveStats,
+                 on_progress: ProgressCallback | None, interval_s: float) -> None:
+    """Sample processes and node states while the run goes; report progress."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        tick = 0
+        while True:
+            await asyncio.sleep(interval_s)
+            t_s = time.monotonic() - t0
+            tick += 1
+            recording.processes.extend(cluster.sample_processes(t_s))
+            live.node_states = cluster.states()
+            if tick % 2 == 0:
+                await _scrape_states(session, cluster, t_s, recording)
+            if on_progress is not None:
+                try:
+                    on_progress(live.snapshot(t_s), live)
+                except Exception:  # a display must never break the run
+                    log.exception("progress callback failed")
+
+
+async def _scrape_states(session: aiohttp.ClientSession, cluster: Cluster, t_s: float,
+                         recording: Recording) -> None:
+    async def one(node_id: str) -> None:
+        proc = cluster.nodes[node_id]
+        if proc.state != "running" or not proc.alive():
+            return
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError):
+            async with session.get(proc.url + "/v1/state") as resp:
+                if resp.status == 200:
+                    recording.states.append(StateSample.from_state(t_s, await resp.json()))
+
+    await asyncio.gather(*(one(n) for n in cluster.nodes))
+
+
+async def _final_scrape(cluster: Cluster, t0: float, recording: Recording) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        t_s = time.monotonic() - t0
+        await _scrape_states(session, cluster, t_s, recording)
+        for node_id, proc in cluster.nodes.items():
+            if proc.state != "running" or not proc.alive():
+                continue
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                async with session.get(proc.url + "/metrics") as resp:
+                    recording.metrics.extend(parse_metrics(await resp.text(), t_s, node_id))
+
+
+def _read_audits(cluster: Cluster, recording: Recording) -> None:
+    """Read every node's audit trail from disk: complete even for nodes that were killed."""
+    for path in sorted((cluster.run_dir / "audit").glob("*.jsonl")):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    with contextlib.suppress(ValueError, KeyError):
+                        recording.audit.append(AuditEvent.from_json(json.loads(line)))
