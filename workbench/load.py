@@ -100,8 +100,8 @@ class LoadSpec:
             raise ValueError(f"users must be >= 1, got {self.users}")
         if self.duration_s <= 0 or self.timeout_s <= 0 or self.processes < 1 or self.cost < 1:
             raise ValueError("duration_s, timeout_s must be > 0; processes, cost must be >= 1")
-        if not self.tenants or not self.regions or min(self.regions.values()) < 0:
-            raise ValueError("tenants and regions must be non-empty, region weights >= 0")
+        if not self.tenants or not self.regions or min(self.regions.values()) < 0 or not sum(self.regions.values()):
+            raise ValueError("tenants and regions must be non-empty; region weights >= 0 with a positive sum")
         if self.route == "invoke" and not self.api_keys:
             raise ValueError("route 'invoke' needs api_keys (tenant -> bearer token)")
         missing = [t for t in self.tenants if self.route == "invoke" and t not in (self.api_keys or {})]
@@ -292,21 +292,21 @@ class LoadGenerator:
         limit = spec.connector_limit or (
             max(64, min(1024, int(spec.rate_rps / 10))) if spec.mode == "open" else spec.users
         )
-        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
-        self._session = aiohttp.ClientSession(
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0)
+        self._session = session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=spec.timeout_s), skip_auto_headers=("User-Agent",)
         )
         now = time.monotonic()
         self._t0 = self.start_at if self.start_at is not None else now
         self.result = LoadResult(spec, t0=self._t0)
-        if self._t0 > now:
-            await asyncio.sleep(self._t0 - now)
-        sender = asyncio.create_task(self._open_loop() if spec.mode == "open" else self._closed_loop())
+        sender: asyncio.Task[None] | None = None
         watcher = asyncio.create_task(stop.wait()) if stop is not None else None
         stopped = False
         try:
-            waiting = {sender} if watcher is None else {sender, watcher}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self._t0 > now:
+                await asyncio.sleep(self._t0 - now)
+            sender = asyncio.create_task(self._open_loop() if spec.mode == "open" else self._closed_loop())
+            await asyncio.wait({sender, *([watcher] if watcher else [])}, return_when=asyncio.FIRST_COMPLETED)
             if not sender.done():
                 stopped = True
                 sender.cancel()
@@ -315,8 +315,9 @@ class LoadGenerator:
             await self._drain(_STOP_GRACE_S if stopped else (spec.drain_s or spec.timeout_s + 0.5))
         except asyncio.CancelledError:
             stopped = True
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
             await self._drain(0.0)
             raise
         finally:
@@ -324,7 +325,7 @@ class LoadGenerator:
                 watcher.cancel()
             self.result.complete = not stopped
             self.result.elapsed_s = time.monotonic() - self._t0
-            await self._session.close()
+            await session.close()
         return self.result
 
     async def _drain(self, grace_s: float) -> None:
