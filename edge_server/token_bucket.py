@@ -298,7 +298,12 @@ class BucketTable:
             if grew:
                 learned += grew
                 st.last_active = now
-                if not baseline:
+                if baseline:
+                    # What the peer spent while we were down or starting is unknown to our level:
+                    # count the bucket empty from this moment rather than full of stale refill.
+                    self._refill(st, now)
+                    st.level = min(st.level, 0.0)
+                else:
                     self._refill(st, now)
                     floor = -self.max_debt_bursts * st.limit.burst
                     level = st.level - grew

@@ -66,11 +66,13 @@ def _scenario(rec: Recording) -> Scenario | None:
 
 
 def _run_seconds(rec: Recording, scenario: Scenario | None) -> float:
-    """The run's length: as recorded, else as planned, else the span of the requests."""
-    if rec.ended_s is not None and rec.ended_s > 0:
-        return float(rec.ended_s)
+    """The run's length: the load's planned duration (the run clock starts with the load), else the
+    recorded end, else the span of the requests.  The recorded end also counts the drain and the final
+    scrape after the load stopped, so it would inflate the envelope."""
     if scenario is not None:
         return scenario.duration_s
+    if rec.ended_s is not None and rec.ended_s > 0:
+        return float(rec.ended_s)
     return max((r.end_s for r in rec.requests), default=0.0)
 
 
@@ -147,7 +149,7 @@ def check_envelope(rec: Recording, *, tolerance_tokens: float = 0.0, slack_s: fl
             if events:
                 reasons.append(f"key {key!r}: {admitted:g} tokens admitted but no limit matches it")
             continue
-        envelope = limit.burst + limit.rate * run_s
+        envelope = limit.burst + limit.rate * max(run_s, events[-1][0] if events else 0.0)
         excess, s, t = max_window_excess(events, limit.rate, limit.burst)
         allowed = tolerance_tokens + limit.rate * slack_s
         per_key[key] = {"admitted": admitted, "envelope": envelope,

@@ -70,7 +70,7 @@ class ManagedProcess:
         return self.popen.pid if self.popen else None
 
     def start(self, env: dict[str, str]) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child once started
+        log = open(self.log_path, "ab")
         try:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)

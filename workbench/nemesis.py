@@ -80,6 +80,12 @@ class Nemesis:
             raise ClusterError(f"{action} needs the fault proxies (launch the cluster with proxies=True)")
         if action == "partition":
             mesh.partition([list(g) for g in fault.groups])
+            if not any("router" in g for g in fault.groups):
+                # The router stands for DNS / a global load balancer: a split between regions cuts
+                # the regions from each other, not the clients from their regions.
+                for (src, dst), proxy in mesh.proxies.items():
+                    if "router" in (src, dst):
+                        proxy.heal()
             return self._emit("partition", "|".join(",".join(g) for g in fault.groups),
                               groups=[list(g) for g in fault.groups])
         if action == "heal":

@@ -208,6 +208,16 @@ def test_cold_node_takes_first_sync_as_baseline():
     assert cold.level("k", 0.6) == pytest.approx(10 - later, abs=1e-6)  # later growth is subtracted
 
 
+def test_cold_node_does_not_bank_refill_from_before_its_baseline():
+    peer = make("n2")
+    grant(peer, "k", 5, 0.0)
+    cold = make("n1", now=0.0, cold=True)
+    cold.recover("k", (1, 3), 0.0)
+    # 0.3 s pass before the peer's first sync arrives: the peer may have spent all of that refill
+    cold.merge("n2", peer.delta_for("n1")[1], 0.3)
+    assert cold.level("k", 0.3) == pytest.approx(0, abs=1e-6)
+
+
 def test_expired_key_restarts_under_a_newer_generation_visible_to_peers():
     a, b = make("n1", peers=["n1", "n2"], idle_ttl=10), make("n2", peers=["n1", "n2"], idle_ttl=10)
     for _ in range(50):
