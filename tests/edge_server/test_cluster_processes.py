@@ -90,8 +90,9 @@ def test_unreachable_peer_does_not_stop_the_others(tmp_path: Path) -> None:
         started = time.monotonic()
         granted = 0
         denied = 0
-        deadline = started + 1.5
-        while time.monotonic() < deadline and denied < 20:
+        for _ in range(2000):  # ~0.6 s of alternating requests, bounded in count too
+            if time.monotonic() - started > 0.6:
+                break
             for node_id in ("eu-1", "us-1"):
                 if _check(c, node_id, "dead-peer")["allowed"]:
                     granted += 1
@@ -100,7 +101,10 @@ def test_unreachable_peer_does_not_stop_the_others(tmp_path: Path) -> None:
         elapsed = time.monotonic() - started
         assert granted >= burst // 2, "the survivors stopped deciding"
         assert denied > 0, "the limit was not enforced"
-        assert granted <= burst + rate * elapsed + 2
+        # Eventual mode: each node may spend up to its unseen share (B / N here) before the other
+        # hears of it, so the in-flight excess is at most one share per other live node.
+        share = burst / 3
+        assert granted <= burst + rate * elapsed + share, (granted, elapsed)
         wait_until(lambda: _count(c, "us-1", "dead-peer", "eu-1") == _count(c, "eu-1", "dead-peer", "eu-1"),
                    timeout=2.0, what="us-1 to see eu-1's grants")
 
