@@ -82,6 +82,23 @@ def _middleware(node: Node) -> Callable:
     return middleware
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes if longer (so the caller can tell it is too large).
+
+    ``StreamReader.read(n)`` returns whatever has arrived, up to ``n``: a body that comes in several
+    pieces (chunked, or simply large) must be read until EOF.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 async def _json_body(request: web.Request, node: Node) -> dict[str, Any]:
     """The request's JSON object, or an :class:`ApiError` naming what is wrong with it."""
     limit = node.config.server.max_body_bytes
@@ -90,7 +107,7 @@ async def _json_body(request: web.Request, node: Node) -> dict[str, Any]:
     if request.content_type != JSON:
         raise ApiError(415, "unsupported_media_type",
                        f"Content-Type must be {JSON}, got {request.content_type or 'none'}")
-    raw = await request.content.read(limit + 1)
+    raw = await _read_body(request, limit)
     if len(raw) > limit:
         raise ApiError(413, "body_too_large", f"body is over the limit of {limit} bytes")
     if not raw:
@@ -281,7 +298,7 @@ async def gossip(request: web.Request) -> web.Response:
     if node.table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")
     m = node.metrics
-    raw = await request.content.read(MAX_GOSSIP_BYTES + 1)
+    raw = await _read_body(request, MAX_GOSSIP_BYTES)
     try:
         if len(raw) > MAX_GOSSIP_BYTES:
             raise WireError("too_large", "gossip body too large", 413)

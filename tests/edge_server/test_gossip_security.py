@@ -83,6 +83,17 @@ def test_valid_message_is_merged_and_acked(node: ClusterProcs) -> None:
     assert node.state("eu-1", ["merge-me"])["keys"]["merge-me"]["nodes"]["us-1"] == {"gen": 5, "count": 4}
 
 
+def test_large_valid_delta_is_merged_whole(node: ClusterProcs) -> None:
+    # ~150 KB: arrives in several reads; it must be verified and merged whole, not refused.
+    entries = [(f"bulk-{i:05d}", {"us-1": (1, 1 + i % 7)}) for i in range(4000)]
+    body, sig = encode_delta(_secret(node), "us-1", BOOT, next(_seq), time.time(), 9, entries)
+    assert len(body) > 100_000
+    r = _post(node, body, sig)
+    assert r.status == 200, r.body
+    st = node.state("eu-1", ["bulk-00000", "bulk-03999"])["keys"]
+    assert st["bulk-03999"]["nodes"]["us-1"]["count"] == 1 + 3999 % 7 and "bulk-00000" in st
+
+
 def test_unsigned_is_401(node: ClusterProcs) -> None:
     body, _sig = _signed(node, _doc())
     assert_refused(node, body, None, 401, "unsigned")

@@ -159,6 +159,15 @@ def test_body_of_exactly_64k_is_accepted(node: ClusterProcs) -> None:
 
 
 @pytest.mark.parametrize("path", [CHECK, INVOKE])
+def test_chunked_body_under_the_limit_is_read_whole(node: ClusterProcs, path: str) -> None:
+    # A body arriving in pieces must be read to its end, not parsed from its first piece.
+    payload = _raw({"key": "chunked", "pad": "x" * (60 * 1024)})
+    body = iter([payload[i:i + 4096] for i in range(0, len(payload), 4096)])
+    r = request(node.url("eu-1"), "POST", path, body=body, headers=AUTH if path == INVOKE else JSON_CT)
+    assert r.status == 200, r.body
+
+
+@pytest.mark.parametrize("path", [CHECK, INVOKE])
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_wrong_content_type_is_415(node: ClusterProcs, path: str, content_type: str | None) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"} if path == INVOKE else {}
