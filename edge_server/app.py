@@ -65,7 +65,8 @@ def _middleware(node: Node) -> Callable:
         except web.HTTPException as exc:
             code = _HTTP_CODES.get(exc.status, "http_error")
             message = "no such route" if exc.status == 404 else exc.reason
-            response = error_response(exc.status, code, f"{message}: {request.method} {request.path}")
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = error_response(exc.status, code, f"{message}: {request.method} {request.path}", headers=allow)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:  # a bug: answer JSON, keep serving, log the traceback

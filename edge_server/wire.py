@@ -173,7 +173,7 @@ class ReplayGuard:
 
     def check(self, delta: Delta, now_wall: float) -> None:
         if delta.sender not in self._peers:
-            raise WireError("unknown_peer", f"{delta.sender!r} is not a peer of this node", 403)
+            raise WireError("unknown_peer", f"{delta.sender!r} is not a peer of this node", 401)
         if abs(now_wall - delta.ts) > self.max_skew_s:
             raise WireError("stale", f"message time is {now_wall - delta.ts:.1f} s away from ours")
         stamp = (delta.boot, delta.seq)

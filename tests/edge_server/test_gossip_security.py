@@ -129,7 +129,7 @@ def test_unknown_version_is_refused(node: ClusterProcs, version: Any) -> None:
 @pytest.mark.parametrize("sender", ["zz-9", "eu-1", "US-1"])
 def test_unknown_peer_is_refused(node: ClusterProcs, sender: str) -> None:
     body, sig = _signed(node, _doc(**{"from": sender}))
-    assert_refused(node, body, sig, 403, "unknown_peer")
+    assert_refused(node, body, sig, 401, "unknown_peer")
 
 
 def test_replayed_message_is_409_and_not_merged_twice(node: ClusterProcs) -> None:

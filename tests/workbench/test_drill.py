@@ -105,12 +105,12 @@ def test_bad_scenarios_are_refused_before_anything_starts(tmp_path: Path):
     cases = [(["--rate", "-5"], "rate"), (["--kill-region-at-s", "5", "--kill-region", "mars"], "kill_region"),
              (["--duration-s", "5", "--heal-at-s", "9"], "heal_at_s")]
     for extra, name in cases:
-        done = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, done.stderr
         assert name in done.stderr and "Traceback" not in done.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("duration_s = 5\nsurprise = 1\n")
-    done = subprocess.run(cmd + ["--scenario", str(bad)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*cmd, "--scenario", str(bad)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "surprise" in done.stderr
     assert not (tmp_path / "r").exists()
 
