@@ -1,0 +1,347 @@
+"""A live notebook dashboard of a drill, and the static record it leaves in the notebook.
+
+While a drill runs, :class:`LiveDashboard` shows ipywidgets and plotly ``FigureWidget``s (throughput,
+latency, admitted tokens vs the envelope, node health, fault timeline), a progress bar with the time
+left and a Stop button that sets the drill's stop event.  :meth:`LiveDashboard.finish` then closes
+every widget and replaces the live view with static plotly figures and the summary table, because
+a saved notebook keeps neither the widgets' incremental updates nor anything sent after a cell ends,
+and each ``FigureWidget`` would add ~5 MB of widget state to it.
+
+Headless (``WORKBENCH_HEADLESS=1``, which ``workbench run`` sets) no ``FigureWidget`` is created at
+all: the same cells print a progress line now and then and leave the same static figures.
+
+Static figures carry two representations: plotly's own mimetype (JupyterLab draws it, trusted or
+not) and HTML for nbconvert; plotly.js is embedded in the first one of the kernel session only, so
+an exported page stays offline and holds plotly.js once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from workbench import charts
+from workbench.live import LiveStats
+from workbench.recorder import Recording
+from workbench.report import figures_for, health_intervals
+from workbench.scenario import Scenario
+
+__all__ = [
+    "HEADLESS_ENV",
+    "LiveDashboard",
+    "figure_bundle",
+    "headless",
+    "run_with_dashboard",
+    "show_figure",
+    "show_html",
+    "summary_html",
+    "table_html",
+]
+
+HEADLESS_ENV = "WORKBENCH_HEADLESS"  # "1": no live FigureWidgets (papermill / CI)
+_CHARTS = ("throughput", "latency", "envelope", "health", "faults")
+_state = {"plotlyjs_sent": False}  # per kernel: plotly.js goes into the first static figure only
+
+
+def headless() -> bool:
+    """True when no one watches: live chart widgets would only bloat the saved notebook."""
+    return os.environ.get(HEADLESS_ENV, "").strip() not in ("", "0", "false", "no")
+
+
+# ----------------------------------------------------------------------------- static output
+def figure_bundle(fig: go.Figure) -> dict[str, Any]:
+    """A display bundle for one figure: plotly mimetype, offline HTML (plotly.js the first time), text."""
+    include = not _state["plotlyjs_sent"]
+    _state["plotlyjs_sent"] = True
+    div = pio.to_html(fig, include_plotlyjs=include, full_html=False,
+                      config={"displaylogo": False, "responsive": True})
+    title = fig.layout.title.text or "figure"
+    return {"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
+            "text/html": div, "text/plain": f"<plotly figure: {title}>"}
+
+
+def show_figure(fig: go.Figure) -> None:
+    """Display a static, offline figure (survives headless runs and HTML export)."""
+    from IPython.display import display
+
+    display(figure_bundle(fig), raw=True)
+
+
+def show_html(markup: str, text: str = "") -> None:
+    from IPython.display import display
+
+    display({"text/html": markup, "text/plain": text or _strip_tags(markup)}, raw=True)
+
+
+def _strip_tags(markup: str) -> str:
+    out, inside = [], False
+    for ch in markup:
+        if ch == "<":
+            inside = True
+        elif ch == ">":
+            inside = False
+            out.append(" ")
+        elif not inside:
+            out.append(ch)
+    return " ".join("".join(out).split())
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.2f}{unit}"
+    return f"{value}{unit}"
+
+
+def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain HTML table of dict rows (values formatted, escaped)."""
+    if not rows:
+        return "<p><i>no rows</i></p>"
+    cols = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def summary_html(summary: Mapping[str, Any], *, complete: bool = True, incomplete_reason: str = "",
+                 title: str = "") -> str:
+    """The verdict and the checker's figures of one run as HTML."""
+    lat, fo = summary.get("latency_ms") or {}, summary.get("failover_ms") or {}
+    ok = bool(summary.get("invariants_ok")) and complete
+    rows = [
+        ("throughput", _fmt(summary.get("throughput_rps"), " req/s")),
+        ("latency p50 / p95 / p99",
+         f"{_fmt(lat.get('p50'))} / {_fmt(lat.get('p95'))} / {_fmt(lat.get('p99'))} ms"),
+        ("admitted vs limit envelope",
+         f"{_fmt(summary.get('admitted_tokens'))} / {_fmt(summary.get('envelope_tokens'))} tokens"),
+        ("over-admission", _fmt(summary.get("over_admission_pct"), " %")),
+        ("worst window excess", _fmt(summary.get("worst_window_excess_tokens"), " tokens")),
+        ("failover p50 / p99 / max", f"{_fmt(fo.get('p50'))} / {_fmt(fo.get('p99'))} / {_fmt(fo.get('max'))} ms"),
+        ("token loss", _fmt(summary.get("token_loss"))),
+        ("client errors", _fmt(summary.get("client_errors"))),
+        ("convergence after heal", _fmt(summary.get("convergence_ms"), " ms")),
+        ("requests", _fmt(summary.get("requests"))),
+    ]
+    verdict = ("<b style='color:#15803d'>every invariant held</b>" if ok
+               else "<b style='color:#b91c1c'>FAILED</b>")
+    if not complete:
+        verdict += f" — incomplete: {html.escape(incomplete_reason or 'stopped early')}"
+    reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in summary.get("reasons") or [])
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{html.escape(v)}</td></tr>"
+                   for k, v in rows)
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    return (f"{head}<p>{verdict}</p>" + (f"<ul>{reasons}</ul>" if reasons else "")
+            + f"<table>{body}</table>")
+
+
+# ----------------------------------------------------------------------------- live dashboard
+class LiveDashboard:
+    """Widgets fed by ``run_drill``'s ``on_progress``; :meth:`finish` leaves static figures.
+
+    ``live=None`` picks live charts unless :func:`headless`.  ``charts=False`` shows only the
+    progress bar, Stop button and node table (for sweeps of many short runs).  Chart updates are
+    throttled to one per ``min_update_s``; the progress bar follows every callback.
+    """
+
+    def __init__(self, scenario: Scenario, *, live: bool | None = None, charts: bool = True,
+                 min_update_s: float = 0.45, title: str = "") -> None:
+        import ipywidgets as w
+
+        self.scenario = scenario
+        self.title = title or scenario.name
+        self.nodes = list(scenario.topology.node_ids)
+        self.node_region = {n: scenario.topology.region_of(n) for n in self.nodes}
+        self.duration_s = scenario.duration_s
+        self.live = (not headless()) if live is None else live
+        self.show_charts = charts
+        self.min_update_s = min_update_s
+        self.stop_event = asyncio.Event()
+        self.updates = 0  # progress callbacks seen
+        self.chart_updates = 0  # times the charts were redrawn
+        self.finished = False
+        self._last_chart = -math.inf
+        self._last_print = -math.inf
+        self._handle: Any = None
+        self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="0.0 s",
+                                        layout=w.Layout(width="320px"))
+        self.status = w.HTML(value=f"<b>{html.escape(self.title)}</b>: starting the cluster ...")
+        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop",
+                                    tooltip="end the run now; results are kept and marked incomplete")
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.health = w.HTML(value=self._health_html({}, {}))
+        self.figures: dict[str, go.FigureWidget] = {}
+        if self.live and charts:
+            empty = self._figures(LiveStats(list(scenario.topology.regions), self.duration_s,
+                                            scenario.limits[0].rate, scenario.limits[0].burst), 0.0)
+            self.figures = {name: go.FigureWidget(fig) for name, fig in empty.items()}
+        rows = [w.HBox([self.progress, self.stop_button, self.status]), self.health]
+        if self.figures:
+            f = self.figures
+            rows += [w.HBox([f["throughput"], f["latency"]]), w.HBox([f["envelope"], f["faults"]]), f["health"]]
+        self.box = w.VBox(rows)
+
+    # ------------------------------------------------------------------ lifecycle
+    def display(self) -> LiveDashboard:
+        from IPython.display import display
+
+        self._handle = display(self.box, display_id=True)
+        return self
+
+    def stop(self) -> None:
+        """What the Stop button does: end the run cleanly (results kept, marked incomplete)."""
+        self.stop_event.set()
+        self.stop_button.disabled = True
+        self.stop_button.description = "Stopping"
+
+    def __call__(self, snapshot: dict[str, Any], live: LiveStats) -> None:
+        self.on_progress(snapshot, live)
+
+    def on_progress(self, snapshot: dict[str, Any], live: LiveStats) -> None:
+        """``run_drill``'s progress callback: cheap widgets every time, charts when due."""
+        if self.finished:
+            return
+        self.updates += 1
+        t_s = float(snapshot.get("t_s", 0.0))
+        self.progress.value = float(snapshot.get("progress", 0.0))
+        left = max(0.0, self.duration_s - t_s)
+        self.progress.description = f"{t_s:.1f} s"
+        p99 = snapshot.get("p99_ms")
+        line = (f"{left:.1f} s left · ok {snapshot.get('admitted_rps', 0):.0f}/s · 429 "
+                f"{snapshot.get('denied_rps', 0):.0f}/s · err {snapshot.get('errors_rps', 0):.0f}/s · p99 "
+                f"{'-' if p99 is None else f'{p99:.0f} ms'} · tokens {snapshot.get('admitted_tokens', 0)}"
+                f"/{snapshot.get('envelope_tokens', 0):.0f}"
+                + "".join(f" · failover {k} {v:.0f} ms" for k, v in (snapshot.get("failover_ms") or {}).items()))
+        self.status.value = f"<b>{html.escape(self.title)}</b>: {html.escape(line)}"
+        now = time.monotonic()
+        if not self.live and now - self._last_print >= 2.0:  # headless: a line in the run's log
+            self._last_print = now
+            print(f"[{self.title}] {t_s:5.1f} s  {line}", file=sys.stdout, flush=True)
+        if now - self._last_chart < self.min_update_s:
+            return
+        self._last_chart = now
+        self.health.value = self._health_html(snapshot.get("node_states") or {},
+                                              self._network_states(live, t_s))
+        if self.figures:
+            self._update_figures(live, t_s)
+
+    def finish(self, result: Any) -> None:
+        """Close the live widgets and leave the final state as static figures and the summary."""
+        self.finished = True
+        rec: Recording = result.recording
+        title = self.title + ("" if rec.complete else " (incomplete)")
+        header = summary_html(result.summary, complete=rec.complete, incomplete_reason=rec.incomplete_reason,
+                              title=title)
+        header += f"<p style='color:#6b7280'>results: {html.escape(str(result.results_dir))}</p>"
+        self._close_widgets(header)
+        if self.show_charts:
+            for _kind, fig in figures_for(rec, result.summary):
+                show_figure(fig)
+
+    def abort(self, error: BaseException) -> None:
+        """The run raised: close the widgets and say why."""
+        self.finished = True
+        self._close_widgets(f"<p><b style='color:#b91c1c'>{html.escape(self.title)}: run failed</b>: "
+                            f"{html.escape(error.__class__.__name__)}: {html.escape(str(error))}</p>")
+
+    def _close_widgets(self, markup: str) -> None:
+        bundle = {"text/html": markup, "text/plain": _strip_tags(markup)}
+        if self._handle is not None:
+            self._handle.update(bundle, raw=True)
+        else:
+            show_html(markup)
+        for widget in _descendants(self.box):
+            widget.close()
+        self.figures = {}
+
+    # ------------------------------------------------------------------ drawing (no computing)
+    def _network_states(self, live: LiveStats, t_s: float) -> dict[str, str]:
+        spans = health_intervals(Recording(faults=list(live.faults)), self.nodes, self.node_region, t_s)
+        return {n: (s[-1][2] if s else "up") for n, s in spans.items()}
+
+    def _health_html(self, processes: Mapping[str, str], network: Mapping[str, str]) -> str:
+        colors = {"up": "#16a34a", "running": "#16a34a", "paused": "#d97706", "killed": "#dc2626",
+                  "partitioned": "#9333ea", "stopped": "#6b7280", "exited": "#dc2626"}
+        cells = []
+        for node in self.nodes:
+            proc = processes.get(node, "-")
+            net = network.get(node, "up")
+            state = net if net != "up" else ("up" if proc in ("running", "-") else proc)
+            color = colors.get(state, "#6b7280")
+            cells.append(f"<td style='padding:2px 8px'><span style='color:{color}'>&#9679;</span> "
+                         f"{html.escape(node)} <small>{html.escape(state)}</small></td>")
+        return "<table><tr>" + "".join(cells) + "</tr></table>"
+
+    def _figures(self, live: LiveStats, t_s: float) -> dict[str, go.Figure]:
+        series = live.series(max(t_s, live.bin_s))
+        spans = health_intervals(Recording(faults=list(live.faults)), self.nodes, self.node_region, t_s)
+        figs = {
+            "throughput": charts.throughput_figure(series, live.faults),
+            "latency": charts.latency_figure(series, live.faults),
+            "envelope": charts.envelope_figure(series, live.faults),
+            "health": charts.health_figure(self.nodes, spans, self.duration_s),
+            "faults": charts.fault_timeline_figure(live.faults, live.failovers, self.duration_s),
+        }
+        for name in ("throughput", "latency", "envelope", "health"):
+            figs[name].update_xaxes(range=[0, self.duration_s])
+        return figs
+
+    def _update_figures(self, live: LiveStats, t_s: float) -> None:
+        self.chart_updates += 1
+        for name, fig in self._figures(live, t_s).items():
+            widget = self.figures.get(name)
+            if widget is None:
+                continue
+            if len(widget.data) != len(fig.data):
+                widget.data = ()
+                widget.add_traces(list(fig.data))
+            with widget.batch_update():
+                for old, new in zip(widget.data, fig.data, strict=True):
+                    old.update(new.to_plotly_json(), overwrite=True)
+                widget.layout.shapes = fig.layout.shapes
+                widget.layout.annotations = fig.layout.annotations
+
+
+def _descendants(widget: Any) -> list[Any]:
+    """A widget and every widget inside it (children first), to close them all."""
+    out: list[Any] = []
+    for child in getattr(widget, "children", ()):
+        out += _descendants(child)
+    return [*out, widget]
+
+
+async def run_with_dashboard(scenario: Scenario, results_dir: str | os.PathLike[str] | None = None, *,
+                             live: bool | None = None, charts: bool = True, title: str = "",
+                             progress_interval_s: float = 0.25, **thresholds: Any) -> Any:
+    """Run ``scenario`` with a live dashboard; leave static figures and the summary; return the result.
+
+    ``thresholds`` go to ``run_drill`` (``max_failover_ms``, ``max_client_errors``).  The dashboard's
+    Stop button ends the run early (the result is then marked incomplete).  A run that raises closes
+    the widgets, says why and re-raises.
+    """
+    from workbench.drill import run_drill
+
+    dashboard = LiveDashboard(scenario, live=live, charts=charts, title=title).display()
+    try:
+        result = await run_drill(scenario, Path(results_dir) if results_dir is not None else None,
+                                 on_progress=dashboard.on_progress, progress_interval_s=progress_interval_s,
+                                 stop=dashboard.stop_event, **thresholds)
+    except BaseException as exc:
+        dashboard.abort(exc)
+        raise
+    dashboard.finish(result)
+    return result
