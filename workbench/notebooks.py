@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import os
 import sys
 import time
@@ -277,6 +278,7 @@ def export_html(notebook: str | os.PathLike[str], out: str | os.PathLike[str] | 
 
 def run_notebook_cli(args: argparse.Namespace) -> int:
     """``workbench run NOTEBOOK [-p NAME VALUE]... [-o OUT]``: 0 passed, 1 the notebook failed, 2 bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs the cells' output
     pairs = getattr(args, "parameter", None) or []
     params: dict[str, Any] = {}
     for name, value in pairs:
