@@ -136,7 +136,9 @@ class RequestRecord:
     key: str  # the limiter key (the tenant)
     cost: int
     status: int  # HTTP status, 0 when no HTTP answer came
-    error: str = ""
+    error: str = ""  # the error code of the JSON body of a failed answer, or the exception
+    request_id: str = ""  # X-Request-Id of the answer: the id the node audited a grant under
+    allowed: bool | None = None  # check route: the "allowed" field of a 200; None otherwise
 
     @property
     def latency(self) -> float:
@@ -238,6 +240,24 @@ class LoadResult:
 
 
 _REC = [f.name for f in fields(RequestRecord)]
+
+
+def _allowed(body: bytes) -> bool | None:
+    """The ``allowed`` field of a /v1/limits/check answer, without a full JSON parse per reply."""
+    if b'"allowed": true' in body or b'"allowed":true' in body:
+        return True
+    if b'"allowed": false' in body or b'"allowed":false' in body:
+        return False
+    return None
+
+
+def _error_code(body: bytes) -> str:
+    """``error.code`` of a JSON error body (errors are rare: a full parse is fine here)."""
+    try:
+        doc = json.loads(body)
+        return str(doc["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 class _Picker:
@@ -407,13 +427,18 @@ class LoadGenerator:
         headers = {"X-Client-Region": home, "Content-Type": "application/json"}
         if spec.route == "invoke":
             headers["Authorization"] = f"Bearer {spec.api_keys[tenant]}"  # type: ignore[index]
-        status, region, node, error = 0, "", "", ""
+        status, region, node, error, request_id, allowed = 0, "", "", "", "", None
         try:
             async with self._session.post(self._url, data=self._body(tenant), headers=headers) as resp:  # type: ignore[union-attr]
-                await resp.read()
+                data = await resp.read()
                 status = resp.status
                 region = resp.headers.get("X-Edge-Region", "")
                 node = resp.headers.get("X-Edge-Node", "")
+                request_id = resp.headers.get("X-Request-Id", "")
+                if status == 200 and spec.route == "check":
+                    allowed = _allowed(data)
+                elif status >= 300:
+                    error = _error_code(data)
         except asyncio.CancelledError:
             self._finish(intended, start, home, region, node, tenant, 0, "cancelled: run ended before the answer")
             raise
@@ -421,13 +446,15 @@ class LoadGenerator:
             error = f"timeout after {spec.timeout_s} s"
         except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self._finish(intended, start, home, region, node, tenant, status, error)
+        self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed)
 
     def _finish(
-        self, intended: float, start: float, home: str, region: str, node: str, key: str, status: int, error: str
+        self, intended: float, start: float, home: str, region: str, node: str, key: str, status: int, error: str,
+        request_id: str = "", allowed: bool | None = None,
     ) -> None:
         rec = RequestRecord(
-            intended, start, time.monotonic() - self._t0, home, region, node, key, self.spec.cost, status, error
+            intended, start, time.monotonic() - self._t0, home, region, node, key, self.spec.cost, status, error,
+            request_id, allowed,
         )
         self.result.add(rec)
         if self.on_record is not None:
