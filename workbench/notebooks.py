@@ -69,8 +69,9 @@ class NotebookRun:
     ok: bool
     duration_s: float
     kernel: str
-    failed_cell: int | None = None  # index among the output notebook's cells
+    failed_cell: int | None = None  # index among the output notebook's cells (papermill adds a banner cell)
     error: str = ""  # "ExceptionName: message" of the failing cell (or of papermill)
+    failed_source: str = ""  # the failing cell's code
     size_bytes: int = 0  # of the executed notebook
     results_dir: str | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)  # one per summary.json found
@@ -175,13 +176,22 @@ def _kernel() -> str:
     return KERNEL if KERNEL in KernelSpecManager().find_kernel_specs() else "python3"
 
 
-def _failure(nb: Any) -> tuple[int | None, str]:
-    """The first cell whose outputs hold an error: (index, "Name: message")."""
+def _failure(nb: Any) -> tuple[int | None, str, str]:
+    """The first cell whose outputs hold an error: (index in ``nb``, "Name: message", its source)."""
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
-                return i, f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"
-    return None, ""
+                return i, f"{out.get('ename', 'Error')}: {out.get('evalue', '')}", cell.get("source", "")
+    return None, "", ""
+
+
+def _read_failure(path: Path) -> tuple[int | None, str, str]:
+    import nbformat
+
+    try:
+        return _failure(nbformat.read(path, as_version=4))
+    except (OSError, ValueError):
+        return None, "", ""
 
 
 def _collect_runs(results_dir: Path) -> list[dict[str, Any]]:
@@ -223,22 +233,20 @@ def run_notebook(path: str | os.PathLike[str], parameters: Mapping[str, Any] | N
         params["results_dir"] = str(dst.with_name(f"{dst.stem}.results"))
     kernel_name = kernel or _kernel()
     started = time.monotonic()
-    error, failed_cell = "", None
+    error, failed_cell, source = "", None, ""
     previous = os.environ.get("WORKBENCH_HEADLESS")
     os.environ["WORKBENCH_HEADLESS"] = "1"  # inherited by the kernel: no live chart widgets
     try:
         nb = pm.execute_notebook(str(src), str(dst), parameters=params, kernel_name=kernel_name,
                                  cwd=str(src.parent), log_output=log_output, progress_bar=False,
                                  execution_timeout=cell_timeout)
-        failed_cell, error = _failure(nb)
-    except PapermillExecutionError as exc:
-        failed_cell, error = exc.cell_index, f"{exc.ename}: {exc.evalue}"
+        failed_cell, error, source = _failure(nb)
+    except PapermillExecutionError as exc:  # the saved notebook's indexes include papermill's banner cell
+        failed_cell, _error, source = _read_failure(dst)
+        error = f"{exc.ename}: {exc.evalue}"
     except Exception as exc:  # kernel died, timeout, ...: papermill has saved what ran
         error = f"{exc.__class__.__name__}: {exc}"
-        if dst.exists():
-            import nbformat
-
-            failed_cell, _err = _failure(nbformat.read(dst, as_version=4))
+        failed_cell, _error, source = _read_failure(dst) if dst.exists() else (None, "", "")
     finally:
         if previous is None:
             os.environ.pop("WORKBENCH_HEADLESS", None)
@@ -252,7 +260,7 @@ def run_notebook(path: str | os.PathLike[str], parameters: Mapping[str, Any] | N
     verdict = ("pass" if ok else f"fail: cell {failed_cell}: {error}") + (
         f" ({len(broken)} of {len(runs)} runs broke an invariant the notebook tolerates)" if ok and broken else "")
     run = NotebookRun(notebook=str(src), output=str(dst), parameters=params, ok=ok, duration_s=round(duration, 2),
-                      kernel=kernel_name, failed_cell=failed_cell, error=error,
+                      kernel=kernel_name, failed_cell=failed_cell, error=error, failed_source=source,
                       size_bytes=dst.stat().st_size if dst.exists() else 0, results_dir=results_dir, runs=runs,
                       verdict=verdict)
     if html and dst.exists():
@@ -295,6 +303,8 @@ def run_notebook_cli(args: argparse.Namespace) -> int:
     else:
         print(f"workbench run: {Path(run.notebook).name} FAILED in {run.duration_s:.1f} s at cell "
               f"{run.failed_cell}: {run.error}", file=sys.stderr)
+        if run.failed_source:
+            print("  | " + "\n  | ".join(run.failed_source.splitlines()[-6:]), file=sys.stderr)
         print(f"workbench run: the output notebook is kept: {run.output}", file=sys.stderr)
     for r in run.runs:
         print(f"  {Path(r['folder']).name}: invariants {'held' if r['invariants_ok'] else 'BROKEN'}"
