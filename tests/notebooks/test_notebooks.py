@@ -27,7 +27,7 @@ from workbench.notebooks import (
 )
 from workbench.scenario import PARAMETERS, Scenario
 
-pytestmark = pytest.mark.notebooks
+pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(600)]  # the first test runs all five
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
