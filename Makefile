@@ -30,7 +30,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab --MappingKernelManager.default_kernel_name=rating-edge notebooks
 
 clean:
 	rm -rf $(VENV) build *.egg-info results

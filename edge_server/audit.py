@@ -12,12 +12,13 @@ entry (generation, count), so a restarted node never lowers the count its peers 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
 
 from edge_server.gcounter import Entry
 
@@ -75,7 +76,7 @@ class AuditLog:
                     fh.truncate(end)
             offset = 0
             for line in data[:end].splitlines(keepends=True):
-                event = json.loads(line)
+                event = orjson.loads(line)
                 seq, key, cost, gen = event["seq"], event["key"], event["cost"], event["gen"]
                 old = own.get(key)
                 if old is None or gen > old[0]:
@@ -95,12 +96,12 @@ class AuditLog:
         """Queue one event; the returned future resolves once it is written."""
         seq = self._next_seq
         self._next_seq += 1
-        line = json.dumps(
+        line = orjson.dumps(
             {"seq": seq, "id": f"{self.node}:{seq}", "key": key, "cost": cost, "node": self.node,
              "region": self.region, "ts": round(ts, 6), "request_id": request_id, "gen": gen},
-            separators=(",", ":"),
+            option=orjson.OPT_APPEND_NEWLINE,
         )
-        self._buffer.append(line.encode() + b"\n")
+        self._buffer.append(line)
         self._batch.append((key, cost, gen))
         if self._future is None:
             loop = asyncio.get_running_loop()
@@ -162,7 +163,7 @@ class AuditLog:
         with open(self.path, "rb") as fh:
             fh.seek(begin)
             data = fh.read(end - begin)
-        return [json.loads(line) for line in data.splitlines()]
+        return [orjson.loads(line) for line in data.splitlines()]
 
     @property
     def last_seq(self) -> int:

@@ -93,7 +93,7 @@ class Node:
         now = time.time()
         decision = table.take(key, cost, now)
         if not decision.allowed:
-            self.metrics.denied.inc()
+            self.metrics.hot.denied += 1
             return Outcome(decision, request_id, 0)
         gen = table.generation_of(key, now)
         seq, done = self.audit.append(key, cost, gen, request_id, now)
@@ -102,9 +102,9 @@ class Node:
         except AuditUnavailable:
             table.refund(key, cost)
             raise
-        self.metrics.allowed.inc()
-        self.metrics.tokens.inc(cost)
-        self.metrics.audit_events.inc()
+        hot = self.metrics.hot
+        hot.allowed += 1
+        hot.tokens += cost
         return Outcome(decision, request_id, seq)
 
     def readiness(self) -> tuple[bool, str]:

@@ -78,14 +78,16 @@ class _KeyState:
         "last_active",
         "level",
         "limit",
+        "own_gen",
         "pending",
         "pending_amount",
         "stamp",
         "undurable",
     )
 
-    def __init__(self, limit: Limit, level: float, now: float) -> None:
+    def __init__(self, limit: Limit, level: float, now: float, own_gen: int) -> None:
         self.limit = limit
+        self.own_gen = own_gen  # generation of this node's entry if it has none yet (fixed at creation)
         self.counts: KeyCounters = {}
         self.level = level
         self.stamp = now
@@ -147,6 +149,7 @@ class BucketTable:
         self._sent_seq = 0
         self._floor = 0  # lowest change seq acknowledged by every live peer
         self._live: frozenset[str] = frozenset()
+        self._last_gen = 0
         self.expired_keys = 0
         self.evicted_keys = 0
         # Peers count as live from the start: a node must not spend a whole burst alone before it
@@ -197,7 +200,7 @@ class BucketTable:
         st.undurable -= cost
         own = st.counts.get(self.node_id)
         if own is None:
-            own = (generation if generation is not None else self._new_generation(st), 0)
+            own = (generation if generation is not None else st.own_gen, 0)
         st.counts[self.node_id] = (own[0], own[1] + cost)
         seq = self._touch(key, st)
         pending = st.pending
@@ -222,7 +225,7 @@ class BucketTable:
         """The generation this node's entry for ``key`` has or will get at its first commit."""
         st = self._keys[key]
         own = st.counts.get(self.node_id)
-        return own[0] if own is not None else self._generation_for_now(now)
+        return own[0] if own is not None else st.own_gen
 
     # ----------------------------------------------------------------- replication
 
@@ -334,6 +337,7 @@ class BucketTable:
                 st = self._create(key, now)
             except (KeyTableFull, NoLimitForKey):
                 return
+        self._last_gen = max(self._last_gen, entry[0])
         old = st.counts.get(self.node_id)
         if old is None or entry > old:
             st.counts[self.node_id] = entry
@@ -420,7 +424,7 @@ class BucketTable:
         level = limit.burst
         if self.cold:
             level = min(limit.burst, (now - self.started) * limit.rate)
-        st = _KeyState(limit, level, now)
+        st = _KeyState(limit, level, now, self._generation_for_now(now))
         self._keys[key] = st
         return st
 
@@ -481,12 +485,11 @@ class BucketTable:
         else:
             self._floor = self._seq
 
-    def _new_generation(self, st: _KeyState) -> int:
-        return self._generation_for_now(st.stamp)
-
     def _generation_for_now(self, now: float) -> int:
-        # Generations only need to grow on one node; milliseconds of its clock do.
-        return max(1, int(now * 1000))
+        # Generations only need to grow on one node: milliseconds of its clock do, and never less
+        # than what it used before for any key (a clock stepping back must not reuse one).
+        self._last_gen = max(self._last_gen + 1, int(now * 1000), 1)
+        return self._last_gen
 
     def __repr__(self) -> str:
         return (

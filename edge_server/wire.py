@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from edge_server.gcounter import Entry, KeyCounters
 
@@ -76,14 +77,14 @@ def encode_delta(
         "upto": upto,
         "entries": [[key, {node: [g, c] for node, (g, c) in counters.items()}] for key, counters in entries],
     }
-    body = json.dumps(doc, separators=(",", ":")).encode()
+    body = orjson.dumps(doc)
     return body, sign(secret, body)
 
 
 def _load(body: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise WireError("malformed", "body is not JSON") from None
     except RecursionError:
         raise WireError("malformed", "body is nested too deeply") from None
@@ -148,8 +149,7 @@ def decode_delta(secret: bytes, body: bytes, signature: str | None, *, max_key_b
 
 
 def encode_ack(secret: bytes, node: str, boot: int, upto: int) -> tuple[bytes, str]:
-    body = json.dumps({"v": WIRE_VERSION, "kind": "ack", "from": node, "boot": boot, "ack": upto},
-                      separators=(",", ":")).encode()
+    body = orjson.dumps({"v": WIRE_VERSION, "kind": "ack", "from": node, "boot": boot, "ack": upto})
     return body, sign(secret, body)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "check_envelope",
     "check_token_loss",
     "client_errors",
+    "default_slack_s",
     "failover_times",
     "latency_percentiles",
     "max_window_excess",
@@ -415,18 +416,30 @@ def throughput(rec: Recording) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- summary
+DELIVERY_ALLOWANCE_S = 0.05  # a gossip message's trip: HTTP, event-loop scheduling, merge (measured ~5-40 ms)
+
+
+def default_slack_s(scenario: Scenario | None) -> float:
+    """Staleness eventual mode allows: what a node admits before its peers learn of it, about two
+    gossip intervals plus one delivery, plus any latency the scenario adds to links."""
+    if scenario is None:
+        return 0.0
+    added = max((f.ms + f.jitter_ms for f in scenario.faults if f.action == "latency"), default=0.0)
+    return 2 * scenario.topology.gossip_interval_ms / 1000.0 + DELIVERY_ALLOWANCE_S + added / 1000.0
+
+
 def summarize(rec: Recording, *, envelope_slack_s: float | None = None, tolerance_tokens: float = 0.0,
               convergence_intervals: float = 2.0, max_client_errors: int | None = None,
               max_failover_ms: float | None = None, require_complete: bool = True) -> dict[str, Any]:
     """The run's summary (the keys of ``workbench drill --json``) and whether every invariant held.
 
-    Invariants: the envelope (with ``envelope_slack_s``, default two gossip intervals of rate, the
+    Invariants: the envelope (with ``envelope_slack_s``, default :func:`default_slack_s`: the
     staleness eventual mode allows), no token loss, convergence after heal, a complete run; and, when
     given, at most ``max_client_errors`` errors and failover p99 within ``max_failover_ms``.
     """
     scenario = _scenario(rec)
     if envelope_slack_s is None:
-        envelope_slack_s = 2 * scenario.topology.gossip_interval_ms / 1000.0 if scenario else 0.0
+        envelope_slack_s = default_slack_s(scenario)
     env = check_envelope(rec, tolerance_tokens=tolerance_tokens, slack_s=envelope_slack_s)
     loss = check_token_loss(rec)
     conv = check_convergence(rec, within_intervals=convergence_intervals)

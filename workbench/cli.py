@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     run.add_argument("-o", "--out")
     run.add_argument("--cell-timeout", type=int, default=600)
+    run.add_argument("--html", action="store_true", help="also export the executed notebook to HTML")
     args = parser.parse_args(argv)
 
     if args.command == "report":

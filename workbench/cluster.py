@@ -223,7 +223,7 @@ class Cluster:
                 await asyncio.sleep(0.05)
 
     async def _wait_router_sees_all(self) -> None:
-        """Until the router's health checks have found every node, traffic would be skewed."""
+        """Until the router's checks have found a healthy node in every region, traffic would be skewed."""
         deadline = time.monotonic() + self.ready_timeout_s
         assert self._session is not None and self.router is not None
         while time.monotonic() < deadline:
@@ -233,10 +233,12 @@ class Cluster:
                     nodes = doc.get("nodes", [])
                     if isinstance(nodes, dict):
                         nodes = list(nodes.values())
-                    if nodes and all(n.get("healthy") for n in nodes):
+                    healthy = {n.get("region") for n in nodes if n.get("healthy")}
+                    if nodes and healthy >= {n.get("region") for n in nodes}:
                         return
             await asyncio.sleep(0.05)
-        raise ClusterError(f"the router did not see every node healthy within {self.ready_timeout_s:g} s")
+        raise ClusterError(f"the router did not see a healthy node in every region within {self.ready_timeout_s:g} s;"
+                           f" see {self.router.log_path if self.router else 'the router log'}")
 
     async def _shutdown(self) -> None:
         procs = [*self.nodes.values(), *([self.router] if self.router else [])]

@@ -275,3 +275,24 @@ def test_random_workload_keeps_own_counts_exact():
     full_sync(tables, now)
     for t in tables:
         assert {n: t.counters("k")[n][1] for n in NODES} == granted
+
+
+def test_grants_in_flight_together_share_one_generation():
+    t = make(peers=["n1"])
+    d1, d2 = t.take("k", 1, 10.000), t.take("k", 1, 10.004)  # granted 4 ms apart, committed later
+    assert d1.allowed and d2.allowed
+    gens = {t.generation_of("k", 10.004), t.generation_of("k", 10.000)}
+    assert len(gens) == 1
+    assert {t.commit("k", 1, gens.copy().pop()), t.commit("k", 1, gens.pop())} == {t.counters("k")["n1"][0]}
+    assert t.own_count("k") == 2
+
+
+def test_generations_never_repeat_even_if_the_clock_does():
+    t = make(peers=["n1"], idle_ttl=1)
+    grant(t, "a", 1, 5.0)
+    grant(t, "b", 1, 5.0)
+    assert t.counters("a")["n1"][0] != t.counters("b")["n1"][0]
+    restarted = make(peers=["n1"], now=4.0)
+    restarted.recover("a", t.counters("a")["n1"], 4.0)
+    grant(restarted, "c", 1, 4.0)  # the clock went back: still a newer generation than any recovered
+    assert restarted.counters("c")["n1"][0] > t.counters("a")["n1"][0]
