@@ -1,11 +1,11 @@
 """What a link through the FaultProxy costs: open-loop latency direct vs through the proxy.
 
-A hello-world aiohttp server runs in a subprocess (pinned to the last core when there are two or
-more), the proxy in a second subprocess (as it would sit between two nodes), and the generator in
-this process. Direct and proxied runs alternate so drift on a shared machine hits both alike; the
-figure is the median over rounds. Target: the proxy adds < 1 ms p50 at 2,000 req/s.
+A hello-world aiohttp server runs in a subprocess (with ``--pin``, on its own core), the proxy in a
+second subprocess (as it would sit between two nodes), and the generator in this process. Direct and
+proxied runs alternate so drift on a shared machine hits both alike; the figure is the median over
+the rounds in which the generator kept its schedule. Target: the proxy adds < 1 ms p50 at 2,000 req/s.
 
-    python benchmarks/bench_proxy.py [--quick] [--rate 2000] [--seconds 5] [--rounds 3]
+    python benchmarks/bench_proxy.py [--quick] [--rate 2000] [--seconds 5] [--rounds 3] [--pin]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -98,10 +99,14 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
-def server_core() -> str:
-    """Pin the server to the last core and keep the generator off it, when there is a core to spare."""
+def server_core(pin: bool) -> str:
+    """With ``pin``, put the server on the last core and keep the generator off it.
+
+    Pinning gives steadier figures on a quiet machine; on a shared one it traps both processes on a
+    core a neighbour may be using, so it is opt-in.
+    """
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
+    if not pin or len(cores) < 2:
         return ""
     os.sched_setaffinity(0, set(cores[:-1]))
     return str(cores[-1])
@@ -125,29 +130,43 @@ async def measure(port: int, rate: float, seconds: float) -> dict[str, float]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    rounds: list[dict[str, dict[str, float]]] = []
-    with child(_HELLO, server_core()) as server_port, child(_PROXY, str(server_port), str(ROOT)) as proxy_port:
-        for _ in range(args.rounds):
-            direct = await measure(server_port, args.rate, args.seconds)
-            proxied = await measure(proxy_port, args.rate, args.seconds)
-            rounds.append({"direct": direct, "proxy": proxied})
+    """Alternate direct and proxied runs (swapping which goes first) until ``rounds`` pairs are valid.
+
+    A pair counts only when the generator kept its schedule in both runs (lag p99 < 5 ms): otherwise
+    the difference measures the machine's neighbours, not the proxy. At most 3x ``rounds`` attempts.
+    """
+    rounds: list[dict[str, Any]] = []
+    attempts = 0
+    with (
+        child(_HELLO, server_core(args.pin)) as server_port,
+        child(_PROXY, str(server_port), str(ROOT)) as proxy_port,
+    ):
+        while sum(r["valid"] for r in rounds) < args.rounds and attempts < 3 * args.rounds:
+            order = [("direct", server_port), ("proxy", proxy_port)][:: 1 if attempts % 2 == 0 else -1]
+            pair: dict[str, Any] = {name: await measure(port, args.rate, args.seconds) for name, port in order}
+            pair["valid"] = pair["direct"]["valid"] and pair["proxy"]["valid"]
+            rounds.append(pair)
+            attempts += 1
+    good = [r for r in rounds if r["valid"]] or rounds
 
     def med(which: str, key: str) -> float:
-        return round(statistics.median(r[which][key] for r in rounds), 3)
+        return round(statistics.median(r[which][key] for r in good), 3)
 
     added = med("proxy", "p50_ms") - med("direct", "p50_ms")
+    valid = sum(r["valid"] for r in rounds)
     return {
         "benchmark": "proxy_overhead",
         "rate_rps": args.rate,
         "seconds_per_run": args.seconds,
         "rounds": rounds,
+        "valid_rounds": valid,
         "direct": {"p50_ms": med("direct", "p50_ms"), "p99_ms": med("direct", "p99_ms")},
         "proxy": {"p50_ms": med("proxy", "p50_ms"), "p99_ms": med("proxy", "p99_ms")},
         "added_p50_ms": round(added, 3),
         "added_p99_ms": round(med("proxy", "p99_ms") - med("direct", "p99_ms"), 3),
         "target_added_p50_ms": 1.0,
-        "meets_target": added < 1.0,
-        "all_runs_valid": all(r[w]["valid"] for r in rounds for w in ("direct", "proxy")),
+        "meets_target": valid > 0 and added < 1.0,
+        "pinned": args.pin,
         "load_average": os.getloadavg(),
     }
 
@@ -158,11 +177,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pin", action="store_true", help="pin server and generator to separate cores")
     args = ap.parse_args()
     exit_on_sigterm()
     if args.quick:
         args.seconds, args.rounds = 1.5, 1
     result = asyncio.run(main_async(args))
+    result["quick"] = args.quick
+    result["command"] = " ".join(["python", *sys.argv])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "proxy.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -470,7 +470,8 @@ async def run_load(
     """Run ``spec`` to its end (or until ``stop`` is set) and return the result.
 
     To keep partial results when *cancelling*, hold the :class:`LoadGenerator` and read its
-    :attr:`~LoadGenerator.result` after the cancellation.
+    :attr:`~LoadGenerator.result` after the cancellation. With ``spec.processes > 1`` the generator
+    processes run on uvloop when it is installed (it keeps its schedule at about twice the rate).
     """
     return await LoadGenerator(spec, on_record).run(stop)
 
@@ -513,7 +514,14 @@ def _child_main(conn: Any, spec_dict: dict[str, Any]) -> None:
             conn.send(gen.result.to_wire())
 
     try:
-        asyncio.run(main())
+        import uvloop  # a generator process runs nothing else: take the faster loop when there is one
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    except ImportError:
+        factory = asyncio.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
     except KeyboardInterrupt:
         pass
 
