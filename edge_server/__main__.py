@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -45,12 +46,11 @@ async def _wait_for_stop() -> None:
 
 
 async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int:
-    from edge_server.app import build_app
+    from edge_server.app import build_server
     from edge_server.node import Node
 
     node = Node(config, node_id)
-    app = build_app(node)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.ServerRunner(build_server(node), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, node.spec.host, node.spec.port, reuse_address=True, backlog=4096)
     try:
@@ -63,6 +63,12 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
     except (OSError, ValueError, KeyError) as exc:
         await runner.cleanup()
         return _fail(3, f"node {node_id}: cannot read audit trail {node.audit.path}: {exc}")
+    # Everything loaded so far (code, config, the recovered table) lives as long as the process: keep
+    # it out of the collector's generations, and collect less often -- requests make short-lived
+    # garbage in bursts and the default gen-0 threshold (700) runs a collection every few requests.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     assert node.gossiper is not None
     tasks = [asyncio.create_task(node.gossiper.run(), name="gossip"),
              asyncio.create_task(node.housekeeping(), name="housekeeping")]

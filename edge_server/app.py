@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -23,11 +24,10 @@ from edge_server.skill import SkillError
 from edge_server.token_bucket import CostExceedsBurst, Decision, KeyTableFull, NoLimitForKey
 from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack
 
-__all__ = ["NODE", "ApiError", "build_app"]
+__all__ = ["ROUTES", "ApiError", "EdgeServer", "build_server"]
 
 log = logging.getLogger("edge_server.app")
 
-NODE: web.AppKey[Node] = web.AppKey("node", Node)
 MAX_GOSSIP_BYTES = 32 * 1024 * 1024
 JSON = "application/json"
 
@@ -59,23 +59,62 @@ def _json_bytes(body: bytes, status: int = 200, headers: dict[str, str] | None =
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
 
 
-def _middleware(node: Node) -> Callable:
-    metrics = node.metrics
-    ident = {"X-Edge-Node": node.spec.id, "X-Edge-Region": node.spec.region}
+Handler = Callable[[Node, web.BaseRequest], Awaitable[web.StreamResponse]]
+INVOKE_PREFIX, INVOKE_SUFFIX = "/v1/skills/", "/invoke"
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+
+def _skill_of(raw_path: str) -> str | None:
+    """``{skill}`` of ``/v1/skills/{skill}/invoke``, percent-decoded; None for any other path."""
+    path = raw_path.partition("?")[0]
+    if path.startswith(INVOKE_PREFIX) and path.endswith(INVOKE_SUFFIX):
+        skill = unquote(path[len(INVOKE_PREFIX):-len(INVOKE_SUFFIX)])
+        if skill and "/" not in skill:
+            return skill
+    return None
+
+
+class EdgeServer:
+    """Routes requests to handlers and wraps them: JSON errors, identity headers, in-flight count, metrics.
+
+    A table lookup on aiohttp's low-level server rather than a ``web.Application`` with a middleware:
+    the application router costs ~3 µs and a middleware ~5 µs a request here, together a fifth of a
+    bare request, and this edge serves nothing but a handful of fixed routes.
+    """
+
+    def __init__(self, node: Node, routes: list[tuple[str, str, Handler]]) -> None:
+        self.node = node
+        self.routes: dict[str, dict[str, Handler]] = {}
+        for method, path, handler in routes:
+            self.routes.setdefault(path, {})[method] = handler
+        self.ident = node.ident
+
+    def _resolve(self, request: web.BaseRequest) -> tuple[str, Handler]:
+        path = request.raw_path.partition("?")[0]
+        methods = self.routes.get(path)
+        if methods is None and _skill_of(path) is not None:
+            path = INVOKE_PREFIX + "{skill}" + INVOKE_SUFFIX
+            methods = self.routes.get(path)
+        if methods is None:
+            raise ApiError(404, "not_found", f"no such route: {request.method} {request.path}")
+        handler = methods.get(request.method)
+        if handler is None:
+            raise ApiError(405, "method_not_allowed", f"method not allowed: {request.method} {request.path}",
+                           headers={"Allow": ",".join(sorted(methods))})
+        return path, handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        node = self.node
         started = time.perf_counter()
         node.inflight += 1
+        route = "unmatched"
         try:
-            response = await handler(request)
+            route, handler = self._resolve(request)
+            response = await handler(node, request)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
         except web.HTTPException as exc:
             code = _HTTP_CODES.get(exc.status, "http_error")
-            message = "no such route" if exc.status == 404 else exc.reason
-            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            response = error_response(exc.status, code, f"{message}: {request.method} {request.path}", headers=allow)
+            response = error_response(exc.status, code, f"{exc.reason}: {request.method} {request.path}")
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception:  # a bug: answer JSON, keep serving, log the traceback
@@ -83,23 +122,26 @@ def _middleware(node: Node) -> Callable:
             response = error_response(500, "internal", "internal error")
         finally:
             node.inflight -= 1
-        response.headers.update(ident)
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        metrics.observe(name, response.status, time.perf_counter() - started)
+        if "X-Edge-Node" not in response.headers:
+            response.headers.update(self.ident)
+        node.metrics.observe(route, response.status, time.perf_counter() - started)
         return response
 
-    return middleware
 
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The body, or its first ``limit + 1`` bytes if longer (so the caller can tell it is too large).
 
     ``StreamReader.read(n)`` returns whatever has arrived, up to ``n``: a body that comes in several
     pieces (chunked, or simply large) must be read until EOF.
     """
-    if request.content_length is not None:  # the common case: one read of exactly that many bytes
-        return await request.read()
+    length = request.content_length
+    if length == 0:
+        return b""
+    if length is not None and length <= limit:  # the common case: one read of exactly that many bytes
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise ApiError(400, "incomplete_body", f"body ended after {len(exc.partial)} of {length} bytes") from None
     parts: list[bytes] = []
     size = 0
     while size <= limit:
@@ -122,7 +164,7 @@ def _lenient_json(raw: bytes) -> Any:
         raise ApiError(400, "invalid_json", "body is nested too deeply") from None
 
 
-async def _json_body(request: web.Request, node: Node) -> dict[str, Any]:
+async def _json_body(request: web.BaseRequest, node: Node) -> dict[str, Any]:
     """The request's JSON object, or an :class:`ApiError` naming what is wrong with it."""
     limit = node.config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -173,69 +215,74 @@ def _check_key(key: Any, node: Node) -> str:
     return key
 
 
-def _rate_headers(decision: Decision, request_id: str) -> dict[str, str]:
-    reset = max(0, math.ceil(decision.retry_after_s)) if not decision.allowed else 0
-    return {
+def _rate_headers(node: Node, decision: Decision, request_id: str) -> dict[str, str]:
+    """The IETF RateLimit-* headers, the request id, and the node's identity (all in one dict)."""
+    headers = {
+        "Content-Type": JSON,
         "RateLimit-Limit": str(int(decision.limit)),
         "RateLimit-Remaining": str(int(decision.remaining)),
-        "RateLimit-Reset": str(reset),
+        "RateLimit-Reset": "0",
         "X-Request-Id": request_id,
-        **({} if decision.allowed else {"Retry-After-Ms": str(max(1, math.ceil(decision.retry_after_s * 1000)))}),
+        **node.ident,
     }
+    if not decision.allowed:
+        headers["RateLimit-Reset"] = str(max(0, math.ceil(decision.retry_after_s)))
+        headers["Retry-After-Ms"] = str(max(1, math.ceil(decision.retry_after_s * 1000)))
+    return headers
 
 
-async def _decide(node: Node, key: str, cost: int, request_id: str):
-    if node.table is None:
-        raise ApiError(503, "starting", "the node is still recovering its audit trail",
-                       headers={"Retry-After": "1"})
-    try:
-        return await node.decide(key, cost, request_id)
-    except NoLimitForKey:
-        raise ApiError(400, "no_limit", "no configured limit matches this key", "key") from None
-    except CostExceedsBurst as exc:
-        raise ApiError(400, "invalid_field", f"cost {cost} exceeds the burst {exc.burst:g} of this key; "
-                       "it could never be allowed", "cost") from None
-    except KeyTableFull:
+def _decision_error(exc: Exception, cost: int, node: Node) -> ApiError:
+    """What a refused decision means for the caller.  (Handlers await ``node.decide`` themselves,
+    one coroutine layer less on the hot path, and translate its exceptions here.)"""
+    if isinstance(exc, NoLimitForKey):
+        return ApiError(400, "no_limit", "no configured limit matches this key", "key")
+    if isinstance(exc, CostExceedsBurst):
+        return ApiError(400, "invalid_field", f"cost {cost} exceeds the burst {exc.burst:g} of this key; "
+                        "it could never be allowed", "cost")
+    if isinstance(exc, KeyTableFull):
         node.metrics.key_table_full.inc()
-        raise ApiError(503, "key_table_full", "the node holds its maximum of live keys; retry later",
-                       headers={"Retry-After": "1"}) from None
-    except AuditUnavailable as exc:
-        raise ApiError(503, "audit_unavailable", str(exc), headers={"Retry-After": "1"}) from None
+        return ApiError(503, "key_table_full", "the node holds its maximum of live keys; retry later",
+                        headers={"Retry-After": "1"})
+    return ApiError(503, "audit_unavailable", str(exc), headers={"Retry-After": "1"})
+
+
+DECISION_ERRORS = (NoLimitForKey, CostExceedsBurst, KeyTableFull, AuditUnavailable)
+STARTING = ApiError(503, "starting", "the node is still recovering its audit trail", headers={"Retry-After": "1"})
 
 
 # ------------------------------------------------------------------------------------ handlers
 
-async def healthz(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def healthz(node: Node, request: web.BaseRequest) -> web.Response:
     return web.json_response({"status": "ok", "node": node.spec.id, "region": node.spec.region,
                               "mode": node.config.mode})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def readyz(node: Node, request: web.BaseRequest) -> web.Response:
     ready, reason = node.readiness()
     body = {"ready": ready, "reason": reason, "node": node.spec.id, "region": node.spec.region}
     return web.json_response(body, status=200 if ready else 503)
 
 
-async def limits_check(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def limits_check(node: Node, request: web.BaseRequest) -> web.Response:
     body = await _json_body(request, node)
     if "key" not in body:
         raise ApiError(400, "missing_field", "key is required", "key")
     key = _check_key(body["key"], node)
     cost = _cost(body, node)
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
-    outcome = await _decide(node, key, cost, request_id)
-    d = outcome.decision
-    return _json_bytes(orjson.dumps(
-        {"allowed": d.allowed, "remaining": int(d.remaining), "limit": d.limit,
-         "retry_after_ms": 0 if d.allowed else max(1, math.ceil(d.retry_after_s * 1000)),
-         "request_id": request_id}), headers=_rate_headers(d, request_id))
+    if node.table is None:
+        raise STARTING
+    try:
+        d = await node.decide(key, cost, request_id)
+    except DECISION_ERRORS as exc:
+        raise _decision_error(exc, cost, node) from None
+    body = orjson.dumps({"allowed": d.allowed, "remaining": int(d.remaining), "limit": d.limit,
+                         "retry_after_ms": 0 if d.allowed else max(1, math.ceil(d.retry_after_s * 1000)),
+                         "request_id": request_id})
+    return web.Response(body=body, headers=_rate_headers(node, d, request_id))
 
 
-async def invoke(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
     auth = request.headers.get("Authorization", "")
     if not auth.startswith("Bearer ") or not auth[7:].strip():
         raise ApiError(401, "unauthorized", "Authorization: Bearer <api-key> is required", "Authorization",
@@ -244,7 +291,7 @@ async def invoke(request: web.Request) -> web.Response:
     if tenant is None:
         raise ApiError(401, "unauthorized", "unknown API key", "Authorization",
                        headers={"WWW-Authenticate": "Bearer"})
-    skill = request.match_info["skill"]
+    skill = _skill_of(request.raw_path)
     if skill != node.skill.name:
         raise ApiError(404, "unknown_skill", f"no skill named {skill!r}", "skill")
     body = await _json_body(request, node)
@@ -252,9 +299,13 @@ async def invoke(request: web.Request) -> web.Response:
     if node.inflight > node.config.server.max_inflight:
         raise ApiError(503, "overloaded", "too many requests in flight", headers={"Retry-After": "1"})
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
-    outcome = await _decide(node, tenant, cost, request_id)
-    d = outcome.decision
-    headers = _rate_headers(d, request_id)
+    if node.table is None:
+        raise STARTING
+    try:
+        d = await node.decide(tenant, cost, request_id)
+    except DECISION_ERRORS as exc:
+        raise _decision_error(exc, cost, node) from None
+    headers = _rate_headers(node, d, request_id)
     if not d.allowed:
         headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_s)))
         raise ApiError(429, "rate_limited", f"tenant {tenant!r} is over its limit; retry after "
@@ -265,16 +316,15 @@ async def invoke(request: web.Request) -> web.Response:
         node.metrics.skill_errors.inc()
         raise ApiError(502, "skill_failed", f"{exc} (tokens were spent and audited; request_id "
                        f"{request_id})", headers=headers) from None
-    return _json_bytes(orjson.dumps({"result": result, "request_id": request_id, "tenant": tenant,
-                                     "node": node.spec.id, "region": node.spec.region}), headers=headers)
+    return web.Response(body=orjson.dumps({"result": result, "request_id": request_id, "tenant": tenant,
+                                           "node": node.spec.id, "region": node.spec.region}), headers=headers)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def metrics(node: Node, request: web.BaseRequest) -> web.Response:
     return web.Response(body=node.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-def _int_param(request: web.Request, name: str, default: int, maximum: int | None = None) -> int:
+def _int_param(request: web.BaseRequest, name: str, default: int, maximum: int | None = None) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -287,8 +337,7 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int | Non
     return min(value, maximum) if maximum is not None else value
 
 
-async def state(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def state(node: Node, request: web.BaseRequest) -> web.Response:
     table = node.table
     if table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")
@@ -303,8 +352,7 @@ async def state(request: web.Request) -> web.Response:
     })
 
 
-async def audit(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def audit(node: Node, request: web.BaseRequest) -> web.Response:
     after = _int_param(request, "after", 0)
     limit = _int_param(request, "limit", 1000, maximum=10_000)
     events = node.audit.read(after, limit)
@@ -313,8 +361,7 @@ async def audit(request: web.Request) -> web.Response:
                               "last_seq": node.audit.last_seq})
 
 
-async def gossip(request: web.Request) -> web.Response:
-    node = request.app[NODE]
+async def gossip(node: Node, request: web.BaseRequest) -> web.Response:
     if node.table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")
     m = node.metrics
@@ -343,15 +390,18 @@ async def gossip(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=JSON, headers={SIGNATURE_HEADER: signature})
 
 
-def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[_middleware(node)], client_max_size=MAX_GOSSIP_BYTES + 1024)
-    app[NODE] = node
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_post("/v1/limits/check", limits_check)
-    app.router.add_post("/v1/skills/{skill}/invoke", invoke)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/state", state)
-    app.router.add_get("/v1/audit", audit)
-    app.router.add_post("/v1/gossip", gossip)
-    return app
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("POST", "/v1/limits/check", limits_check),
+    ("POST", INVOKE_PREFIX + "{skill}" + INVOKE_SUFFIX, invoke),
+    ("GET", "/metrics", metrics),
+    ("GET", "/v1/state", state),
+    ("GET", "/v1/audit", audit),
+    ("POST", "/v1/gossip", gossip),
+]
+
+
+def build_server(node: Node) -> web.Server:
+    """The node's HTTP server (run it with ``web.ServerRunner``)."""
+    return web.Server(EdgeServer(node, ROUTES), access_log=None)

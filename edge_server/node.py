@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 from edge_server.audit import AuditLog, AuditUnavailable
 from edge_server.config import ClusterConfig, NodeSpec
@@ -20,16 +19,9 @@ from edge_server.skill import Skill, make_skill
 from edge_server.token_bucket import BucketTable, Decision
 from edge_server.wire import ReplayGuard
 
-__all__ = ["Node", "Outcome"]
+__all__ = ["Node"]
 
 log = logging.getLogger("edge_server.node")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    decision: Decision
-    request_id: str
-    audit_seq: int  # 0 when denied
 
 
 class Node:
@@ -53,6 +45,7 @@ class Node:
         self.inflight = 0
         self.exhausted = False
         self.cold = False
+        self.ident = {"X-Edge-Node": self.spec.id, "X-Edge-Region": self.spec.region}  # on every answer
 
     @property
     def gossip_interval_s(self) -> float:
@@ -83,7 +76,7 @@ class Node:
     def new_request_id(self) -> str:
         return f"{self.spec.id}-{self.boot}-{next(self._request_ids)}"
 
-    async def decide(self, key: str, cost: int, request_id: str) -> Outcome:
+    async def decide(self, key: str, cost: int, request_id: str) -> Decision:
         """Take ``cost`` tokens of ``key``; when allowed, return only after the grant is audited.
 
         Raises ``KeyTableFull``/``NoLimitForKey`` from the core and ``AuditUnavailable``.
@@ -94,9 +87,9 @@ class Node:
         decision = table.take(key, cost, now)
         if not decision.allowed:
             self.metrics.hot.denied += 1
-            return Outcome(decision, request_id, 0)
+            return decision
         gen = table.generation_of(key, now)
-        seq, done = self.audit.append(key, cost, gen, request_id, now)
+        _seq, done = self.audit.append(key, cost, gen, request_id, now)
         try:
             await done
         except AuditUnavailable:
@@ -105,7 +98,7 @@ class Node:
         hot = self.metrics.hot
         hot.allowed += 1
         hot.tokens += cost
-        return Outcome(decision, request_id, seq)
+        return decision
 
     def readiness(self) -> tuple[bool, str]:
         if not self.recovered_ready:

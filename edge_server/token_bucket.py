@@ -82,6 +82,7 @@ class _KeyState:
         "pending",
         "pending_amount",
         "stamp",
+        "synced_with",
         "undurable",
     )
 
@@ -96,6 +97,7 @@ class _KeyState:
         self.pending: list[list[int]] | None = None  # [[change_seq, amount]] own, not acked by all
         self.pending_amount = 0
         self.changed = 0  # change sequence of the last change to ``counts``
+        self.synced_with: str | None = None  # a peer whose last message held exactly ``counts``
 
     def __repr__(self) -> str:
         return (
@@ -202,6 +204,7 @@ class BucketTable:
         if own is None:
             own = (generation if generation is not None else st.own_gen, 0)
         st.counts[self.node_id] = (own[0], own[1] + cost)
+        st.synced_with = None
         seq = self._touch(key, st)
         pending = st.pending
         if pending and pending[-1][0] > self._sent_seq:
@@ -230,7 +233,10 @@ class BucketTable:
     # ----------------------------------------------------------------- replication
 
     def delta_for(self, peer: str, max_entries: int = 10_000) -> tuple[int, list[tuple[str, KeyCounters]]]:
-        """Keys changed since ``peer`` last acknowledged, oldest first, and the seq they cover."""
+        """Keys changed since ``peer`` last acknowledged, oldest first, and the seq they cover.
+
+        A key whose state came, exactly as it is, from ``peer`` itself is left out (no echo).
+        """
         view = self._peers[peer]
         acked = view.acked
         newer: list[str] = []
@@ -246,7 +252,7 @@ class BucketTable:
             upto = self._seq
         self._sent_seq = max(self._sent_seq, upto)
         keys = self._keys
-        return upto, [(key, keys[key].counts) for key in newer]
+        return upto, [(key, st.counts) for key in newer if (st := keys[key]).synced_with != peer]
 
     def on_ack(self, peer: str, seq: int, now: float) -> None:
         """``peer`` merged everything we sent up to change ``seq``."""
@@ -298,6 +304,9 @@ class BucketTable:
                     changed = False
                 if changed:
                     self._touch(key, st)
+            # The sender holds exactly what we hold now: do not echo this key back to it.
+            st.synced_with = peer if len(own_counts) == len(counters) and all(
+                own_counts[n] == e for n, e in counters.items()) else None
             if grew:
                 learned += grew
                 st.last_active = now

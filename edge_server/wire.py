@@ -75,7 +75,7 @@ def encode_delta(
     doc = {
         "v": WIRE_VERSION, "kind": "delta", "from": sender, "boot": boot, "seq": seq, "ts": ts,
         "upto": upto,
-        "entries": [[key, {node: [g, c] for node, (g, c) in counters.items()}] for key, counters in entries],
+        "entries": entries,  # orjson writes the (key, {node: (gen, count)}) tuples as JSON arrays
     }
     body = orjson.dumps(doc)
     return body, sign(secret, body)

@@ -296,3 +296,15 @@ def test_generations_never_repeat_even_if_the_clock_does():
     restarted.recover("a", t.counters("a")["n1"], 4.0)
     grant(restarted, "c", 1, 4.0)  # the clock went back: still a newer generation than any recovered
     assert restarted.counters("c")["n1"][0] > t.counters("a")["n1"][0]
+
+
+def test_a_key_learnt_from_a_peer_is_not_echoed_back_to_it():
+    a, b, c = make("n1"), make("n2"), make("n3")
+    grant(a, "k", 1, 0.0)
+    exchange(a, b, 0.0)
+    _, to_a = b.delta_for("n1")
+    _, to_c = b.delta_for("n3")
+    assert to_a == [] and [k for k, _ in to_c] == ["k"]  # still relayed to a third node
+    grant(b, "k", 1, 0.01)  # b's own change must reach a again
+    assert [k for k, _ in b.delta_for("n1")[1]] == ["k"]
+    del c
