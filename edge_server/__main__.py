@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -24,6 +25,9 @@ log = logging.getLogger("edge_server")
 
 
 def _use_uvloop() -> str:
+    """uvloop unless ``EDGE_LOOP=asyncio`` (benchmarks compare both loops on the same node)."""
+    if os.environ.get("EDGE_LOOP", "uvloop").strip().lower() == "asyncio":
+        return "asyncio"
     try:
         import uvloop
     except ImportError:
