@@ -1,9 +1,9 @@
-"""A bare aiohttp hello-world app on uvloop (like the node), the baseline of bench_node.py.
+"""A bare aiohttp hello-world app on uvloop (like the node) or asyncio, the baseline of bench_node.py.
 
 GET or POST on any path answers ``Hello, World!`` (a POST body is read and discarded, as aiohttp
 does for any handler that ignores it).  No middleware, no access log.
 
-Usage: .venv/bin/python benchmarks/helloworld_app.py --port PORT
+Usage: .venv/bin/python benchmarks/helloworld_app.py --port PORT [--loop uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="bare aiohttp hello-world")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="event loop (bench_ceiling.py compares both)")
     args = parser.parse_args()
-    try:
-        import uvloop
+    if args.loop == "uvloop":
+        try:
+            import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
     app = web.Application()
     app.router.add_get("/readyz", ready)
     app.router.add_route("*", "/{tail:.*}", hello)
