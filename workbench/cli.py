@@ -90,6 +90,15 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _use_uvloop() -> None:
+    """The load generator keeps its schedule to twice the rate on uvloop (benchmarks/bench_loadgen.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def _parse_value(text: str) -> Any:
     """Flag values: JSON when it parses (numbers, null, lists, dicts), else the string itself."""
     if text.lower() in ("none", "null"):
@@ -194,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     max_failover = args.max_failover_ms
     if max_failover is None and args.command == "demo":
         max_failover = DEMO_MAX_FAILOVER_MS
+    _use_uvloop()
     try:
         status = asyncio.run(_run(scenario, out, report, max_failover_ms=max_failover,
                                   max_client_errors=args.max_client_errors, quiet=args.quiet))

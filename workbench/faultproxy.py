@@ -341,6 +341,10 @@ class FaultProxy:
         conn.connected = True
         conn.client.update_reading()
         target.update_reading()
+        # uvloop starts reading only after connection_made returns, so the pause there may not hold:
+        # whatever the client sent while we were connecting waits in its queue; deliver it now.
+        if conn.client.queue and conn.client.timer is None:
+            self._flush(conn.client)
 
     def _enqueue(self, side: _Side, data: bytes) -> None:
         """Queue a chunk (``b""`` is a FIN) read by ``side`` for delivery to its peer after the faults."""

@@ -215,3 +215,45 @@ async def test_mesh_partition_latency_and_events(echo_port: int) -> None:
             mesh.latency(("eu", "mars"), 1)
         with pytest.raises(ValueError):
             mesh.partition([["eu"], ["eu-1"]])
+
+
+def test_relay_works_on_uvloop_for_many_new_connections():
+    """uvloop starts reading only after connection_made returns: bytes sent while the proxy is still
+    connecting upstream must not be stranded (they once were: every such request hung)."""
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+
+    async def scenario() -> int:
+        async def handler(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        proxy = FaultProxy("127.0.0.1", 0, "127.0.0.1", port, "uv")
+        await proxy.start()
+        failures = 0
+        try:
+            connector = aiohttp.TCPConnector(limit=32, force_close=True)
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3)) as s:
+                async def one() -> None:
+                    nonlocal failures
+                    try:
+                        async with s.post(f"http://127.0.0.1:{proxy.port}/", data=b"x" * 64) as r:
+                            assert await r.text() == "ok"
+                    except (aiohttp.ClientError, TimeoutError):
+                        failures += 1
+                await asyncio.gather(*(one() for _ in range(200)))
+        finally:
+            await proxy.stop()
+            await runner.cleanup()
+        return failures
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == 0
