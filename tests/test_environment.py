@@ -33,5 +33,5 @@ def test_environment_mirrors_pyproject():
         conda = _norm(CONDA_NAMES.get(name, name))[0]
         assert conda in have, f"{name} is in pyproject.toml but not in environment.yml"
         assert have[conda] == bound, f"{name}: pyproject says {bound!r}, environment.yml {have[conda]!r}"
-    assert _norm([d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")][0])[1] == \
+    assert _norm(next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")))[1] == \
         project["requires-python"]
