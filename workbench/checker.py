@@ -463,7 +463,13 @@ def summarize(rec: Recording, *, envelope_slack_s: float | None = None, toleranc
         if not checks["failover"]:
             reasons.append(f"failover: p99 {p99} ms (allowed {max_failover_ms:g}), "
                            f"{fo['unserved_clients']} clients never served elsewhere")
+    generator = rec.extra.get("generator") or {}
+    if generator.get("valid") is False:
+        reasons.append("figures distorted: the load generator fell behind its schedule ("
+                       + "; ".join(generator.get("invalid_reasons") or []) + ")")
     return {
+        "generator_valid": generator.get("valid"),
+        "generator_lag_p99_ms": (generator.get("lag_ms") or {}).get("p99"),
         "admitted_tokens": env.figures.get("admitted_tokens", 0.0),
         "envelope_tokens": env.figures.get("envelope_tokens", 0.0),
         "over_admission_pct": env.figures.get("over_admission_pct", 0.0),

@@ -81,6 +81,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("token loss", _fmt(summary.get("token_loss"))),
         ("client errors", _fmt(summary.get("client_errors"))),
         ("convergence after heal", _fmt(summary.get("convergence_ms"), " ms")),
+        ("load generator", ("on schedule" if summary.get("generator_valid") is not False else "BEHIND SCHEDULE")
+         + f" (own lag p99 {_fmt(summary.get('generator_lag_p99_ms'))} ms)"),
         ("invariants", "held" if summary.get("invariants_ok") else "VIOLATED"),
     ]
     width = max(len(k) for k, _ in rows)
