@@ -55,7 +55,9 @@ def throughput_figure(series: Mapping[str, Any], faults: Sequence[FaultRecord] =
         fig.add_scatter(x=t, y=series["errors_rps"][region], name=f"{region} errors",
                         line={"color": color, "dash": "dot", "width": 3})
     _fault_lines(fig, faults)
-    return _layout(fig, "Throughput by client home region", "requests / s")
+    _layout(fig, "Throughput by client home region", "requests / s")
+    fig.update_layout(legend={"orientation": "v", "x": 1.02, "y": 1, "font": {"size": 10}})
+    return fig
 
 
 def latency_figure(series: Mapping[str, Any], faults: Sequence[FaultRecord] = ()) -> go.Figure:

@@ -130,8 +130,8 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
 table{border-collapse:collapse;background:#fff;font-size:13px}
 td,th{border:1px solid #e5e7eb;padding:4px 10px;text-align:right}th{background:#f3f4f6}
 td:first-child,th:first-child{text-align:left}.reg{background:#fee2e2}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:12px}
-.card{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:6px}
+.grid{display:grid;grid-template-columns:minmax(0,1fr);gap:12px;max-width:1200px}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:6px;min-width:0;overflow:hidden}
 .muted{color:#6b7280;font-size:12px}
 """
 
@@ -207,7 +207,7 @@ def render_report(folders: Sequence[str | Path], title: str = "Rating Edge drill
         for _kind, fig in figures_for(rec, summary):
             chart_id += 1
             div = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"chart-{chart_id}",
-                              config={"displaylogo": False, "responsive": True})
+                              default_width="100%", config={"displaylogo": False, "responsive": True})
             parts.append(f"<div class='card'>{div}</div>")
         parts.append("</div>")
         scenario = json.dumps(rec.scenario, indent=1)
