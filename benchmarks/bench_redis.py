@@ -206,7 +206,8 @@ def figures_of(d: Design, duration: float, window: tuple[float, float] | None = 
         "errors": sum(1 for r in recs if not r.allowed and r.status not in (200, 429)),
         "envelope_tokens": round(envelope, 1),
         "over_admission_pct": round(100 * (len(admitted_ts) - envelope) / envelope, 2),
-        "worst_window_excess_tokens": round(worst_interval(admitted_ts, R), 1),
+        # tokens above B + R*(t - s) in the worst window [s, t] (0 or less: the envelope held)
+        "worst_window_excess_tokens": round(worst_interval(admitted_ts, R) - B, 1),
         "admitted_without_redis": sum(1 for r in recs if r.degraded),
         "error_kinds": dict(Counter(r.error or str(r.status) for r in recs
                                     if not r.allowed and r.status not in (200, 429)).most_common(5)),
