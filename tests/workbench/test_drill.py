@@ -137,3 +137,25 @@ def test_ctrl_c_reaps_everything_and_keeps_partial_results(tmp_path: Path):
     assert rec.requests
     time.sleep(0.5)
     assert not _edge_processes(str(out))
+
+
+async def test_a_node_that_never_gets_ready_is_named_and_everything_is_reaped(tmp_path: Path, monkeypatch):
+    from workbench import cluster as cluster_module
+
+    real_start = cluster_module.ManagedProcess.start
+
+    def start(self: cluster_module.ManagedProcess, env: dict[str, str]) -> None:
+        if self.name == "ap-1":  # this process lives but never answers: a hung start
+            self.argv = [sys.executable, "-c", "import time; time.sleep(60)  # edge_server " + str(tmp_path)]
+        real_start(self, env)
+
+    monkeypatch.setattr(cluster_module.ManagedProcess, "start", start)
+    cluster = Cluster(Scenario.build(name="t-stuck", duration_s=2.0), tmp_path, ready_timeout_s=3)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"not ready after 3 s: ap-1"):
+        try:
+            await cluster._start()
+        finally:
+            await cluster._shutdown()
+    assert time.monotonic() - started < 15
+    assert not _edge_processes(str(tmp_path))
