@@ -56,6 +56,7 @@ SHED_CAP_S = 1.0  # never shed a key longer than this, whatever the node's hint
 SHED_MIN_S = 0.005  # hints shorter than this are not worth shedding for
 COARSE_SHED_S = 0.05  # shedding window after a 429 whose only hint is "Retry-After: 1"
 OVERLOAD_EJECT_S = 0.25  # a node that answered 503 overloaded gets no new traffic this long
+MAX_EJECTION_SHARE = 0.5  # passive ejection never takes out more than this share of the nodes
 MAX_SHED_KEYS = 100_000  # bound on the shedding table; when full, new keys are simply not shed
 INLINE_BODY_MAX = 1 << 20  # responses up to this size are read whole; larger ones are streamed
 FALLBACK_HEADER = "X-Router-Region-Fallback"
@@ -290,7 +291,21 @@ class Router:
         node.rise_needed = self.rc.rise
 
     def eject(self, node: NodeHealth, seconds: float, reason: str, error: str | None = None) -> None:
-        """Passive ejection; ``overloaded`` only pauses traffic, anything else also demands ``rise`` checks."""
+        """Passive ejection; ``overloaded`` only pauses traffic, anything else also demands ``rise`` checks.
+
+        Like Envoy's max ejection percent: one request's failure never takes out more than
+        ``MAX_EJECTION_SHARE`` of the nodes.  When a region dies, slow answers elsewhere (the survivors
+        taking its load) must not empty the routing table; the active checks still remove nodes that
+        really fail.
+        """
+        now = self.clock()
+        if node.usable(now):
+            out = sum(1 for n in self.nodes.values() if not n.usable(now))
+            if out + 1 > MAX_EJECTION_SHARE * len(self.nodes):
+                self.counters["ejections_refused"] = self.counters.get("ejections_refused", 0) + 1
+                log.warning("ejection refused: too many nodes out already",
+                            extra={"node": node.spec.id, "reason": reason, "out": out, "error": error})
+                return
         node.ejected_until = max(node.ejected_until, self.clock() + seconds)
         if reason != "overloaded":
             node.healthy = False

@@ -379,7 +379,9 @@ def failover_times(rec: Recording, *, actions: Sequence[str] = ("kill",)) -> dic
 def client_errors(rec: Recording) -> dict[str, Any]:
     """Replies a client would see as failures: connection errors (status 0) and non-2xx non-429."""
     errors = [r for r in rec.requests if not _served(r)]
+    retried = [r for r in rec.requests if r.retried_from]
     return {"total": len(errors), "requests": len(rec.requests),
+            "retried": len(retried), "retried_errors": sum(1 for r in retried if not _served(r)),
             "rate": round(len(errors) / len(rec.requests), 6) if rec.requests else 0.0,
             "by_status": {str(k): v for k, v in sorted(Counter(r.status for r in errors).items())},
             "by_error": dict(Counter(r.error or str(r.status) for r in errors).most_common(10)),
@@ -475,6 +477,8 @@ def summarize(rec: Recording, *, envelope_slack_s: float | None = None, toleranc
         "over_admission_pct": env.figures.get("over_admission_pct", 0.0),
         "failover_ms": {"p50": fo["p50"], "p99": fo["p99"], "max": fo["max"]},
         "client_errors": errs["total"],
+        "retried_requests": errs["retried"],
+        "retried_errors": errs["retried_errors"],
         "token_loss": loss.figures.get("token_loss", 0),
         "throughput_rps": thr["throughput_rps"],
         "latency_ms": {"p50": lat["p50"], "p95": lat["p95"], "p99": lat["p99"]},

@@ -79,7 +79,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("over-admission", _fmt(summary.get("over_admission_pct"), " %")),
         ("failover p50 / p99 / max", f"{_fmt(fo.get('p50'))} / {_fmt(fo.get('p99'))} / {_fmt(fo.get('max'))} ms"),
         ("token loss", _fmt(summary.get("token_loss"))),
-        ("client errors", _fmt(summary.get("client_errors"))),
+        ("client errors", f"{_fmt(summary.get('client_errors'))} ({_fmt(summary.get('retried_errors'))} of "
+         f"{_fmt(summary.get('retried_requests'))} requests the router retried)"),
         ("convergence after heal", _fmt(summary.get("convergence_ms"), " ms")),
         ("load generator", ("on schedule" if summary.get("generator_valid") is not False else "BEHIND SCHEDULE")
          + f" (own lag p99 {_fmt(summary.get('generator_lag_p99_ms'))} ms)"),

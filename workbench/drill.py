@@ -63,12 +63,18 @@ def load_spec_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
     load = scenario.load
     regions = dict(load.region_weights) or dict.fromkeys(scenario.topology.regions, 1.0)
     api_keys = {tenant: key for key, tenant in scenario.api_keys().items()}
+    timeout_s = max(5.0, scenario.skill.p99_ms / 1000 * 4)
+    connector_limit = 0  # the generator's default pool
+    if load.mode == "open" and any(f.action == "pause" for f in scenario.faults):
+        # A paused node holds every request sent to it until the timeout: with the default pool those
+        # would take every connection and stall the other regions' clients too (a client artefact).
+        connector_limit = min(4096, max(256, int(load.rate_rps * timeout_s)))
     return RunLoadSpec(
         url=url, mode=load.mode, rate_rps=load.rate_rps, arrival=load.arrival, users=load.users,
         think_time_s=load.think_ms / 1000, duration_s=scenario.duration_s, regions=regions,
         tenants=tuple(load.tenant_names()), key_dist=load.key_dist, zipf_s=load.zipf_s,
         api_keys=api_keys, route=load.route, skill=SKILL_NAME, cost=load.cost,
-        timeout_s=max(5.0, scenario.skill.p99_ms / 1000 * 4), drain_s=2.0, seed=scenario.seed,
+        timeout_s=timeout_s, drain_s=2.0, seed=scenario.seed, connector_limit=connector_limit,
         processes=load.processes, keep_records=keep_records,
     )
 
@@ -77,8 +83,8 @@ def to_record(rec: LoadRecord, route: str) -> RequestRecord:
     return RequestRecord(
         intended_s=rec.intended, start_s=rec.start, end_s=rec.end, home_region=rec.home_region,
         answered_region=rec.region, node=rec.node, key=rec.key, cost=rec.cost, status=rec.status,
-        error=rec.error, request_id=getattr(rec, "request_id", ""), route=route,
-        allowed=getattr(rec, "allowed", None),
+        error=rec.error, request_id=rec.request_id, route=route,
+        allowed=rec.allowed, retried_from=rec.retried_from,
     )
 
 

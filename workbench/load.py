@@ -139,6 +139,7 @@ class RequestRecord:
     error: str = ""  # the error code of the JSON body of a failed answer, or the exception
     request_id: str = ""  # X-Request-Id of the answer: the id the node audited a grant under
     allowed: bool | None = None  # check route: the "allowed" field of a 200; None otherwise
+    retried_from: str = ""  # X-Router-Retried of the answer: the node the router tried first
 
     @property
     def latency(self) -> float:
@@ -427,7 +428,7 @@ class LoadGenerator:
         headers = {"X-Client-Region": home, "Content-Type": "application/json"}
         if spec.route == "invoke":
             headers["Authorization"] = f"Bearer {spec.api_keys[tenant]}"  # type: ignore[index]
-        status, region, node, error, request_id, allowed = 0, "", "", "", "", None
+        status, region, node, error, request_id, allowed, retried = 0, "", "", "", "", None, ""
         try:
             async with self._session.post(self._url, data=self._body(tenant), headers=headers) as resp:  # type: ignore[union-attr]
                 data = await resp.read()
@@ -435,6 +436,7 @@ class LoadGenerator:
                 region = resp.headers.get("X-Edge-Region", "")
                 node = resp.headers.get("X-Edge-Node", "")
                 request_id = resp.headers.get("X-Request-Id", "")
+                retried = resp.headers.get("X-Router-Retried", "")
                 if status == 200 and spec.route == "check":
                     allowed = _allowed(data)
                 elif status >= 300:
@@ -446,15 +448,15 @@ class LoadGenerator:
             error = f"timeout after {spec.timeout_s} s"
         except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed)
+        self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed, retried)
 
     def _finish(
         self, intended: float, start: float, home: str, region: str, node: str, key: str, status: int, error: str,
-        request_id: str = "", allowed: bool | None = None,
+        request_id: str = "", allowed: bool | None = None, retried: str = "",
     ) -> None:
         rec = RequestRecord(
             intended, start, time.monotonic() - self._t0, home, region, node, key, self.spec.cost, status, error,
-            request_id, allowed,
+            request_id, allowed, retried,
         )
         self.result.add(rec)
         if self.on_record is not None:

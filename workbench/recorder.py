@@ -32,7 +32,7 @@ __all__ = [
     "parse_metrics",
 ]
 
-FORMAT_VERSION = 1  # bump when a record's fields change meaning; load refuses anything else
+FORMAT_VERSION = 2  # bump when records change (2: RequestRecord.retried_from); load refuses anything else
 
 
 class RecordingError(ValueError):
@@ -60,6 +60,7 @@ class RequestRecord:
     request_id: str = ""  # the request id the node audited it under
     route: str = "invoke"  # "invoke" or "check"
     allowed: bool | None = None  # check route: the "allowed" field of a 200; None for invoke
+    retried_from: str = ""  # X-Router-Retried: the node the router tried first (it never answered)
 
     @property
     def latency_ms(self) -> float:

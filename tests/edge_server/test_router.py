@@ -119,7 +119,7 @@ def test_hysteresis_needs_rise_good_checks_and_the_ejection_to_expire() -> None:
     clock = ManualClock()
     router = make_router(clock, eject_ms=500)
     node = router.nodes["eu-1"]
-    router.record_check(node, True, "ok", 0.1)
+    all_healthy(router)
     assert node.usable(clock.now)  # a node never seen failing joins on its first good check
     router.eject(node, 0.5, "connect")
     for _ in range(3):  # a flapping node: good, bad, good, bad ... never gets traffic back
@@ -135,6 +135,19 @@ def test_hysteresis_needs_rise_good_checks_and_the_ejection_to_expire() -> None:
     assert node.healthy and not node.usable(clock.now)
     clock.now += OVERLOAD
     assert node.usable(clock.now)
+
+
+def test_passive_ejection_never_takes_out_more_than_half_the_nodes() -> None:
+    clock = ManualClock()
+    router = make_router(clock, eject_ms=1000)
+    all_healthy(router)
+    for node_id in ("eu-1", "eu-2", "us-1", "ap-1"):  # a storm of failures (a region died, others slow)
+        router.eject(router.nodes[node_id], 1.0, "timeout")
+    usable = [n.spec.id for n in router.nodes.values() if n.usable(clock.now)]
+    assert usable == ["us-1", "ap-1"]
+    assert router.counters["ejections_refused"] == 2
+    router.record_check(router.nodes["us-1"], False, "unreachable", None, "refused")  # active checks still act
+    assert not router.nodes["us-1"].usable(clock.now)
 
 
 def test_readyz_exhausted_keeps_the_node_in_rotation() -> None:
