@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workbench.scenario import PARAMETERS, Scenario, ScenarioError
+from workbench.parameters import PARAMETERS
+from workbench.scenario import Scenario, ScenarioError
 
 __all__ = ["main"]
 
