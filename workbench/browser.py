@@ -292,6 +292,11 @@ class Browser:
         await self.send("Emulation.setDeviceMetricsOverride",
                         {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": False})
 
+    async def block_network(self, patterns: Sequence[str] = ("http://*", "https://*")) -> None:
+        """Fail every request matching ``patterns`` (default: all of http and https): proves a page works offline."""
+        await self.send("Network.enable")
+        await self.send("Network.setBlockedURLs", {"urls": list(patterns)})
+
     async def add_init_script(self, source: str) -> str:
         """Run ``source`` in every new document before its own scripts; returns an id for removal."""
         res = await self.send("Page.addScriptToEvaluateOnNewDocument", {"source": source})
