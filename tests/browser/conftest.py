@@ -18,6 +18,8 @@ def chromium() -> str:
     try:
         return chromium_path()
     except ChromiumNotFound as exc:
-        if os.environ.get(NO_BROWSER_ENV, "").strip() not in ("", "0"):
-            pytest.skip(f"{NO_BROWSER_ENV} is set: {exc}")
-        pytest.fail(f"{exc} (set {NO_BROWSER_ENV}=1 to skip the browser tests on purpose)", pytrace=False)
+        missing = str(exc)
+    # Outside the except block, so the message is not buried under a chained traceback.
+    if os.environ.get(NO_BROWSER_ENV, "").strip() not in ("", "0"):
+        pytest.skip(f"{NO_BROWSER_ENV} is set: {missing}")
+    pytest.fail(f"{missing} (set {NO_BROWSER_ENV}=1 to skip the browser tests on purpose)", pytrace=False)
