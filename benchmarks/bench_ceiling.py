@@ -64,14 +64,14 @@ def zero_latency(path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s runs, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="1 s runs, 1 repeat")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 8)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per configuration (default 2)")
     args = parser.parse_args()
     install_signal_handlers()
     started = time.time()
-    duration = args.duration or (2 if args.quick else 8)
+    duration = args.duration or (1 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 2)
     if len(psutil.Process().cpu_affinity()) < 2:
         print("needs 2 cpus (servers on one, wrk on the other)", file=sys.stderr)

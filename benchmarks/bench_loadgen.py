@@ -132,7 +132,7 @@ def main() -> None:
     result["quick"] = args.quick
     result["command"] = " ".join(["python", *sys.argv])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loadgen.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"loadgen{'-quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
