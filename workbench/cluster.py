@@ -150,7 +150,7 @@ class Cluster:
     async def launch(cls, scenario: Scenario, run_dir: str | os.PathLike[str] | None = None, *,
                      proxies: bool = True, ready_timeout_s: float = 20.0) -> AsyncIterator[Cluster]:
         """Start everything, yield the running cluster, and always reap it."""
-        folder = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="edge-cluster-"))
+        folder = (Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="edge-cluster-"))).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         cluster = cls(scenario, folder, proxies=proxies, ready_timeout_s=ready_timeout_s)
         try:

@@ -103,7 +103,8 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
     ``max_failover_ms`` / ``max_client_errors`` add those thresholds to the verdict.
     """
     thresholds = {"max_failover_ms": max_failover_ms, "max_client_errors": max_client_errors}
-    out = Path(results_dir) if results_dir is not None else _default_results_dir(scenario)
+    # absolute: the nodes run elsewhere and resolve their audit folder against their cluster file
+    out = (Path(results_dir) if results_dir is not None else _default_results_dir(scenario)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     limit = scenario.limits[0]
     live = LiveStats(list(scenario.topology.regions), scenario.duration_s, limit.rate, limit.burst)
