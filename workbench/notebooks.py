@@ -14,6 +14,7 @@ import ast
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -271,6 +272,9 @@ def run_notebook(path: str | os.PathLike[str], parameters: Mapping[str, Any] | N
     return run
 
 
+_REMOTE_SCRIPT = re.compile(r"<script[^>]*\bsrc=[\"']https?://[^>]*>\s*</script>", re.IGNORECASE)
+
+
 def export_html(notebook: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
     """An executed notebook as one offline HTML page (code hidden; figures drawn by embedded plotly.js)."""
     import nbformat
@@ -279,6 +283,9 @@ def export_html(notebook: str | os.PathLike[str], out: str | os.PathLike[str] | 
     src = Path(notebook)
     exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
     body, _resources = exporter.from_notebook_node(nbformat.read(src, as_version=4))
+    # The template links require.js, MathJax and a widget manager from CDNs; the figures carry their own
+    # plotly.js and the live widgets are closed, so a page without those links is complete offline.
+    body = _REMOTE_SCRIPT.sub("", body)
     dst = Path(out) if out else src.with_suffix(".html")
     dst.write_text(body, encoding="utf-8")
     return dst
