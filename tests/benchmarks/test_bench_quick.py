@@ -1,0 +1,67 @@
+"""``benchmarks/run_all.py --quick`` runs every benchmark and writes valid results (no figure is
+asserted: figures from a shared test machine say nothing; the point is that `make bench` works)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+BUDGET_S = 540  # the quick run takes < 3 minutes on 2 quiet cores; a busy CI machine gets slack
+
+sys.path.insert(0, str(REPO))
+
+from benchmarks.run_all import BENCHMARKS  # noqa: E402
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(BUDGET_S + 60)
+def test_run_all_quick_writes_every_result() -> None:
+    started = time.time()
+    token = uuid.uuid4().hex  # inherited by every process the run starts: finds any left behind
+    env = {**os.environ, "BENCH_QUICK_TEST_TOKEN": token}
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=BUDGET_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # run_all forwards the stop to the running benchmark
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=10)
+        pytest.fail(f"run_all.py --quick ran over {BUDGET_S} s:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    for _script, (name, _full, _quick) in BENCHMARKS.items():
+        path = RESULTS / f"{name}-quick.json"
+        assert path.exists(), f"{path.name} not written\n{out[-2000:]}"
+        assert path.stat().st_mtime >= started - 1, f"{path.name} is stale (not written by this run)"
+        doc = json.loads(path.read_text())
+        assert isinstance(doc, dict) and doc.get("quick") is True, path.name
+    report = RESULTS / "report-quick.html"
+    assert report.exists() and report.stat().st_mtime >= started - 1
+    assert report.read_text(encoding="utf-8").count("<script") >= 1
+    time.sleep(0.5)
+    assert not _left_behind(token), f"processes left behind: {_left_behind(token)}"
+
+
+def _left_behind(token: str) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("BENCH_QUICK_TEST_TOKEN") == token:
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:120]}")
+        except psutil.Error:
+            continue
+    return found
