@@ -23,10 +23,8 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
@@ -338,94 +336,19 @@ async def run_with_dashboard(scenario: Scenario, results_dir: str | os.PathLike[
     Stop button (or interrupting the kernel) ends the run early: every process is reaped and the result
     is marked incomplete.  A run that raises closes the widgets, says why and re-raises.
 
-    The drill runs on an event loop of its own in a worker thread: redrawing the charts takes the
-    kernel's loop for tens of milliseconds at a time, which on the same loop would stall the load
-    generator and the fault proxies and distort the very figures being drawn.
+    The drill runs in a process of its own (:class:`~workbench.drill_worker.DrillProcess`): redrawing
+    the charts holds the kernel's interpreter for tens of milliseconds at a time, which would otherwise
+    stall the load generator and the fault proxies and distort the figures being drawn.
     """
+    from workbench.drill_worker import DrillProcess
+
     dashboard = LiveDashboard(scenario, live=live, charts=charts, title=title).display()
-    kernel_loop = asyncio.get_running_loop()
-    drill = _DrillThread(scenario, results_dir, progress_interval_s, thresholds,
-                         lambda snap, stats: kernel_loop.call_soon_threadsafe(dashboard.on_progress, snap, stats))
+    drill = DrillProcess(scenario, results_dir, progress_interval_s=progress_interval_s, **thresholds)
     dashboard.stop_hook = drill.stop
     try:
-        result = await asyncio.shield(drill.start(kernel_loop))
-    except (asyncio.CancelledError, KeyboardInterrupt) as exc:
-        drill.stop()  # the worker ends cleanly and saves what it recorded
-        drill.join()
-        dashboard.abort(exc)
-        raise
+        result = await drill.run(dashboard.on_progress)
     except BaseException as exc:
         dashboard.abort(exc)
         raise
     dashboard.finish(result)
     return result
-
-
-class _DrillThread:
-    """``run_drill`` on a private event loop (uvloop when available) in the calling worker thread."""
-
-    def __init__(self, scenario: Scenario, results_dir: str | os.PathLike[str] | None, progress_interval_s: float,
-                 thresholds: dict[str, Any], on_progress: Any) -> None:
-        self.scenario, self.results_dir = scenario, results_dir
-        self.progress_interval_s, self.thresholds, self.on_progress = progress_interval_s, thresholds, on_progress
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._stop_requested = False
-        self._done = threading.Event()
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
-        """Run on a daemon thread (a kernel shutting down never waits for it); the future gets the result."""
-        future: asyncio.Future[Any] = loop.create_future()
-
-        def target() -> None:
-            try:
-                result = self.run()
-            except BaseException as exc:  # handed to the awaiting cell, not lost in the thread
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-
-        threading.Thread(target=target, name=f"drill-{self.scenario.name}", daemon=True).start()
-        return future
-
-    def run(self) -> Any:
-        from workbench.drill import run_drill
-
-        async def main() -> Any:
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            if self._stop_requested:
-                self._stop.set()
-            return await run_drill(self.scenario, Path(self.results_dir) if self.results_dir is not None else None,
-                                   on_progress=self.on_progress, progress_interval_s=self.progress_interval_s,
-                                   stop=self._stop, **self.thresholds)
-
-        try:
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                return runner.run(main())
-        finally:
-            self._done.set()
-
-    def stop(self) -> None:
-        self._stop_requested = True
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._stop.set)
-
-    def join(self, timeout: float = 60.0) -> None:
-        self._done.wait(timeout)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _loop_factory() -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
