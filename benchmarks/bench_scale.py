@@ -237,7 +237,7 @@ def main() -> int:
     started = time.time()
     sizes = [int(x) for x in (args.sizes or ("3,6" if args.quick else "3,6,12,24")).split(",")]
     steps = [int(x) for x in (args.keys or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")]
-    seconds = 1.5 if args.quick else 4.0
+    seconds = 1.5 if args.quick else 3.0
     results: dict[int, dict] = {}
     for size in sizes:
         print(f"{size} nodes, gossip {GOSSIP_MS} ms ...", flush=True)

@@ -71,7 +71,7 @@ def main() -> int:
     started = time.time()
     gossips = [25, 100] if args.quick else [10, 25, 50, 100, 250]
     delays = [0, 80] if args.quick else [0, 20, 80, 150]
-    seconds = 3.0 if args.quick else 6.0
+    seconds = 3.0 if args.quick else 4.0
     folder = workdir("staleness")
     cells: list[dict[str, Any]] = []
     for g in gossips:
