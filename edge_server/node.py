@@ -33,6 +33,7 @@ class Node:
         self.metrics = NodeMetrics()
         self.boot = int(time.time() * 1000)
         self._request_ids = itertools.count(1)
+        self._request_prefix = f"{self.spec.id}-{self.boot}-"  # ids are unique across restarts (boot)
         self.audit = AuditLog(config.audit_dir / f"{node_id}.jsonl", node_id, self.spec.region,
                               fsync=config.server.audit_fsync)
         self.table: BucketTable | None = None
@@ -74,7 +75,7 @@ class Node:
                                            "cold": self.cold, "truncated_bytes": recovered.truncated_bytes})
 
     def new_request_id(self) -> str:
-        return f"{self.spec.id}-{self.boot}-{next(self._request_ids)}"
+        return self._request_prefix + str(next(self._request_ids))
 
     async def decide(self, key: str, cost: int, request_id: str) -> Decision:
         """Take ``cost`` tokens of ``key``; when allowed, return only after the grant is audited.
