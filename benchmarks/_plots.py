@@ -27,22 +27,23 @@ def fig_json(fig: go.Figure) -> dict[str, Any]:
     return json.loads(fig.to_json())
 
 
-def png_path(name: str, quick: bool) -> Path:
-    """Full runs draw into docs/img (the performance page shows them); quick runs next to their results."""
-    if quick:
-        return REPO / "benchmarks" / "results" / f"{name}-quick.png"
+def png_path(name: str) -> Path:
+    """Full runs draw into docs/img, where the performance page shows them."""
     return DOCS_IMG / f"{name}.png"
 
 
 def write_png(fig: go.Figure, name: str, quick: bool, width: int = 1000, height: int = 600) -> str | None:
     """Write the PNG and return its path relative to the repository, or None (with a message) when
-    no browser is available to kaleido."""
+    no browser is available to kaleido.  Quick runs draw none: their figures are smoke, and the browser
+    start costs seconds of the 3-minute budget (the HTML report still has every chart)."""
+    if quick:
+        return None
     browser = os.environ.get("BROWSER_PATH") or (CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"))
     if not browser or not Path(browser).exists():
         print(f"  PNG {name} skipped: no chromium at {CHROMIUM} and BROWSER_PATH unset (never downloaded)")
         return None
     os.environ["BROWSER_PATH"] = browser
-    path = png_path(name, quick)
+    path = png_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.write_image(str(path), width=width, height=height)
