@@ -267,8 +267,8 @@ def main() -> int:
     started = time.time()
     wrk_s = 2 if args.quick else 8
     repeats = 1 if args.quick else 2
-    acc_s = 3.0 if args.quick else 15.0
-    out_s = 4.5 if args.quick else 12.0
+    acc_s = 2.0 if args.quick else 15.0
+    out_s = 3.0 if args.quick else 12.0
     if len(psutil.Process().cpu_affinity()) < 2:
         print("needs 2 cpus", file=sys.stderr)
         return 2

@@ -132,8 +132,8 @@ def main() -> int:
     args = parser.parse_args()
     install_signal_handlers()
     started = time.time()
-    cap_s = 5.0 if args.quick else 20.0
-    drill_s = 4.0 if args.quick else 15.0
+    cap_s = 4.0 if args.quick else 20.0
+    drill_s = 3.0 if args.quick else 15.0
     folder = workdir("reference")
     print(f"capacity: {args.users} closed-loop users, skill median {SKILL_MEDIAN_MS} ms p99 {SKILL_P99_MS} ms, "
           f"{cap_s:.0f} s ...", flush=True)

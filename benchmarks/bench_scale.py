@@ -230,7 +230,7 @@ def largest_cluster(results: dict[int, dict]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 and 6 nodes, 1k and 10k keys, 1.5 s windows")
+    parser.add_argument("--quick", action="store_true", help="3 and 6 nodes, 1k and 10k keys, 1 s windows")
     parser.add_argument("--sizes", default=None)
     parser.add_argument("--keys", default=None)
     args = parser.parse_args()
@@ -238,7 +238,7 @@ def main() -> int:
     started = time.time()
     sizes = [int(x) for x in (args.sizes or ("3,6" if args.quick else "3,6,12,24")).split(",")]
     steps = [int(x) for x in (args.keys or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")]
-    seconds = 1.5 if args.quick else 3.0
+    seconds = 1.0 if args.quick else 3.0
     results: dict[int, dict] = {}
     for size in sizes:
         print(f"{size} nodes, gossip {GOSSIP_MS} ms ...", flush=True)

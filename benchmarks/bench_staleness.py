@@ -65,13 +65,13 @@ async def cell(folder: Path, gossip_ms: int, delay_ms: int, seconds: float) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 2x2 subset, 3 s runs")
+    parser.add_argument("--quick", action="store_true", help="a 2x2 subset, 2 s runs")
     args = parser.parse_args()
     install_signal_handlers()
     started = time.time()
     gossips = [25, 100] if args.quick else [10, 25, 50, 100, 250]
     delays = [0, 80] if args.quick else [0, 20, 80, 150]
-    seconds = 3.0 if args.quick else 4.0
+    seconds = 2.0 if args.quick else 4.0
     folder = workdir("staleness")
     cells: list[dict[str, Any]] = []
     for g in gossips:

@@ -39,20 +39,26 @@ BENCHMARKS: dict[str, tuple[str, int, int]] = {
     "bench_reference.py": ("bench_reference", 300, 90),
     "bench_scale.py": ("bench_scale", 600, 90),
     "bench_staleness.py": ("bench_staleness", 480, 90),
+    "bench_failover.py": ("failover", 300, 60),
+    "bench_report.py": ("report_render", 240, 60),
 }
 
 
 # extra arguments in quick mode, to keep the whole quick run under 3 minutes on 2 busy cores
 QUICK_ARGS: dict[str, list[str]] = {
     "bench_core.py": ["--keys", "20000", "--decisions", "50000", "--repeats", "1"],
-    "bench_node.py": ["--duration", "2"],
-    "bench_accuracy.py": ["--duration", "4"],
+    "bench_node.py": ["--duration", "1"],
+    "bench_accuracy.py": ["--duration", "3"],
+    "bench_report.py": ["--opens", "1", "--duration-s", "4"],
 }
 
 
 # extra arguments in full mode, to keep `make bench` under 20 minutes on 2 cores
 FULL_ARGS: dict[str, list[str]] = {
+    "bench_core.py": ["--repeats", "2"],
     "bench_node.py": ["--duration", "6", "--repeats", "2"],
+    "bench_accuracy.py": ["--duration", "20"],
+    "bench_loadgen.py": ["--tries", "1"],
 }
 
 
@@ -95,6 +101,8 @@ def _derived_charts(name: str, doc: dict[str, Any]) -> dict[str, Any]:
                                text=[f"p99 {v['p99_ms']:.1f} ms" for v in s.values()], textposition="outside"))
         fig.update_layout(title="One node vs hello-world (wrk)", yaxis_title="req/s", template="plotly_white")
         out["node"] = fig_json(fig)
+    if name == "failover" and isinstance(doc.get("figure"), str):
+        out["failover"] = json.loads(doc["figure"])
     if name == "bench_accuracy" and "scenarios" in figs:
         fig = go.Figure()
         for sc, r in figs["scenarios"].items():
