@@ -385,7 +385,14 @@ class FaultProxy:
                 if side.conn.eofs >= 2:
                     side.conn.close()
                     return
-                peer.transport.write_eof()
+                if peer.transport.is_closing():  # the other side is already gone: nothing to half-close
+                    side.conn.close()
+                    return
+                try:
+                    peer.transport.write_eof()
+                except OSError:  # closed under us (a reset): the connection is over either way
+                    side.conn.close()
+                    return
         if queue:
             side.timer = asyncio.get_running_loop().call_later(queue[0][0] - now, self._flush, side)
         side.update_reading()

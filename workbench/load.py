@@ -24,6 +24,7 @@ import bisect
 import itertools
 import json
 import multiprocessing
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -513,6 +514,8 @@ def _child_main(conn: Any, spec_dict: dict[str, Any]) -> None:
             await gen.run(stop)
         finally:
             loop.remove_reader(conn.fileno())
+            # the loop made the pipe non-blocking; a result of many records is larger than its buffer
+            os.set_blocking(conn.fileno(), True)
             conn.send(gen.result.to_wire())
 
     try:
@@ -537,6 +540,7 @@ async def _recv(conn: Any, within_s: float) -> Any:
         await asyncio.wait_for(fut, within_s)
     finally:
         loop.remove_reader(conn.fileno())
+        os.set_blocking(conn.fileno(), True)  # readable means a message began; read all of it
     return conn.recv()
 
 

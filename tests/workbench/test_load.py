@@ -207,6 +207,12 @@ async def test_processes_merge_histograms_and_records(target: Target) -> None:
     assert len({round(x, 4) for x in intended}) == 100  # the two processes are staggered, not doubled
 
 
+async def test_processes_send_back_results_larger_than_a_pipe_buffer(target: Target) -> None:
+    """Thousands of records (far over the 64 KiB pipe buffer) once failed with EAGAIN and were lost."""
+    res = await asyncio.wait_for(run_load(LoadSpec(url=target.url, rate_rps=1500, duration_s=1.0, processes=2)), 60)
+    assert res.complete and res.sent == 1500 and len(res.records) == 1500
+
+
 async def test_processes_stop_returns_partial_results(target: Target) -> None:
     stop = asyncio.Event()
     spec = LoadSpec(url=target.url, rate_rps=100, duration_s=30, processes=2)
