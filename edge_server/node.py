@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 
-from edge_server.audit import AuditLog, AuditUnavailable
+from edge_server.audit import AuditLog
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.gossip import Gossiper
 from edge_server.metrics import NodeMetrics
@@ -56,15 +56,15 @@ class Node:
         """Build the table and replay the audit trail; a node with history starts cold (empty)."""
         now = time.time()
         peer_timeout = self.config.peer_timeout_ms / 1000 or None
-        holder: list[BucketTable] = []
-        recovered = self.audit.open(lambda key, cost, gen: holder[0].commit(key, cost, gen))
+        recovered = self.audit.open()
         self.cold = recovered.events > 0
         table = BucketTable(
             self.spec.id, [p.id for p in self.peers], self.config.limit_for, now=now,
             gossip_interval=self.gossip_interval_s, peer_timeout=peer_timeout,
             max_keys=self.config.max_keys, idle_ttl=self.config.key_idle_ttl_s, cold=self.cold,
         )
-        holder.append(table)
+        self.audit.on_durable = self._on_durable
+        self.audit.on_lost = table.refund_many
         for key, entry in recovered.own.items():
             table.recover(key, entry, now)
         self.table = table
@@ -77,10 +77,13 @@ class Node:
     def new_request_id(self) -> str:
         return self._request_prefix + str(next(self._request_ids))
 
-    async def decide(self, key: str, cost: int, request_id: str) -> Decision:
-        """Take ``cost`` tokens of ``key``; when allowed, return only after the grant is audited.
+    def decide(self, key: str, cost: int, request_id: str) -> tuple[Decision, asyncio.Future[None] | None]:
+        """Take ``cost`` tokens of ``key``.  An allowed decision comes with the future of its audit
+        write: the caller must await it before answering (it raises ``AuditUnavailable`` if the write
+        failed, and the tokens are then given back).  Not a coroutine itself: one frame less to
+        suspend and resume on the hottest path.
 
-        Raises ``KeyTableFull``/``NoLimitForKey`` from the core and ``AuditUnavailable``.
+        Raises ``KeyTableFull``/``NoLimitForKey``/``CostExceedsBurst`` from the core.
         """
         table = self.table
         assert table is not None
@@ -88,18 +91,16 @@ class Node:
         decision = table.take(key, cost, now)
         if not decision.allowed:
             self.metrics.hot.denied += 1
-            return decision
-        gen = table.generation_of(key, now)
-        _seq, done = self.audit.append(key, cost, gen, request_id, now)
-        try:
-            await done
-        except AuditUnavailable:
-            table.refund(key, cost)
-            raise
+            return decision, None
+        return decision, self.audit.append(key, cost, table.generation_of(key, now), request_id, now)
+
+    def _on_durable(self, grants: list[tuple[str, int, int]]) -> None:
+        """A batch of grants is on disk: peers may see it, and it counts as granted."""
+        assert self.table is not None
+        self.table.commit_many(grants)
         hot = self.metrics.hot
-        hot.allowed += 1
-        hot.tokens += cost
-        return decision
+        hot.allowed += len(grants)
+        hot.tokens += sum(cost for _key, cost, _gen in grants)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.recovered_ready:

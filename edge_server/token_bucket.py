@@ -81,13 +81,15 @@ class _KeyState:
         "own_gen",
         "pending",
         "pending_amount",
+        "share",
         "stamp",
         "synced_with",
         "undurable",
     )
 
-    def __init__(self, limit: Limit, level: float, now: float, own_gen: int) -> None:
+    def __init__(self, limit: Limit, level: float, now: float, own_gen: int, share: float) -> None:
         self.limit = limit
+        self.share = share  # most own tokens that live peers may not have acknowledged yet
         self.own_gen = own_gen  # generation of this node's entry if it has none yet (fixed at creation)
         self.counts: KeyCounters = {}
         self.level = level
@@ -186,8 +188,7 @@ class BucketTable:
         if st.level >= cost:
             if self._live:
                 unseen = st.undurable + self._unacked(st)
-                share = max(limit.burst / self.cluster_size, limit.rate * self.unseen_window)
-                if unseen and unseen + cost > share:
+                if unseen and unseen + cost > st.share:
                     return Decision(False, max(0.0, st.level), limit.burst, self.gossip_interval)
             st.level -= cost
             st.undurable += cost
@@ -219,6 +220,17 @@ class BucketTable:
         st.pending_amount += cost
         return own[0]
 
+    def commit_many(self, grants: Iterable[tuple[str, int, int]]) -> None:
+        """:meth:`commit` for each ``(key, cost, generation)`` of one durable audit batch."""
+        commit = self.commit
+        for key, cost, generation in grants:
+            commit(key, cost, generation)
+
+    def refund_many(self, grants: Iterable[tuple[str, int, int]]) -> None:
+        """:meth:`refund` for each ``(key, cost, generation)`` of a batch the audit trail lost."""
+        for key, cost, _generation in grants:
+            self.refund(key, cost)
+
     def refund(self, key: str, cost: int) -> None:
         """Give back granted tokens that were never answered (the audit write failed)."""
         st = self._keys.get(key)
@@ -237,7 +249,10 @@ class BucketTable:
     def delta_for(self, peer: str, max_entries: int = 10_000) -> tuple[int, list[tuple[str, KeyCounters]]]:
         """Keys changed since ``peer`` last acknowledged, oldest first, and the seq they cover.
 
-        A key whose state came, exactly as it is, from ``peer`` itself is left out (no echo).
+        Left out (no echo): a key whose state came, exactly as it is, from ``peer`` itself, and a key
+        whose only entry is ``peer``'s own -- a node's own entry is never behind anyone's copy of it
+        (it grows only there, and a restart recovers it from the audit trail), so it would only
+        send a busy node its own spending back from every peer.
         """
         view = self._peers[peer]
         acked = view.acked
@@ -254,7 +269,9 @@ class BucketTable:
             upto = self._seq
         self._sent_seq = max(self._sent_seq, upto)
         keys = self._keys
-        return upto, [(key, st.counts) for key in newer if (st := keys[key]).synced_with != peer]
+        return upto, [(key, counts) for key in newer
+                      if (st := keys[key]).synced_with != peer
+                      and not (len(counts := st.counts) == 1 and peer in counts)]
 
     def on_ack(self, peer: str, seq: int, now: float) -> None:
         """``peer`` merged everything we sent up to change ``seq``."""
@@ -440,7 +457,8 @@ class BucketTable:
         level = limit.burst
         if self.cold:
             level = min(limit.burst, (now - self.started) * limit.rate)
-        st = _KeyState(limit, level, now, self._generation_for_now(now))
+        share = max(limit.burst / self.cluster_size, limit.rate * self.unseen_window)
+        st = _KeyState(limit, level, now, self._generation_for_now(now), share)
         self._keys[key] = st
         return st
 
