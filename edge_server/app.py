@@ -149,14 +149,19 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
         except asyncio.IncompleteReadError as exc:
             got = len(head) + len(exc.partial)
             raise ApiError(400, "incomplete_body", f"body ended after {got} of {length} bytes") from None
+        except ConnectionError:  # the client went away mid-body: nobody to answer, nothing granted
+            raise ApiError(400, "incomplete_body", f"connection lost after {len(head)} of {length} bytes") from None
     parts: list[bytes] = []
     size = 0
-    while size <= limit:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
+    try:
+        while size <= limit:
+            chunk = await request.content.read(limit + 1 - size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+    except ConnectionError:
+        raise ApiError(400, "incomplete_body", f"connection lost after {size} bytes of the body") from None
     return b"".join(parts)
 
 

@@ -4,6 +4,8 @@ stays healthy, answers no 5xx, and a refused request grants nothing (the audit t
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,6 +167,65 @@ def test_chunked_body_under_the_limit_is_read_whole(node: ClusterProcs, path: st
     body = iter([payload[i:i + 4096] for i in range(0, len(payload), 4096)])
     r = request(node.url("eu-1"), "POST", path, body=body, headers=AUTH if path == INVOKE else JSON_CT)
     assert r.status == 200, r.body
+
+
+def _raw_exchange(base_url: str, pieces: list[bytes], pause_s: float, close_early: bool = False) -> bytes:
+    """Send ``pieces`` on one connection with a pause between them; return what the node answered."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        for i, piece in enumerate(pieces):
+            if i:
+                time.sleep(pause_s)
+            sock.sendall(piece)
+        if close_early:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def test_body_arriving_after_the_headers_is_waited_for(node: ClusterProcs) -> None:
+    # The usual request brings its body in the same packet; this one sends the headers, pauses, then
+    # the body in two pieces: the node must wait for all of it, not parse what came first.
+    body = _raw({"key": "slow-body", "cost": 2})
+    head = (f"POST {CHECK} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    before = _audit_mark(node)
+    answer = _raw_exchange(node.url("eu-1"), [head, body[:7], body[7:]], pause_s=0.2)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    doc = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert doc["allowed"] is True
+    assert _audit_mark(node) == (before[0] + 1, before[1] + 2)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_body_cut_short_grants_nothing(node: ClusterProcs, framing: str) -> None:
+    # The body promises more than ever comes before the client hangs up: no grant, no 5xx, and the
+    # node keeps serving.
+    body = _raw({"key": "short-body"})
+    if framing == "chunked":
+        length_header = "Transfer-Encoding: chunked"
+        sent = f"{len(body):x}\r\n".encode() + body + b"\r\n"  # and never the last, empty chunk
+    else:
+        length_header = f"Content-Length: {len(body) + 10}"
+        sent = body
+    head = (f"POST {CHECK} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"{length_header}\r\n\r\n").encode()
+    before = _audit_mark(node)
+    answer = _raw_exchange(node.url("eu-1"), [head, sent], pause_s=0.1, close_early=True)
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert _audit_mark(node) == before
 
 
 @pytest.mark.parametrize("path", [CHECK, INVOKE])
