@@ -56,7 +56,7 @@ QUICK_ARGS: dict[str, list[str]] = {
 # extra arguments in full mode, to keep `make bench` under 20 minutes on 2 cores
 FULL_ARGS: dict[str, list[str]] = {
     "bench_core.py": ["--repeats", "2"],
-    "bench_node.py": ["--duration", "6", "--repeats", "2"],
+    "bench_node.py": ["--duration", "6", "--repeats", "4"],
     "bench_accuracy.py": ["--duration", "20"],
     "bench_loadgen.py": ["--tries", "1"],
 }
