@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edge_server.audit import AuditUnavailable
 from edge_server.node import Node
@@ -131,37 +132,40 @@ class EdgeServer:
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The body, or its first ``limit + 1`` bytes if longer (so the caller can tell it is too large).
 
-    ``StreamReader.read(n)`` returns whatever has arrived, up to ``n``: a body that comes in several
-    pieces (chunked, or simply large) must be read until EOF.
+    A body that stops short, breaks its chunked framing or loses its connection is a 400 (the
+    client is often gone; nothing was granted), never an unhandled error.
     """
+    try:
+        return await _read_body_bytes(request, limit)
+    except asyncio.IncompleteReadError as exc:
+        short = exc.expected - len(exc.partial)
+        raise ApiError(400, "incomplete_body", f"body ended {short} bytes short of its Content-Length") from None
+    except (ConnectionError, HttpProcessingError) as exc:
+        raise ApiError(400, "incomplete_body", f"body could not be read: {exc}") from None
+
+
+async def _read_body_bytes(request: web.BaseRequest, limit: int) -> bytes:
     length = request.content_length
     if length == 0:
         return b""
+    content = request.content
     if length is not None and length <= limit:  # the common case: a body of a known, allowed size
-        content = request.content
         # Usually the whole body came in the same packet as the headers: take it without another
         # coroutine and wait only for what has not arrived.
         head = content.read_nowait(length)
         if len(head) == length:
             return head
-        try:
-            return head + await content.readexactly(length - len(head))
-        except asyncio.IncompleteReadError as exc:
-            got = len(head) + len(exc.partial)
-            raise ApiError(400, "incomplete_body", f"body ended after {got} of {length} bytes") from None
-        except ConnectionError:  # the client went away mid-body: nobody to answer, nothing granted
-            raise ApiError(400, "incomplete_body", f"connection lost after {len(head)} of {length} bytes") from None
+        return head + await content.readexactly(length - len(head))
+    # ``read(n)`` returns whatever has arrived, up to ``n``: a body that comes in several pieces
+    # (chunked, or simply large) must be read until EOF.
     parts: list[bytes] = []
     size = 0
-    try:
-        while size <= limit:
-            chunk = await request.content.read(limit + 1 - size)
-            if not chunk:
-                break
-            parts.append(chunk)
-            size += len(chunk)
-    except ConnectionError:
-        raise ApiError(400, "incomplete_body", f"connection lost after {size} bytes of the body") from None
+    while size <= limit:
+        chunk = await content.read(limit + 1 - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
     return b"".join(parts)
 
 
@@ -202,7 +206,10 @@ def _arrived_json_body(request: web.BaseRequest, node: Node) -> dict[str, Any] |
     content = request.content
     if not content.is_eof():  # the parser has not seen the whole body yet
         return None
-    raw = content.read_nowait(length)
+    try:
+        raw = content.read_nowait(length)
+    except (ConnectionError, HttpProcessingError) as exc:
+        raise ApiError(400, "incomplete_body", f"body could not be read: {exc}") from None
     if len(raw) != length:
         raise ApiError(400, "incomplete_body", f"body ended after {len(raw)} of {length} bytes")
     return _json_object(raw)

@@ -209,7 +209,7 @@ def test_body_arriving_after_the_headers_is_waited_for(node: ClusterProcs) -> No
     assert _audit_mark(node) == (before[0] + 1, before[1] + 2)
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "chunked-garbage"])
 def test_body_cut_short_grants_nothing(node: ClusterProcs, framing: str) -> None:
     # The body promises more than ever comes before the client hangs up: no grant, no 5xx, and the
     # node keeps serving.
@@ -217,6 +217,9 @@ def test_body_cut_short_grants_nothing(node: ClusterProcs, framing: str) -> None
     if framing == "chunked":
         length_header = "Transfer-Encoding: chunked"
         sent = f"{len(body):x}\r\n".encode() + body + b"\r\n"  # and never the last, empty chunk
+    elif framing == "chunked-garbage":
+        length_header = "Transfer-Encoding: chunked"
+        sent = b"zz\r\n" + body + b"\r\n0\r\n\r\n"  # a chunk size that is not hexadecimal
     else:
         length_header = f"Content-Length: {len(body) + 10}"
         sent = body
