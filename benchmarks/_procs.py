@@ -123,7 +123,7 @@ class Procs:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=REPO,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, "EDGE_DIE_WITH_PARENT": str(os.getpid()), **(env or {})},
                 preexec_fn=_affinity(cpus),
             )
         finally:

@@ -18,6 +18,7 @@ import sys
 from aiohttp import web
 
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
+from edge_server.lifeline import die_with_parent
 
 __all__ = ["main"]
 
@@ -118,6 +119,7 @@ def _node_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_parent()
     if argv and argv[0] == "router":
         from edge_server.router_main import router_main
 

@@ -140,7 +140,8 @@ class Cluster:
         self.router_port = free_port()
         self.events: list[tuple[float, str, str]] = []  # (monotonic time, action, target)
         self._session: aiohttp.ClientSession | None = None
-        self._env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Nodes and the router die with this process even if it is killed with kill -9.
+        self._env = dict(os.environ, PYTHONUNBUFFERED="1", EDGE_DIE_WITH_PARENT=str(os.getpid()))
         self._env.pop("EDGE_CLUSTER_SECRET", None)
 
     # ------------------------------------------------------------------ lifecycle
