@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,6 +98,15 @@ def _affinity(cpus: Iterable[int] | None):
     return pin
 
 
+def _lifeline() -> dict[str, str]:
+    """Ask edge processes to die with this one (even after kill -9) -- only when started from the main
+    thread: the kernel ties the child to the thread that started it, and an executor thread ends
+    (killing what it started) when its ``asyncio.run`` does."""
+    if threading.current_thread() is threading.main_thread():
+        return {"EDGE_DIE_WITH_PARENT": str(os.getpid())}
+    return {}
+
+
 class Procs:
     """Starts child processes and guarantees they are gone afterwards."""
 
@@ -123,7 +133,7 @@ class Procs:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=REPO,
-                env={**os.environ, "EDGE_DIE_WITH_PARENT": str(os.getpid()), **(env or {})},
+                env={**os.environ, **_lifeline(), **(env or {})},
                 preexec_fn=_affinity(cpus),
             )
         finally:

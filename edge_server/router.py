@@ -23,7 +23,7 @@ than tens of seconds because detection happens on the request path:
   the router answers that key's next requests itself (429 ``shed_by_router``) until the hint expires,
   capped at ``SHED_CAP_S`` and at the key's ``burst / rate`` (the bucket refills while the router
   sheds, so no token is lost unless the bucket would overflow) and never for windows under
-  ``SHED_MIN_S``.  A hint counts only for what it surely says (see :func:`_retry_seconds`), so the
+  ``SHED_MIN_S``.  A hint counts only for what it surely says (see :func:`edge_server.shedding.retry_seconds`), so the
   router does not refuse requests the node would have granted.  A 503 ``overloaded`` ejects that node
   for ``OVERLOAD_EJECT_S``.
 """
@@ -43,21 +43,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from edge_server.config import ClusterConfig, NodeSpec
+from edge_server.router_metrics import RouterMetrics
+from edge_server.shedding import COARSE_SHED_S, SHED_CAP_S, SHED_MIN_S, Shedder, retry_seconds
 
 __all__ = ["COARSE_SHED_S", "OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_MIN_S", "NodeHealth", "Router",
            "RouterMetrics", "Shedder", "build_router_app"]
 
 log = logging.getLogger("edge_server.router")
 
-SHED_CAP_S = 1.0  # never shed a key longer than this, whatever the node's hint
-SHED_MIN_S = 0.005  # hints shorter than this are not worth shedding for
-COARSE_SHED_S = 0.05  # shedding window after a 429 whose only hint is "Retry-After: 1"
 OVERLOAD_EJECT_S = 0.25  # a node that answered 503 overloaded gets no new traffic this long
 MAX_EJECTION_SHARE = 0.5  # passive ejection never takes out more than this share of the nodes
-MAX_SHED_KEYS = 100_000  # bound on the shedding table; when full, new keys are simply not shed
 INLINE_BODY_MAX = 1 << 20  # responses up to this size are read whole; larger ones are streamed
 FALLBACK_HEADER = "X-Router-Region-Fallback"
 REGION_HEADER = "X-Client-Region"
@@ -69,7 +66,6 @@ _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Cont
 # Errors raised before any response byte arrived: the request never produced a decision.
 _NEVER_ANSWERED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError,
                    aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -103,86 +99,6 @@ class NodeHealth:
     def __repr__(self) -> str:
         return (f"<NodeHealth {self.spec.id} healthy={self.healthy} ok={self.ok} fail={self.fail} "
                 f"reason={self.reason}>")
-
-
-class Shedder:
-    """Per limiter key, until when the router answers 429 itself; bounded in size and window."""
-
-    def __init__(self, clock: Callable[[], float], window_cap: Callable[[str], float]) -> None:
-        self.clock = clock
-        self.window_cap = window_cap  # key -> longest window that loses no token (burst / rate)
-        self._until: dict[str, tuple[float, int]] = {}  # key -> (deadline, smallest denied cost)
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-    def __repr__(self) -> str:
-        return f"<Shedder keys={len(self._until)}>"
-
-    def learn(self, key: str, retry_s: float, cost: int) -> float:
-        """Remember a denial hint; returns the window actually used (0 when not shedding)."""
-        window = min(retry_s, SHED_CAP_S, self.window_cap(key))
-        if window < SHED_MIN_S:
-            return 0.0
-        now = self.clock()
-        if len(self._until) >= MAX_SHED_KEYS:
-            self._purge(now)
-            if len(self._until) >= MAX_SHED_KEYS:
-                return 0.0
-        old = self._until.get(key)
-        if old is not None and old[0] > now:
-            cost = min(cost, old[1])
-        self._until[key] = (now + window, cost)
-        return window
-
-    def remaining(self, key: str, cost: int) -> float:
-        """Seconds this request of ``cost`` should still be shed (0: forward it)."""
-        entry = self._until.get(key)
-        if entry is None:
-            return 0.0
-        left = entry[0] - self.clock()
-        if left <= 0:
-            del self._until[key]
-            return 0.0
-        return left if cost >= entry[1] else 0.0
-
-    def _purge(self, now: float) -> None:
-        for key in [k for k, (until, _) in self._until.items() if until <= now]:
-            del self._until[key]
-
-
-class RouterMetrics:
-    """Prometheus metrics in a registry of their own (a router and nodes may share a test process)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("router_requests", "Requests by route, status, home region and answering region",
-                                ["route", "status", "home", "region"], registry=r)
-        self.retries = Counter("router_retries", "Requests retried on another region", ["home", "region"],
-                               registry=r)
-        self.ejections = Counter("router_ejections", "Nodes taken out of rotation", ["node", "reason"], registry=r)
-        self.shed = Counter("router_shed", "Requests answered 429 by the router itself", ["route"], registry=r)
-        self.upstream = Histogram("router_upstream_seconds", "Time to a node's full answer", ["region"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def count(self, route: str, status: int, home: str, region: str) -> None:
-        """Count one request; label children are cached because ``labels()`` is slow on the hot path."""
-        key = (route, str(status), home, region)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(*key)
-        child.inc()
-
-    def observe_upstream(self, region: str, seconds: float) -> None:
-        key = ("upstream", region)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.upstream.labels(region)
-        child.observe(seconds)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 def _route_of(path: str) -> str:
@@ -437,7 +353,7 @@ class Router:
                parsed: dict | None, data: bytes) -> None:
         status = resp.status
         if status == 429 and key is not None:
-            retry_s = _retry_seconds(resp.headers)
+            retry_s = retry_seconds(resp.headers)
             if parsed is None:
                 parsed = _json_object(body)
             self.shedder.learn(key, retry_s, _cost_of(parsed))
@@ -484,23 +400,9 @@ class Router:
                 "routing": self.routing(), "counters": dict(self.counters), "shedding_keys": len(self.shedder)}
 
 
-def _retry_seconds(headers: Any) -> float:
-    """How long a 429's key will surely stay refused, from the most precise hint the node gave.
-
-    ``Retry-After-Ms`` is exact.  ``Retry-After`` is whole seconds rounded up, so the true wait is only
-    known to exceed ``N - 1`` s; for ``Retry-After: 1`` (any wait under a second) the router sheds just
-    ``COARSE_SHED_S``, which spares the node most of a hot key's excess without delaying grants much.
-    """
-    try:
-        precise = headers.get("Retry-After-Ms")
-        if precise is not None:
-            return float(precise) / 1000
-        return max(COARSE_SHED_S, float(headers.get("Retry-After", "1")) - 1)
-    except ValueError:
-        return COARSE_SHED_S
-
-
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
 
 
