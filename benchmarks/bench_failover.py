@@ -1,6 +1,6 @@
 """Failover through the geo-router: time to the first success elsewhere, client errors, capacity.
 
-Every repetition is a whole workbench drill (:func:`workbench.drill.run_drill`: real node and router
+Every repetition is a whole workbench drill (:func:`workbench.run.drill.run_drill`: real node and router
 processes through ``Cluster.launch``, open-loop load from clients in every region, the fault applied
 by the nemesis, audit trails read back), so the figures are what a user of the workbench would see,
 not what a hand-built harness would. Three regions, one node each, router active checks every 100 ms;
@@ -60,11 +60,11 @@ import plotly.graph_objects as go
 import psutil
 
 from benchmarks._procs import table, write_results
-from workbench import checker
-from workbench import drill as drill_module
-from workbench.drill import DrillResult, run_drill
-from workbench.recorder import Recording, RequestRecord, parse_metrics
-from workbench.scenario import Scenario
+from workbench.check import checker
+from workbench.history import Recording, RequestRecord, parse_metrics
+from workbench.run import drill as drill_module
+from workbench.run.drill import DrillResult, run_drill
+from workbench.spec.scenario import Scenario
 
 TARGET_P99_MS = 300.0
 TARGET_CAPACITY_PCT = 95.0

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_proxy import _HELLO, RESULTS, child, exit_on_sigterm, server_core
 
-from workbench.load import LoadSpec, run_load
+from workbench.run.load.generator import LoadSpec, run_load
 
 LAG_P99_MS = 5.0
 

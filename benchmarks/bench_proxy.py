@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workbench.load import LoadSpec, run_load  # noqa: E402
+from workbench.run.load.generator import LoadSpec, run_load  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -57,7 +57,7 @@ asyncio.run(main())
 _PROXY = """
 import asyncio, sys
 sys.path.insert(0, sys.argv[2])
-from workbench.faultproxy import FaultProxy
+from workbench.run.faults.proxy import FaultProxy
 async def main():
     p = FaultProxy("127.0.0.1", 0, "127.0.0.1", int(sys.argv[1]), "bench")
     await p.start()

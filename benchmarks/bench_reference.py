@@ -9,7 +9,7 @@
 * **failover** -- a workbench drill: 3 regions, one node each, the router (100 ms active checks) in
   front, open loop 300 req/s on /v1/limits/check over 30 tenants; the busiest region is killed with
   SIGKILL half-way.  Failover per client = death -> its first served reply from another region
-  (workbench.checker.failover_times); p99 over clients.
+  (workbench.check.checker.failover_times); p99 over clients.
 * **limit held** -- a workbench drill: the reference's production case, a global 60 tokens/s limit
   (burst 60) on one tenant, 2x load (120 req/s) of POST /v1/limits/check through the router, one region
   killed half-way; admitted tokens vs the envelope B + R·t (audit trails).  (Check, not invoke: the
@@ -42,9 +42,9 @@ from benchmarks._procs import (
     write_cluster,
     write_results,
 )
-from workbench.drill import run_drill
-from workbench.load import LoadSpec, run_load
-from workbench.scenario import Scenario
+from workbench.run.drill import run_drill
+from workbench.run.load.generator import LoadSpec, run_load
+from workbench.spec.scenario import Scenario
 
 SKILL_MEDIAN_MS = 1500
 SKILL_P99_MS = 4000

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._procs import RESULTS, table, workdir, write_results
 from workbench.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, Browser
-from workbench.report import write_report
+from workbench.ui.report import write_report
 
 MAX_BYTES = 6_000_000
 MAX_OPEN_MS = 2_000.0

@@ -33,8 +33,8 @@ import plotly.graph_objects as go
 from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import install_signal_handlers, table, workdir, write_results
 from benchmarks.bench_redis import LOAD, B, Design, R, drive, figures_of
-from workbench.cluster import Cluster
-from workbench.scenario import Scenario
+from workbench.run.cluster import Cluster
+from workbench.spec.scenario import Scenario
 
 NODES = 3
 REGIONS = ("eu", "us", "ap")

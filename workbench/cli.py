@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workbench.parameters import PARAMETERS
-from workbench.scenario import Scenario, ScenarioError
+from workbench.spec.parameters import PARAMETERS
+from workbench.spec.scenario import Scenario, ScenarioError
 
 __all__ = ["main"]
 
@@ -115,8 +115,8 @@ def _parse_value(text: str) -> Any:
 
 async def _run(scenario: Scenario, out: Path, report: Path | None, *, max_failover_ms: float | None,
                max_client_errors: int | None, quiet: bool) -> int:
-    from workbench.drill import run_drill
-    from workbench.report import write_report
+    from workbench.run.drill import run_drill
+    from workbench.ui.report import write_report
 
     progress = None if quiet else Progress()
     print(f"workbench: {scenario.name}: {len(scenario.topology.node_ids)} nodes in "
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "report":
-        from workbench.report import ReportError, write_report
+        from workbench.ui.report import ReportError, write_report
 
         try:
             path = write_report(args.results, args.out)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return 0
     if args.command == "run":
-        from workbench.notebooks import run_notebook_cli
+        from workbench.run.notebooks import run_notebook_cli
 
         return run_notebook_cli(args)
 

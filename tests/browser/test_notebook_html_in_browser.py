@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from workbench.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, Browser
-from workbench.notebooks import run_notebook
+from workbench.run.notebooks import run_notebook
 
 pytestmark = [pytest.mark.integration, pytest.mark.notebooks, pytest.mark.timeout(300)]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from workbench.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, Browser
-from workbench.report import write_report
+from workbench.ui.report import write_report
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from workbench.notebooks import (
+from workbench.run.notebooks import (
     EXTRA_PARAMETERS,
     NotebookParameterError,
     check_parameters,
@@ -25,7 +25,7 @@ from workbench.notebooks import (
     run_notebook,
     run_notebook_cli,
 )
-from workbench.scenario import PARAMETERS, Scenario
+from workbench.spec.scenario import PARAMETERS, Scenario
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(600)]  # the first test runs all five
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.checker import (
+from workbench.check.checker import (
     DELIVERY_ALLOWANCE_S,
     admissions,
     check_convergence,
@@ -23,8 +23,8 @@ from workbench.checker import (
     summarize,
     throughput,
 )
-from workbench.recorder import AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
-from workbench.scenario import Scenario
+from workbench.history import AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
+from workbench.spec.scenario import Scenario
 
 WALL = 1_000_000.0
 NODES = ("eu-1", "us-1", "ap-1")

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from workbench import checker
-from workbench.cluster import Cluster, ClusterError
-from workbench.drill import run_drill
-from workbench.recorder import Recording
-from workbench.report import render_report
-from workbench.scenario import Scenario
+from workbench.check import checker
+from workbench.history import Recording
+from workbench.run.cluster import Cluster, ClusterError
+from workbench.run.drill import run_drill
+from workbench.spec.scenario import Scenario
+from workbench.ui.report import render_report
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +143,7 @@ def test_ctrl_c_reaps_everything_and_keeps_partial_results(tmp_path: Path):
 
 
 async def test_a_node_that_never_gets_ready_is_named_and_everything_is_reaped(tmp_path: Path, monkeypatch):
-    from workbench import cluster as cluster_module
+    from workbench.run import cluster as cluster_module
 
     real_start = cluster_module.ManagedProcess.start
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench.drill_worker import DrillProcess
-from workbench.scenario import Scenario
+from workbench.run.drill_worker import DrillProcess
+from workbench.spec.scenario import Scenario
 
 pytestmark = pytest.mark.integration
 

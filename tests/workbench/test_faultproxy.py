@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from workbench.faultproxy import FaultProxy, ProxyMesh
+from workbench.run.faults.proxy import FaultProxy, ProxyMesh
 
 pytestmark = pytest.mark.timeout(30)
 

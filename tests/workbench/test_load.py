@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from workbench.load import LoadGenerator, LoadSpec, RequestRecord, run_load, status_class
+from workbench.run.load.generator import LoadGenerator, LoadSpec, RequestRecord, run_load, status_class
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 LAUNCHER = textwrap.dedent("""
     import asyncio, json, sys
-    from workbench.cluster import Cluster
-    from workbench.scenario import Scenario
+    from workbench.run.cluster import Cluster
+    from workbench.spec.scenario import Scenario
 
     async def main():
         scenario = Scenario.build(name="t-orphans", duration_s=2.0)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workbench.recorder import (
+from workbench.history import (
     FORMAT_VERSION,
     AuditEvent,
     FaultRecord,
@@ -21,7 +21,7 @@ from workbench.recorder import (
     StateSample,
     parse_metrics,
 )
-from workbench.scenario import Scenario
+from workbench.spec.scenario import Scenario
 
 STATE = {"node": "eu-1", "region": "eu", "time": 1000.5, "change_seq": 3, "live_peers": ["us-1"],
          "keys": {"tenant-0000": {"global": 7, "nodes": {"eu-1": {"gen": 2, "count": 5},

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_server.config import parse_cluster
-from workbench.scenario import (
+from workbench.spec.scenario import (
     PARAMETERS,
     FaultAction,
     LimitSpec,

@@ -1,7 +1,7 @@
 """Run one scenario end to end: cluster, load, faults, recording, verdict, results folder.
 
 ``await run_drill(scenario)`` is what the CLI and the notebooks call.  A progress callback receives a
-:class:`~workbench.live.LiveStats` snapshot every ``progress_interval_s``; a stop event ends the run
+:class:`~workbench.check.live.LiveStats` snapshot every ``progress_interval_s``; a stop event ends the run
 early and cleanly (the results are then marked incomplete).  Whatever happens, every process is reaped
 and what was recorded is saved.
 """
@@ -20,14 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from workbench import checker
-from workbench.cluster import Cluster
-from workbench.live import LiveStats
-from workbench.load import LoadGenerator
-from workbench.load import LoadSpec as RunLoadSpec
-from workbench.load import RequestRecord as LoadRecord
-from workbench.nemesis import Nemesis
-from workbench.recorder import (
+from workbench.check import checker
+from workbench.check.live import LiveStats
+from workbench.history import (
     AuditEvent,
     FaultRecord,
     Recording,
@@ -35,11 +30,16 @@ from workbench.recorder import (
     StateSample,
     parse_metrics,
 )
-from workbench.scenario import SKILL_NAME, Scenario
+from workbench.run.cluster import Cluster
+from workbench.run.load.generator import LoadGenerator
+from workbench.run.load.generator import LoadSpec as RunLoadSpec
+from workbench.run.load.generator import RequestRecord as LoadRecord
+from workbench.run.nemesis import Nemesis
+from workbench.spec.scenario import SKILL_NAME, Scenario
 
 __all__ = ["DrillResult", "load_spec_for", "run_drill"]
 
-log = logging.getLogger("workbench.drill")
+log = logging.getLogger("workbench.run.drill")
 
 ProgressCallback = Callable[[dict[str, Any], LiveStats], None]
 

@@ -30,11 +30,11 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from workbench import charts
-from workbench.live import LiveStats
-from workbench.recorder import Recording
-from workbench.report import figures_for, health_intervals
-from workbench.scenario import Scenario
+from workbench.check.live import LiveStats
+from workbench.history import Recording
+from workbench.spec.scenario import Scenario
+from workbench.ui import charts
+from workbench.ui.report import figures_for, health_intervals
 
 __all__ = [
     "HEADLESS_ENV",
@@ -340,7 +340,7 @@ async def run_with_dashboard(scenario: Scenario, results_dir: str | os.PathLike[
     the charts holds the kernel's interpreter for tens of milliseconds at a time, which would otherwise
     stall the load generator and the fault proxies and distort the figures being drawn.
     """
-    from workbench.drill_worker import DrillProcess
+    from workbench.run.drill_worker import DrillProcess
 
     dashboard = LiveDashboard(scenario, live=live, charts=charts, title=title).display()
     drill = DrillProcess(scenario, results_dir, progress_interval_s=progress_interval_s, **thresholds)

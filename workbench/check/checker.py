@@ -1,4 +1,4 @@
-"""Invariant checks and figures over a :class:`~workbench.recorder.Recording`: pure functions, no I/O.
+"""Invariant checks and figures over a :class:`~workbench.history.Recording`: pure functions, no I/O.
 
 Each ``check_*`` returns a :class:`Verdict` (ok, human reasons, figures); the figure helpers return
 plain dicts; :func:`summarize` assembles the summary the CLI prints and writes with ``--json``.
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.recorder import Recording, RequestRecord, StateSample
-from workbench.scenario import Scenario, ScenarioError
+from workbench.history import Recording, RequestRecord, StateSample
+from workbench.spec.scenario import Scenario, ScenarioError
 
 __all__ = [
     "Verdict",

@@ -1,7 +1,7 @@
 """The nemesis: applies a scenario's fault timeline to a running cluster, on the run clock.
 
-Process faults (kill, pause, resume, restart) go to :class:`~workbench.cluster.Cluster`; network
-faults (partition, heal, latency, loss) to its :class:`~workbench.faultproxy.ProxyMesh`.  Every fault
+Process faults (kill, pause, resume, restart) go to :class:`~workbench.run.cluster.Cluster`; network
+faults (partition, heal, latency, loss) to its :class:`~workbench.run.faults.proxy.ProxyMesh`.  Every fault
 is recorded when it is *applied*, on the same monotonic clock as the client's requests.
 """
 
@@ -12,13 +12,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from workbench.cluster import Cluster, ClusterError
-from workbench.recorder import FaultRecord
-from workbench.scenario import FaultAction
+from workbench.history import FaultRecord
+from workbench.run.cluster import Cluster, ClusterError
+from workbench.spec.scenario import FaultAction
 
 __all__ = ["Nemesis"]
 
-log = logging.getLogger("workbench.nemesis")
+log = logging.getLogger("workbench.run.nemesis")
 
 
 class Nemesis:

@@ -16,9 +16,10 @@ from typing import Any
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from workbench import charts, checker
-from workbench.live import LiveStats
-from workbench.recorder import Recording, RecordingError
+from workbench.check import checker
+from workbench.check.live import LiveStats
+from workbench.history import Recording, RecordingError
+from workbench.ui import charts
 
 __all__ = ["REGRESSION_RULES", "ReportError", "figures_for", "health_intervals", "render_report", "write_report"]
 

@@ -1,36 +1,29 @@
-"""Plain records of a drill and their persistence in a results folder.
-
-Every time ``t_s`` / ``*_s`` is seconds on one monotonic clock whose zero is the start of the run, so
-requests, faults and samples line up; ``Recording.started_wall`` is ``time.time()`` at that zero, which
-maps the nodes' wall-clock audit timestamps onto the same axis.  A folder holds one JSON-lines file per
-record type and ``meta.json`` (written last, so a folder without it was never finished being written).
+"""A run's history on disk: one JSON-lines file per record type and ``meta.json``, written last (a folder
+without it was never finished being written), with a format version that loading checks.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from workbench import __version__
+from workbench.history.records import (
+    AuditEvent,
+    FaultRecord,
+    MetricSample,
+    ProcessSample,
+    RequestRecord,
+    StateSample,
+    field_names,
+)
 
-__all__ = [
-    "FORMAT_VERSION",
-    "AuditEvent",
-    "FaultRecord",
-    "MetricSample",
-    "ProcessSample",
-    "Recording",
-    "RecordingError",
-    "RequestRecord",
-    "StateSample",
-    "parse_metrics",
-]
+__all__ = ["FORMAT_VERSION", "Recording", "RecordingError"]
 
 FORMAT_VERSION = 2  # bump when records change (2: RequestRecord.retried_from); load refuses anything else
 
@@ -39,123 +32,10 @@ class RecordingError(ValueError):
     """A results folder is missing, incomplete, of another format version, or has a bad line."""
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """One client request as the load generator saw it.
-
-    Latency counts from ``intended_s`` (when the schedule wanted to send), not ``start_s``, so a
-    stalled system or generator cannot hide queueing delay (no coordinated omission).
-    """
-
-    intended_s: float  # when the arrival schedule wanted it sent
-    start_s: float  # when it was actually sent
-    end_s: float  # when the reply (or the error) arrived
-    home_region: str  # the client's region (X-Client-Region)
-    answered_region: str  # X-Edge-Region of the reply; "" when none came
-    node: str  # X-Edge-Node of the reply; ""
-    key: str  # the limiter key: the tenant for invoke, the key for check
-    cost: int = 1
-    status: int = 0  # HTTP status; 0 = connection error or timeout
-    error: str = ""  # error code from the body, or the exception for status 0
-    request_id: str = ""  # the request id the node audited it under
-    route: str = "invoke"  # "invoke" or "check"
-    allowed: bool | None = None  # check route: the "allowed" field of a 200; None for invoke
-    retried_from: str = ""  # X-Router-Retried: the node the router tried first (it never answered)
-
-    @property
-    def latency_ms(self) -> float:
-        return (self.end_s - self.intended_s) * 1000.0
-
-    @property
-    def service_ms(self) -> float:
-        """Time on the wire and in the server, without the generator's own lag."""
-        return (self.end_s - self.start_s) * 1000.0
-
-    @property
-    def admitted(self) -> bool:
-        """Tokens were granted and answered: a 200 (that said allowed, on the check route)."""
-        return self.status == 200 and self.allowed is not False
-
-
-@dataclass(slots=True)
-class FaultRecord:
-    """A fault as applied (not as planned), on the run clock."""
-
-    t_s: float
-    action: str  # partition, heal, latency, loss, kill, pause, resume, restart
-    target: str = ""  # region, node id, "router", or a link "a<->b"
-    detail: dict[str, Any] = field(default_factory=dict)  # groups, ms, pct, pid, ...
-
-
-@dataclass(slots=True)
-class MetricSample:
-    """One Prometheus sample scraped from a node's /metrics."""
-
-    t_s: float
-    node: str
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-@dataclass(slots=True)
-class StateSample:
-    """A node's view from /v1/state: per key the global count and every node's (generation, count)."""
-
-    t_s: float
-    node: str
-    wall: float  # the node's "time" field (wall clock) when it took the snapshot
-    global_counts: dict[str, int]  # key -> global count as this node sees it
-    counts: dict[str, dict[str, tuple[int, int]]]  # key -> node id -> (generation, count)
-
-    @classmethod
-    def from_state(cls, t_s: float, payload: Mapping[str, Any]) -> StateSample:
-        """Build from the JSON body of GET /v1/state."""
-        keys = payload.get("keys") or {}
-        return cls(t_s, str(payload["node"]), float(payload.get("time", 0.0)),
-                   {k: int(v["global"]) for k, v in keys.items()},
-                   {k: {n: (int(e["gen"]), int(e["count"])) for n, e in v["nodes"].items()}
-                    for k, v in keys.items()})
-
-
-@dataclass(slots=True)
-class AuditEvent:
-    """One granted-token event from a node's audit trail (GET /v1/audit); ``ts`` is wall clock."""
-
-    seq: int
-    id: str
-    key: str
-    cost: int
-    node: str
-    region: str
-    ts: float
-    request_id: str
-    gen: int
-
-    @classmethod
-    def from_json(cls, event: Mapping[str, Any]) -> AuditEvent:
-        """Keep the contract's fields and ignore any later additions."""
-        return cls(**{f: event[f] for f in _names(cls)})
-
-
-@dataclass(slots=True)
-class ProcessSample:
-    """CPU and memory of one process (node, router, generator) from psutil."""
-
-    t_s: float
-    name: str
-    cpu_pct: float
-    rss_mb: float
-
-
 _FILES: dict[str, type] = {
     "requests": RequestRecord, "faults": FaultRecord, "metrics": MetricSample, "states": StateSample,
     "audit": AuditEvent, "processes": ProcessSample,
 }
-
-
-def _names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
 
 
 @dataclass
@@ -239,7 +119,7 @@ class Recording:
 
 def _write_lines(path: Path, cls: type, rows: Iterable[Any]) -> None:
     """One JSON object per line: a header-free, greppable format that streams."""
-    names = _names(cls)
+    names = field_names(cls)
     tmp = path.with_name(path.name + ".tmp")
     dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
     with tmp.open("w", encoding="utf-8") as fh:
@@ -250,7 +130,7 @@ def _write_lines(path: Path, cls: type, rows: Iterable[Any]) -> None:
 def _read_lines(path: Path, cls: type) -> Iterator[Any]:
     if not path.exists():
         raise RecordingError(f"{path}: missing (the results folder is incomplete)")
-    names = set(_names(cls))
+    names = set(field_names(cls))
     loads = json.loads
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -265,15 +145,3 @@ def _read_lines(path: Path, cls: type) -> Iterator[Any]:
                 yield cls(**raw)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 raise RecordingError(f"{path}:{lineno}: bad {cls.__name__} record ({exc})") from None
-
-
-def parse_metrics(text: str, t_s: float, node: str) -> list[MetricSample]:
-    """Parse a Prometheus text exposition (GET /metrics) into samples; NaN and infinite values are skipped."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = []
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if math.isfinite(s.value):
-                out.append(MetricSample(t_s, node, s.name, dict(s.labels), float(s.value)))
-    return out

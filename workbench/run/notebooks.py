@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.scenario import Scenario, ScenarioError
+from workbench.spec.scenario import Scenario, ScenarioError
 
 __all__ = [
     "EXTRA_PARAMETERS",

@@ -11,7 +11,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from workbench.recorder import FaultRecord, ProcessSample
+from workbench.history import FaultRecord, ProcessSample
 
 __all__ = [
     "REGION_COLORS",

@@ -26,9 +26,9 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from workbench.faultproxy import ProxyMesh
-from workbench.recorder import ProcessSample
-from workbench.scenario import Scenario
+from workbench.history import ProcessSample
+from workbench.run.faults.proxy import ProxyMesh
+from workbench.spec.scenario import Scenario
 
 __all__ = ["Cluster", "ClusterError", "ManagedProcess", "free_port"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from workbench.recorder import Recording
-from workbench.scenario import Scenario
+from workbench.history import Recording
+from workbench.spec.scenario import Scenario
 
 __all__ = [
     "CAPACITY_REFERENCE",
@@ -116,7 +116,7 @@ async def sweep(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], *,
     Each run shows a compact dashboard (progress, Stop) and leaves its summary; rows hold the swept
     values, over-admission, latency, gossip bytes (from the nodes' metrics) and the verdict.
     """
-    from workbench.widgets import run_with_dashboard
+    from workbench.ui.widgets import run_with_dashboard
 
     names = list(grid)
     rows = []
@@ -187,7 +187,7 @@ def capacity_row(users: int, result: Any, p95_target_ms: float) -> dict[str, Any
 async def find_capacity(base: Mapping[str, Any], user_steps: Sequence[int], p95_target_ms: float, *,
                         stop_after_miss: bool = True) -> dict[str, Any]:
     """Step closed-loop users up; the largest step whose P95 stays under the target is the capacity."""
-    from workbench.widgets import run_with_dashboard
+    from workbench.ui.widgets import run_with_dashboard
 
     rows = []
     for users in user_steps:

@@ -12,7 +12,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from workbench.recorder import FaultRecord, RequestRecord
+from workbench.history import FaultRecord, RequestRecord
 
 __all__ = ["Bin", "LiveStats"]
 

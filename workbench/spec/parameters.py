@@ -1,6 +1,6 @@
 """The flat parameters of a drill (what notebooks, the CLI and papermill set) and how they become a Scenario.
 
-Every name here is a keyword of :meth:`workbench.scenario.Scenario.build`; a test checks that each
+Every name here is a keyword of :meth:`workbench.spec.scenario.Scenario.build`; a test checks that each
 notebook's ``parameters`` cell uses only these names (plus the notebook-only ones).
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workbench.scenario import (
+from workbench.spec.parts import (
     DEFAULT_REGIONS,
     FaultAction,
     LimitSpec,
     LoadSpec,
-    Scenario,
     ScenarioError,
     SkillSpec,
     Topology,
@@ -24,6 +23,9 @@ from workbench.scenario import (
     _int,
     _num,
 )
+
+if TYPE_CHECKING:
+    from workbench.spec.scenario import Scenario
 
 __all__ = ["PARAMETERS", "build_scenario"]
 

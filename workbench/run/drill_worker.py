@@ -5,7 +5,7 @@ time; on the same interpreter (even on another thread, because of the GIL) that 
 generator and the fault proxies and distorts the very figures being drawn.  So the drill gets a
 process of its own (spawned, uvloop when available) and sends, every progress tick, a picklable
 :class:`LiveView`: the snapshot line, the chart series, the faults and the failovers.  The parent
-rebuilds the :class:`~workbench.drill.DrillResult` from the results folder when the child is done.
+rebuilds the :class:`~workbench.run.drill.DrillResult` from the results folder when the child is done.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.recorder import FaultRecord, Recording
+from workbench.history import FaultRecord, Recording
 
 __all__ = ["DrillProcess", "LiveView"]
 
@@ -40,8 +40,8 @@ class LiveView:
 def _child(scenario_dict: dict[str, Any], results_dir: str | None, thresholds: dict[str, Any],
            progress_interval_s: float, conn: Any, stop_flag: Any) -> None:
     """The child process: run the drill, send progress, then ("done", folder) or ("error", text)."""
-    from workbench.drill import run_drill
-    from workbench.scenario import Scenario
+    from workbench.run.drill import run_drill
+    from workbench.spec.scenario import Scenario
 
     async def main() -> str:
         stop = asyncio.Event()
@@ -101,7 +101,7 @@ class DrillProcess:
         self._stop.set()
 
     async def run(self, on_progress: Any) -> Any:
-        from workbench.drill import DrillResult
+        from workbench.run.drill import DrillResult
 
         self._process.start()
         self._child_end.close()

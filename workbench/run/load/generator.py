@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from workbench.load_model import HIST_MAX_US, LoadResult, LoadSpec, RequestRecord, status_class
+from workbench.run.load.model import HIST_MAX_US, LoadResult, LoadSpec, RequestRecord, status_class
 
 __all__ = ["LoadGenerator", "LoadResult", "LoadSpec", "RequestRecord", "run_load", "status_class"]
 

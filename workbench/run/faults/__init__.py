@@ -1,0 +1,1 @@
+"""Fault injection backends: the TCP proxy mesh every host can run."""

@@ -1,0 +1,1 @@
+"""Load generation: open-loop arrivals and closed-loop users over HTTP."""
