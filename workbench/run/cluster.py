@@ -14,20 +14,18 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import psutil
 
 from workbench.history import ProcessSample
 from workbench.run.faults.proxy import ProxyMesh
+from workbench.run.processes import Child, NotReady, ProcessError, ProcessGroup, child_env, free_port
 from workbench.spec.scenario import Scenario
 
 __all__ = ["Cluster", "ClusterError", "ManagedProcess", "free_port"]
@@ -39,86 +37,16 @@ class ClusterError(RuntimeError):
     """The cluster could not be started or a control named something that does not exist."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (bound and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
-class ManagedProcess:
-    """One node or the router: how to start it, and its current process."""
+class ManagedProcess(Child):
+    """One node or the router: a :class:`~workbench.run.processes.Child` with its region and port."""
 
-    name: str
-    region: str
-    port: int
-    argv: list[str]
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    state: str = "new"  # new, running, paused, killed, stopped
-    started_at: float = 0.0
-    history: list[tuple[float, str]] = field(default_factory=list)
-    _ps: psutil.Process | None = None
+    region: str = "-"
+    port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen else None
-
-    def start(self, env: dict[str, str]) -> None:
-        log = open(self.log_path, "ab")
-        try:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)
-        finally:
-            log.close()
-        self.state = "running"
-        self.started_at = time.monotonic()
-        self.history.append((self.started_at, "start"))
-        self._ps = None
-
-    def signal(self, sig: int, state: str) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, sig)
-        self.state = state
-        self.history.append((time.monotonic(), state))
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def reap(self, timeout: float = 2.0) -> None:
-        """SIGKILL if still there, and wait, so no zombie or orphan is left behind."""
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGCONT)
-                os.kill(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout)
-
-    def sample(self, t_s: float) -> ProcessSample | None:
-        if not self.alive() or self.popen is None:
-            return None
-        try:
-            if self._ps is None:
-                self._ps = psutil.Process(self.popen.pid)
-                self._ps.cpu_percent(None)
-            return ProcessSample(t_s=t_s, name=self.name, cpu_pct=self._ps.cpu_percent(None),
-                                 rss_mb=self._ps.memory_info().rss / 2**20)
-        except psutil.Error:
-            return None
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 class Cluster:
@@ -140,9 +68,10 @@ class Cluster:
         self.router_port = free_port()
         self.events: list[tuple[float, str, str]] = []  # (monotonic time, action, target)
         self._session: aiohttp.ClientSession | None = None
-        # Nodes and the router die with this process even if it is killed with kill -9.
-        self._env = dict(os.environ, PYTHONUNBUFFERED="1", EDGE_DIE_WITH_PARENT=str(os.getpid()))
-        self._env.pop("EDGE_CLUSTER_SECRET", None)
+        # Started from the main thread, nodes and the router die with this process even after a kill -9
+        # (the harness adds the lifeline); their own session keeps a terminal's Ctrl-C to our cleanup.
+        self._env = child_env(drop=("EDGE_CLUSTER_SECRET",))
+        self._group = ProcessGroup(run_dir, env=self._env, new_session=True, grace_s=2.0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,20 +104,25 @@ class Cluster:
         audit_dir = self.run_dir / "audit"
         for nid in topo.node_ids:
             path = self._write_cluster_file(nid, audit_dir)
-            self.nodes[nid] = ManagedProcess(
+            self.nodes[nid] = self._process(
                 nid, topo.region_of(nid), self.node_ports[nid],
-                [sys.executable, "-m", "edge_server", "--cluster", str(path), "--node", nid],
-                self.run_dir / f"{nid}.log")
+                [sys.executable, "-m", "edge_server", "--cluster", str(path), "--node", nid])
         router_file = self._write_cluster_file(ROUTER, audit_dir)
-        self.router = ManagedProcess(ROUTER, "-", self.router_port,
-                                     [sys.executable, "-m", "edge_server", "router", "--cluster", str(router_file),
-                                      "--port", str(self.router_port)], self.run_dir / "router.log")
+        self.router = self._process(ROUTER, "-", self.router_port,
+                                    [sys.executable, "-m", "edge_server", "router", "--cluster", str(router_file),
+                                     "--port", str(self.router_port)])
         for proc in self.nodes.values():
             proc.start(self._env)
         await self._wait_ready(list(self.nodes.values()), "/readyz")
         self.router.start(self._env)
         await self._wait_ready([self.router], "/healthz")
         await self._wait_router_sees_all()
+
+    def _process(self, name: str, region: str, port: int, argv: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self.run_dir / f"{name}.log", env=self._env, new_session=True,
+                              region=region, port=port)
+        self._group.add(proc)
+        return proc
 
     def _write_cluster_file(self, viewer: str, audit_dir: Path) -> Path:
         """The cluster file as ``viewer`` sees it: every other node behind the viewer's proxy to it."""
@@ -202,26 +136,27 @@ class Cluster:
                                                 audit_dir=audit_dir)
 
     async def _wait_ready(self, procs: list[ManagedProcess], path: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        pending = {p.name: p for p in procs}
+        """Until every one of ``procs`` answers ``path`` with 200; the first that exits fails it at once."""
         assert self._session is not None
-        while pending:
-            for name, proc in list(pending.items()):
-                if not proc.alive():
-                    raise ClusterError(f"{name} exited with status {proc.popen.returncode if proc.popen else '?'}"
-                                       f" before it was ready; last log lines:\n{proc.log_tail()}")
-                try:
-                    async with self._session.get(proc.url + path) as resp:
-                        if resp.status == 200:
-                            del pending[name]
-                except (aiohttp.ClientError, TimeoutError, OSError):
-                    pass
-            if pending and time.monotonic() > deadline:
-                names = ", ".join(sorted(pending))
-                tails = "\n".join(f"--- {n}:\n{p.log_tail()}" for n, p in pending.items())
-                raise ClusterError(f"not ready after {self.ready_timeout_s:g} s: {names}\n{tails}")
-            if pending:
-                await asyncio.sleep(0.05)
+        tasks = {asyncio.ensure_future(p.wait_http_async(p.url + path, timeout_s=self.ready_timeout_s,
+                                                         session=self._session)): p for p in procs}
+        try:
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in done if t.exception() is not None]
+            if not failed:
+                return
+            exited = [t.exception() for t in failed if not isinstance(t.exception(), NotReady)]
+            if exited:
+                first = exited[0]
+                raise (ClusterError(str(first)) if isinstance(first, ProcessError) else first)
+            # One timed out: all share the deadline, so every one not ready yet is named.
+            stuck = {tasks[t].name: tasks[t] for t in tasks if not (t.done() and t.exception() is None)}
+            tails = "\n".join(f"--- {n}:\n{p.log_tail(5)}" for n, p in sorted(stuck.items()))
+            raise ClusterError(f"not ready after {self.ready_timeout_s:g} s: {', '.join(sorted(stuck))}\n{tails}")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _wait_router_sees_all(self) -> None:
         """Until the router's checks have found a healthy node in every region, traffic would be skewed."""
@@ -242,16 +177,7 @@ class Cluster:
                            f" see {self.router.log_path if self.router else 'the router log'}")
 
     async def _shutdown(self) -> None:
-        procs = [*self.nodes.values(), *([self.router] if self.router else [])]
-        for proc in procs:
-            if proc.alive():
-                proc.signal(signal.SIGCONT, proc.state)
-                proc.signal(signal.SIGTERM, "stopped")
-        deadline = time.monotonic() + 2.0
-        while any(p.alive() for p in procs) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for proc in procs:
-            proc.reap()
+        await self._group.stop_all_async()
         if self.mesh is not None:
             with contextlib.suppress(Exception):
                 await self.mesh.stop()
@@ -290,12 +216,12 @@ class Cluster:
 
     def pause(self, target: str) -> float:
         for proc in self.resolve(target):
-            proc.signal(signal.SIGSTOP, "paused")
+            proc.pause()
         return self._record("pause", target)
 
     def resume(self, target: str) -> float:
         for proc in self.resolve(target):
-            proc.signal(signal.SIGCONT, "running")
+            proc.resume()
         return self._record("resume", target)
 
     async def restart(self, target: str, wait_ready: bool = True) -> float:
