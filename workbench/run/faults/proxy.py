@@ -7,9 +7,14 @@ coroutine switch and no copy per chunk.
 
 Faults are modelled the way TCP would experience them, so a healed stream is still a valid stream:
 
-- ``partition("blackhole")`` stops reading on every connection and holds what was already read;
-  new connections are accepted and held. Senders stall exactly as behind a silent drop (TCP would
-  retransmit after the heal), and the bytes flow again on :meth:`FaultProxy.heal`.
+- ``partition("blackhole")`` stops reading on every connection and holds what was already read, and
+  stops accepting (:class:`~workbench.run.faults.listener.Listener`): the kernel then drops new SYNs,
+  so a connect neither succeeds nor is refused, as behind a real blackhole, until the client's own
+  timeout. Senders on established connections stall with no RST; on :meth:`FaultProxy.heal` held
+  bytes flow again in order and waiting connects complete at their next SYN retransmission.
+  What differs from a kernel blackhole: an established connection's bytes are ACKed into socket
+  buffers (the sender's writes succeed until those fill, and nothing is retransmitted), and held bytes
+  are delivered at once on heal rather than at the sender's next retransmission timeout.
 - ``partition("reset")`` aborts every connection with an RST and resets each new one on accept.
 - ``set_latency`` delays each chunk by ``ms`` (± ``jitter_ms``) *in each direction*, so a
   request/response round trip gains about ``2 * ms``. Delivery order is preserved.
@@ -26,11 +31,11 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FaultEvent", "FaultProxy", "ProxyMesh"]
+from workbench.run.faults.listener import Listener, SocketFactory
+
+__all__ = ["FaultProxy"]
 
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 _MAX_QUEUED = 4 * 1024 * 1024  # delayed bytes per direction before we stop reading (back-pressure)
@@ -125,7 +130,7 @@ class _Side(asyncio.Protocol):
 class _Conn:
     """A client connection and its upstream connection."""
 
-    __slots__ = ("client", "connected", "eofs", "proxy", "target")
+    __slots__ = ("client", "connected", "eofs", "opening", "proxy", "target")
 
     def __init__(self, proxy: FaultProxy) -> None:
         self.proxy = proxy
@@ -133,6 +138,7 @@ class _Conn:
         self.target: _Side | None = None
         self.connected = False
         self.eofs = 0  # FINs delivered; after both directions closed, the connection is done
+        self.opening: asyncio.Task[None] | None = None  # the upstream connect in progress
 
     def side_made(self, side: _Side) -> None:
         if side is self.client:
@@ -143,6 +149,8 @@ class _Conn:
         if self not in proxy._conns:
             return
         proxy._conns.discard(self)
+        if self.opening is not None and not self.opening.done() and self.opening is not asyncio.current_task():
+            self.opening.cancel()  # a connect into a blackhole would otherwise wait for the kernel's timeout
         for side in (self.client, self.target):
             if side is None:
                 continue
@@ -173,6 +181,7 @@ class FaultProxy:
         *,
         seed: int | None = None,
         loss_penalty_ms: float = 200.0,
+        make_socket: SocketFactory | None = None,
     ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -181,7 +190,9 @@ class FaultProxy:
         self.name = name or f"{listen_host}:{listen_port}->{target_host}:{target_port}"
         self.loss_penalty_ms = loss_penalty_ms
         self._rng = random.Random(seed)
-        self._server: asyncio.Server | None = None
+        self._make_socket = make_socket  # None: plain sockets; else e.g. sockets inside a network namespace
+        self._listener: Listener | None = None
+        self._adopting: set[asyncio.Task[Any]] = set()
         self._conns: set[_Conn] = set()
         self._partition: str | None = None
         self._blackhole = False
@@ -205,25 +216,37 @@ class FaultProxy:
     @property
     def port(self) -> int:
         """The bound listening port (after :meth:`start`)."""
-        if self._server is None or not self._server.sockets:
+        if self._listener is None:
             return self.listen_port
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._listener.port
 
     async def start(self) -> None:
+        self._listener = Listener(self.listen_host, self.listen_port, self._adopt, make_socket=self._make_socket)
+        self._listener.open()
+        if self._blackhole:
+            self._listener.pause()
+
+    def _adopt(self, sock: socket.socket) -> None:
+        """Wrap an accepted socket in a transport (the listener accepts; the loop relays)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Conn(self).client, self.listen_host, self.listen_port, reuse_address=True
-        )
+        task = loop.create_task(loop.connect_accepted_socket(lambda: _Conn(self).client, sock))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self._adopting.discard(task)
+        _consume(task)
 
     async def stop(self) -> None:
         """Stop listening and close every relayed connection (with RST, so no peer waits)."""
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for task in list(self._adopting):
+            task.cancel()
         for conn in list(self._conns):
             conn.close(reset=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await asyncio.sleep(0)  # let cancelled connects unwind
 
     async def __aenter__(self) -> FaultProxy:
         await self.start()
@@ -241,6 +264,11 @@ class FaultProxy:
         self._partition = mode
         self._blackhole = mode == "blackhole"
         self._update_clean()
+        if self._listener is not None:
+            if self._blackhole:
+                self._listener.pause()
+            else:
+                self._listener.resume()
         for conn in list(self._conns):
             if mode == "reset":
                 self.resets += 1
@@ -255,6 +283,8 @@ class FaultProxy:
         self._partition = None
         self._blackhole = False
         self._update_clean()
+        if self._listener is not None:
+            self._listener.resume()
         for conn in list(self._conns):
             if not conn.connected and conn.target is None:
                 self._connect(conn)
@@ -322,15 +352,25 @@ class FaultProxy:
         conn.target = _Side(conn, upstream=True)
         conn.target.peer = conn.client
         conn.client.peer = conn.target
-        task = asyncio.get_running_loop().create_task(self._open(conn))
-        task.add_done_callback(_consume)
+        conn.opening = asyncio.get_running_loop().create_task(self._open(conn))
+        conn.opening.add_done_callback(_consume)
 
     async def _open(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
         target = conn.target
         assert target is not None
         try:
-            await loop.create_connection(lambda: target, self.target_host, self.target_port)
+            if self._make_socket is None:
+                await loop.create_connection(lambda: target, self.target_host, self.target_port)
+            else:
+                sock = self._make_socket()
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (self.target_host, self.target_port))
+                    await loop.create_connection(lambda: target, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except OSError:
             # The target is down: show the client what it would see connecting directly.
             conn.close(reset=True)
@@ -403,136 +443,10 @@ def _consume(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-@dataclass(frozen=True, slots=True)
-class FaultEvent:
-    """One applied fault, stamped on the same monotonic clock as the load generator's records."""
+def __getattr__(name: str) -> Any:
+    """``ProxyMesh`` and ``FaultEvent`` moved to :mod:`workbench.run.faults.mesh`; old imports keep working."""
+    if name in ("FaultEvent", "ProxyMesh"):
+        from workbench.run.faults import mesh
 
-    t: float  # time.monotonic() when applied
-    action: str  # partition | heal | latency | loss
-    links: tuple[tuple[str, str], ...]  # the (src, dst) links it touched
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-
-Link = tuple[str, str]
-
-
-class ProxyMesh:
-    """One :class:`FaultProxy` per directed link ``(src, dst)``: traffic from ``src`` to ``dst``'s port.
-
-    ``links`` maps each link to the real ``(host, port)`` of ``dst``; ``src`` then dials
-    :meth:`port` ``(src, dst)`` instead. Names are node ids; ``region_of`` maps a node to its region
-    (default: the part before the last ``-``, so ``eu-1`` is in ``eu``), which lets partitions and
-    latencies name regions. Every control returns the :class:`FaultEvent` it appended to
-    :attr:`events`.
-    """
-
-    def __init__(
-        self,
-        links: Mapping[Link, tuple[str, int]],
-        *,
-        listen_host: str = "127.0.0.1",
-        region_of: Mapping[str, str] | None = None,
-        seed: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        rng = random.Random(seed)
-        self.proxies: dict[Link, FaultProxy] = {
-            link: FaultProxy(listen_host, 0, host, port, f"{link[0]}->{link[1]}", seed=rng.getrandbits(32))
-            for link, (host, port) in links.items()
-        }
-        self._region_of = dict(region_of or {})
-        self._clock = clock
-        self.events: list[FaultEvent] = []
-
-    async def start(self) -> None:
-        await asyncio.gather(*(p.start() for p in self.proxies.values()))
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self.proxies.values()))
-
-    async def __aenter__(self) -> ProxyMesh:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def port(self, src: str, dst: str) -> int:
-        return self.proxies[(src, dst)].port
-
-    def region(self, name: str) -> str:
-        return self._region_of.get(name) or name.rsplit("-", 1)[0]
-
-    def _nodes(self) -> set[str]:
-        return {n for link in self.proxies for n in link}
-
-    def _expand(self, name: str) -> set[str]:
-        """A node name stands for itself; a region name for every node in it."""
-        nodes = self._nodes()
-        if name in nodes:
-            return {name}
-        members = {n for n in nodes if self.region(n) == name}
-        if not members:
-            raise KeyError(f"no node or region named {name!r} in the mesh")
-        return members
-
-    def select(self, src: str, dst: str, symmetric: bool = True) -> list[Link]:
-        """Links from ``src`` to ``dst`` (node or region names), and back when ``symmetric``."""
-        a, b = self._expand(src), self._expand(dst)
-        pairs = [lk for lk in self.proxies if lk[0] in a and lk[1] in b]
-        if symmetric:
-            pairs += [lk for lk in self.proxies if lk[0] in b and lk[1] in a and lk not in pairs]
-        if not pairs:
-            raise KeyError(f"no link between {src!r} and {dst!r}")
-        return pairs
-
-    def _event(self, action: str, links: Iterable[Link], **params: Any) -> FaultEvent:
-        ev = FaultEvent(self._clock(), action, tuple(links), params)
-        self.events.append(ev)
-        return ev
-
-    def partition(self, groups: Iterable[Iterable[str]], mode: str = "blackhole") -> FaultEvent:
-        """Cut every link between different groups (names are nodes or regions).
-
-        Nodes named in no group form one more group together, so ``[["eu"]]`` isolates ``eu``.
-        """
-        owner: dict[str, int] = {}
-        for i, group in enumerate(groups):
-            for name in group:
-                for node in self._expand(name):
-                    if owner.setdefault(node, i) != i:
-                        raise ValueError(f"{node!r} is in two partition groups")
-        cut = [lk for lk in self.proxies if owner.get(lk[0], -1) != owner.get(lk[1], -1)]
-        for lk in cut:
-            self.proxies[lk].partition(mode)
-        return self._event("partition", cut, mode=mode, groups=[sorted(g) for g in _groups(owner)])
-
-    def heal(self) -> FaultEvent:
-        """Lift every partition (latency and loss stay)."""
-        for p in self.proxies.values():
-            p.heal()
-        return self._event("heal", self.proxies)
-
-    def latency(self, link: Link, ms: float, jitter_ms: float = 0.0, symmetric: bool = True) -> FaultEvent:
-        """Delay chunks on a link or every link between two regions (both ways when ``symmetric``)."""
-        chosen = self.select(*link, symmetric=symmetric)
-        for lk in chosen:
-            self.proxies[lk].set_latency(ms, jitter_ms)
-        return self._event("latency", chosen, ms=ms, jitter_ms=jitter_ms)
-
-    def loss(self, link: Link, pct: float, symmetric: bool = True) -> FaultEvent:
-        """Set loss odds on a link or every link between two regions."""
-        chosen = self.select(*link, symmetric=symmetric)
-        for lk in chosen:
-            self.proxies[lk].set_loss(pct)
-        return self._event("loss", chosen, pct=pct)
-
-    def stats(self) -> dict[str, dict[str, Any]]:
-        return {f"{s}->{d}": p.stats() for (s, d), p in self.proxies.items()}
-
-
-def _groups(owner: Mapping[str, int]) -> list[set[str]]:
-    out: dict[int, set[str]] = {}
-    for node, i in owner.items():
-        out.setdefault(i, set()).add(node)
-    return [out[i] for i in sorted(out)]
+        return getattr(mesh, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
