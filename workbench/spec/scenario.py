@@ -19,7 +19,17 @@ from typing import Any
 
 import yaml
 
-from edge_server.config import MODES
+from edge_server.config import (
+    MODES,
+    ClusterConfig,
+    LimitRule,
+    NodeSpec,
+    RegionSpec,
+    RouterConfig,
+    SkillConfig,
+    dump_cluster,
+    write_cluster,
+)
 from workbench.spec.parameters import PARAMETERS, build_scenario
 from workbench.spec.parts import (
     _LOAD_KEYS,
@@ -209,50 +219,42 @@ class Scenario:
 
         return next((x for x in self.limits if fnmatch.fnmatchcase(key, x.pattern)), None)
 
-    def cluster_toml(self, node_ports: Mapping[str, int], *, router_port: int, secret: str,
-                     audit_dir: str | os.PathLike[str], host: str = "127.0.0.1",
-                     node_hosts: Mapping[str, str] | None = None) -> str:
-        """The cluster file (docs/CONTRACT.md) for this scenario and the given ports."""
+    def cluster_config(self, node_ports: Mapping[str, int], *, router_port: int, secret: str,
+                       audit_dir: str | os.PathLike[str], host: str = "127.0.0.1",
+                       node_hosts: Mapping[str, str] | None = None) -> ClusterConfig:
+        """The nodes' own config (``edge_server.config``) for this scenario and the given ports."""
         missing = [n for n in self.topology.node_ids if n not in node_ports]
         if missing:
             raise ScenarioError("node_ports", "a port for every node; missing " + ", ".join(missing))
-        q = _toml_str
-        lines = ["[cluster]", f"secret = {q(secret)}", f"gossip_interval_ms = {self.topology.gossip_interval_ms!r}",
-                 f"mode = {q(self.mode)}", f"audit_dir = {q(os.fspath(audit_dir))}",
-                 f"max_keys = {max(100_000, 2 * self.load.tenants)}", ""]
-        for region in self.topology.regions:
-            lines += ["[[regions]]", f"name = {q(region)}"]
-            for nid in self.topology.nodes_of(region):
-                node_host = (node_hosts or {}).get(nid, host)
-                lines += ["[[regions.nodes]]", f"id = {q(nid)}", f"host = {q(node_host)}",
-                          f"port = {_int('node_ports.' + nid, node_ports[nid], minimum=1, maximum=65535)}"]
-            lines.append("")
-        for limit in self.limits:
-            lines += ["[[limits]]", f"pattern = {q(limit.pattern)}", f"rate = {limit.rate!r}",
-                      f"burst = {limit.burst!r}", ""]
-        lines.append("[api_keys]")
-        lines += [f"{q(k)} = {q(t)}" for k, t in self.api_keys().items()]
+        regions = tuple(
+            RegionSpec(region, tuple(NodeSpec(nid, region, (node_hosts or {}).get(nid, host),
+                                              _int("node_ports." + nid, node_ports[nid], minimum=1, maximum=65535))
+                                     for nid in self.topology.nodes_of(region)))
+            for region in self.topology.regions)
         s = self.skill
-        lines += ["", "[skill]", f"name = {q(SKILL_NAME)}", 'kind = "simulated"', f"median_ms = {s.median_ms!r}",
-                  f"p99_ms = {s.p99_ms!r}", f"error_rate = {s.error_rate!r}", f"cpu_us = {s.cpu_us!r}", ""]
-        matrix = ", ".join(f"{q(a)} = {{ " + ", ".join(f"{q(b)} = {ms!r}" for b, ms in row.items()) + " }"
-                           for a, row in self.topology.latency_ms.items() if row)
-        lines += ["[router]", f"host = {q(host)}",
-                  f"port = {_int('router_port', router_port, minimum=0, maximum=65535)}",
-                  f"health_interval_ms = {self.health_interval_ms!r}", f"latency_ms = {{ {matrix} }}", ""]
-        return "\n".join(lines)
+        return ClusterConfig(
+            source=f"<scenario {self.name}>", secret=secret.encode(),
+            gossip_interval_ms=float(self.topology.gossip_interval_ms), mode=self.mode, regions=regions,
+            limits=tuple(LimitRule(x.pattern, float(x.rate), float(x.burst)) for x in self.limits),
+            api_keys=self.api_keys(),
+            skill=SkillConfig(name=SKILL_NAME, kind="simulated", median_ms=float(s.median_ms),
+                              p99_ms=float(s.p99_ms), error_rate=float(s.error_rate), cpu_us=float(s.cpu_us)),
+            audit_dir=Path(audit_dir), max_keys=max(100_000, 2 * self.load.tenants),
+            router=RouterConfig(host=host, port=_int("router_port", router_port, minimum=0, maximum=65535),
+                                health_interval_ms=float(self.health_interval_ms),
+                                latency_ms={a: dict(row) for a, row in self.topology.latency_ms.items() if row}))
+
+    def cluster_toml(self, node_ports: Mapping[str, int], *, router_port: int, secret: str,
+                     audit_dir: str | os.PathLike[str], host: str = "127.0.0.1",
+                     node_hosts: Mapping[str, str] | None = None) -> str:
+        """The cluster file (docs/CONTRACT.md) for this scenario: :meth:`cluster_config`, written by the
+        nodes' own writer (``edge_server.config.dump_cluster``, the inverse of their parser)."""
+        return dump_cluster(self.cluster_config(node_ports, router_port=router_port, secret=secret,
+                                                audit_dir=audit_dir, host=host, node_hosts=node_hosts))
 
     def write_cluster_file(self, path: str | os.PathLike[str], node_ports: Mapping[str, int], *,
                            router_port: int, secret: str, audit_dir: str | os.PathLike[str],
                            host: str = "127.0.0.1", node_hosts: Mapping[str, str] | None = None) -> Path:
         """Write :meth:`cluster_toml` to ``path`` (parents created) and return the path."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.cluster_toml(node_ports, router_port=router_port, secret=secret, audit_dir=audit_dir,
-                                         host=host, node_hosts=node_hosts), encoding="utf-8")
-        return out
-
-
-def _toml_str(value: str) -> str:
-    """A TOML basic string (JSON's escapes are all valid TOML; DEL must be escaped too)."""
-    return json.dumps(value).replace("\x7f", "\\u007f")
+        return write_cluster(path, self.cluster_config(node_ports, router_port=router_port, secret=secret,
+                                                       audit_dir=audit_dir, host=host, node_hosts=node_hosts))
