@@ -1,8 +1,10 @@
 """Real edge nodes as child processes on loopback, for tests (no mocks).
 
-The harness writes a cluster file into a folder, starts ``python -m edge_server`` once per node,
-drains each node's stdout/stderr into files (so a chatty node never blocks on a full pipe), waits
-for ``GET /readyz`` with a timeout that names the node, and always kills what it started::
+The harness writes a cluster file into a folder (with the nodes' own writer,
+``edge_server.config.dump_cluster``), starts ``python -m edge_server`` once per node through the
+project's process harness (``workbench.run.processes``: stdout/stderr drained into files, so a
+chatty node never blocks on a full pipe; the node dies with the test run even after a kill -9),
+waits for ``GET /readyz`` with a timeout that names the node, and always kills what it started::
 
     cluster = ClusterProcs(tmp_path, regions=["eu", "us", "ap"], rate=100, burst=100)
     with cluster:                       # start() on enter, stop() on exit, also on failure
@@ -22,15 +24,24 @@ import http.client
 import json as jsonlib
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edge_server.config import (
+    ClusterConfig,
+    LimitRule,
+    NodeSpec,
+    RegionSpec,
+    ServerConfig,
+    SkillConfig,
+    dump_cluster,
+)
+from workbench.run.processes import Child, ProcessError, ProcessGroup, child_env, free_port
 
 __all__ = [
     "API_KEY",
@@ -53,13 +64,6 @@ API_KEY = "key-acme"
 TENANT = "acme"
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out for ``host`` (closed again, so it is free right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------- HTTP
@@ -149,11 +153,8 @@ def _node_cmd(cluster_file: Path, node_id: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("EDGE_CLUSTER_SECRET", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return child_env(drop=("EDGE_CLUSTER_SECRET",),
+                     PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def run_node_to_exit(cluster_file: Path, node_id: str, timeout: float = 15.0) -> subprocess.CompletedProcess:
@@ -164,23 +165,37 @@ def run_node_to_exit(cluster_file: Path, node_id: str, timeout: float = 15.0) ->
 
 @dataclass
 class NodeProc:
-    """One node of the cluster file and, while it runs, its process."""
+    """One node of the cluster file and, once started, its :class:`Child` (one log pair per run)."""
 
     id: str
     region: str
     port: int
     host: str = "127.0.0.1"
-    proc: subprocess.Popen | None = None
-    runs: int = 0  # how many times it was started
-    logs: list[Path] = field(default_factory=list)
+    child: Child | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.child.popen if self.child is not None else None
+
+    @property
+    def runs(self) -> int:
+        """How many times it was started."""
+        return self.child.runs if self.child is not None else 0
+
+    @property
+    def logs(self) -> list[Path]:
+        """This run's stdout and stderr files."""
+        if self.child is None or self.child.stderr_path is None:
+            return []
+        return [self.child.log_path, self.child.stderr_path]
+
+    @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.child is not None and self.child.alive()
 
 
 class ClusterProcs:
@@ -221,31 +236,26 @@ class ClusterProcs:
         self.server = dict(server or {})
         self.cluster_file = self.dir / "cluster.toml"
         self.audit_dir = self.dir / "audit"
+        self.group = ProcessGroup(self.dir, env=_env(), cwd=REPO, grace_s=STOP_TIMEOUT_S)
         self.write()
 
     # ------------------------------------------------------------------ the file
 
-    def toml(self) -> str:
-        def val(v: Any) -> str:
-            return jsonlib.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    def config(self) -> ClusterConfig:
+        """What the nodes will read: the cluster file's content as the nodes' own config."""
+        regions = tuple(
+            RegionSpec(region, tuple(NodeSpec(n.id, region, n.host, n.port) for n in self.nodes.values()
+                                     if n.region == region))
+            for region in dict.fromkeys(n.region for n in self.nodes.values()))
+        return ClusterConfig(
+            source=str(self.cluster_file), secret=self.secret.encode(),
+            gossip_interval_ms=float(self.gossip_interval_ms), mode="eventual", regions=regions,
+            limits=tuple(LimitRule(pattern, float(rate), float(burst)) for pattern, rate, burst in self.limits),
+            api_keys=dict(self.api_keys), skill=SkillConfig(**self.skill), audit_dir=Path("audit"),
+            server=ServerConfig(**self.server))
 
-        out = ["[cluster]", f"secret = {val(self.secret)}", f"gossip_interval_ms = {val(self.gossip_interval_ms)}",
-               'mode = "eventual"', 'audit_dir = "audit"', ""]
-        for region in dict.fromkeys(n.region for n in self.nodes.values()):
-            out += ["[[regions]]", f"name = {val(region)}"]
-            for n in self.nodes.values():
-                if n.region == region:
-                    out += ["[[regions.nodes]]", f"id = {val(n.id)}", f"host = {val(n.host)}", f"port = {n.port}"]
-            out.append("")
-        for pattern, rate, burst in self.limits:
-            out += ["[[limits]]", f"pattern = {val(pattern)}", f"rate = {val(float(rate))}",
-                    f"burst = {val(burst)}", ""]
-        out.append("[api_keys]")
-        out += [f"{val(k)} = {val(v)}" for k, v in self.api_keys.items()]
-        out += ["", "[skill]"] + [f"{k} = {val(v)}" for k, v in self.skill.items()]
-        if self.server:
-            out += ["", "[server]"] + [f"{k} = {val(v)}" for k, v in self.server.items()]
-        return "\n".join(out) + "\n"
+    def toml(self) -> str:
+        return dump_cluster(self.config())
 
     def write(self) -> Path:
         self.cluster_file.write_text(self.toml(), encoding="utf-8")
@@ -280,65 +290,41 @@ class ClusterProcs:
 
     def _spawn(self, node: NodeProc) -> None:
         assert not node.alive, f"{node.id} is already running"
-        node.runs += 1
-        out = self.dir / f"{node.id}.run{node.runs}.out"
-        err = self.dir / f"{node.id}.run{node.runs}.err"
-        node.logs = [out, err]
-        # Output goes straight to files: the kernel drains it, nothing can block on a full pipe.
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            node.proc = subprocess.Popen(_node_cmd(self.cluster_file, node.id), stdout=fo, stderr=fe,
-                                         stdin=subprocess.DEVNULL, env=_env(), cwd=REPO)
+        if node.child is None:
+            node.child = self.group.child(node.id, _node_cmd(self.cluster_file, node.id))
+        run = node.runs + 1
+        # Output goes straight to files, one pair per run: nothing can block on a full pipe.
+        node.child.log_path = self.dir / f"{node.id}.run{run}.out"
+        node.child.stderr_path = self.dir / f"{node.id}.run{run}.err"
+        self.group.add(node.child).start()
+
+    def _child(self, node_id: str) -> Child | None:
+        return self.nodes[node_id].child
 
     def log_tail(self, node_id: str, lines: int = 20) -> str:
-        node = self.nodes[node_id]
-        parts = []
-        for path in node.logs:
-            if path.exists():
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {path.name}\n" + "\n".join(text))
-        return "\n".join(parts)
+        child = self._child(node_id)
+        return child.log_tail(lines) if child is not None else ""
 
     def wait_ready(self, node_id: str, timeout: float = READY_TIMEOUT_S) -> None:
         """Wait for ``GET /readyz`` 200; fail naming the node (and its last log lines) otherwise."""
         node = self.nodes[node_id]
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if node.proc is None or node.proc.poll() is not None:
-                code = None if node.proc is None else node.proc.returncode
-                raise AssertionError(f"node {node_id} exited with {code} before it was ready\n"
-                                     + self.log_tail(node_id))
-            try:
-                r = request(node.url, "GET", "/readyz", timeout=1.0)
-                if r.status == 200:
-                    return
-                last = f"{r.status} {r.body[:200]!r}"
-            except OSError as exc:
-                last = repr(exc)
-            time.sleep(0.02)
-        raise AssertionError(f"node {node_id} not ready after {timeout:g} s ({last})\n" + self.log_tail(node_id))
+        if node.child is None:
+            raise AssertionError(f"node {node_id} was never started")
+        try:
+            node.child.wait_http(node.url + "/readyz", timeout_s=timeout)
+        except ProcessError as exc:
+            raise AssertionError(f"node {node_id}: {exc}") from None
 
     def kill9(self, node_id: str) -> None:
         """SIGKILL the node and reap it."""
-        node = self.nodes[node_id]
-        if node.proc is not None and node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGKILL)
-            node.proc.wait(timeout=STOP_TIMEOUT_S)
+        child = self._child(node_id)
+        if child is not None and child.alive():
+            child.kill9(STOP_TIMEOUT_S)
 
     def terminate(self, node_id: str) -> int | None:
         """SIGTERM (clean stop), SIGKILL if it does not exit in time; returns the exit status."""
-        node = self.nodes[node_id]
-        proc = node.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        return proc.returncode
+        child = self._child(node_id)
+        return child.stop(STOP_TIMEOUT_S) if child is not None else None
 
     def restart(self, node_id: str, *, wait: bool = True) -> None:
         """Start the node again with the same id (kill it first if it still runs)."""
@@ -353,19 +339,7 @@ class ClusterProcs:
 
     def stop(self) -> None:
         """Stop every process this harness started: SIGTERM, then SIGKILL after a grace period."""
-        procs = [n.proc for n in self.nodes.values() if n.proc is not None and n.proc.poll() is None]
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=STOP_TIMEOUT_S)
+        self.group.stop_all()
 
     def __enter__(self) -> ClusterProcs:
         return self.start()
