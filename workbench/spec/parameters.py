@@ -69,7 +69,9 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "resume_at_s": (None, "time to SIGCONT the paused target (None: never)"),
     "partition_at_s": (None, "time to partition (None: no partition)"),
     "partition_groups": ("", "sides as 'eu|us,ap' ('|' between sides, ',' within); '' = every region alone"),
-    "heal_at_s": (None, "time to heal every network fault (None: never)"),
+    "blackhole_at_s": (None, "time to blackhole blackhole_region: its links drop traffic silently (None: none)"),
+    "blackhole_region": ("", "region or node id to blackhole; '' = the busiest region"),
+    "heal_at_s": (None, "time to heal every partition and blackhole (None: never)"),
     "latency_at_s": (None, "time to add latency on latency_link (None: none)"),
     "latency_link": ("", "two ends 'eu,us' (regions, node ids or router); '' = every link"),
     "latency_add_ms": (100.0, "added delay, ms"),
@@ -80,6 +82,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "loss_pct": (10.0, "percent of chunks dropped"),
     "loss_duration_s": (0.0, "stop the loss after this long (0: until heal)"),
     "faults": (None, "extra timeline steps, a list of FaultAction dicts"),
+    "faults_backend": ("proxy", "'proxy' (userspace fault proxies, no privileges) or 'netns' (a network "
+                       "namespace per process, cuts as kernel routes; needs root and ip netns)"),
     "results_dir": (None, "where results go (None: the caller decides)"),
 }
 _FLAT = {"limits.rate": "rate", "limits.burst": "burst", "limits.pattern": "limit_pattern",
@@ -186,6 +190,7 @@ def _build(cls: type[Scenario], params: dict[str, Any]) -> Scenario:
     step("resume_at_s", "resume", {"target": "pause_target"}, target=paused)
     step("partition_at_s", "partition", {"groups": "partition_groups"},
          groups=groups or [(r,) for r in names])
+    step("blackhole_at_s", "blackhole", {"target": "blackhole_region"}, target=p["blackhole_region"] or busiest)
     step("heal_at_s", "heal")
     step("latency_at_s", "latency", {"link": "latency_link", "ms": "latency_add_ms",
                                      "jitter_ms": "latency_jitter_ms", "duration_s": "latency_duration_s"},
@@ -202,4 +207,5 @@ def _build(cls: type[Scenario], params: dict[str, Any]) -> Scenario:
                skill=SkillSpec(p["skill_median_ms"], p["skill_p99_ms"], p["skill_error_rate"],
                                p["skill_cpu_us"]),
                faults=tuple(faults), duration_s=p["duration_s"], seed=p["seed"], mode=p["mode"],
-               health_interval_ms=p["health_interval_ms"], results_dir=p["results_dir"])
+               health_interval_ms=p["health_interval_ms"], results_dir=p["results_dir"],
+               faults_backend=p["faults_backend"])

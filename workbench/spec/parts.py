@@ -15,6 +15,9 @@ from typing import Any
 __all__ = [
     "ACTIONS",
     "DEFAULT_REGIONS",
+    "FAULTS_BACKENDS",
+    "TARGETED",
+    "UNDONE",
     "FaultAction",
     "LimitSpec",
     "LoadSpec",
@@ -25,7 +28,10 @@ __all__ = [
 ]
 
 DEFAULT_REGIONS = ("eu", "us", "ap", "sa", "af", "oc")
-ACTIONS = ("partition", "heal", "latency", "loss", "kill", "pause", "resume", "restart")
+ACTIONS = ("partition", "heal", "blackhole", "latency", "loss", "kill", "pause", "resume", "restart")
+TARGETED = ("kill", "pause", "resume", "restart", "blackhole")  # actions that name a target
+UNDONE = ("latency", "loss", "partition", "blackhole")  # actions that duration_s > 0 undoes
+FAULTS_BACKENDS = ("proxy", "netns")  # how network faults are made: userspace proxies, or kernel routes
 ROUTER = "router"  # a fault target / link end naming the router process
 _DEFAULT_LATENCY = {  # one-way-ish round trips between regions, ms; unlisted pairs get 200
     ("eu", "us"): 80, ("eu", "ap"): 150, ("us", "ap"): 120, ("eu", "sa"): 190, ("us", "sa"): 120,
@@ -248,10 +254,12 @@ class SkillSpec:
 class FaultAction:
     """One step of the fault timeline, applied ``at_s`` seconds after the run starts.
 
-    ``target`` (kill, pause, resume, restart) is a region, a node id or ``"router"``.  ``groups``
-    (partition) lists sides; one group is cut off from everything else.  ``link`` (latency, loss)
-    names two ends (regions, node ids or ``"router"``); empty means every link.  ``duration_s`` > 0
-    undoes a latency / loss / partition after that long; ``heal`` undoes every network fault.
+    ``target`` (kill, pause, resume, restart) is a region, a node id or ``"router"``; for blackhole a
+    region or node id, every link to and from whose nodes (the router's included) then drops traffic
+    silently.  ``groups`` (partition) lists sides; one group is cut off from everything else.  ``link``
+    (latency, loss) names two ends (regions, node ids or ``"router"``); empty means every link.
+    ``duration_s`` > 0 undoes a latency / loss / partition / blackhole after that long; ``heal``
+    undoes every partition and blackhole.
     """
 
     at_s: float
@@ -278,13 +286,16 @@ class FaultAction:
         _set(self, at_s=_num("faults.at_s", self.at_s), groups=tuple(tuple(g) for g in groups),
              link=tuple(link), ms=_num("faults.ms", self.ms), jitter_ms=_num("faults.jitter_ms", self.jitter_ms),
              pct=_num("faults.pct", self.pct, maximum=100.0), duration_s=_num("faults.duration_s", self.duration_s))
-        needs_target = self.action in ("kill", "pause", "resume", "restart")
+        needs_target = self.action in TARGETED
         if needs_target != bool(self.target):
             raise ScenarioError("faults.target", f"{'a' if needs_target else 'no'} target for {self.action}",
                                 self.target)
         if (self.action == "partition") != bool(self.groups):
             raise ScenarioError("faults.groups", f"{'groups' if self.action == 'partition' else 'no groups'} "
                                 f"for {self.action}", [list(g) for g in self.groups])
+        if self.action == "blackhole" and self.target == ROUTER:
+            raise ScenarioError("faults.target", "a region or node id for blackhole (the router's clients "
+                                "reach it directly; blackhole its regions instead)", self.target)
         if self.action == "latency" and not self.ms > 0:
             raise ScenarioError("faults.ms", "a delay > 0 for latency", self.ms)
         if self.action == "loss" and not self.pct > 0:
