@@ -19,8 +19,11 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from edge_server.admission import Gate
 from edge_server.audit import AuditUnavailable
+from edge_server.conn_guard import ConnectionGuard
 from edge_server.node import Node
+from edge_server.overload_metrics import OverloadCollector
 from edge_server.skill import SkillError
 from edge_server.token_bucket import CostExceedsBurst, Decision, KeyTableFull, NoLimitForKey
 from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack
@@ -62,6 +65,12 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large
 
 Handler = Callable[[Node, web.BaseRequest], Awaitable[web.StreamResponse]]
 INVOKE_PREFIX, INVOKE_SUFFIX = "/v1/skills/", "/invoke"
+# Admission (docs/router.md, "Load shedding"): only the two decision routes are gated; health,
+# metrics, state, audit and gossip always get through (an overloaded node must still say so, and
+# keep its peers' view of its count fresh).
+GATED = frozenset({"/v1/limits/check", INVOKE_PREFIX + "{skill}" + INVOKE_SUFFIX})
+DEADLINE_HEADER = "X-Edge-Deadline-Ms"  # unix ms set by the router: past it, the try is refused ungranted
+SHED_HEADER = "X-Edge-Shed"  # on a 503 that refused a request before any decision (safe to retry)
 
 
 def _skill_of(raw_path: str) -> str | None:
@@ -88,6 +97,15 @@ class EdgeServer:
         for method, path, handler in routes:
             self.routes.setdefault(path, {})[method] = handler
         self.ident = node.ident
+        sv = node.config.server
+        self.gate = Gate(sv.max_inflight, sv.queue_max, sv.queue_timeout_ms / 1000)
+        self.guard: ConnectionGuard | None = None
+
+    async def _admit(self) -> None:
+        """Wait for a slot in the queue, or refuse before any decision (a quick 503, no token)."""
+        reason = await self.gate.enter()
+        if reason is not None:
+            raise _shed(reason, "too many requests in flight")
 
     def _resolve(self, request: web.BaseRequest) -> tuple[str, Handler]:
         path = request.raw_path.partition("?")[0]
@@ -108,8 +126,17 @@ class EdgeServer:
         started = time.perf_counter()
         node.inflight += 1
         route = "unmatched"
+        gated = False
         try:
             route, handler = self._resolve(request)
+            if route in GATED:
+                deadline = request.headers.get(DEADLINE_HEADER)
+                if deadline is not None and deadline.isdigit() and time.time() * 1000 > int(deadline):
+                    self.gate.shed["deadline"] = self.gate.shed.get("deadline", 0) + 1
+                    raise _shed("deadline", "the request's deadline passed before the node could act on it")
+                if not self.gate.try_enter():
+                    await self._admit()
+                gated = True
             response = await handler(node, request)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
@@ -123,6 +150,10 @@ class EdgeServer:
             response = error_response(500, "internal", "internal error")
         finally:
             node.inflight -= 1
+            if gated:
+                self.gate.leave()
+            if self.guard is not None:
+                self.guard.done(request.transport)
         if "X-Edge-Node" not in response.headers:
             response.headers.update(self.ident)
         node.metrics.observe(route, response.status, time.perf_counter() - started)
@@ -340,8 +371,6 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
         raise ApiError(404, "unknown_skill", f"no skill named {skill!r}", "skill")
     body = await _json_body(request, node)
     cost = _cost(body, node)
-    if node.inflight > node.config.server.max_inflight:
-        raise ApiError(503, "overloaded", "too many requests in flight", headers={"Retry-After": "1"})
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
     if node.table is None:
         raise STARTING
@@ -448,6 +477,26 @@ ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
+def _shed(reason: str, message: str) -> ApiError:
+    return ApiError(503, "overloaded", message, headers={"Retry-After": "1", "Retry-After-Ms": "100",
+                                                        SHED_HEADER: reason})
+
+
+class _GuardedServer(web.Server):
+    """aiohttp's low-level server whose connections go through a :class:`ConnectionGuard`."""
+
+    guard: ConnectionGuard
+
+    def __call__(self) -> Any:
+        return self.guard()
+
+
 def build_server(node: Node) -> web.Server:
-    """The node's HTTP server (run it with ``web.ServerRunner``)."""
-    return web.Server(EdgeServer(node, ROUTES), access_log=None)
+    """The node's HTTP server (run it with ``web.ServerRunner``): admission gate, slow-client guard."""
+    edge = EdgeServer(node, ROUTES)
+    server = _GuardedServer(edge, access_log=None)
+    sv = node.config.server
+    server.guard = edge.guard = ConnectionGuard(lambda: web.Server.__call__(server), sv.header_timeout_ms / 1000,
+                                                sv.max_connections)
+    node.metrics.registry.register(OverloadCollector("edge", lambda: (edge.gate, edge.guard)))
+    return server

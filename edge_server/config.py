@@ -19,6 +19,7 @@ from typing import Any
 from edge_server.token_bucket import Limit
 
 __all__ = [
+    "AuditConfig",
     "ClusterConfig",
     "ConfigError",
     "LimitRule",
@@ -94,6 +95,25 @@ class ServerConfig:
     max_cost: int = 1_000_000  # larger costs get 400
     max_inflight: int = 10_000  # above this, requests get 503 and /readyz says overloaded
     audit_fsync: bool = False  # False: survive kill -9 (write before reply); True: survive power loss
+    # Admission (see docs/router.md, "Load shedding"): /v1 requests past max_inflight wait in a FIFO
+    # queue of at most queue_max for at most queue_timeout_ms, then get a quick 503 with Retry-After.
+    queue_max: int = 1000
+    queue_timeout_ms: float = 100.0
+    # Slow clients: complete request headers within header_timeout_ms of connecting (or of their
+    # first byte on a kept-alive connection), else the connection is closed and counted; past
+    # max_connections the longest-idle connection is closed to make room.
+    header_timeout_ms: float = 5000.0
+    max_connections: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The audit trail on disk (``[audit]``; see docs/audit.md)."""
+
+    segment_bytes: int = 16 * 1024 * 1024  # seal the open segment at this size; a restart replays at most ~this
+    retention_s: float = 30 * 86_400.0  # sealed segments whose newest event is older leave the node (0: keep)
+    retention_bytes: int = 0  # sealed segments beyond this total leave the node, oldest first (0: no cap)
+    compress_level: int = 6  # gzip level of sealed segments (1 fastest .. 9 smallest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +127,28 @@ class RouterConfig:
     eject_ms: float = 1000.0  # a passively ejected node stays out at least this long
     rise: int = 2  # consecutive good checks before an ejected node gets traffic again
     latency_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # region -> region
+    # Evidence and failover (docs/router.md): a node is taken out for refused/reset connections at
+    # once, for timeouts only after `fall` timed-out checks or `timeout_eject_count` timed-out tries
+    # in a row on a node that had answered before.
+    fall: int = 2
+    timeout_eject_count: int = 2
+    check_try_timeout_ms: float = 150.0  # per-try timeout of /v1/limits/check; then the next region
+    retry_inflight_invoke: bool = False  # True: an invoke in flight is retried after invoke_try_timeout_ms
+    invoke_try_timeout_ms: float = 5000.0  # used only with retry_inflight_invoke = true
+    # Never a self-inflicted outage: at most this share of the nodes is out of rotation at once ...
+    max_ejected_share: float = 0.5
+    # ... and with fewer than this share in rotation, nodes without failure evidence get traffic too.
+    panic_threshold: float = 0.5
+    retry_budget_ratio: float = 0.2  # retries allowed per forwarded request (over 10 s) ...
+    retry_budget_min_per_s: float = 20.0  # ... plus this many per second
+    # Load shedding: /v1 requests past max_inflight queue (FIFO, at most queue_max, at most
+    # queue_timeout_ms), then get a quick 503 router_overloaded with Retry-After.
+    max_inflight: int = 8192
+    queue_max: int = 1024
+    queue_timeout_ms: float = 50.0
+    connections_per_node: int = 8192  # forwarding pool bound per node
+    header_timeout_ms: float = 5000.0  # slow clients, as for the nodes
+    max_connections: int = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +167,7 @@ class ClusterConfig:
     peer_timeout_ms: float = 0.0  # 0: five gossip intervals, at least 250 ms
     server: ServerConfig = field(default_factory=ServerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
@@ -223,7 +266,7 @@ class _Reader:
         return value
 
 
-_TOP = {"cluster", "regions", "limits", "api_keys", "skill", "server", "router"}
+_TOP = {"cluster", "regions", "limits", "api_keys", "skill", "server", "router", "audit"}
 _CLUSTER = {"secret", "gossip_interval_ms", "mode", "audit_dir", "max_keys", "key_idle_ttl_s", "peer_timeout_ms"}
 
 
@@ -276,7 +319,8 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         raise ConfigError(source, "skill.url", "an http:// or https:// URL for kind = 'upstream'", skill.url)
 
     sv = _Reader(source, top.table_("server"), "server.",
-                 {"max_body_bytes", "max_key_bytes", "max_cost", "max_inflight", "audit_fsync"})
+                 {"max_body_bytes", "max_key_bytes", "max_cost", "max_inflight", "audit_fsync", "queue_max",
+                  "queue_timeout_ms", "header_timeout_ms", "max_connections"})
     ds = ServerConfig()
     server = ServerConfig(
         max_body_bytes=sv.int("max_body_bytes", ds.max_body_bytes, minimum=64),
@@ -284,8 +328,20 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         max_cost=sv.int("max_cost", ds.max_cost, minimum=1),
         max_inflight=sv.int("max_inflight", ds.max_inflight, minimum=1),
         audit_fsync=sv.bool("audit_fsync", ds.audit_fsync),
+        queue_max=sv.int("queue_max", ds.queue_max),
+        queue_timeout_ms=sv.num("queue_timeout_ms", ds.queue_timeout_ms),
+        header_timeout_ms=sv.num("header_timeout_ms", ds.header_timeout_ms, positive=True),
+        max_connections=sv.int("max_connections", ds.max_connections, minimum=1),
     )
     router = _parse_router(source, top.table_("router"), {r.name for r in regions})
+    au = _Reader(source, top.table_("audit"), "audit.", {f.name for f in fields(AuditConfig)})
+    da = AuditConfig()
+    audit = AuditConfig(
+        segment_bytes=au.int("segment_bytes", da.segment_bytes, minimum=4096),
+        retention_s=au.num("retention_s", da.retention_s),
+        retention_bytes=au.int("retention_bytes", da.retention_bytes),
+        compress_level=au.int("compress_level", da.compress_level, minimum=1, maximum=9),
+    )
     return ClusterConfig(
         source=source,
         secret=secret.encode(),
@@ -301,6 +357,7 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         peer_timeout_ms=cl.num("peer_timeout_ms", 0.0),
         server=server,
         router=router,
+        audit=audit,
     )
 
 
@@ -332,7 +389,7 @@ def _parse_regions(source: str, items: list) -> tuple[RegionSpec, ...]:
 def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str]) -> RouterConfig:
     r = _Reader(source, table, "router.", {"host", "port", "health_interval_ms", "health_timeout_ms",
                                            "connect_timeout_ms", "request_timeout_ms", "eject_ms",
-                                           "rise", "latency_ms"})
+                                           "rise", "latency_ms", *_ROUTER_OVERLOAD})
     d = RouterConfig()
     latency: dict[str, dict[str, float]] = {}
     for src, row in r.table_("latency_ms").items():
@@ -357,7 +414,36 @@ def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str])
         eject_ms=r.num("eject_ms", d.eject_ms),
         rise=r.int("rise", d.rise, minimum=1),
         latency_ms=latency,
+        fall=r.int("fall", d.fall, minimum=1),
+        timeout_eject_count=r.int("timeout_eject_count", d.timeout_eject_count, minimum=1),
+        check_try_timeout_ms=r.num("check_try_timeout_ms", d.check_try_timeout_ms, positive=True),
+        retry_inflight_invoke=r.bool("retry_inflight_invoke", d.retry_inflight_invoke),
+        invoke_try_timeout_ms=r.num("invoke_try_timeout_ms", d.invoke_try_timeout_ms, positive=True),
+        max_ejected_share=_share(r, "max_ejected_share", d.max_ejected_share),
+        panic_threshold=_share(r, "panic_threshold", d.panic_threshold),
+        retry_budget_ratio=r.num("retry_budget_ratio", d.retry_budget_ratio),
+        retry_budget_min_per_s=r.num("retry_budget_min_per_s", d.retry_budget_min_per_s),
+        max_inflight=r.int("max_inflight", d.max_inflight, minimum=1),
+        queue_max=r.int("queue_max", d.queue_max),
+        queue_timeout_ms=r.num("queue_timeout_ms", d.queue_timeout_ms),
+        connections_per_node=r.int("connections_per_node", d.connections_per_node, minimum=1),
+        header_timeout_ms=r.num("header_timeout_ms", d.header_timeout_ms, positive=True),
+        max_connections=r.int("max_connections", d.max_connections, minimum=1),
     )
+
+
+_ROUTER_OVERLOAD = ("fall", "timeout_eject_count", "check_try_timeout_ms", "retry_inflight_invoke",
+                    "invoke_try_timeout_ms", "max_ejected_share", "panic_threshold", "retry_budget_ratio",
+                    "retry_budget_min_per_s", "max_inflight", "queue_max", "queue_timeout_ms",
+                    "connections_per_node", "header_timeout_ms", "max_connections")
+
+
+def _share(r: _Reader, key: str, default: float) -> float:
+    """A fraction of the nodes, 0..1 (0 disables the rule, 1 allows every node)."""
+    value = r.num(key, default)
+    if value > 1:
+        raise ConfigError(r.source, r.prefix + key, "a fraction between 0 and 1", value)
+    return value
 
 
 # ------------------------------------------------------------------------ writing
@@ -393,7 +479,8 @@ def dump_cluster(config: ClusterConfig) -> str:
                 f"burst = {_toml_value(float(rule.burst))}"]
     if config.api_keys:
         out += ["", "[api_keys]"] + [f"{_toml_value(k)} = {_toml_value(t)}" for k, t in config.api_keys.items()]
-    for table, value in (("skill", config.skill), ("server", config.server), ("router", config.router)):
+    for table, value in (("skill", config.skill), ("server", config.server), ("router", config.router),
+                         ("audit", config.audit)):
         lines = _toml_fields(value, tuple(f.name for f in fields(value)))
         if lines:
             out += ["", f"[{table}]", *lines]

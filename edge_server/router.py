@@ -1,31 +1,30 @@
-"""The geo-router: sends each client to the nearest healthy region, fails over without client errors.
-
-It stands in for latency-aware DNS / a global load balancer, but fails over in milliseconds rather
-than tens of seconds because detection happens on the request path:
+"""The geo-router: sends each client to the nearest healthy region, fails over without client errors,
+and never takes the regions out because it is itself overloaded.  ``docs/router.md`` is the long form.
 
 * **Routing.** The home region comes from ``X-Client-Region`` (missing or unknown: the first region of
   the cluster file, said so in ``X-Router-Region-Fallback``).  Regions are tried nearest first by
-  ``router.latency_ms`` (self = 0, a missing entry falls back to the reverse direction, then to
-  infinity); inside a region, healthy nodes take turns (round-robin).
-* **Health.** Every node's ``/readyz`` is checked every ``health_interval_ms``.  A failed check takes a
-  node out at once; it comes back only after ``rise`` consecutive good checks (hysteresis: a flapping
-  node does not bounce traffic).  A connection error or timeout on a forwarded request ejects the node
-  at once for at least ``eject_ms`` (passive ejection).  ``/readyz`` 503 ``exhausted`` counts as good:
-  the limit is global, so moving the load to another region creates no tokens; the node answers 429
-  with a hint itself and the router sheds that key (below).
-* **Retries.** A request whose first attempt never reached a node (connect refused, connect timeout,
-  or the connection reset/closed before any response byte) is retried once on the next-nearest other
-  region.  This is safe for ``/v1/limits/check`` and invoke because no decision was returned; in the one
-  ambiguous case (a node killed after auditing a grant but before answering) the retry carries the same
-  ``X-Request-Id``, so the orphan audit event is identifiable and tokens can only be over-spent, never
-  over-admitted.  Nothing is retried once a node started answering.
-* **Back-pressure.** After a 429 (or a ``/v1/limits/check`` answer ``allowed: false``) for a limiter key
-  the router answers that key's next requests itself (429 ``shed_by_router``) until the hint expires,
-  capped at ``SHED_CAP_S`` and at the key's ``burst / rate`` (the bucket refills while the router
-  sheds, so no token is lost unless the bucket would overflow) and never for windows under
-  ``SHED_MIN_S``.  A hint counts only for what it surely says (see :func:`edge_server.shedding.retry_seconds`), so the
-  router does not refuse requests the node would have granted.  A 503 ``overloaded`` ejects that node
-  for ``OVERLOAD_EJECT_S``.
+  ``router.latency_ms``; inside a region nodes take turns.  Nodes with no failure evidence come before
+  nodes kept in rotation despite evidence (the ejection cap, below).
+* **Health.** ``/readyz`` of every node every ``health_interval_ms``, from a thread with its own loop
+  and connections (:mod:`edge_server.router_health`).  Out of rotation: at once for hard evidence
+  (refused, unreachable, reset) or 503 starting/draining; after ``fall`` timeouts in a row; back after
+  ``rise`` good checks.  On the request path: refused/reset take the node out for ``eject_ms``;
+  ``timeout_eject_count`` timed-out tries in a row on a node that had answered do too; a slow connect
+  only demotes the node (never an ejection).  A timeout while the router's own loop lagged is no
+  evidence at all.
+* **Never a self-inflicted outage.** At most ``max_ejected_share`` of the nodes are out of rotation at
+  once, whatever the path (checks, passive ejection, overload pauses): past it the node stays in,
+  demoted.  With fewer than ``panic_threshold`` of the nodes in rotation, nodes out of rotation without
+  failure evidence (rising after a restart, never checked) get traffic too.
+* **Retries.** A try that never reached a node (refused, unreachable, connect timeout) or that a node
+  shed before deciding (503 with ``X-Edge-Shed``) is retried once on the next region.  A try in flight
+  (sent, then timed out or reset) is retried only on ``/v1/limits/check`` (after
+  ``check_try_timeout_ms``), and on invoke only with ``retry_inflight_invoke``.  Every retry is paid from
+  a retry budget (:class:`edge_server.admission.RetryBudget`).  Each try carries ``X-Edge-Deadline-Ms``:
+  a node that gets it late (paused, queued) refuses it without granting.
+* **Shedding.** At most ``max_inflight`` requests in flight, ``queue_max`` more waiting at most
+  ``queue_timeout_ms``; the rest get a quick 503 ``router_overloaded`` with ``Retry-After``.  After a 429
+  for a key, that key is answered 429 by the router itself for a while (:mod:`edge_server.shedding`).
 """
 
 from __future__ import annotations
@@ -44,68 +43,44 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from edge_server.admission import Gate, RetryBudget
 from edge_server.config import ClusterConfig, NodeSpec
+from edge_server.overload_metrics import OverloadCollector
+from edge_server.router_health import HARD, CheckResult, HealthChecker, NodeHealth, classify
 from edge_server.router_metrics import RouterMetrics
 from edge_server.shedding import COARSE_SHED_S, SHED_CAP_S, SHED_MIN_S, Shedder, retry_seconds
 
-__all__ = ["COARSE_SHED_S", "OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_MIN_S", "NodeHealth", "Router",
-           "RouterMetrics", "Shedder", "build_router_app"]
+__all__ = ["COARSE_SHED_S", "DEADLINE_HEADER", "OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_HEADER",
+           "SHED_MIN_S", "NodeHealth", "Router", "RouterMetrics", "Shedder", "build_router_app"]
 
 log = logging.getLogger("edge_server.router")
 
-OVERLOAD_EJECT_S = 0.25  # a node that answered 503 overloaded gets no new traffic this long
-MAX_EJECTION_SHARE = 0.5  # passive ejection never takes out more than this share of the nodes
+OVERLOAD_EJECT_S = 0.25  # a node that shed a request gets no new traffic this long (under the cap)
 INLINE_BODY_MAX = 1 << 20  # responses up to this size are read whole; larger ones are streamed
 FALLBACK_HEADER = "X-Router-Region-Fallback"
 REGION_HEADER = "X-Client-Region"
-JSON = "application/json"
+DEADLINE_HEADER = "X-Edge-Deadline-Ms"  # unix ms after which the node must not act on the try
+SHED_HEADER = "X-Edge-Shed"  # on a node's 503: it shed the request before deciding (safe to retry)
+CHECK_ROUTE, INVOKE_ROUTE = "/v1/limits/check", "/v1/skills/{skill}/invoke"
+_NOT_REACHED = frozenset({"refused", "unreachable", "connect_timeout"})
 _DROP_REQUEST = frozenset(h.lower() for h in ("Host", "Connection", "Keep-Alive", "Content-Length",
                                              "Transfer-Encoding", "Upgrade", "TE", "Proxy-Connection"))
 _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Content-Length", "Transfer-Encoding",
                                               "Upgrade", "Server", "Date"))
-# Errors raised before any response byte arrived: the request never produced a decision.
-_NEVER_ANSWERED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError,
-                   aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     """The node's error shape, so clients parse router and node errors alike."""
     body = json.dumps({"error": {"code": code, "message": message, "field": field}})
-    return web.Response(status=status, text=body, content_type=JSON, headers=headers)
-
-
-class NodeHealth:
-    """What the router believes about one node; mutated only by :class:`Router`."""
-
-    __slots__ = ("checks", "ejected_until", "fail", "healthy", "last_error", "last_latency_ms", "ok", "reason",
-                 "rise_needed", "spec")
-
-    def __init__(self, spec: NodeSpec) -> None:
-        self.spec = spec
-        self.healthy = False  # in rotation (subject to ejected_until)
-        self.ejected_until = 0.0  # router clock; no traffic before this
-        self.ok = 0  # consecutive good checks
-        self.fail = 0  # consecutive failed checks
-        self.checks = 0
-        self.rise_needed = 1  # a node never seen failing joins on its first good check
-        self.last_latency_ms: float | None = None
-        self.last_error: str | None = None
-        self.reason = "unchecked"  # the last /readyz reason (or the failure)
-
-    def usable(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
-
-    def __repr__(self) -> str:
-        return (f"<NodeHealth {self.spec.id} healthy={self.healthy} ok={self.ok} fail={self.fail} "
-                f"reason={self.reason}>")
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
 def _route_of(path: str) -> str:
-    if path == "/v1/limits/check":
+    if path == CHECK_ROUTE:
         return path
     if path.startswith("/v1/skills/") and path.endswith("/invoke"):
-        return "/v1/skills/{skill}/invoke"
+        return INVOKE_ROUTE
     return "/v1/other"
 
 
@@ -123,32 +98,47 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
 
 
 class Router:
-    """Routing table, health state, shedding and the forwarding path of one router process."""
+    """Routing table, health state, admission, shedding and the forwarding path of one router process."""
 
     def __init__(self, config: ClusterConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.rc = config.router
+        rc = self.rc = config.router
         self.clock = clock
         self.nodes = {n.id: NodeHealth(n) for n in config.nodes}
         self.regions = {r.name: tuple(self.nodes[n.id] for n in r.nodes) for r in config.regions}
         self.default_region = config.regions[0].name
         self.order = {home: self._order(home) for home in self.regions}
         self._rr = {name: itertools.count() for name in self.regions}
-        self.counters = dict.fromkeys(("forwarded", "retried", "failed", "shed", "ejections", "no_healthy"), 0)
+        self.counters = dict.fromkeys(("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused",
+                                       "no_healthy", "overload_shed", "panic_picks", "checks_late",
+                                       "retry_budget_exhausted", "lagged_timeouts"), 0)
+        self._refusal_logged: dict[str, float] = {}
+        self.max_out = math.floor(rc.max_ejected_share * len(self.nodes) + 1e-9)  # nodes out at once, at most
         self.shedder = Shedder(clock, self._window_cap)
+        self.gate = Gate(rc.max_inflight, rc.queue_max, rc.queue_timeout_ms / 1000)
+        self.budget = RetryBudget(rc.retry_budget_ratio, rc.retry_budget_min_per_s, clock)
+        self.guard: Any = None  # the ConnectionGuard when served by router_main (slow clients)
         self.metrics = RouterMetrics()
+        self.metrics.registry.register(OverloadCollector("router", lambda: (self.gate, self.guard)))
         self.session: aiohttp.ClientSession | None = None
-        self.check_session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=self.rc.request_timeout_ms / 1000,
-                                              sock_connect=self.rc.connect_timeout_ms / 1000)
-        self._check_timeout = aiohttp.ClientTimeout(total=self.rc.health_timeout_ms / 1000)
+        self.loop_lag_s = 0.0  # recent lag of our own loop: timeouts during a lag are no evidence
+        connect = rc.connect_timeout_ms / 1000
+        total = rc.request_timeout_ms / 1000
+        self._timeouts = {
+            CHECK_ROUTE: (aiohttp.ClientTimeout(total=min(total, rc.check_try_timeout_ms / 1000),
+                                                sock_connect=connect), True),
+            INVOKE_ROUTE: (aiohttp.ClientTimeout(total=min(total, rc.invoke_try_timeout_ms / 1000),
+                                                 sock_connect=connect), True) if rc.retry_inflight_invoke
+            else (aiohttp.ClientTimeout(total=total, sock_connect=connect), False),
+        }
+        self._default_timeout = (aiohttp.ClientTimeout(total=total, sock_connect=connect), False)
         self._ids = itertools.count(1)
         self._boot = int(time.time() * 1000)
 
     # ------------------------------------------------------------------------------ routing table
 
     def _order(self, home: str) -> tuple[str, ...]:
-        """Regions nearest first from ``home``; ties keep the cluster file's order."""
+        """Regions nearest first from ``home``; a missing entry falls back to the reverse direction."""
         lat = self.rc.latency_ms
         index = {name: i for i, name in enumerate(self.regions)}
 
@@ -163,100 +153,165 @@ class Router:
         limit = self.config.limit_for(key)
         return SHED_CAP_S if limit is None else limit.burst / limit.rate
 
+    def in_panic(self, now: float | None = None) -> bool:
+        now = self.clock() if now is None else now
+        usable = sum(1 for n in self.nodes.values() if n.usable(now))
+        return usable < self.rc.panic_threshold * len(self.nodes)
+
     def pick(self, home: str, exclude_region: str | None = None,
              exclude_node: NodeHealth | None = None) -> NodeHealth | None:
-        """The next node of the nearest region with a usable node, round-robin inside the region."""
+        """The next node, nearest region first, in tiers: in rotation without evidence; in rotation
+        with evidence (kept by the cap, or one timeout); in panic only, out of rotation without hard
+        evidence.  Round-robin inside a region."""
         now = self.clock()
-        for region in self.order[home]:
-            if region == exclude_region:
-                continue
-            nodes = [n for n in self.regions[region] if n is not exclude_node and n.usable(now)]
-            if nodes:
-                return nodes[next(self._rr[region]) % len(nodes)] if len(nodes) > 1 else nodes[0]
+        tiers: list[Callable[[NodeHealth], bool]] = [lambda n: n.usable(now) and n.evidence is None,
+                                                     lambda n: n.usable(now)]
+        if self.in_panic(now):
+            tiers.append(lambda n: n.evidence not in HARD and not n.usable(now))
+        for tier, fits in enumerate(tiers):
+            for region in self.order[home]:
+                if region == exclude_region:
+                    continue
+                nodes = [n for n in self.regions[region] if n is not exclude_node and fits(n)]
+                if nodes:
+                    if tier == 2:
+                        self.counters["panic_picks"] += 1
+                    return nodes[next(self._rr[region]) % len(nodes)] if len(nodes) > 1 else nodes[0]
         return None
 
     def routing(self) -> dict[str, str | None]:
-        """Where each home region's clients go right now."""
+        """Where each home region's clients go right now (first tier with a node)."""
         out: dict[str, str | None] = {}
         now = self.clock()
         for home, order in self.order.items():
-            out[home] = next((r for r in order if any(n.usable(now) for n in self.regions[r])), None)
+            out[home] = (next((r for r in order if any(n.usable(now) and n.evidence is None
+                                                       for n in self.regions[r])), None)
+                         or next((r for r in order if any(n.usable(now) for n in self.regions[r])), None))
         return out
 
     # ------------------------------------------------------------------------------ health
 
-    def record_check(self, node: NodeHealth, good: bool, reason: str, latency_ms: float | None,
-                     error: str | None = None) -> None:
-        """Apply one active check result with hysteresis: out at once, back after ``rise_needed`` goods."""
-        node.checks += 1
-        node.last_latency_ms = latency_ms
-        node.reason = reason
-        if good:
-            node.ok += 1
-            node.fail = 0
-            if not node.healthy and node.ok >= node.rise_needed:
-                node.healthy = True
-                log.info("node in rotation", extra={"node": node.spec.id, "checks_ok": node.ok})
-            return
-        node.ok = 0
-        node.fail += 1
-        node.last_error = error or reason
-        if node.healthy:
-            node.healthy = False
-            log.warning("node out of rotation", extra={"node": node.spec.id, "error": node.last_error})
-        node.rise_needed = self.rc.rise
+    def take_out(self, node: NodeHealth, reason: str, seconds: float, error: str | None = None) -> bool:
+        """The one way out of rotation (checks, passive ejection, overload pauses), under the cap.
 
-    def eject(self, node: NodeHealth, seconds: float, reason: str, error: str | None = None) -> None:
-        """Passive ejection; ``overloaded`` only pauses traffic, anything else also demands ``rise`` checks.
-
-        Like Envoy's max ejection percent: one request's failure never takes out more than
-        ``MAX_EJECTION_SHARE`` of the nodes.  When a region dies, slow answers elsewhere (the survivors
-        taking its load) must not empty the routing table; the active checks still remove nodes that
-        really fail.
+        ``overloaded`` only pauses traffic for ``seconds``; anything else also demands ``rise`` good
+        checks.  Refused when it would leave more than ``max_ejected_share`` of the nodes out: the node
+        stays in, demoted by its evidence, and the next evidence tries again.
         """
         now = self.clock()
+        if reason != "overloaded":
+            node.evidence = reason
+            node.last_error = error or reason
         if node.usable(now):
             out = sum(1 for n in self.nodes.values() if not n.usable(now))
-            if out + 1 > MAX_EJECTION_SHARE * len(self.nodes):
-                self.counters["ejections_refused"] = self.counters.get("ejections_refused", 0) + 1
-                log.warning("ejection refused: too many nodes out already",
-                            extra={"node": node.spec.id, "reason": reason, "out": out, "error": error})
-                return
-        node.ejected_until = max(node.ejected_until, self.clock() + seconds)
+            if out + 1 > self.max_out:
+                self.counters["ejections_refused"] += 1
+                self.metrics.ejections_refused.labels(node.spec.id, reason).inc()
+                if now - self._refusal_logged.get(node.spec.id, -math.inf) >= 1.0:  # once a second at most
+                    self._refusal_logged[node.spec.id] = now
+                    log.warning("ejection refused by the cap", extra={"node": node.spec.id, "reason": reason,
+                                                                      "out": out, "error": error})
+                return False
+        node.ejected_until = max(node.ejected_until, now + seconds)
         if reason != "overloaded":
             node.healthy = False
             node.ok = 0
             node.rise_needed = self.rc.rise
-            node.last_error = error or reason
         self.counters["ejections"] += 1
         self.metrics.ejections.labels(node.spec.id, reason).inc()
-        log.warning("node ejected", extra={"node": node.spec.id, "reason": reason, "error": error,
-                                           "seconds": seconds})
+        log.warning("node out of rotation", extra={"node": node.spec.id, "reason": reason, "error": error,
+                                                   "seconds": seconds})
+        return True
 
-    async def check_once(self, node: NodeHealth) -> None:
-        assert self.check_session is not None
-        started = time.perf_counter()
-        try:
-            async with self.check_session.get(node.spec.url + "/readyz", timeout=self._check_timeout) as resp:
-                doc = _json_object(await resp.read()) or {}
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.record_check(node, False, "unreachable", None, f"{exc.__class__.__name__}: {exc}"[:200])
+    def apply_check(self, node: NodeHealth, result: CheckResult) -> None:
+        """One active check result (on the main loop): hysteresis, evidence rules and the cap."""
+        node.checks += 1
+        m = self.metrics
+        m.health_results.labels(node.spec.id, result.kind).inc()
+        if result.latency_ms is not None:
+            m.health.labels(node.spec.id).observe(result.latency_ms / 1000)
+        if result.kind == "late":  # the checker's own loop was late: no verdict
+            self.counters["checks_late"] += 1
             return
-        latency = (time.perf_counter() - started) * 1000
-        reason = str(doc.get("reason", "ok" if resp.status == 200 else resp.status))
-        good = resp.status == 200 or (resp.status == 503 and reason == "exhausted")
-        self.record_check(node, good, reason, round(latency, 3), None if good else f"readyz {resp.status} {reason}")
+        if result.good:
+            node.last_good_started = max(node.last_good_started, result.started)
+            node.last_latency_ms = result.latency_ms
+            node.reason = result.reason
+            node.ok += 1
+            node.fail = 0
+            node.timeouts = 0
+            node.answered += 1
+            node.evidence = None
+            if not node.healthy and node.ok >= node.rise_needed:
+                node.healthy = True
+                log.info("node in rotation", extra={"node": node.spec.id, "checks_ok": node.ok})
+            return
+        if result.started < node.last_good_started:
+            return  # an older check timing out after a newer one answered: stale
+        node.ok = 0
+        node.fail += 1
+        node.reason = result.reason if result.kind == "down" else result.kind
+        node.last_latency_ms = None
+        if result.kind in HARD or result.kind == "down" or node.fail >= self.rc.fall:
+            if node.healthy:
+                self.take_out(node, "check_" + result.kind, 0.0, result.error)
+            else:
+                node.evidence = "check_" + result.kind
+                node.last_error = result.error
+            node.rise_needed = self.rc.rise
+        else:
+            node.evidence = "check_timeout"  # suspect: demoted, still in rotation
 
-    async def check_loop(self, node: NodeHealth) -> None:
-        interval = self.rc.health_interval_ms / 1000
-        while True:
-            started = self.clock()
-            await self.check_once(node)
-            await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+    def record_check(self, node: NodeHealth, good: bool, reason: str, latency_ms: float | None,
+                     error: str | None = None, kind: str | None = None) -> None:
+        """Apply a check result given as plain values (tests, tools)."""
+        kind = kind or ("ok" if good else "down")
+        self.apply_check(node, CheckResult(good, kind, reason, latency_ms, time.monotonic(), error))
+
+    def _try_failed(self, node: NodeHealth, kind: str, error: str) -> None:
+        """What one failed forwarding try says about its node."""
+        self.metrics.try_failures.labels(node.spec.id, kind).inc()
+        if kind in HARD:
+            self.take_out(node, kind, self.rc.eject_ms / 1000, error)
+            return
+        if kind in ("timeout", "connect_timeout") and self.loop_lag_s > self.rc.check_try_timeout_ms / 2000:
+            self.counters["lagged_timeouts"] += 1  # we were late ourselves: no evidence
+            return
+        if kind == "connect_timeout":
+            node.evidence = node.evidence or "connect_timeout"  # demoted, never ejected for it
+            return
+        node.timeouts += 1
+        node.evidence = node.evidence or "timeout"
+        if node.timeouts >= self.rc.timeout_eject_count and node.answered:
+            self.take_out(node, "timeouts", self.rc.eject_ms / 1000, error)
+
+    def _answered(self, node: NodeHealth) -> None:
+        node.answered += 1
+        node.timeouts = 0
+        if node.evidence is not None and node.usable(self.clock()):
+            node.evidence = None
 
     # ------------------------------------------------------------------------------ forwarding
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Admission first (a quick 503 past the gate), then :meth:`forward`."""
+        gate = self.gate
+        if not gate.try_enter():
+            reason = await gate.enter()
+            if reason is not None:
+                self.counters["overload_shed"] += 1
+                self.metrics.count(_route_of(request.path), 503, "-", "-")
+                return error_response(503, "router_overloaded", f"the router is at capacity ({reason}); retry "
+                                      "later", headers={"Retry-After": "1", "Retry-After-Ms": "100",
+                                                        SHED_HEADER: reason})
+        try:
+            return await self.forward(request)
+        finally:
+            gate.leave()
+            if self.guard is not None:
+                self.guard.done(request.transport)
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
         """Forward one ``/v1`` request; see the module docstring for retries and shedding."""
         raw_home = request.headers.get(REGION_HEADER)
         extra: dict[str, str] = {}
@@ -266,10 +321,14 @@ class Router:
             home = self.default_region
             extra[FALLBACK_HEADER] = f"{home}; reason={'unknown' if raw_home else 'missing'}"
         route = _route_of(request.path)
-        body = await request.read()
+        try:
+            async with asyncio.timeout(self.rc.header_timeout_ms / 1000):
+                body = await request.read()
+        except TimeoutError:
+            return self._fail(route, home, 408, "body_timeout", "the request body did not arrive in time", extra)
         key, parsed = self._limiter_key(route, request, body)
         if key is not None and self.shedder:
-            if parsed is None and route != "/v1/limits/check":
+            if parsed is None and route != CHECK_ROUTE:
                 parsed = _json_object(body)
             left = self.shedder.remaining(key, _cost_of(parsed))
             if left > 0:
@@ -277,43 +336,77 @@ class Router:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
         if "X-Request-Id" not in headers:
             headers["X-Request-Id"] = f"rt-{self._boot}-{next(self._ids)}"
+        timeout, retry_inflight = self._timeouts.get(route, self._default_timeout)
         node = self.pick(home)
         if node is None:
             self.counters["no_healthy"] += 1
             self.metrics.count(route, 503, home, "-")
-            return error_response(503, "no_healthy_region", f"no region has a healthy node for home region {home}",
-                                  headers=extra)
-        url_tail = request.raw_path
+            return error_response(503, "no_healthy_region", f"no region has a node for home region {home}",
+                                  headers={"Retry-After": "1", **extra})
+        self.budget.request()
         assert self.session is not None
         for attempt in (0, 1):
             started = time.perf_counter()
+            headers[DEADLINE_HEADER] = str(int(time.time() * 1000 + timeout.total * 1000))  # type: ignore[operator]
             try:
-                resp = await self.session.request(request.method, node.spec.url + url_tail, data=body or None,
-                                                  headers=headers, timeout=self._timeout, allow_redirects=False)
-            except _NEVER_ANSWERED as exc:
-                self.eject(node, self.rc.eject_ms / 1000, "connect", f"{exc.__class__.__name__}: {exc}"[:200])
-                failed = node
-                node = self.pick(home, exclude_region=failed.spec.region) or self.pick(home, exclude_node=failed)
-                if attempt == 0 and node is not None:
-                    self.counters["retried"] += 1
-                    self.metrics.retries.labels(home, node.spec.region).inc()
-                    extra["X-Router-Retried"] = failed.spec.id
+                resp = await self.session.request(request.method, node.spec.url + request.raw_path,
+                                                  data=body or None, headers=headers, timeout=timeout,
+                                                  allow_redirects=False)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                kind = classify(exc)
+                error = f"{exc.__class__.__name__}: {exc}"[:200]
+                self._try_failed(node, kind, error)
+                retry = attempt == 0 and (kind in _NOT_REACHED or retry_inflight)
+                nxt = self._retry_target(home, node) if retry else None
+                if nxt is not None:
+                    extra["X-Router-Retried"] = node.spec.id
+                    extra["X-Router-Retry-Reason"] = kind
+                    node = nxt
                     continue
-                return self._fail(route, home, 502, "upstream_unreachable",
-                                  f"node {failed.spec.id} could not be reached ({exc.__class__.__name__})", extra)
-            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-                self.eject(node, self.rc.eject_ms / 1000, "timeout", exc.__class__.__name__)
-                return self._fail(route, home, 504, "upstream_timeout", f"node {node.spec.id} did not answer in "
-                                  f"{self.rc.request_timeout_ms:g} ms; not retried (it may have acted)", extra)
+                return self._try_error(route, home, node, kind, extra)
+            self._answered(node)
+            shed = resp.headers.get(SHED_HEADER) if resp.status == 503 else None
+            if shed is not None and attempt == 0:  # the node refused before deciding: safe anywhere
+                self.take_out(node, "overloaded", OVERLOAD_EJECT_S)
+                nxt = self._retry_target(home, node)
+                if nxt is not None:
+                    resp.release()
+                    extra["X-Router-Retried"] = node.spec.id
+                    extra["X-Router-Retry-Reason"] = f"shed:{shed}"
+                    node = nxt
+                    continue
             return await self._relay(request, resp, node, route, home, key, body, parsed, extra, started)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _retry_target(self, home: str, failed: NodeHealth) -> NodeHealth | None:
+        node = self.pick(home, exclude_region=failed.spec.region) or self.pick(home, exclude_node=failed)
+        if node is None:
+            return None
+        if not self.budget.try_retry():
+            self.counters["retry_budget_exhausted"] += 1
+            self.metrics.retry_budget_exhausted.inc()
+            return None
+        self.counters["retried"] += 1
+        self.metrics.retries.labels(home, node.spec.region).inc()
+        return node
+
+    def _try_error(self, route: str, home: str, node: NodeHealth, kind: str, extra: dict[str, str]) -> web.Response:
+        nid = node.spec.id
+        if kind in _NOT_REACHED:
+            return self._fail(route, home, 502, "upstream_unreachable", f"node {nid} could not be reached ({kind})",
+                              extra)
+        if kind == "timeout":
+            return self._fail(route, home, 504, "upstream_timeout", f"node {nid} did not answer in time; not "
+                              "retried (it may have acted)", extra)
+        return self._fail(route, home, 502, "upstream_broken", f"node {nid} dropped the connection ({kind}); not "
+                          "retried (it may have acted)", extra)
+
     def _limiter_key(self, route: str, request: web.Request, body: bytes) -> tuple[str | None, dict | None]:
         """The key the node will limit on: the tenant of the bearer, or the body's ``key``."""
-        if route == "/v1/skills/{skill}/invoke":
+        if route == INVOKE_ROUTE:
             auth = request.headers.get("Authorization", "")
             return (self.config.api_keys.get(auth[7:].strip()) if auth.startswith("Bearer ") else None), None
-        if route == "/v1/limits/check" and self.shedder:  # parse only when there is something to shed
+        if route == CHECK_ROUTE and self.shedder:  # parse only when there is something to shed
             parsed = _json_object(body)
             key = parsed.get("key") if parsed else None
             return (key if isinstance(key, str) else None), parsed
@@ -322,7 +415,7 @@ class Router:
     async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse, node: NodeHealth, route: str,
                      home: str, key: str | None, body: bytes, parsed: dict | None, extra: dict[str, str],
                      started: float) -> web.StreamResponse:
-        """Stream the node's answer back; learn shedding and overload hints from it on the way."""
+        """Stream the node's answer back; learn shedding hints from it on the way."""
         region = node.spec.region
         out_headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE)
         out_headers.update(extra)
@@ -331,7 +424,7 @@ class Router:
                 length = resp.content_length
                 if length is not None and length <= INLINE_BODY_MAX:
                     data = await resp.read()
-                    self._learn(route, resp, node, key, body, parsed, data)
+                    self._learn(route, resp, key, body, parsed, data)
                     out: web.StreamResponse = web.Response(status=resp.status, body=data, headers=out_headers)
                 else:
                     out = web.StreamResponse(status=resp.status, headers=out_headers)
@@ -341,7 +434,7 @@ class Router:
                     await out.write_eof()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The node started answering: never retry, it may have acted.
-            self.eject(node, self.rc.eject_ms / 1000, "broken_response", exc.__class__.__name__)
+            self._try_failed(node, "reset", exc.__class__.__name__)
             return self._fail(route, home, 502, "upstream_broken", f"node {node.spec.id} broke off its answer "
                               f"({exc.__class__.__name__}); not retried", extra)
         self.counters["forwarded"] += 1
@@ -349,15 +442,14 @@ class Router:
         self.metrics.count(route, resp.status, home, region)
         return out
 
-    def _learn(self, route: str, resp: aiohttp.ClientResponse, node: NodeHealth, key: str | None, body: bytes,
+    def _learn(self, route: str, resp: aiohttp.ClientResponse, key: str | None, body: bytes,
                parsed: dict | None, data: bytes) -> None:
         status = resp.status
         if status == 429 and key is not None:
-            retry_s = retry_seconds(resp.headers)
             if parsed is None:
                 parsed = _json_object(body)
-            self.shedder.learn(key, retry_s, _cost_of(parsed))
-        elif route == "/v1/limits/check" and status == 200 and resp.headers.get("RateLimit-Reset", "0") != "0":
+            self.shedder.learn(key, retry_seconds(resp.headers), _cost_of(parsed))
+        elif route == CHECK_ROUTE and status == 200 and resp.headers.get("RateLimit-Reset", "0") != "0":
             doc = _json_object(data) or {}
             if doc.get("allowed") is False and isinstance(doc.get("retry_after_ms"), int | float):
                 if parsed is None:
@@ -365,10 +457,6 @@ class Router:
                 k = parsed.get("key") if parsed else None
                 if isinstance(k, str):
                     self.shedder.learn(k, doc["retry_after_ms"] / 1000, _cost_of(parsed))
-        elif status == 503:
-            doc = _json_object(data) or {}
-            if (doc.get("error") or {}).get("code") == "overloaded":
-                self.eject(node, OVERLOAD_EJECT_S, "overloaded")
 
     def _shed(self, route: str, home: str, key: str, left: float, extra: dict[str, str]) -> web.Response:
         self.counters["shed"] += 1
@@ -391,18 +479,37 @@ class Router:
         now = self.clock()
         nodes = [{"id": n.spec.id, "region": n.spec.region, "url": n.spec.url, "healthy": n.healthy,
                   "usable": n.usable(now), "ejected_for_ms": max(0.0, round((n.ejected_until - now) * 1000, 3)),
-                  "ejected_until": n.ejected_until if n.ejected_until > now else None,
-                  "consecutive_ok": n.ok, "consecutive_fail": n.fail, "checks": n.checks, "reason": n.reason,
-                  "last_check_ms": n.last_latency_ms, "last_error": n.last_error} for n in self.nodes.values()]
+                  "ejected_until": n.ejected_until if n.ejected_until > now else None, "evidence": n.evidence,
+                  "consecutive_ok": n.ok, "consecutive_fail": n.fail, "consecutive_timeouts": n.timeouts,
+                  "checks": n.checks, "reason": n.reason, "last_check_ms": n.last_latency_ms,
+                  "last_error": n.last_error} for n in self.nodes.values()]
         regions = {name: {"nodes": len(ns), "healthy": sum(1 for n in ns if n.usable(now)),
                           "order": list(self.order[name])} for name, ns in self.regions.items()}
         return {"clock": now, "default_region": self.default_region, "nodes": nodes, "regions": regions,
-                "routing": self.routing(), "counters": dict(self.counters), "shedding_keys": len(self.shedder)}
+                "routing": self.routing(), "counters": dict(self.counters), "shedding_keys": len(self.shedder),
+                "panic": self.in_panic(now), "max_out": self.max_out, "inflight": self.gate.inflight,
+                "queued": self.gate.queued, "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
+                "retry_budget_left": round(self.budget.left(), 1)}
+
+    def _refresh_gauges(self) -> None:
+        now = self.clock()
+        self.metrics.panic.set(1 if self.in_panic(now) else 0)
+        self.metrics.in_rotation.set(sum(1 for n in self.nodes.values() if n.usable(now)))
+        self.metrics.loop_lag.set(self.loop_lag_s)
+
+    async def watch_loop_lag(self, tick_s: float = 0.02) -> None:
+        """Our own loop's lag over the last ~0.5 s (a timeout judged during a lag is no evidence)."""
+        recent: list[float] = []
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(tick_s)
+            recent.append(max(0.0, time.monotonic() - t0 - tick_s))
+            del recent[:-25]
+            self.loop_lag_s = max(recent)
+            self._refresh_gauges()
 
 
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
-
-
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
 
 
@@ -437,36 +544,49 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[ROUTER].metrics.render(),
-                        headers={"Content-Type": "text/plain; version=0.0.4"})
+    router = request.app[ROUTER]
+    router._refresh_gauges()
+    return web.Response(body=router.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-def build_router_app(router: Router, connector_limit: int = 8192) -> web.Application:
-    """The router's aiohttp app; its cleanup context owns the client sessions and the health checks."""
+def build_router_app(router: Router) -> web.Application:
+    """The router's aiohttp app; its cleanup context owns the forwarding pool, the checker thread and
+    the loop-lag watch."""
     app = web.Application(middlewares=[_errors], client_max_size=router.config.server.max_body_bytes + 1)
     app[ROUTER] = router
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # One shared keep-alive pool for forwarding, sized for thousands of concurrent requests; health
-        # checks get their own small pool so a saturated forwarding pool cannot delay them.
+        rc = router.rc
         router.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=connector_limit, limit_per_host=0, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=rc.connections_per_node, keepalive_timeout=30),
             auto_decompress=False, skip_auto_headers=("User-Agent",))
-        router.check_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(4, 2 * len(router.nodes))))
+        loop = asyncio.get_running_loop()
+        first_round = asyncio.Event()
+
+        def deliver(spec: NodeSpec, result: CheckResult) -> None:  # runs in the checker thread
+            with contextlib.suppress(RuntimeError):  # the main loop is closing
+                loop.call_soon_threadsafe(_apply, spec, result)
+
+        def _apply(spec: NodeSpec, result: CheckResult) -> None:
+            router.apply_check(router.nodes[spec.id], result)
+            if all(n.checks for n in router.nodes.values()):
+                first_round.set()
+
+        checker = HealthChecker(list(router.config.nodes), rc, deliver)
+        checker.start()
         # One round of checks before serving, so the first requests already have somewhere to go.
-        await asyncio.gather(*(router.check_once(n) for n in router.nodes.values()))
-        tasks = [asyncio.create_task(router.check_loop(n), name=f"check-{n.spec.id}") for n in router.nodes.values()]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(rc.health_timeout_ms / 1000 + rc.health_interval_ms / 1000 + 1):
+                await first_round.wait()
+        lag = asyncio.create_task(router.watch_loop_lag(), name="router-loop-lag")
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
+            await loop.run_in_executor(None, checker.stop)
             await router.session.close()
-            await router.check_session.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", _healthz)

@@ -15,6 +15,7 @@ import sys
 from aiohttp import web
 
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
+from edge_server.conn_guard import ConnectionGuard
 
 __all__ = ["router_main", "serve_router"]
 
@@ -32,26 +33,28 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
 
     router = Router(config)
     runner = web.AppRunner(build_router_app(router), access_log=None, handle_signals=False)
-    await runner.setup()  # runs the cleanup context: sessions, first health round, check tasks
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
+    await runner.setup()  # runs the cleanup context: sessions, first health round, check thread
+    assert runner.server is not None
+    rc = config.router
+    # Our own listening socket with a protocol factory that wraps aiohttp's handler: slow or idle
+    # clients are cut off (edge_server.conn_guard); runner.cleanup() still closes every connection.
+    router.guard = ConnectionGuard(runner.server, rc.header_timeout_ms / 1000, rc.max_connections)
+    loop = asyncio.get_running_loop()
     try:
-        await site.start()
+        listener = await loop.create_server(router.guard, host, port, reuse_address=True, backlog=4096)
     except OSError as exc:
         await runner.cleanup()
         return _fail(3, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    bound = port
-    server = getattr(site, "_server", None)
-    if server is not None and server.sockets:
-        bound = server.sockets[0].getsockname()[1]
+    bound = listener.sockets[0].getsockname()[1] if listener.sockets else port
     log.info("router serving", extra={"host": host, "port": bound, "regions": list(router.regions),
                                       "routing": router.routing()})
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
+        listener.close()
         await runner.cleanup()
         log.info("router stopped", extra={"counters": router.counters})
     return 0

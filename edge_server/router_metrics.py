@@ -1,15 +1,25 @@
 """The router's Prometheus metrics, in a registry of their own (a router and nodes may share a test
-process)."""
+process).
+
+What an SRE reads to see an overload cascade coming (all under ``/metrics``):
+``router_inflight`` / ``router_queue_depth`` (the admission gate), ``router_overload_shed_total{reason}``
+(quick 503s), ``router_health_check_seconds{node}`` (measured in the checker's own thread),
+``router_ejections_total{node,reason}`` and ``router_ejections_refused_total{node,reason}`` (the cap at
+work), ``router_panic`` (1 while routing past the health table), ``router_nodes_in_rotation``,
+``router_loop_lag_seconds``, ``router_try_failures_total{node,kind}`` and
+``router_connections_closed_total{reason}`` (slow or idle clients cut off).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["LATENCY_BUCKETS", "RouterMetrics"]
+__all__ = ["CHECK_BUCKETS", "LATENCY_BUCKETS", "RouterMetrics"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+CHECK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1)
 
 
 class RouterMetrics:
@@ -22,9 +32,23 @@ class RouterMetrics:
         self.retries = Counter("router_retries", "Requests retried on another region", ["home", "region"],
                                registry=r)
         self.ejections = Counter("router_ejections", "Nodes taken out of rotation", ["node", "reason"], registry=r)
+        self.ejections_refused = Counter("router_ejections_refused", "Ejections refused by the ejection cap",
+                                         ["node", "reason"], registry=r)
         self.shed = Counter("router_shed", "Requests answered 429 by the router itself", ["route"], registry=r)
         self.upstream = Histogram("router_upstream_seconds", "Time to a node's full answer", ["region"],
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.try_failures = Counter("router_try_failures", "Forwarding tries that failed, by evidence kind",
+                                    ["node", "kind"], registry=r)
+        self.retry_budget_exhausted = Counter("router_retry_budget_exhausted",
+                                              "Retries not made because the retry budget was spent", registry=r)
+        self.health = Histogram("router_health_check_seconds", "Active /readyz check latency (checker thread)",
+                                ["node"], buckets=CHECK_BUCKETS, registry=r)
+        self.health_results = Counter("router_health_checks", "Active checks by result", ["node", "result"],
+                                      registry=r)
+        self.panic = Gauge("router_panic", "1 while fewer nodes than the panic threshold are in rotation",
+                           registry=r)
+        self.in_rotation = Gauge("router_nodes_in_rotation", "Nodes in rotation", registry=r)
+        self.loop_lag = Gauge("router_loop_lag_seconds", "Recent lag of the router's event loop", registry=r)
         self._children: dict[tuple[str, ...], Any] = {}
 
     def count(self, route: str, status: int, home: str, region: str) -> None:

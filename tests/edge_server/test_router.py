@@ -105,12 +105,14 @@ def test_regions_are_ordered_nearest_first() -> None:
 def test_pick_spreads_round_robin_and_skips_unusable_nodes() -> None:
     clock = ManualClock()
     router = make_router(clock)
-    assert router.pick("eu") is None  # nothing checked yet: nowhere to go
+    assert router.in_panic()  # nothing checked yet: in panic, unchecked nodes get traffic (nearest first)
+    assert router.pick("eu").spec.region == "eu"  # type: ignore[union-attr]
     all_healthy(router)
+    assert not router.in_panic()
     assert {router.pick("eu").spec.id for _ in range(4)} == {"eu-1", "eu-2"}  # type: ignore[union-attr]
-    router.eject(router.nodes["eu-1"], 1.0, "connect")
+    assert router.take_out(router.nodes["eu-1"], "refused", 1.0)
     assert {router.pick("eu").spec.id for _ in range(4)} == {"eu-2"}  # type: ignore[union-attr]
-    router.eject(router.nodes["eu-2"], 1.0, "connect")
+    assert router.take_out(router.nodes["eu-2"], "refused", 1.0)  # 2 of 4 out: the cap's limit
     assert router.pick("eu").spec.id == "us-1"  # type: ignore[union-attr]
     assert router.pick("eu", exclude_region="us").spec.id == "ap-1"  # type: ignore[union-attr]
     assert router.routing() == {"eu": "us", "us": "us", "ap": "ap"}
@@ -122,33 +124,84 @@ def test_hysteresis_needs_rise_good_checks_and_the_ejection_to_expire() -> None:
     node = router.nodes["eu-1"]
     all_healthy(router)
     assert node.usable(clock.now)  # a node never seen failing joins on its first good check
-    router.eject(node, 0.5, "connect")
+    router.take_out(node, "refused", 0.5)
     for _ in range(3):  # a flapping node: good, bad, good, bad ... never gets traffic back
         router.record_check(node, True, "ok", 0.1)
-        router.record_check(node, False, "unreachable", None, "refused")
+        router.record_check(node, False, "unreachable", None, "refused", kind="refused")
         assert not node.usable(clock.now)
     for _ in range(3):
         router.record_check(node, True, "ok", 0.1)
     assert node.healthy and not node.usable(clock.now)  # rise reached, ejection still running
     clock.now += 0.5
     assert node.usable(clock.now)
-    router.eject(node, OVERLOAD := 0.25, "overloaded")  # overload pauses traffic but keeps health
+    router.take_out(node, "overloaded", OVERLOAD := 0.25)  # overload pauses traffic but keeps health
     assert node.healthy and not node.usable(clock.now)
     clock.now += OVERLOAD
     assert node.usable(clock.now)
 
 
-def test_passive_ejection_never_takes_out_more_than_half_the_nodes() -> None:
+def test_no_path_takes_out_more_than_the_cap_and_evidence_demotes() -> None:
     clock = ManualClock()
-    router = make_router(clock, eject_ms=1000)
+    router = make_router(clock, eject_ms=1000)  # 4 nodes, max_ejected_share 0.5: at most 2 out
     all_healthy(router)
-    for node_id in ("eu-1", "eu-2", "us-1", "ap-1"):  # a storm of failures (a region died, others slow)
-        router.eject(router.nodes[node_id], 1.0, "timeout")
+    for node_id in ("eu-1", "eu-2"):  # a storm of failures (a region died, others slow)
+        router.take_out(router.nodes[node_id], "timeouts", 1.0)
+    # the active-check path and the overload path are capped too (they used to bypass it)
+    router.record_check(router.nodes["us-1"], False, "unreachable", None, "refused", kind="refused")
+    router.take_out(router.nodes["ap-1"], "overloaded", 0.25)
     usable = [n.spec.id for n in router.nodes.values() if n.usable(clock.now)]
-    assert usable == ["us-1", "ap-1"]
-    assert router.counters["ejections_refused"] == 2
-    router.record_check(router.nodes["us-1"], False, "unreachable", None, "refused")  # active checks still act
-    assert not router.nodes["us-1"].usable(clock.now)
+    assert usable == ["us-1", "ap-1"] and router.counters["ejections_refused"] == 2
+    assert router.nodes["us-1"].evidence == "check_refused"  # kept in, but demoted below clean nodes
+    assert router.pick("us").spec.id == "ap-1"  # type: ignore[union-attr]
+    assert router.pick("us", exclude_node=router.nodes["ap-1"]).spec.id == "us-1"  # type: ignore[union-attr]
+    router.record_check(router.nodes["us-1"], True, "ok", 0.1)  # an answer clears the evidence
+    assert router.pick("us").spec.id == "us-1"  # type: ignore[union-attr]
+
+
+def test_one_node_cluster_is_never_ejected() -> None:
+    clock = ManualClock()
+    doc = cluster_doc({"eu": [("eu-1", 9001)]})
+    router = Router(parse_cluster(doc), clock=clock)
+    all_healthy(router)
+    assert not router.take_out(router.nodes["eu-1"], "refused", 1.0)
+    assert router.pick("eu") is router.nodes["eu-1"]
+
+
+def test_panic_routes_to_nodes_out_of_rotation_without_hard_evidence() -> None:
+    clock = ManualClock()
+    router = make_router(clock, max_ejected_share=1.0, panic_threshold=0.5)
+    all_healthy(router)
+    for node_id in ("eu-1", "eu-2", "us-1"):
+        router.take_out(router.nodes[node_id], "refused" if node_id == "eu-1" else "timeouts", 1.0)
+    assert router.in_panic()  # 1 of 4 in rotation < 50 %
+    # ap-1 is in rotation, but eu-2 (timeouts: maybe only slow) is nearer for eu and gets traffic again;
+    # eu-1 refused connections: surely down, never used in panic
+    assert router.pick("eu").spec.id == "ap-1"  # type: ignore[union-attr]
+    assert router.pick("eu", exclude_node=router.nodes["ap-1"]).spec.id == "eu-2"  # type: ignore[union-attr]
+    picks = {router.pick("eu", exclude_node=router.nodes["ap-1"]).spec.id for _ in range(6)}  # type: ignore[union-attr]
+    assert "eu-1" not in picks
+    assert router.counters["panic_picks"] >= 7
+
+
+def test_timeouts_eject_only_a_node_that_had_answered_and_not_during_our_own_lag() -> None:
+    clock = ManualClock()
+    router = make_router(clock, timeout_eject_count=2)
+    all_healthy(router)
+    node = router.nodes["us-1"]
+    router._try_failed(node, "connect_timeout", "slow connect")  # a burst's slow connect: demoted only
+    assert node.usable(clock.now) and node.evidence == "connect_timeout" and node.timeouts == 0
+    router.loop_lag_s = 1.0  # our own loop is late: a timeout says nothing about the node
+    router._try_failed(node, "timeout", "t")
+    router._try_failed(node, "timeout", "t")
+    assert node.usable(clock.now) and router.counters["lagged_timeouts"] == 2
+    router.loop_lag_s = 0.0
+    router._try_failed(node, "timeout", "t")
+    assert node.usable(clock.now)  # one timeout: demoted, not ejected
+    router._answered(node)  # an answer resets the count
+    router._try_failed(node, "timeout", "t")
+    assert node.usable(clock.now)
+    router._try_failed(node, "timeout", "t")
+    assert not node.usable(clock.now) and node.evidence == "timeouts"
 
 
 def test_readyz_exhausted_keeps_the_node_in_rotation() -> None:
@@ -406,15 +459,18 @@ async def test_router_sheds_a_key_after_a_429_and_only_briefly(make_nodes: Any, 
 
 
 @pytest.mark.integration
-async def test_no_healthy_region_is_a_json_503(make_nodes: Any, run_router: Any) -> None:
+async def test_a_dead_single_node_is_a_quick_json_502_never_no_healthy_region(make_nodes: Any,
+                                                                               run_router: Any) -> None:
     nodes = await make_nodes({"eu": ["eu-1"]}, health_interval_ms=50)
     router, url = await run_router(nodes)
     nodes.kill9("eu-1")
-    await wait_for(lambda: not router.nodes["eu-1"].healthy, 2.0, "eu-1 out of rotation")
+    await wait_for(lambda: router.nodes["eu-1"].evidence is not None, 2.0, "eu-1 seen failing")
+    assert router.nodes["eu-1"].usable(router.clock())  # the cap keeps the only node: nothing is better
     async with aiohttp.ClientSession() as s:
         async with s.post(url + "/v1/limits/check", json={"key": "k"}) as r:
-            assert r.status == 503
-            assert (await r.json())["error"]["code"] == "no_healthy_region"
+            assert r.status == 502
+            assert (await r.json())["error"]["code"] == "upstream_unreachable"
+    assert router.counters["no_healthy"] == 0
 
 
 def run_router_cli(*args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,46 @@
+"""Admission and slow-client figures as Prometheus metrics, for the router and the nodes alike.
+
+Read at scrape time from the :class:`edge_server.admission.Gate` and the
+:class:`edge_server.conn_guard.ConnectionGuard`, so the hot path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["OverloadCollector"]
+
+
+class OverloadCollector(Collector):
+    """Admission gate and connection guard figures, read at scrape time (nothing on the hot path).
+
+    Shared by the router (``prefix="router"``) and the nodes (``prefix="edge"``); ``source`` returns
+    the gate and the guard (either may be None) when scraped.
+    """
+
+    def __init__(self, prefix: str, source: Callable[[], tuple[Any, Any]]) -> None:
+        self.prefix, self.source = prefix, source
+
+    def collect(self) -> Iterator[Metric]:
+        gate, guard = self.source()
+        p = self.prefix
+        if gate is not None:
+            yield GaugeMetricFamily(f"{p}_inflight", "Requests holding an admission slot", value=gate.inflight)
+            yield GaugeMetricFamily(f"{p}_inflight_limit", "Admission slots", value=gate.limit)
+            yield GaugeMetricFamily(f"{p}_queue_depth", "Requests waiting for a slot", value=gate.queued)
+            shed = CounterMetricFamily(f"{p}_overload_shed", "Requests answered 503 by admission control",
+                                       labels=["reason"])
+            for reason, n in sorted(gate.shed.items()):
+                shed.add_metric([reason], n)
+            yield shed
+        if guard is not None:
+            yield GaugeMetricFamily(f"{p}_connections_open", "Client connections open", value=len(guard.open))
+            closed = CounterMetricFamily(f"{p}_connections_closed", "Client connections closed by the guard",
+                                         labels=["reason"])
+            for reason, n in sorted(guard.closed.items()):
+                closed.add_metric([reason], n)
+            yield closed
