@@ -36,6 +36,7 @@ from workbench.spec.parts import (
     _SKILL_KEYS,
     ACTIONS,
     DEFAULT_REGIONS,
+    FAULTS_BACKENDS,
     ROUTER,
     FaultAction,
     LimitSpec,
@@ -68,7 +69,7 @@ __all__ = [
     "default_latency_ms",
 ]
 
-_TOP_KEYS = ("name", "seed", "duration_s", "mode", "health_interval_ms", "results_dir",
+_TOP_KEYS = ("name", "seed", "duration_s", "mode", "health_interval_ms", "results_dir", "faults_backend",
              "topology", "limits", "load", "skill", "faults")
 
 SKILL_NAME = "rating"  # the {skill} of /v1/skills/{skill}/invoke in every generated cluster file
@@ -92,6 +93,7 @@ class Scenario:
     mode: str = "eventual"  # limiter mode of every node
     health_interval_ms: float = 100.0  # router's active health checks
     results_dir: str | None = None
+    faults_backend: str = "proxy"  # "proxy" (userspace fault proxies) or "netns" (namespaces, kernel routes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\\0"):
@@ -106,6 +108,7 @@ class Scenario:
         if not isinstance(self.faults, Sequence) or not all(isinstance(x, FaultAction) for x in self.faults):
             raise ScenarioError("faults", "a list of FaultAction", self.faults)
         _choice("mode", self.mode, MODES)
+        _choice("faults_backend", self.faults_backend, FAULTS_BACKENDS)
         if self.results_dir is not None and not isinstance(self.results_dir, str | os.PathLike):
             raise ScenarioError("results_dir", "a path or None", self.results_dir)
         _set(self, limits=tuple(self.limits), faults=tuple(sorted(self.faults, key=lambda f: f.at_s)),
@@ -143,7 +146,7 @@ class Scenario:
         """The inverse of :meth:`to_dict`; missing keys take their defaults, unknown keys are refused."""
         raw = _only("", raw, _TOP_KEYS)
         kw: dict[str, Any] = {k: raw[k] for k in ("name", "seed", "duration_s", "mode", "health_interval_ms",
-                                                  "results_dir") if k in raw}
+                                                  "results_dir", "faults_backend") if k in raw}
         if "topology" in raw:
             t = _only("topology", raw["topology"], ("nodes_per_region", "latency_ms", "gossip_interval_ms"))
             if "nodes_per_region" not in t:
@@ -200,7 +203,7 @@ class Scenario:
         return {
             "name": self.name, "seed": self.seed, "duration_s": self.duration_s, "mode": self.mode,
             "health_interval_ms": self.health_interval_ms, "results_dir": self.results_dir,
-            "topology": self.topology.to_dict(),
+            "faults_backend": self.faults_backend, "topology": self.topology.to_dict(),
             "limits": [{"pattern": x.pattern, "rate": x.rate, "burst": x.burst} for x in self.limits],
             "load": {k: dict(v) if isinstance(v, Mapping) else v
                      for k, v in ((k, getattr(self.load, k)) for k in _LOAD_KEYS)},
