@@ -1,4 +1,5 @@
-"""Command line: ``edge-server --cluster FILE --node ID`` runs a node; ``edge-server router ...`` the router.
+"""Command line: ``edge-server --cluster FILE --node ID`` runs a node; ``edge-server router ...`` the router;
+``edge-server audit verify|export|usage DIR...`` checks and reads audit trails (see ``audit/cli.py``).
 
 Exit status: 0 after a clean stop, 2 for a bad cluster file or arguments, 3 when the node cannot
 bind its port or read its audit trail.
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from edge_server.router_main import router_main
 
         return router_main(argv[1:])
+    if argv and argv[0] == "audit":
+        from edge_server.audit.cli import audit_main
+
+        return audit_main(argv[1:])
     return _node_main(argv)
 
 

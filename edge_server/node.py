@@ -34,7 +34,7 @@ class Node:
         self.boot = int(time.time() * 1000)
         self._request_ids = itertools.count(1)
         self._request_prefix = f"{self.spec.id}-{self.boot}-"  # ids are unique across restarts (boot)
-        self.audit = AuditLog(config.audit_dir / f"{node_id}.jsonl", node_id, self.spec.region,
+        self.audit = AuditLog(config.audit_dir, node_id, self.spec.region, config.secret, config.audit,
                               fsync=config.server.audit_fsync)
         self.table: BucketTable | None = None
         self.replay = ReplayGuard({p.id for p in self.peers})
@@ -53,7 +53,14 @@ class Node:
         return self.config.gossip_interval_ms / 1000
 
     def recover(self) -> None:
-        """Build the table and replay the audit trail; a node with history starts cold (empty)."""
+        """Build the table and replay the audit trail; a node with history starts cold (empty).
+
+        Only the newest checkpoint and the segments after it are read (``AuditCorrupt`` when they do
+        not fit).  Keys are restored least recently written first, and at most ``max_keys`` of the
+        most recent: a key forgotten here gets a newer generation when it comes back, so no count
+        that peers hold for this node can shadow it.
+        """
+        started = time.perf_counter()
         now = time.time()
         peer_timeout = self.config.peer_timeout_ms / 1000 or None
         recovered = self.audit.open()
@@ -65,14 +72,36 @@ class Node:
         )
         self.audit.on_durable = self._on_durable
         self.audit.on_lost = table.refund_many
-        for key, entry in recovered.own.items():
+        self.audit.own_source = self._own_entries
+        own = recovered.own
+        skip = max(0, len(own) - self.config.max_keys)
+        for key, entry in itertools.islice(own.items(), skip, None):
             table.recover(key, entry, now)
+        if recovered.max_gen > getattr(table, "_last_gen", recovered.max_gen):
+            # New generations must stay above every one the trail holds, including forgotten keys'.
+            table._last_gen = recovered.max_gen
         self.table = table
         self.recovered_ready = True
         self.gossiper = Gossiper(table, self.spec, self.peers, self.config.secret, self.boot,
                                  self.gossip_interval_s, self.metrics)
-        log.info("audit recovered", extra={"events": recovered.events, "keys": len(recovered.own),
-                                           "cold": self.cold, "truncated_bytes": recovered.truncated_bytes})
+        log.info("audit recovered", extra={
+            "events": recovered.events, "keys": len(recovered.own), "cold": self.cold,
+            "truncated_bytes": recovered.truncated_bytes, "checkpoint": recovered.checkpoint,
+            "replayed_events": recovered.replayed_events, "replayed_bytes": recovered.replayed_bytes,
+            "segments": len(recovered.segments), "seconds": round(time.perf_counter() - started, 3)})
+        if recovered.truncated_bytes:
+            log.warning("audit trail ended in a torn write (a crash mid-write); the partial line was cut off",
+                        extra={"path": str(self.audit.path), "bytes": recovered.truncated_bytes})
+
+    def _own_entries(self) -> tuple[list[list], int]:
+        """This node's own ``[key, generation, count]`` for every live key (least recently active
+        first) and the newest generation handed out: what a checkpoint holds."""
+        table = self.table
+        assert table is not None
+        me = self.spec.id
+        own = [[key, entry[0], entry[1]] for key, st in table._keys.items()
+               if (entry := st.counts.get(me)) is not None]
+        return own, getattr(table, "_last_gen", 0)
 
     def new_request_id(self) -> str:
         return self._request_prefix + str(next(self._request_ids))
