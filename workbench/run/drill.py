@@ -228,10 +228,12 @@ async def _final_scrape(cluster: Cluster, t0: float, recording: Recording) -> No
 
 
 def _read_audits(cluster: Cluster, recording: Recording) -> None:
-    """Read every node's audit trail from disk: complete even for nodes that were killed."""
-    for path in sorted((cluster.run_dir / "audit").glob("*.jsonl")):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    with contextlib.suppress(ValueError, KeyError):
-                        recording.audit.append(AuditEvent.from_json(json.loads(line)))
+    """Read every node's audit trail from disk: complete even for nodes that were killed, and every
+    segment of it (sealed, compressed segments included), not only the open ``NODE.jsonl``."""
+    from edge_server.audit.export import iter_events
+
+    folder = cluster.run_dir / "audit"
+    if folder.is_dir():
+        with contextlib.suppress(ValueError, KeyError):
+            for _line, event in iter_events([folder]):
+                recording.audit.append(AuditEvent.from_json(event))
