@@ -5,6 +5,10 @@ loopback ports, routes every node-to-node and router-to-node link through a faul
 need no privileges), waits for readiness, and reaps every process on exit -- also on an error,
 a cancellation or Ctrl-C.  Each node gets its own cluster file in which its peers' addresses are
 the proxies of its outgoing links; the router gets one in which the nodes are its proxies.
+
+With ``faults_backend = "netns"`` each process runs in a network namespace of its own and the
+workbench's event-loop thread in the lab namespace (:mod:`workbench.run.faults.netns`) for as long
+as the cluster runs; partitions and blackholes are then kernel rules, latency and loss still proxies.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pathlib import Path
 import aiohttp
 
 from workbench.history import ProcessSample
-from workbench.run.faults.proxy import ProxyMesh
+from workbench.run.faults.mesh import ProxyMesh
+from workbench.run.faults.netns import NetnsError, NetnsLab
 from workbench.run.processes import Child, NotReady, ProcessError, ProcessGroup, child_env, free_port
 from workbench.spec.scenario import Scenario
 
@@ -43,10 +48,11 @@ class ManagedProcess(Child):
 
     region: str = "-"
     port: int = 0
+    host: str = "127.0.0.1"  # where it listens (its namespace's address with the netns backend)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
 
 class Cluster:
@@ -64,6 +70,7 @@ class Cluster:
         self.nodes: dict[str, ManagedProcess] = {}
         self.router: ManagedProcess | None = None
         self.mesh: ProxyMesh | None = None
+        self.netns: NetnsLab | None = None  # the namespace lab, with faults_backend = "netns"
         self.node_ports = {nid: free_port() for nid in topo.node_ids}
         self.router_port = free_port()
         self.events: list[tuple[float, str, str]] = []  # (monotonic time, action, target)
@@ -84,10 +91,20 @@ class Cluster:
         folder.mkdir(parents=True, exist_ok=True)
         cluster = cls(scenario, folder, proxies=proxies, ready_timeout_s=ready_timeout_s)
         try:
+            if scenario.faults_backend == "netns":
+                try:
+                    cluster.netns = await asyncio.to_thread(NetnsLab.create, [ROUTER, *scenario.topology.node_ids])
+                except NetnsError as exc:
+                    raise ClusterError(str(exc)) from None
+                cluster.netns.enter()
             await cluster._start()
             yield cluster
         finally:
-            await asyncio.shield(cluster._shutdown())
+            try:
+                await asyncio.shield(cluster._shutdown())
+            finally:
+                if cluster.netns is not None:
+                    cluster.netns.close()
 
     async def _start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
@@ -97,20 +114,21 @@ class Cluster:
             for src in [*topo.node_ids, ROUTER]:
                 for dst in topo.node_ids:
                     if src != dst:
-                        links[(src, dst)] = ("127.0.0.1", self.node_ports[dst])
+                        links[(src, dst)] = (self._host(dst), self.node_ports[dst])
             region_of = {nid: topo.region_of(nid) for nid in topo.node_ids} | {ROUTER: ROUTER}
-            self.mesh = ProxyMesh(links, region_of=region_of, seed=self.scenario.seed, clock=self.clock)
+            self.mesh = ProxyMesh(links, region_of=region_of, seed=self.scenario.seed, clock=self.clock,
+                                  make_socket=self.netns.socket_in if self.netns is not None else None)
             await self.mesh.start()
         audit_dir = self.run_dir / "audit"
         for nid in topo.node_ids:
             path = self._write_cluster_file(nid, audit_dir)
             self.nodes[nid] = self._process(
                 nid, topo.region_of(nid), self.node_ports[nid],
-                [sys.executable, "-m", "edge_server", "--cluster", str(path), "--node", nid])
+                [*self._prefix(nid), sys.executable, "-m", "edge_server", "--cluster", str(path), "--node", nid])
         router_file = self._write_cluster_file(ROUTER, audit_dir)
         self.router = self._process(ROUTER, "-", self.router_port,
-                                    [sys.executable, "-m", "edge_server", "router", "--cluster", str(router_file),
-                                     "--port", str(self.router_port)])
+                                    [*self._prefix(ROUTER), sys.executable, "-m", "edge_server", "router", "--cluster",
+                                     str(router_file), "--port", str(self.router_port), "--host", self._host(ROUTER)])
         for proc in self.nodes.values():
             proc.start(self._env)
         await self._wait_ready(list(self.nodes.values()), "/readyz")
@@ -120,20 +138,30 @@ class Cluster:
 
     def _process(self, name: str, region: str, port: int, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.run_dir / f"{name}.log", env=self._env, new_session=True,
-                              region=region, port=port)
+                              region=region, port=port, host=self._host(name))
         self._group.add(proc)
         return proc
+
+    def _host(self, name: str) -> str:
+        """The address ``name`` listens on: loopback, or its namespace's address."""
+        return "127.0.0.1" if self.netns is None else self.netns.addr(name)
+
+    def _prefix(self, name: str) -> list[str]:
+        """What runs a command inside ``name``'s namespace (nothing without the netns backend)."""
+        return [] if self.netns is None else self.netns.exec_prefix(name)
 
     def _write_cluster_file(self, viewer: str, audit_dir: Path) -> Path:
         """The cluster file as ``viewer`` sees it: every other node behind the viewer's proxy to it."""
         ports = dict(self.node_ports)
+        hosts = {nid: self._host(nid) for nid in ports}
         if self.mesh is not None:
             for nid in ports:
                 if nid != viewer:
                     ports[nid] = self.mesh.port(viewer, nid)
+                    hosts[nid] = "127.0.0.1"  # the proxy, in the viewer's own namespace
         return self.scenario.write_cluster_file(self.run_dir / f"cluster-{viewer}.toml", ports,
                                                 router_port=self.router_port, secret=self.secret,
-                                                audit_dir=audit_dir)
+                                                audit_dir=audit_dir, node_hosts=hosts)
 
     async def _wait_ready(self, procs: list[ManagedProcess], path: str) -> None:
         """Until every one of ``procs`` answers ``path`` with 200; the first that exits fails it at once."""

@@ -1,8 +1,11 @@
 """The nemesis: applies a scenario's fault timeline to a running cluster, on the run clock.
 
 Process faults (kill, pause, resume, restart) go to :class:`~workbench.run.cluster.Cluster`; network
-faults (partition, heal, latency, loss) to its :class:`~workbench.run.faults.proxy.ProxyMesh`.  Every fault
-is recorded when it is *applied*, on the same monotonic clock as the client's requests.
+faults (partition, blackhole, heal, latency, loss) to its :class:`~workbench.run.faults.mesh.ProxyMesh`,
+or, with the netns backend, partitions and blackholes to kernel rules in its
+:class:`~workbench.run.faults.netns.NetnsLab` (the mesh still names the links and adds latency).  Every
+fault is recorded when it is *applied* (after the cut is in place), on the same monotonic clock as the
+client's requests.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from collections.abc import Callable, Iterable
 
 from workbench.history import FaultRecord
 from workbench.run.cluster import Cluster, ClusterError
-from workbench.spec.scenario import FaultAction
+from workbench.run.faults.mesh import Link, ProxyMesh
+from workbench.run.faults.netns import NetnsError
+from workbench.spec.parts import UNDONE
+from workbench.spec.scenario import ROUTER, FaultAction
 
 __all__ = ["Nemesis"]
 
@@ -43,7 +49,7 @@ class Nemesis:
         steps: list[tuple[float, str, FaultAction]] = []
         for fault in faults:
             steps.append((fault.at_s, "do", fault))
-            if fault.duration_s > 0 and fault.action in ("latency", "loss", "partition"):
+            if fault.duration_s > 0 and fault.action in UNDONE:
                 steps.append((fault.at_s + fault.duration_s, "undo", fault))
         steps.sort(key=lambda s: s[0])
         for at_s, what, fault in steps:
@@ -54,8 +60,8 @@ class Nemesis:
                 if what == "do":
                     await self.apply(fault)
                 else:
-                    self._heal_links(fault)
-            except ClusterError as exc:
+                    await self._undo(fault)
+            except (ClusterError, NetnsError) as exc:
                 self._emit("error", fault.target, message=str(exc))
 
     async def apply(self, fault: FaultAction) -> FaultRecord:
@@ -66,8 +72,9 @@ class Nemesis:
             c.kill(fault.target)
             return self._emit("kill", fault.target, pids=pids)
         if action == "pause":
+            procs = c.resolve(fault.target)  # a region: every node of it stops
             c.pause(fault.target)
-            return self._emit("pause", fault.target)
+            return self._emit("pause", fault.target, pids=[p.pid for p in procs], nodes=[p.name for p in procs])
         if action == "resume":
             c.resume(fault.target)
             return self._emit("resume", fault.target)
@@ -78,19 +85,27 @@ class Nemesis:
         mesh = c.mesh
         if mesh is None:
             raise ClusterError(f"{action} needs the fault proxies (launch the cluster with proxies=True)")
+        backend = "proxy" if c.netns is None else "netns"
         if action == "partition":
-            mesh.partition([list(g) for g in fault.groups])
-            if not any("router" in g for g in fault.groups):
-                # The router stands for DNS / a global load balancer: a split between regions cuts
-                # the regions from each other, not the clients from their regions.
-                for (src, dst), proxy in mesh.proxies.items():
-                    if "router" in (src, dst):
-                        proxy.heal()
-            return self._emit("partition", "|".join(",".join(g) for g in fault.groups),
-                              groups=[list(g) for g in fault.groups])
+            groups = [list(g) for g in fault.groups]
+            # The router stands for DNS / a global load balancer: a split between regions cuts
+            # the regions from each other, not the clients from their regions.
+            keep = () if any(ROUTER in g for g in groups) else (ROUTER,)
+            links = await self._cut(mesh, mesh.cut_links(groups, keep), lambda: mesh.partition(groups, keep=keep))
+            return self._emit("partition", "|".join(",".join(g) for g in fault.groups), groups=groups,
+                              links=len(links), backend=backend)
+        if action == "blackhole":
+            try:
+                nodes = sorted(mesh.members(fault.target))
+            except KeyError as exc:
+                raise ClusterError(str(exc.args[0])) from None
+            links = await self._cut(mesh, mesh.blackhole_links(fault.target), lambda: mesh.blackhole(fault.target))
+            return self._emit("blackhole", fault.target, nodes=nodes, links=len(links), backend=backend)
         if action == "heal":
             mesh.heal()
-            return self._emit("heal", "")
+            if c.netns is not None:
+                await c.netns.heal()
+            return self._emit("heal", "", backend=backend)
         links = self._links(fault)
         if action == "latency":
             for link in links:
@@ -102,6 +117,14 @@ class Nemesis:
             return self._emit("loss", _label(fault), pct=fault.pct)
         raise ClusterError(f"unknown fault action {action!r}")
 
+    async def _cut(self, mesh: ProxyMesh, links: list[Link], by_proxy: Callable[[], object]) -> list[Link]:
+        """Cut ``links``: kernel rules with the netns backend, else the proxies (``by_proxy``)."""
+        if self.cluster.netns is not None:
+            await self.cluster.netns.cut(links)
+        else:
+            by_proxy()
+        return links
+
     def _links(self, fault: FaultAction) -> list[tuple[str, str]]:
         mesh = self.cluster.mesh
         assert mesh is not None
@@ -109,11 +132,21 @@ class Nemesis:
             return [(fault.link[0], fault.link[1])]
         return list(mesh.proxies)
 
-    def _heal_links(self, fault: FaultAction) -> None:
-        mesh = self.cluster.mesh
+    async def _undo(self, fault: FaultAction) -> None:
+        """End a fault that had a ``duration_s``."""
+        mesh, netns = self.cluster.mesh, self.cluster.netns
         assert mesh is not None
         if fault.action == "partition":
             mesh.heal()
+            if netns is not None:
+                await netns.heal()
+        elif fault.action == "blackhole":
+            links = mesh.blackhole_links(fault.target)
+            if netns is not None:
+                await netns.uncut(links)
+            else:
+                for link in links:
+                    mesh.proxies[link].heal()
         else:
             for link in self._links(fault):
                 for a, b in mesh.select(link[0], link[1]):
@@ -126,4 +159,6 @@ class Nemesis:
 
 
 def _label(fault: FaultAction) -> str:
+    if fault.action == "blackhole":
+        return fault.target
     return "<->".join(fault.link) if fault.link else "all links"

@@ -86,6 +86,10 @@ class ProxyMesh:
     def _nodes(self) -> set[str]:
         return {n for link in self.proxies for n in link}
 
+    def members(self, name: str) -> set[str]:
+        """The nodes a node or region name stands for (KeyError naming it if none)."""
+        return self._expand(name)
+
     def _expand(self, name: str) -> set[str]:
         """A node name stands for itself; a region name for every node in it."""
         nodes = self._nodes()
