@@ -201,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except ScenarioError as exc:
         print(f"workbench {args.command}: {exc}", file=sys.stderr)
         return 2
+    if scenario.faults_backend == "netns":
+        from workbench.run.faults.netns import unavailable_reason
+
+        if (why := unavailable_reason()) is not None:
+            print(f"workbench {args.command}: scenario field 'faults_backend': 'netns' {why}; "
+                  "use 'proxy' (no privileges needed)", file=sys.stderr)
+            return 2
     out = Path(args.out) if args.out else Path(scenario.results_dir or "results") / (
         f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     report = Path(args.report) if args.report else out / "report.html"
