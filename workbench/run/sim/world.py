@@ -1,0 +1,288 @@
+"""One simulated run: nodes, network, router, load and faults on virtual time, recorded as a history.
+
+The router is modelled as in a drill: each client has a home region and goes to the nearest region (by
+the topology's latency matrix) whose node passed the last health check (every ``health_interval_ms``;
+a node is healthy when it is up and ready).  A request that reaches a killed node is refused and
+retried once on the next healthy node (loopback sends an instant reset); one that reaches a paused
+node stalls for a second and fails (nothing answers).  The route is ``/v1/limits/check``: a denial
+is a 200 with ``allowed: false``.
+
+Audit event times are the TRUE virtual time of the grant (``EPOCH`` + run time), not the granting
+node's skewed clock, so the envelope check over the history is exact even under clock skew.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from edge_server.token_bucket import BucketTable, Limit
+from workbench.history import AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
+from workbench.run.sim.clock import EPOCH, Clocks, Scheduler
+from workbench.run.sim.network import Network
+from workbench.run.sim.node import SimNode, TableFactory
+from workbench.run.sim.schedule import SimFault
+from workbench.spec.scenario import ROUTER, Scenario
+
+__all__ = ["SECRET", "STATE_EVERY_S", "World", "run_world"]
+
+SECRET = b"simulated-cluster-secret"
+STATE_EVERY_S = 1.0  # how often every node's /v1/state is sampled into the history
+STALL_S = 1.0  # a request sent to a paused node fails after this long
+
+
+class World:
+    """Everything one run needs; :meth:`run` returns the :class:`Recording`."""
+
+    def __init__(self, scenario: Scenario, faults: Sequence[SimFault], *,
+                 table_factory: TableFactory = BucketTable, secret: bytes = SECRET) -> None:
+        self.scenario = scenario
+        self.faults = list(faults)
+        self.secret = secret
+        topo = scenario.topology
+        self.topo = topo
+        self.node_ids = topo.node_ids
+        self.gossip_s = topo.gossip_interval_ms / 1000.0
+        self.push_timeout_s = max(0.5, 10 * self.gossip_s)  # edge_server.gossip's client timeout
+        self.sched = Scheduler()
+        self.clocks = Clocks(self.sched, list(self.node_ids))
+        seed = scenario.seed
+        self.net = Network(self.sched, random.Random(seed * 3 + 1), self.node_ids)
+        self.load_rng = random.Random(seed * 3 + 2)
+        self._limits = {x.pattern: Limit(x.rate, x.burst) for x in scenario.limits}
+        self._limit_cache: dict[str, Limit | None] = {}
+        self.nodes = {nid: SimNode(self, nid, topo.region_of(nid), [p for p in self.node_ids if p != nid],
+                                   table_factory) for nid in self.node_ids}
+        self.healthy = dict.fromkeys(self.node_ids, False)
+        regions = topo.regions
+        self._order = {home: sorted(regions, key=lambda r, h=home: (topo.latency_ms[h].get(r, 0.0) if r != h else -1.0))
+                       for home in regions}
+        self._rr = {r: itertools.cycle(topo.nodes_of(r)) for r in regions}
+        self.requests: list[RequestRecord] = []
+        self.audit: list[AuditEvent] = []
+        self.fault_records: list[FaultRecord] = []
+        self.states: list[StateSample] = []
+
+    # ------------------------------------------------------------------ the core's view
+    def limit_for(self, key: str) -> Limit | None:
+        try:
+            return self._limit_cache[key]
+        except KeyError:
+            spec = self.scenario.limit_for(key)
+            limit = None if spec is None else self._limits[spec.pattern]
+            self._limit_cache[key] = limit
+            return limit
+
+    def granted(self, node: SimNode, key: str, cost: int, gen: int, request_id: str) -> None:
+        seq = node.audit_seq
+        self.audit.append(AuditEvent(seq, f"{node.id}:{seq}", key, cost, node.id, node.region,
+                                     EPOCH + self.sched.now, request_id, gen))
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Recording:
+        sc = self.scenario
+        at = self.sched.at
+        for node in self.nodes.values():
+            node.start()
+        self._health()
+        for f in self.faults:
+            at(f.at_s, self._apply, f)
+            if f.duration_s > 0 and f.action in ("partition", "latency", "loss", "duplicate", "reorder"):
+                at(f.at_s + f.duration_s, self._undo, f)
+        at(STATE_EVERY_S, self._sample)
+        self._start_load()
+        self.sched.run_until(sc.duration_s)
+        self._sample(final=True)
+        refused = {nid: dict(n.refused) for nid, n in self.nodes.items() if n.refused}
+        net = self.net
+        extra: dict[str, Any] = {
+            "engine": "simulation", "table": type(next(iter(self.nodes.values())).table).__name__,
+            "network": {"sent": net.sent, "delivered": net.delivered, "dropped": net.dropped,
+                        "duplicated": net.duplicated, "reordered": net.reordered},
+            "gossip_refused": refused, "boots": {nid: n.boots for nid, n in self.nodes.items()},
+            "sim_faults": [f.to_dict() for f in self.faults if f.sim_only],
+        }
+        return Recording(scenario=sc.to_dict(), requests=self.requests, faults=self.fault_records,
+                         states=self.states, audit=self.audit, started_wall=EPOCH, ended_s=sc.duration_s,
+                         complete=True, extra=extra, version="sim")
+
+    def _health(self) -> None:
+        for nid, node in self.nodes.items():
+            self.healthy[nid] = node.ready() and self.net.router_reaches(nid)
+        self.sched.after(self.scenario.health_interval_ms / 1000.0, self._health)
+
+    def _sample(self, final: bool = False) -> None:
+        t = self.sched.now
+        for nid, node in self.nodes.items():
+            if node.state != "up" or node.table is None:
+                continue
+            snap = node.table.snapshot(node.now())
+            self.states.append(StateSample(round(t, 6), nid, node.now(), {k: v["global"] for k, v in snap.items()},
+                                           {k: {n: (e["gen"], e["count"]) for n, e in v["nodes"].items()}
+                                            for k, v in snap.items()}))
+        if not final:
+            self.sched.after(STATE_EVERY_S, self._sample)
+
+    # ------------------------------------------------------------------ load
+    def _start_load(self) -> None:
+        load = self.scenario.load
+        regions = self.topo.regions
+        weights = ([float(load.region_weights.get(r, 0.0)) for r in regions] if load.region_weights
+                   else [1.0] * len(regions))
+        self._home_cum = list(itertools.accumulate(weights))
+        tenants = load.tenant_names()
+        self._tenants = tenants
+        if load.key_dist == "zipf":
+            kw = [1.0 / (i + 1) ** load.zipf_s for i in range(len(tenants))]
+        else:
+            kw = [1.0] * len(tenants)
+        self._key_cum = list(itertools.accumulate(kw))
+        if load.mode == "open":
+            self.sched.at(self._gap(), self._arrive)
+        else:
+            for _ in range(load.users):
+                self.sched.at(self.load_rng.random() * 0.01, self._user)
+
+    def _gap(self) -> float:
+        load = self.scenario.load
+        if load.arrival == "poisson":
+            return self.load_rng.expovariate(load.rate_rps)
+        return 1.0 / load.rate_rps
+
+    def _pick(self) -> tuple[str, str]:
+        rand = self.load_rng.random
+        cum = self._home_cum
+        home = self.topo.regions[min(len(cum) - 1, bisect.bisect_right(cum, rand() * cum[-1]))]
+        kc = self._key_cum
+        if len(kc) == 1:
+            return home, self._tenants[0]
+        key = self._tenants[min(len(kc) - 1, bisect.bisect_right(kc, rand() * kc[-1]))]
+        return home, key
+
+    def _arrive(self) -> None:
+        home, key = self._pick()
+        self._serve(home, key)
+        self.sched.after(self._gap(), self._arrive)
+
+    def _user(self) -> None:
+        home, key = self._pick()
+        rec = self._serve(home, key)
+        pause = (rec.end_s - rec.start_s) + self.scenario.load.think_ms / 1000.0
+        self.sched.after(max(pause, 0.001), self._user)
+
+    def _serve(self, home: str, key: str) -> RequestRecord:
+        t = self.sched.now
+        cost = self.scenario.load.cost
+        retried_from = ""
+        tried: set[str] = set()
+        for region in self._order[home]:
+            for _ in range(self.topo.nodes_per_region[region]):
+                nid = next(self._rr[region])
+                if nid in tried or not self.healthy[nid]:
+                    continue
+                node = self.nodes[nid]
+                if node.state == "paused":
+                    self.healthy[nid] = False  # passive ejection
+                    rec = RequestRecord(t, t, t + STALL_S, home, "", "", key, cost, 0, "timeout",
+                                        route="check", retried_from=retried_from)
+                    self.requests.append(rec)
+                    return rec
+                if node.state == "down":
+                    self.healthy[nid] = False
+                    tried.add(nid)
+                    if retried_from:
+                        break
+                    retried_from = nid
+                    continue
+                status, allowed, error, rid = node.decide(key, cost)
+                end = t + (self.scenario.skill.median_ms / 1000.0 if allowed else 0.001)
+                rec = RequestRecord(t, t, end, home, node.region, nid, key, cost, status, error,
+                                    rid if allowed else "", "check", allowed, retried_from)
+                self.requests.append(rec)
+                return rec
+        rec = RequestRecord(t, t, t + 0.001, home, "", "", key, cost, 503 if not retried_from else 0,
+                            "no_healthy_region" if not retried_from else "connection refused",
+                            route="check", retried_from=retried_from)
+        self.requests.append(rec)
+        return rec
+
+    # ------------------------------------------------------------------ faults
+    def _nodes_of(self, name: str) -> set[str]:
+        return set(self.topo.resolve(name)) if name != ROUTER else set()
+
+    def _emit(self, action: str, target: str, **detail: Any) -> None:
+        self.fault_records.append(FaultRecord(round(self.sched.now, 6), action, target, dict(detail)))
+
+    def _links(self, f: SimFault) -> list[Any]:
+        if not f.link:
+            return self.net.select(None, None)
+        return self.net.select(self._nodes_of(f.link[0]), self._nodes_of(f.link[1]))
+
+    def _apply(self, f: SimFault) -> None:
+        a, net = f.action, self.net
+        label = "<->".join(f.link) if f.link else "all links"
+        if a in ("kill", "pause", "resume", "restart", "restart_wiped", "skew"):
+            targets = sorted(self._nodes_of(f.target))
+            for nid in targets:
+                node = self.nodes[nid]
+                if a == "kill":
+                    node.kill()
+                elif a == "pause":
+                    node.pause()
+                elif a == "resume":
+                    node.resume()
+                elif a == "skew":
+                    self.clocks.set_offset(nid, f.ms / 1000.0)
+                else:
+                    node.start(wiped=a == "restart_wiped")
+            detail = {"ms": f.ms} if a == "skew" else {}
+            self._emit(a, f.target, **detail)
+        elif a == "partition":
+            groups = [set().union(*(self._nodes_of(m) for m in g)) for g in f.groups]
+            router_in = next((i for i, g in enumerate(f.groups) if ROUTER in g), None)
+            net.partition(groups, router_in)
+            self._emit("partition", "|".join(",".join(g) for g in f.groups), groups=[list(g) for g in f.groups])
+        elif a == "heal":
+            net.heal_all()
+            self._emit("heal", "")
+        elif a == "latency":
+            for link in self._links(f):
+                link.added_s, link.jitter_s = f.ms / 1000.0, f.jitter_ms / 1000.0
+            self._emit("latency", label, ms=f.ms, jitter_ms=f.jitter_ms)
+        elif a == "loss":
+            for link in self._links(f):
+                link.loss_pct = f.pct
+            self._emit("loss", label, pct=f.pct)
+        elif a == "duplicate":
+            for link in self._links(f):
+                link.dup_pct = f.pct
+            self._emit("duplicate", label, pct=f.pct)
+        elif a == "reorder":
+            for link in self._links(f):
+                link.reorder_pct, link.reorder_s = f.pct, f.ms / 1000.0
+            self._emit("reorder", label, pct=f.pct, ms=f.ms)
+
+    def _undo(self, f: SimFault) -> None:
+        if f.action == "partition":
+            self.net.heal_partition()
+        else:
+            for link in self._links(f):
+                if f.action == "latency":
+                    link.added_s = link.jitter_s = 0.0
+                elif f.action == "loss":
+                    link.loss_pct = 0.0
+                elif f.action == "duplicate":
+                    link.dup_pct = 0.0
+                else:
+                    link.reorder_pct = link.reorder_s = 0.0
+        self._emit(f"end_{f.action}", "<->".join(f.link) if f.link else "all links")
+
+
+def run_world(scenario: Scenario, faults: Sequence[SimFault], *,
+              table_factory: TableFactory = BucketTable) -> Recording:
+    """Simulate ``scenario`` with ``faults`` (already in :func:`~workbench.run.sim.schedule.normalize`
+    order) and return its history."""
+    return World(scenario, faults, table_factory=table_factory).run()
