@@ -154,21 +154,21 @@ def generator_pool(limit: int) -> Iterator[None]:
     600 req/s is 64 connections. A SIGSTOPped node holds every request sent to it until the client's
     timeout (5 s), and the ~0.35 x 360 requests/s sent to it before the active check notices fill that
     pool, so every other region's requests queue behind them: the drill would measure the generator's
-    pool, not the router. Scenario has no pool parameter, so wrap ``load_spec_for`` for this drill.
+    pool, not the router. Scenario has no pool parameter, so wrap ``load_plan_for`` for this drill.
     """
     if not limit:
         yield
         return
-    original = drill_module.load_spec_for
+    original = drill_module.load_plan_for
 
     def with_pool(scenario: Scenario, url: str, *, keep_records: bool = True) -> Any:
         return dataclasses.replace(original(scenario, url, keep_records=keep_records), connector_limit=limit)
 
-    drill_module.load_spec_for = with_pool  # type: ignore[assignment]
+    drill_module.load_plan_for = with_pool  # type: ignore[assignment]
     try:
         yield
     finally:
-        drill_module.load_spec_for = original  # type: ignore[assignment]
+        drill_module.load_plan_for = original  # type: ignore[assignment]
 
 
 async def drill(scenario: Scenario, folder: Path, pool: int = 0) -> tuple[DrillResult, RouterCounters]:

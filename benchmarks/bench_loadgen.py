@@ -28,14 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_proxy import _HELLO, RESULTS, child, exit_on_sigterm, server_core
 
-from workbench.run.load.generator import LoadSpec, run_load
+from workbench.run.load.generator import LoadPlan, run_load
+from workbench.spec.parts import LoadSpec
 
 LAG_P99_MS = 5.0
 
 
+def _open(rate: float) -> LoadSpec:
+    """Open loop, constant spacing, on the check route (the traffic shape of every step here)."""
+    return LoadSpec(rate_rps=rate, arrival="constant", route="check")
+
+
 async def step(url: str, rate: float, seconds: float) -> dict[str, Any]:
-    await run_load(LoadSpec(url=url, rate_rps=rate, duration_s=0.3, connector_limit=64))  # warm the pool
-    res = await run_load(LoadSpec(url=url, rate_rps=rate, duration_s=seconds, connector_limit=64))
+    await run_load(LoadPlan(url=url, load=_open(rate), duration_s=0.3, connector_limit=64))  # warm the pool
+    res = await run_load(LoadPlan(url=url, load=_open(rate), duration_s=seconds, connector_limit=64))
     s = res.summary()
     expected = int(rate * seconds)
     ok = s["lag_ms"]["p99"] < LAG_P99_MS and s["sent"] >= 0.99 * expected and s["counts"]["error"] == 0
@@ -68,7 +74,7 @@ async def open_loop_ladder(url: str, rates: list[float], seconds: float, tries: 
 
 
 async def closed_loop_ceiling(url: str, seconds: float) -> float:
-    res = await run_load(LoadSpec(url=url, mode="closed", users=64, duration_s=seconds))
+    res = await run_load(LoadPlan(url=url, load=LoadSpec(mode="closed", users=64, route="check"), duration_s=seconds))
     return round(res.sent / res.elapsed_s, 1)
 
 

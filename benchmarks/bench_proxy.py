@@ -28,7 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workbench.run.load.generator import LoadSpec, run_load  # noqa: E402
+from workbench.run.load.generator import LoadPlan, run_load  # noqa: E402
+from workbench.spec.parts import LoadSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -114,9 +115,11 @@ def server_core(pin: bool) -> str:
 
 async def measure(port: int, rate: float, seconds: float) -> dict[str, float]:
     # Warm the connection pool so connection set-up is not part of the figure.
-    await run_load(LoadSpec(url=f"http://127.0.0.1:{port}", rate_rps=rate, duration_s=0.5, connector_limit=64))
+    await run_load(LoadPlan(url=f"http://127.0.0.1:{port}", load=LoadSpec(rate_rps=rate, arrival="constant", route="check"),
+                            duration_s=0.5, connector_limit=64))
     res = await run_load(
-        LoadSpec(url=f"http://127.0.0.1:{port}", rate_rps=rate, duration_s=seconds, connector_limit=64)
+        LoadPlan(url=f"http://127.0.0.1:{port}", load=LoadSpec(rate_rps=rate, arrival="constant", route="check"),
+                 duration_s=seconds, connector_limit=64)
     )
     s = res.summary()
     return {

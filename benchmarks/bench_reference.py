@@ -43,8 +43,8 @@ from benchmarks._procs import (
     write_results,
 )
 from workbench.run.drill import run_drill
-from workbench.run.load.generator import LoadSpec, run_load
-from workbench.spec.scenario import Scenario
+from workbench.run.load.generator import LoadPlan, run_load
+from workbench.spec.scenario import LoadSpec, Scenario
 
 SKILL_MEDIAN_MS = 1500
 SKILL_P99_MS = 4000
@@ -81,9 +81,10 @@ def capacity(folder: Path, users: int, duration: float) -> dict[str, Any]:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        spec = LoadSpec(url=node.url, mode="closed", users=users, duration_s=duration, route="invoke",
-                        tenants=("bench",), api_keys={"bench": "key-bench"}, timeout_s=20.0, drain_s=12.0,
-                        processes=2, keep_records=True, lag_threshold_ms=50.0)
+        # one tenant (tenant-0000 on the client side) whose bearer key the node maps to "bench"
+        shape = LoadSpec(mode="closed", users=users, route="invoke", tenants=1, processes=2)
+        spec = LoadPlan(url=node.url, load=shape, duration_s=duration, api_keys={"tenant-0000": "key-bench"},
+                        timeout_s=20.0, drain_s=12.0, keep_records=True, lag_threshold_ms=50.0)
         c0, t0 = proc.cpu_times(), time.monotonic()
         res = asyncio.run(run_load(spec))
         c1, t1 = proc.cpu_times(), time.monotonic()
@@ -98,7 +99,7 @@ def capacity(folder: Path, users: int, duration: float) -> dict[str, Any]:
         "users": users, "duration_s": duration, "counts": counts,
         "latency_ms": {k: round(v, 1) for k, v in res.percentiles_ms("all", (50, 95, 99)).items()},
         # answers completed inside the window: the calls still in flight at its end would inflate it
-        "requests_per_s": round(sum(1 for r in res.records if r.status == 200 and r.end <= duration) / duration, 1),
+        "requests_per_s": round(sum(1 for r in res.records if r.status == 200 and r.end_s <= duration) / duration, 1),
         "success_pct_of_admitted": round(100 * counts["2xx"] / max(1, not_refused), 4),
         "node_cpu_pct_of_one_core": round(cpu_pct, 1),
         "cpu_headroom_pct_of_2_cpus": round(100 - cpu_pct / 2, 1),

@@ -82,6 +82,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("token loss", _fmt(summary.get("token_loss"))),
         ("client errors", f"{_fmt(summary.get('client_errors'))} ({_fmt(summary.get('retried_errors'))} of "
          f"{_fmt(summary.get('retried_requests'))} requests the router retried)"),
+        ("errors vs budget", f"{_fmt((summary.get('errors') or {}).get('rate_pct'))} % of "
+         f"{_fmt(summary.get('requests'))} requests (budget {_fmt(summary.get('error_budget_pct'))} %)"),
         ("convergence after heal", _fmt(summary.get("convergence_ms"), " ms")),
         ("load generator", ("on schedule" if summary.get("generator_valid") is not False else "BEHIND SCHEDULE")
          + f" (own lag p99 {_fmt(summary.get('generator_lag_p99_ms'))} ms)"),
@@ -114,7 +116,7 @@ def _parse_value(text: str) -> Any:
 
 
 async def _run(scenario: Scenario, out: Path, report: Path | None, *, max_failover_ms: float | None,
-               max_client_errors: int | None, quiet: bool) -> int:
+               max_client_errors: int | None, quiet: bool, error_budget_pct: float | None = None) -> int:
     from workbench.run.drill import run_drill
     from workbench.ui.report import write_report
 
@@ -123,7 +125,8 @@ async def _run(scenario: Scenario, out: Path, report: Path | None, *, max_failov
           f"{len(scenario.topology.regions)} regions, {scenario.duration_s:g} s, results in {out}", file=sys.stderr)
     try:
         result = await run_drill(scenario, out, on_progress=progress, max_failover_ms=max_failover_ms,
-                                 max_client_errors=max_client_errors)
+                                 max_client_errors=max_client_errors,
+                                 **({} if error_budget_pct is None else {"error_budget_pct": error_budget_pct}))
     finally:
         if progress:
             progress.done()
@@ -135,6 +138,22 @@ async def _run(scenario: Scenario, out: Path, report: Path | None, *, max_failov
     return 0 if result.ok else 1
 
 
+def _error_budget(text: str) -> float:
+    """``--error-budget PCT``: a percentage of all requests in [0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage between 0 and 100, got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentage between 0 and 100, got {text!r}")
+    return value
+
+
+def _error_budget_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--error-budget", type=_error_budget, metavar="PCT",
+                   help="fail when more than PCT %% of all requests are errors (default 0.1)")
+
+
 def _drill_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--scenario", help="scenario file (TOML, YAML or JSON; flat parameters or nested form)")
@@ -143,6 +162,7 @@ def _drill_parser(sub: argparse._SubParsersAction, name: str, help_text: str) ->
     p.add_argument("--report", help="write the HTML report here (default: <out>/report.html)")
     p.add_argument("--max-failover-ms", type=float, help="fail when failover p99 exceeds this")
     p.add_argument("--max-client-errors", type=int, help="fail when client errors exceed this")
+    _error_budget_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     group = p.add_argument_group("scenario parameters (override the file; see Scenario.build)")
     for param, (default, meaning) in PARAMETERS.items():
@@ -179,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-o", "--out")
     run.add_argument("--cell-timeout", type=int, default=600)
     run.add_argument("--html", action="store_true", help="also export the executed notebook to HTML")
+    _error_budget_flag(run)
     args = parser.parse_args(argv)
 
     if args.command == "report":
@@ -194,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from workbench.run.notebooks import run_notebook_cli
 
+        if args.error_budget is not None:  # the notebook's own parameter (refused if it has none)
+            args.parameter.append(["error_budget_pct", repr(args.error_budget)])
         return run_notebook_cli(args)
 
     try:
@@ -217,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     _use_uvloop()
     try:
         status = asyncio.run(_run(scenario, out, report, max_failover_ms=max_failover,
-                                  max_client_errors=args.max_client_errors, quiet=args.quiet))
+                                  max_client_errors=args.max_client_errors, quiet=args.quiet,
+                                  error_budget_pct=args.error_budget))
     except KeyboardInterrupt:
         print(f"\nworkbench: interrupted; every process was reaped, partial results in {out} (marked incomplete)",
               file=sys.stderr)

@@ -1,7 +1,11 @@
-"""Running aggregates of a drill for live displays: per-bin throughput, latency and the envelope.
+"""Running aggregates of a drill for live displays: per-bin throughput, latency, errors, failover.
 
 The terminal progress line, the notebook widgets and the final report all draw from these series;
-they never compute anything themselves.  Feeding a record is O(1); a snapshot is O(bins).
+they never compute anything themselves.  The figures that the verdict also reports come from the
+verdict's own code, fed incrementally: failover from the same :class:`FailoverTracker`, errors from
+the same :func:`is_error` and :func:`error_budget_state`, latency over every request, errors included.
+So the progress line cannot contradict the final verdict.  Feeding a record is O(1) (O(outages) while
+an outage holds); a snapshot is O(bins) plus the failover figures.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from workbench.check.errors import DEFAULT_ERROR_BUDGET_PCT, error_budget_state, is_error
+from workbench.check.failover import DEFAULT_STALL_S, FailoverTracker
 from workbench.history import FaultRecord, RequestRecord
+from workbench.spec.scenario import Topology
 
 __all__ = ["Bin", "LiveStats"]
 
@@ -31,21 +38,32 @@ class Bin:
 
 
 class LiveStats:
+    """Everything a live display shows, fed one request / fault at a time.
+
+    ``topology`` names the nodes behind each region (for the failover tracker); without it every
+    region is taken to have one node, ``<region>-1``.
+    """
+
     def __init__(self, regions: list[str], duration_s: float, rate: float, burst: float,
-                 bin_s: float = 0.5) -> None:
+                 bin_s: float = 0.5, *, topology: Topology | None = None,
+                 error_budget_pct: float = DEFAULT_ERROR_BUDGET_PCT, stall_s: float = DEFAULT_STALL_S) -> None:
         self.regions = list(regions)
         self.duration_s = duration_s
         self.rate = rate
         self.burst = burst
         self.bin_s = bin_s
+        self.error_budget_pct = error_budget_pct
         self.bins: list[Bin] = [Bin() for _ in range(math.ceil(duration_s / bin_s) + 40)]
         self.keys: set[str] = set()
         self.total = 0
+        self.error_count = 0
         self.admitted_tokens = 0
         self.faults: list[FaultRecord] = []
         self.node_states: dict[str, str] = {}
-        self.failovers: dict[str, float] = {}  # killed target -> ms to first success of its clients elsewhere
-        self._killed: dict[str, tuple[float, set[str]]] = {}  # target -> (t_s, regions it stood for)
+        if topology is None:
+            topology = Topology(dict.fromkeys(self.regions or ["local"], 1))
+        self.tracker = FailoverTracker(topology, stall_s=stall_s)
+        self.failovers: dict[str, float] = {}  # outage target -> ms until its last served client so far
 
     def _bin(self, t_s: float) -> Bin:
         index = max(0, int(t_s / self.bin_s))
@@ -62,25 +80,30 @@ class LiveStats:
             b.admitted[region] = b.admitted.get(region, 0) + 1
             b.admitted_tokens += rec.cost
             self.admitted_tokens += rec.cost
-        elif rec.status == 429 or (rec.status == 200 and rec.allowed is False):
+        elif not is_error(rec):
             b.denied[region] = b.denied.get(region, 0) + 1
         else:
             b.errors[region] = b.errors.get(region, 0) + 1
-        if 0 < rec.status < 500:
-            b.latency.record_value(max(1, min(_MAX_LATENCY_US - 1, int(rec.latency_ms * 1000))))
-            self._note_failover(rec)
-
-    def _note_failover(self, rec: RequestRecord) -> None:
-        for target, (t_kill, regions) in list(self._killed.items()):
-            if (rec.home_region in regions and rec.answered_region and rec.answered_region not in regions
-                    and rec.start_s >= t_kill and target not in self.failovers):
-                self.failovers[target] = max(0.0, (rec.end_s - t_kill) * 1000)
+            self.error_count += 1
+        # every request, errors and timeouts included, at the time it took (as the verdict counts it)
+        b.latency.record_value(max(1, min(_MAX_LATENCY_US - 1, int(rec.latency_ms * 1000))))
+        self.tracker.request(rec)
 
     def fault(self, rec: FaultRecord, regions: set[str] | None = None) -> None:
+        """Record an applied fault (``regions`` is accepted for older callers and not needed)."""
         self.faults.append(rec)
-        if rec.action == "kill" and regions:
-            self._killed[rec.target] = (rec.t_s, regions)
-            self.failovers.pop(rec.target, None)
+        self.tracker.fault(rec)
+
+    def failover_figures(self) -> dict[str, Any]:
+        """The verdict's failover figures over what has been seen so far."""
+        figures = self.tracker.figures()
+        self.failovers = {o["target"]: o["max_ms"] for o in figures["outages"] if o["max_ms"] is not None}
+        return figures
+
+    def error_figures(self) -> dict[str, Any]:
+        within, rate, allowed = error_budget_state(self.error_count, self.total, self.error_budget_pct)
+        return {"total": self.error_count, "requests": self.total, "rate_pct": rate, "allowed": allowed,
+                "budget_pct": self.error_budget_pct, "within_budget": within}
 
     def envelope_tokens(self, t_s: float) -> float:
         """What the limit allows up to ``t_s`` over every key seen: Σ (B + R·t)."""
@@ -109,7 +132,7 @@ class LiveStats:
         return out
 
     def snapshot(self, t_s: float, window_s: float = 1.0) -> dict[str, Any]:
-        """The last ``window_s`` seconds at a glance, for a progress line or a widget header."""
+        """The last ``window_s`` seconds at a glance, plus the run's failover and error figures."""
         first = max(0, int((t_s - window_s) / self.bin_s))
         last = min(len(self.bins), int(t_s / self.bin_s))
         span = max(self.bin_s, (last - first) * self.bin_s)
@@ -121,6 +144,7 @@ class LiveStats:
         def rate(attr: str) -> float:
             return sum(sum(getattr(b, attr).values()) for b in window) / span
 
+        fo = self.failover_figures()
         return {
             "t_s": round(t_s, 2), "progress": min(1.0, t_s / self.duration_s) if self.duration_s else 1.0,
             "admitted_rps": round(rate("admitted"), 1), "denied_rps": round(rate("denied"), 1),
@@ -130,4 +154,7 @@ class LiveStats:
             "admitted_tokens": self.admitted_tokens, "envelope_tokens": round(self.envelope_tokens(t_s), 1),
             "node_states": dict(self.node_states), "faults": len(self.faults),
             "failover_ms": dict(self.failovers),
+            "failover": {k: fo[k] for k in ("p50", "p99", "max", "clients", "unserved_clients",
+                                            "failed_requests", "stalled_requests")},
+            "errors": self.error_figures(),
         }

@@ -10,7 +10,7 @@ view and the report all use these classes; nothing converts between look-alikes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,12 +23,31 @@ __all__ = [
     "StateSample",
     "field_names",
     "parse_metrics",
+    "rows_from_wire",
+    "rows_to_wire",
 ]
 
 
 def field_names(cls: type) -> tuple[str, ...]:
     """The dataclass fields of a record type, in order (the JSON-lines keys)."""
     return tuple(f.name for f in fields(cls))
+
+
+def rows_to_wire(cls: type, rows: Iterable[Any]) -> dict[str, Any]:
+    """Records of one type as ``{"fields": names, "rows": [values, ...]}``: compact and picklable,
+    for crossing a process boundary.  The field names travel along, so :func:`rows_from_wire`
+    refuses rows written for another version of the type instead of mixing up its fields."""
+    names = field_names(cls)
+    return {"type": cls.__name__, "fields": list(names), "rows": [[getattr(r, n) for n in names] for r in rows]}
+
+
+def rows_from_wire(cls: type, wire: Mapping[str, Any]) -> list[Any]:
+    """The inverse of :func:`rows_to_wire`; a different field list is a ValueError naming both."""
+    names = list(field_names(cls))
+    if wire.get("type") != cls.__name__ or list(wire.get("fields") or []) != names:
+        raise ValueError(f"expected {cls.__name__} rows with fields {names}, got {wire.get('type')!r} "
+                         f"with {wire.get('fields')!r}")
+    return [cls(*row) for row in wire.get("rows") or []]
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from workbench.check import checker
+from workbench.check import DEFAULT_ERROR_BUDGET_PCT, summarize
 from workbench.check.live import LiveStats
 from workbench.history import (
     AuditEvent,
@@ -31,13 +31,11 @@ from workbench.history import (
     parse_metrics,
 )
 from workbench.run.cluster import Cluster
-from workbench.run.load.generator import LoadGenerator
-from workbench.run.load.generator import LoadSpec as RunLoadSpec
-from workbench.run.load.generator import RequestRecord as LoadRecord
+from workbench.run.load.generator import LoadGenerator, LoadPlan
 from workbench.run.nemesis import Nemesis
 from workbench.spec.scenario import SKILL_NAME, Scenario
 
-__all__ = ["DrillResult", "load_spec_for", "run_drill"]
+__all__ = ["DrillResult", "load_plan_for", "run_drill", "state_sampling_windows"]
 
 log = logging.getLogger("workbench.run.drill")
 
@@ -58,10 +56,10 @@ class DrillResult:
         return bool(self.summary.get("invariants_ok")) and self.recording.complete
 
 
-def load_spec_for(scenario: Scenario, url: str, *, keep_records: bool = True) -> RunLoadSpec:
-    """The load generator's settings for a scenario aimed at ``url`` (the router)."""
+def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) -> LoadPlan:
+    """The load generator's plan for a scenario aimed at ``url`` (the router): the scenario's own
+    LoadSpec plus the run-time values (API keys, timeouts, the connection pool)."""
     load = scenario.load
-    regions = dict(load.region_weights) or dict.fromkeys(scenario.topology.regions, 1.0)
     api_keys = {tenant: key for key, tenant in scenario.api_keys().items()}
     timeout_s = max(5.0, scenario.skill.p99_ms / 1000 * 4)
     connector_limit = 0  # the generator's default pool
@@ -69,23 +67,33 @@ def load_spec_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
         # A paused node holds every request sent to it until the timeout: with the default pool those
         # would take every connection and stall the other regions' clients too (a client artefact).
         connector_limit = min(4096, max(256, int(load.rate_rps * timeout_s)))
-    return RunLoadSpec(
-        url=url, mode=load.mode, rate_rps=load.rate_rps, arrival=load.arrival, users=load.users,
-        think_time_s=load.think_ms / 1000, duration_s=scenario.duration_s, regions=regions,
-        tenants=tuple(load.tenant_names()), key_dist=load.key_dist, zipf_s=load.zipf_s,
-        api_keys=api_keys, route=load.route, skill=SKILL_NAME, cost=load.cost,
-        timeout_s=timeout_s, drain_s=2.0, seed=scenario.seed, connector_limit=connector_limit,
-        processes=load.processes, keep_records=keep_records,
+    return LoadPlan(
+        url=url, load=load, duration_s=scenario.duration_s, regions=scenario.topology.regions,
+        api_keys=api_keys, skill=SKILL_NAME, timeout_s=timeout_s, drain_s=2.0, seed=scenario.seed,
+        connector_limit=connector_limit, keep_records=keep_records,
     )
 
 
-def to_record(rec: LoadRecord, route: str) -> RequestRecord:
-    return RequestRecord(
-        intended_s=rec.intended, start_s=rec.start, end_s=rec.end, home_region=rec.home_region,
-        answered_region=rec.region, node=rec.node, key=rec.key, cost=rec.cost, status=rec.status,
-        error=rec.error, request_id=rec.request_id, route=route,
-        allowed=rec.allowed, retried_from=rec.retried_from,
-    )
+# Node states are sampled densely (every gossip interval, so <= 2 intervals apart, never below
+# _MIN_DENSE_S) from shortly before to a while after every heal and restart the scenario plans,
+# and every _SPARSE_S otherwise.  The cost is bounded: a window lasts _WINDOW_S, at most
+# _MAX_DENSE_TICKS dense samples per node per run, and none with more keys than _MAX_DENSE_KEYS.
+_WINDOW_S = (-0.5, 2.0)
+_MIN_DENSE_S = 0.01
+_SPARSE_S = 1.0
+_MAX_DENSE_TICKS = 1500
+_MAX_DENSE_KEYS = 1000
+
+
+def state_sampling_windows(scenario: Scenario) -> list[tuple[float, float]]:
+    """Run-clock windows around every planned heal, timed end of a network fault, restart and resume."""
+    times = []
+    for f in scenario.faults:
+        if f.action in ("heal", "restart", "resume"):
+            times.append(f.at_s)
+        elif f.duration_s > 0 and f.action in ("partition", "blackhole"):
+            times.append(f.at_s + f.duration_s)
+    return [(max(0.0, t + _WINDOW_S[0]), t + _WINDOW_S[1]) for t in sorted(times)]
 
 
 def _default_results_dir(scenario: Scenario) -> Path:
@@ -97,20 +105,23 @@ def _default_results_dir(scenario: Scenario) -> Path:
 async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *,
                     on_progress: ProgressCallback | None = None, progress_interval_s: float = 0.5,
                     stop: asyncio.Event | None = None, proxies: bool = True,
-                    max_failover_ms: float | None = None, max_client_errors: int | None = None) -> DrillResult:
+                    max_failover_ms: float | None = None, max_client_errors: int | None = None,
+                    error_budget_pct: float = DEFAULT_ERROR_BUDGET_PCT) -> DrillResult:
     """Run ``scenario`` and return its recording, summary and results folder.
 
-    ``max_failover_ms`` / ``max_client_errors`` add those thresholds to the verdict.
+    ``max_failover_ms`` / ``max_client_errors`` add those thresholds to the verdict;
+    ``error_budget_pct`` is the share of requests that may fail (default 0.1 %).
     """
-    thresholds = {"max_failover_ms": max_failover_ms, "max_client_errors": max_client_errors}
+    thresholds = {"max_failover_ms": max_failover_ms, "max_client_errors": max_client_errors,
+                  "error_budget_pct": error_budget_pct}
     # absolute: the nodes run elsewhere and resolve their audit folder against their cluster file
     out = (Path(results_dir) if results_dir is not None else _default_results_dir(scenario)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     limit = scenario.limits[0]
-    live = LiveStats(list(scenario.topology.regions), scenario.duration_s, limit.rate, limit.burst)
+    live = LiveStats(list(scenario.topology.regions), scenario.duration_s, limit.rate, limit.burst,
+                     topology=scenario.topology, error_budget_pct=error_budget_pct)
     recording = Recording(scenario=scenario.to_dict())
     recording.extra["results_dir"] = str(out)
-    route = scenario.load.route
     info: dict[str, Any] = {}
     reason = ""
     try:
@@ -120,32 +131,29 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
                     "run_dir": str(cluster.run_dir)}
             t0 = time.monotonic() + 0.2
             recording.started_wall = time.time() + (t0 - time.monotonic())
-            cluster_regions = {name: {p.region for p in cluster.resolve(name)}
-                               for name in [*scenario.topology.regions, *cluster.nodes]}
-
-            def on_record(rec: LoadRecord) -> None:
-                record = to_record(rec, route)
-                recording.requests.append(record)
-                live.add(record)
+            def on_record(rec: RequestRecord) -> None:
+                recording.requests.append(rec)
+                live.add(rec)
 
             def on_fault(rec: FaultRecord) -> None:
                 recording.faults.append(rec)
-                live.fault(rec, cluster_regions.get(rec.target))
+                live.fault(rec)
 
-            spec = load_spec_for(scenario, cluster.router_url, keep_records=False)
-            generator = LoadGenerator(spec, on_record=on_record, start_at=t0)
+            plan = load_plan_for(scenario, cluster.router_url, keep_records=False)
+            generator = LoadGenerator(plan, on_record=on_record, start_at=t0)
             stop_event = stop or asyncio.Event()
             load_task = asyncio.create_task(generator.run(stop_event), name="load")
             nemesis = Nemesis(cluster, t0, on_fault)
             nemesis_task = asyncio.create_task(nemesis.run(scenario.faults), name="nemesis")
             watch_task = asyncio.create_task(
                 _watch(cluster, t0, recording, live, on_progress, progress_interval_s), name="watch")
+            states_task = asyncio.create_task(_sample_states(cluster, t0, recording, scenario), name="states")
             try:
                 result = await load_task
             finally:
-                for task in (nemesis_task, watch_task):
+                for task in (nemesis_task, watch_task, states_task):
                     task.cancel()
-                for task in (nemesis_task, watch_task):
+                for task in (nemesis_task, watch_task, states_task):
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 if not load_task.done():
@@ -176,43 +184,69 @@ def _finish(recording: Recording, out: Path, info: dict[str, Any], **thresholds:
     """Save the recording and its summary, whatever state the run ended in."""
     recording.extra.setdefault("cluster", info)
     recording.save(out)
-    summary = checker.summarize(recording, **thresholds)
+    summary = summarize(recording, **thresholds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return summary
 
 
 async def _watch(cluster: Cluster, t0: float, recording: Recording, live: LiveStats,
                  on_progress: ProgressCallback | None, interval_s: float) -> None:
-    """Sample processes and node states while the run goes; report progress."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
-        tick = 0
+    """Sample processes while the run goes; report progress."""
+    while True:
+        await asyncio.sleep(interval_s)
+        t_s = time.monotonic() - t0
+        recording.processes.extend(cluster.sample_processes(t_s))
+        live.node_states = cluster.states()
+        if on_progress is not None:
+            try:
+                on_progress(live.snapshot(t_s), live)
+            except Exception:  # a display must never break the run
+                log.exception("progress callback failed")
+
+
+async def _sample_states(cluster: Cluster, t0: float, recording: Recording, scenario: Scenario) -> None:
+    """Sample every node's /v1/state: densely around heals and restarts (for the convergence check),
+    sparsely otherwise.  One loop per node, so a slow or stopped node does not thin out the others."""
+    windows = state_sampling_windows(scenario)
+    dense_s = max(_MIN_DENSE_S, scenario.topology.gossip_interval_ms / 1000.0)
+    dense_ok = scenario.load.tenants <= _MAX_DENSE_KEYS
+    recording.extra["state_sampling"] = {
+        "dense_interval_s": dense_s if dense_ok else None, "sparse_interval_s": _SPARSE_S,
+        "windows_s": [[round(a, 3), round(b, 3)] for a, b in windows] if dense_ok else [],
+        "note": "" if dense_ok else f"more than {_MAX_DENSE_KEYS} keys: sampled every {_SPARSE_S:g} s only"}
+
+    async def one(session: aiohttp.ClientSession, node_id: str) -> None:
+        dense_ticks = 0
         while True:
-            await asyncio.sleep(interval_s)
             t_s = time.monotonic() - t0
-            tick += 1
-            recording.processes.extend(cluster.sample_processes(t_s))
-            live.node_states = cluster.states()
-            if tick % 2 == 0:
-                await _scrape_states(session, cluster, t_s, recording)
-            if on_progress is not None:
-                try:
-                    on_progress(live.snapshot(t_s), live)
-                except Exception:  # a display must never break the run
-                    log.exception("progress callback failed")
+            await _scrape_one(session, cluster, node_id, t_s, recording)
+            now = time.monotonic() - t0
+            in_window = dense_ok and dense_ticks < _MAX_DENSE_TICKS and any(a <= now <= b for a, b in windows)
+            if in_window:
+                dense_ticks += 1
+                await asyncio.sleep(max(0.0, t_s + dense_s - now))
+                continue
+            upcoming = [a for a, _b in windows if a > now] if dense_ok else []
+            await asyncio.sleep(max(0.0, min([t_s + _SPARSE_S, *upcoming]) - now))
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        await asyncio.gather(*(one(session, n) for n in cluster.nodes))
+
+
+async def _scrape_one(session: aiohttp.ClientSession, cluster: Cluster, node_id: str, t_s: float,
+                      recording: Recording) -> None:
+    proc = cluster.nodes[node_id]
+    if proc.state != "running" or not proc.alive():
+        return
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError):
+        async with session.get(proc.url + "/v1/state") as resp:
+            if resp.status == 200:
+                recording.states.append(StateSample.from_state(t_s, await resp.json()))
 
 
 async def _scrape_states(session: aiohttp.ClientSession, cluster: Cluster, t_s: float,
                          recording: Recording) -> None:
-    async def one(node_id: str) -> None:
-        proc = cluster.nodes[node_id]
-        if proc.state != "running" or not proc.alive():
-            return
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError):
-            async with session.get(proc.url + "/v1/state") as resp:
-                if resp.status == 200:
-                    recording.states.append(StateSample.from_state(t_s, await resp.json()))
-
-    await asyncio.gather(*(one(n) for n in cluster.nodes))
+    await asyncio.gather(*(_scrape_one(session, cluster, n, t_s, recording) for n in cluster.nodes))
 
 
 async def _final_scrape(cluster: Cluster, t0: float, recording: Recording) -> None:

@@ -33,9 +33,10 @@ from typing import Any
 
 import aiohttp
 
-from workbench.run.load.model import HIST_MAX_US, LoadResult, LoadSpec, RequestRecord, status_class
+from workbench.history.records import RequestRecord
+from workbench.run.load.model import HIST_MAX_US, LoadPlan, LoadResult, status_class
 
-__all__ = ["LoadGenerator", "LoadResult", "LoadSpec", "RequestRecord", "run_load", "status_class"]
+__all__ = ["LoadGenerator", "LoadPlan", "LoadResult", "run_load", "status_class"]
 
 _STOP_GRACE_S = 0.25  # on stop, in-flight requests get this long to answer before being cancelled
 
@@ -72,7 +73,7 @@ class _Picker:
 
 
 class LoadGenerator:
-    """Runs one :class:`LoadSpec` in this process. Use :func:`run_load` unless you need the object.
+    """Runs one :class:`LoadPlan` in this process. Use :func:`run_load` unless you need the object.
 
     After ``run()`` returned, raised or was cancelled, :attr:`result` holds what was measured
     (``complete=False`` when it did not run to the end).
@@ -80,57 +81,60 @@ class LoadGenerator:
 
     def __init__(
         self,
-        spec: LoadSpec,
+        plan: LoadPlan,
         on_record: Callable[[RequestRecord], None] | None = None,
         start_at: float | None = None,
     ) -> None:
-        self.spec = spec
+        self.plan = plan
+        self.load = load = plan.load
         self.on_record = on_record
         self.start_at = start_at  # run start on time.monotonic(); processes share one
-        rng = random.Random(spec.seed)
-        self._region = _Picker(list(spec.regions), list(spec.regions.values()), rng)
-        n = len(spec.tenants)
-        weights = [1.0 / (i + 1) ** spec.zipf_s for i in range(n)] if spec.key_dist == "zipf" else [1.0] * n
-        self._tenant = _Picker(spec.tenants, weights, rng)
+        rng = random.Random(plan.seed)
+        weights_by_region = plan.region_weights
+        self._region = _Picker(list(weights_by_region), list(weights_by_region.values()), rng)
+        tenants = plan.tenants
+        n = len(tenants)
+        weights = [1.0 / (i + 1) ** load.zipf_s for i in range(n)] if load.key_dist == "zipf" else [1.0] * n
+        self._tenant = _Picker(tenants, weights, rng)
         self._rng = rng
         self._t0 = 0.0
         self._count = 0
         self._inflight: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        base = spec.url.rstrip("/")
-        self._url = f"{base}/v1/skills/{spec.skill}/invoke" if spec.route == "invoke" else f"{base}/v1/limits/check"
+        base = plan.url.rstrip("/")
+        self._url = f"{base}/v1/skills/{plan.skill}/invoke" if load.route == "invoke" else f"{base}/v1/limits/check"
         self._bodies: dict[str, bytes] = {}
-        self.result = LoadResult(spec, t0=0.0)
+        self.result = LoadResult(plan, t0=0.0)
 
     async def run(self, stop: asyncio.Event | None = None) -> LoadResult:
         """Send until the duration (or max_requests) is reached or ``stop`` is set; return the result."""
-        spec = self.spec
-        if spec.processes > 1:
+        plan, load = self.plan, self.load
+        if load.processes > 1:
             return await _run_processes(self, stop)
-        limit = spec.connector_limit or (
-            max(64, min(1024, int(spec.rate_rps / 10))) if spec.mode == "open" else spec.users
+        limit = plan.connector_limit or (
+            max(64, min(1024, int(load.rate_rps / 10))) if load.mode == "open" else load.users
         )
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0)
         self._session = session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=spec.timeout_s), skip_auto_headers=("User-Agent",)
+            connector=connector, timeout=aiohttp.ClientTimeout(total=plan.timeout_s), skip_auto_headers=("User-Agent",)
         )
         now = time.monotonic()
         self._t0 = self.start_at if self.start_at is not None else now
-        self.result = LoadResult(spec, t0=self._t0)
+        self.result = LoadResult(plan, t0=self._t0)
         sender: asyncio.Task[None] | None = None
         watcher = asyncio.create_task(stop.wait()) if stop is not None else None
         stopped = False
         try:
             if self._t0 > now:
                 await asyncio.sleep(self._t0 - now)
-            sender = asyncio.create_task(self._open_loop() if spec.mode == "open" else self._closed_loop())
+            sender = asyncio.create_task(self._open_loop() if load.mode == "open" else self._closed_loop())
             await asyncio.wait({sender, *([watcher] if watcher else [])}, return_when=asyncio.FIRST_COMPLETED)
             if not sender.done():
                 stopped = True
                 sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             # At the end, aiohttp's own timeout fires first; on stop, answers get a short grace.
-            await self._drain(_STOP_GRACE_S if stopped else (spec.drain_s or spec.timeout_s + 0.5))
+            await self._drain(_STOP_GRACE_S if stopped else (plan.drain_s or plan.timeout_s + 0.5))
         except asyncio.CancelledError:
             stopped = True
             if sender is not None:
@@ -159,8 +163,8 @@ class LoadGenerator:
     def _body(self, tenant: str) -> bytes:
         body = self._bodies.get(tenant)
         if body is None:
-            doc: dict[str, Any] = {"cost": self.spec.cost}
-            if self.spec.route == "check":
+            doc: dict[str, Any] = {"cost": self.load.cost}
+            if self.load.route == "check":
                 doc["key"] = tenant
             else:
                 doc["input"] = {"tenant": tenant}
@@ -169,17 +173,17 @@ class LoadGenerator:
 
     def _budget(self) -> bool:
         """Claim one request from max_requests; False when it is used up."""
-        if self.spec.max_requests and self._count >= self.spec.max_requests:
+        if self.plan.max_requests and self._count >= self.plan.max_requests:
             return False
         self._count += 1
         return True
 
     async def _open_loop(self) -> None:
-        spec, rng, mono, t0 = self.spec, self._rng, time.monotonic, self._t0
-        rate, poisson, end = spec.rate_rps, spec.arrival == "poisson", spec.duration_s
+        plan, rng, mono, t0 = self.plan, self._rng, time.monotonic, self._t0
+        rate, poisson, end = self.load.rate_rps, self.load.arrival == "poisson", plan.duration_s
         i = 0
         # Constant arrivals are computed from the index, not summed, so no rounding drift.
-        nxt = spec.offset_s + (rng.expovariate(rate) if poisson else 0.0)
+        nxt = plan.offset_s + (rng.expovariate(rate) if poisson else 0.0)
         while nxt < end:
             now = mono() - t0
             if nxt > now:
@@ -188,7 +192,7 @@ class LoadGenerator:
             while nxt <= now and nxt < end:  # send everything that is due, then sleep
                 if not self._budget():
                     return
-                if len(self._inflight) >= spec.max_inflight:
+                if len(self._inflight) >= plan.max_inflight:
                     self.result.overflow += 1
                     self._finish(nxt, now, self._region(), "", "", self._tenant(), 0, "max_inflight reached")
                 else:
@@ -196,20 +200,20 @@ class LoadGenerator:
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
                 i += 1
-                nxt = nxt + rng.expovariate(rate) if poisson else spec.offset_s + i / rate
+                nxt = nxt + rng.expovariate(rate) if poisson else plan.offset_s + i / rate
 
     async def _closed_loop(self) -> None:
         async def user() -> None:
-            spec, rng, mono, t0 = self.spec, self._rng, time.monotonic, self._t0
+            mono, t0, end = time.monotonic, self._t0, self.plan.duration_s
+            think = self.load.think_ms / 1000.0
             intended = mono() - t0
-            while intended < spec.duration_s and self._budget():
+            while intended < end and self._budget():
                 await self._request(intended, self._region(), self._tenant())
-                think = rng.expovariate(1 / spec.think_time_s) if spec.think_random else spec.think_time_s
                 intended = mono() - t0 + think
                 if think > 0:
                     await asyncio.sleep(think)
 
-        tasks = [asyncio.create_task(user()) for _ in range(self.spec.users)]
+        tasks = [asyncio.create_task(user()) for _ in range(self.load.users)]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -218,13 +222,13 @@ class LoadGenerator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _request(self, intended: float, home: str, tenant: str) -> None:
-        spec, t0 = self.spec, self._t0
+        plan, route, t0 = self.plan, self.load.route, self._t0
         start = time.monotonic() - t0
         self.result.sent += 1
         self.result.lag.record_value(min(max(int((start - intended) * 1e6), 1), HIST_MAX_US))
         headers = {"X-Client-Region": home, "Content-Type": "application/json"}
-        if spec.route == "invoke":
-            headers["Authorization"] = f"Bearer {spec.api_keys[tenant]}"  # type: ignore[index]
+        if route == "invoke":
+            headers["Authorization"] = f"Bearer {plan.api_keys[tenant]}"  # type: ignore[index]
         status, region, node, error, request_id, allowed, retried = 0, "", "", "", "", None, ""
         try:
             async with self._session.post(self._url, data=self._body(tenant), headers=headers) as resp:  # type: ignore[union-attr]
@@ -234,7 +238,7 @@ class LoadGenerator:
                 node = resp.headers.get("X-Edge-Node", "")
                 request_id = resp.headers.get("X-Request-Id", "")
                 retried = resp.headers.get("X-Router-Retried", "")
-                if status == 200 and spec.route == "check":
+                if status == 200 and route == "check":
                     allowed = _allowed(data)
                 elif status >= 300:
                     error = _error_code(data)
@@ -242,7 +246,7 @@ class LoadGenerator:
             self._finish(intended, start, home, region, node, tenant, 0, "cancelled: run ended before the answer")
             raise
         except TimeoutError:
-            error = f"timeout after {spec.timeout_s} s"
+            error = f"timeout after {plan.timeout_s} s"
         except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed, retried)
@@ -252,8 +256,8 @@ class LoadGenerator:
         request_id: str = "", allowed: bool | None = None, retried: str = "",
     ) -> None:
         rec = RequestRecord(
-            intended, start, time.monotonic() - self._t0, home, region, node, key, self.spec.cost, status, error,
-            request_id, allowed, retried,
+            intended, start, time.monotonic() - self._t0, home, region, node, key, self.load.cost, status, error,
+            request_id, self.load.route, allowed, retried,
         )
         self.result.add(rec)
         if self.on_record is not None:
@@ -261,51 +265,53 @@ class LoadGenerator:
 
 
 async def run_load(
-    spec: LoadSpec,
+    plan: LoadPlan,
     *,
     stop: asyncio.Event | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
 ) -> LoadResult:
-    """Run ``spec`` to its end (or until ``stop`` is set) and return the result.
+    """Run ``plan`` to its end (or until ``stop`` is set) and return the result.
 
     To keep partial results when *cancelling*, hold the :class:`LoadGenerator` and read its
-    :attr:`~LoadGenerator.result` after the cancellation. With ``spec.processes > 1`` the generator
+    :attr:`~LoadGenerator.result` after the cancellation. With ``plan.load.processes > 1`` the generator
     processes run on uvloop when it is installed (it keeps its schedule at about twice the rate).
     """
-    return await LoadGenerator(spec, on_record).run(stop)
+    return await LoadGenerator(plan, on_record).run(stop)
 
 
 # -- several processes ---------------------------------------------------------------------------
 
 
-def _child_spec(spec: LoadSpec, i: int) -> LoadSpec:
-    n = spec.processes
-    share = spec.max_requests // n + (1 if i < spec.max_requests % n else 0) if spec.max_requests else 0
-    users = spec.users // n + (1 if i < spec.users % n else 0)
+def _child_plan(plan: LoadPlan, i: int) -> LoadPlan:
+    """Process ``i``'s share of ``plan``.  It always keeps its records: they are the history, and the
+    parent hands them to ``on_record`` (and drops them itself when its plan says not to keep them)."""
+    load = plan.load
+    n = load.processes
+    share = plan.max_requests // n + (1 if i < plan.max_requests % n else 0) if plan.max_requests else 0
+    users = load.users // n + (1 if i < load.users % n else 0)
     return replace(
-        spec,
-        processes=1,
-        rate_rps=spec.rate_rps / n,
-        offset_s=spec.offset_s + i / spec.rate_rps,
-        users=max(users, 1),
+        plan,
+        load=replace(load, processes=1, rate_rps=load.rate_rps / n, users=max(users, 1)),
+        offset_s=plan.offset_s + i / load.rate_rps,
         max_requests=share,
-        seed=spec.seed * 1000 + i,
-        connector_limit=(spec.connector_limit + n - 1) // n,
-        max_inflight=max(spec.max_inflight // n, 1),
+        seed=plan.seed * 1000 + i,
+        connector_limit=(plan.connector_limit + n - 1) // n,
+        max_inflight=max(plan.max_inflight // n, 1),
+        keep_records=True,
     )
 
 
-def _child_main(conn: Any, spec_dict: dict[str, Any]) -> None:
+def _child_main(conn: Any, plan_dict: dict[str, Any]) -> None:
     """Entry point of a generator process: report ready, wait for the start instant, run, send back."""
 
     async def main() -> None:
-        spec = LoadSpec.from_dict(spec_dict)
+        plan = LoadPlan.from_dict(plan_dict)
         conn.send("ready")
         start_at = conn.recv()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_reader(conn.fileno(), stop.set)  # any message from the parent means stop
-        gen = LoadGenerator(spec, start_at=start_at)
+        gen = LoadGenerator(plan, start_at=start_at)
         try:
             await gen.run(stop)
         finally:
@@ -340,9 +346,22 @@ async def _recv(conn: Any, within_s: float) -> Any:
     return conn.recv()
 
 
+def _deliver(gen: LoadGenerator) -> None:
+    """Hand the merged records of the processes to ``on_record``; keep them only if the plan says so.
+
+    (They used to be dropped when the plan did not keep records, so a drill with two generator
+    processes recorded no request at all.)"""
+    if gen.on_record is not None:
+        for rec in gen.result.records:
+            gen.on_record(rec)
+    if not gen.plan.keep_records:
+        gen.result.records = []
+
+
 async def _run_processes(gen: LoadGenerator, stop: asyncio.Event | None) -> LoadResult:
-    """Split ``gen.spec`` over spawned processes that start on one shared instant; merge into gen.result."""
-    spec = gen.spec
+    """Split ``gen.plan`` over spawned processes that start on one shared instant; merge into gen.result."""
+    plan = gen.plan
+    n = plan.load.processes
     ctx = multiprocessing.get_context("spawn")
     procs, conns = [], []
 
@@ -356,16 +375,16 @@ async def _run_processes(gen: LoadGenerator, stop: asyncio.Event | None) -> Load
     def merge(recvs: list[asyncio.Task[Any]], stopped: bool) -> None:
         for i, r in enumerate(recvs):
             if r.done() and not r.cancelled() and r.exception() is None:
-                gen.result.merge(LoadResult.from_wire(_child_spec(spec, i), r.result()))
+                gen.result.merge(LoadResult.from_wire(_child_plan(plan, i), r.result()))
             else:
                 gen.result.complete = False
         gen.result.complete = gen.result.complete and not stopped
-        gen.result.records.sort(key=lambda r: r.intended)
+        gen.result.records.sort(key=lambda r: r.intended_s)
 
     try:
-        for i in range(spec.processes):
+        for i in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_child_main, args=(child, _child_spec(spec, i).to_dict()), daemon=True)
+            p = ctx.Process(target=_child_main, args=(child, _child_plan(plan, i).to_dict()), daemon=True)
             p.start()
             child.close()
             procs.append(p)
@@ -381,10 +400,10 @@ async def _run_processes(gen: LoadGenerator, stop: asyncio.Event | None) -> Load
                     "that uses processes > 1 must guard its entry point with `if __name__ == '__main__':`"
                 )
         start_at = time.monotonic() + 0.05
-        gen.result = LoadResult(spec, t0=start_at, complete=False)
+        gen.result = LoadResult(plan, t0=start_at, complete=False)
         for c in conns:
             c.send(start_at)
-        bound = spec.duration_s + (spec.drain_s or spec.timeout_s) + 30
+        bound = plan.duration_s + (plan.drain_s or plan.timeout_s) + 30
         recvs = [asyncio.create_task(_recv(c, bound)) for c in conns]
         stopper = asyncio.create_task(stop.wait()) if stop is not None else None
         stopped = False
@@ -400,6 +419,7 @@ async def _run_processes(gen: LoadGenerator, stop: asyncio.Event | None) -> Load
             tell_stop()
             await asyncio.wait(recvs, timeout=5)
             merge(recvs, stopped)
+            _deliver(gen)
             raise
         finally:
             if stopper is not None:
@@ -408,9 +428,7 @@ async def _run_processes(gen: LoadGenerator, stop: asyncio.Event | None) -> Load
                 r.cancel()
         gen.result.complete = True
         merge(recvs, stopped)
-        if gen.on_record is not None:
-            for rec in gen.result.records:
-                gen.on_record(rec)
+        _deliver(gen)
         return gen.result
     finally:
         for p in procs:

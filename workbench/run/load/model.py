@@ -1,15 +1,19 @@
-"""What a load run is and what it produced: the spec, one record per request, the merged result with
-its HDR histograms.  Plain data, shared by the generator, its worker processes and the recorder."""
+"""What a load run is and what it produced: the plan (the scenario's LoadSpec plus run-time values)
+and the merged result with its HDR histograms.  Requests are recorded as
+:class:`workbench.history.RequestRecord`, the one request record of the whole workbench."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-__all__ = ["CLASSES", "HIST_MAX_US", "LoadResult", "LoadSpec", "RequestRecord", "status_class"]
+from workbench.history.records import RequestRecord, rows_from_wire, rows_to_wire
+from workbench.spec.parts import LoadSpec
+
+__all__ = ["CLASSES", "HIST_MAX_US", "LoadPlan", "LoadResult", "status_class"]
 
 HIST_MAX_US = 60_000_000  # histograms hold 1 µs .. 60 s, 3 significant digits
 CLASSES = ("2xx", "429", "4xx", "5xx", "error")
@@ -30,103 +34,81 @@ def status_class(status: int) -> str:
 
 
 @dataclass(frozen=True)
-class LoadSpec:
-    """What to send, how fast and for how long. Defaults live here and nowhere else."""
+class LoadPlan:
+    """One generator run: the scenario's :class:`~workbench.spec.parts.LoadSpec` (the traffic shape:
+    mode, rate, arrivals, users, think time, tenants, key distribution, cost, route, processes) and
+    the values only known at run time (where to send, the API keys, the clock offset, the limits of
+    this generator).  Defaults of the shape live in LoadSpec; the run-time defaults live here."""
 
     url: str  # base URL of the router or a node, e.g. "http://127.0.0.1:8100"
-    mode: str = "open"  # "open" (arrival rate) or "closed" (users with think time)
-    rate_rps: float = 100.0  # open loop: total arrival rate
-    arrival: str = "constant"  # open loop: "constant" spacing or "poisson" arrivals
-    offset_s: float = 0.0  # open loop: first arrival time (staggers the processes of one run)
-    users: int = 10  # closed loop: concurrent users
-    think_time_s: float = 0.0  # closed loop: pause after each answer (exponential when think_random)
-    think_random: bool = False
+    load: LoadSpec = field(default_factory=LoadSpec)
     duration_s: float = 10.0  # hard bound on the sending window
-    max_requests: int = 0  # 0 = unbounded; otherwise stop after this many
-    regions: Mapping[str, float] = field(default_factory=lambda: {"local": 1.0})  # home region -> weight
-    tenants: Sequence[str] = ("tenant-0",)  # limiter keys; index i is Zipf rank i
-    key_dist: str = "uniform"  # "uniform" or "zipf"
-    zipf_s: float = 1.1  # Zipf exponent: P(rank i) ~ 1 / (i + 1) ** s
+    regions: tuple[str, ...] = ("local",)  # home regions, equally weighted, when load.region_weights is {}
     api_keys: Mapping[str, str] | None = None  # tenant -> bearer token (route "invoke")
-    route: str = "check"  # "check": POST /v1/limits/check; "invoke": POST /v1/skills/{skill}/invoke
-    skill: str = "rating"
-    cost: int = 1
+    skill: str = "rating"  # the {skill} of /v1/skills/{skill}/invoke
+    offset_s: float = 0.0  # open loop: first arrival time (staggers the processes of one run)
+    max_requests: int = 0  # 0 = unbounded; otherwise stop after this many
     timeout_s: float = 5.0  # per request, total
     drain_s: float = 0.0  # after the window, wait for in-flight answers; 0 = timeout_s
-    connector_limit: int = 0  # 0 = automatic (see the module docstring)
+    connector_limit: int = 0  # 0 = automatic (see the generator's module docstring)
     max_inflight: int = 100_000  # open loop: past this, arrivals are recorded as errors, not sent
     lag_threshold_ms: float = 5.0  # scheduling lag p99 above this marks the run invalid
     seed: int = 0
-    processes: int = 1  # >1: that many generator processes, each at rate/N, merged
-    keep_records: bool = True
+    keep_records: bool = True  # False: records go to on_record only (histograms are always kept)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("open", "closed"):
-            raise ValueError(f"mode must be 'open' or 'closed', got {self.mode!r}")
-        if self.arrival not in ("constant", "poisson"):
-            raise ValueError(f"arrival must be 'constant' or 'poisson', got {self.arrival!r}")
-        if self.key_dist not in ("uniform", "zipf"):
-            raise ValueError(f"key_dist must be 'uniform' or 'zipf', got {self.key_dist!r}")
-        if self.route not in ("check", "invoke"):
-            raise ValueError(f"route must be 'check' or 'invoke', got {self.route!r}")
-        if self.mode == "open" and self.rate_rps <= 0:
-            raise ValueError(f"rate_rps must be > 0, got {self.rate_rps}")
-        if self.mode == "closed" and self.users < 1:
-            raise ValueError(f"users must be >= 1, got {self.users}")
-        if self.duration_s <= 0 or self.timeout_s <= 0 or self.processes < 1 or self.cost < 1:
-            raise ValueError("duration_s, timeout_s must be > 0; processes, cost must be >= 1")
-        if not self.tenants or not self.regions or min(self.regions.values()) < 0 or not sum(self.regions.values()):
-            raise ValueError("tenants and regions must be non-empty; region weights >= 0 with a positive sum")
-        if self.route == "invoke" and not self.api_keys:
-            raise ValueError("route 'invoke' needs api_keys (tenant -> bearer token)")
-        missing = [t for t in self.tenants if self.route == "invoke" and t not in (self.api_keys or {})]
-        if missing:
-            raise ValueError(f"api_keys has no token for tenants {missing[:5]}")
+        if not isinstance(self.load, LoadSpec):
+            raise ValueError(f"load must be a workbench.spec.parts.LoadSpec, got {type(self.load).__name__}")
+        if not self.duration_s > 0 or not self.timeout_s > 0 or self.max_requests < 0:
+            raise ValueError("duration_s and timeout_s must be > 0 and max_requests >= 0")
+        object.__setattr__(self, "regions", tuple(self.regions))
+        if not self.load.region_weights and not self.regions:
+            raise ValueError("regions must name at least one home region when load.region_weights is empty")
+        if self.load.route == "invoke":
+            if not self.api_keys:
+                raise ValueError("route 'invoke' needs api_keys (tenant -> bearer token)")
+            missing = [t for t in self.tenants if t not in self.api_keys]
+            if missing:
+                raise ValueError(f"api_keys has no token for tenants {missing[:5]}")
+
+    @property
+    def region_weights(self) -> dict[str, float]:
+        """Home region -> weight: the spec's weights, or every region of ``regions`` equally."""
+        return dict(self.load.region_weights) or dict.fromkeys(self.regions, 1.0)
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        """The limiter keys; index i is Zipf rank i."""
+        return self.load.tenant_names()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["regions"], d["tenants"] = dict(self.regions), list(self.tenants)
+        """Plain data for a spawned generator process (the spec's read-only mappings do not pickle)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["load"] = {f.name: (dict(v) if isinstance(v := getattr(self.load, f.name), Mapping) else v)
+                     for f in fields(self.load)}
+        d["regions"] = list(self.regions)
         d["api_keys"] = dict(self.api_keys) if self.api_keys else None
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LoadSpec:
+    def from_dict(cls, d: Mapping[str, Any]) -> LoadPlan:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown load keys {unknown}; expected some of {sorted(known)}")
-        return cls(**{k: tuple(v) if k == "tenants" else v for k, v in d.items()})
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """One request as the client saw it; times are seconds since the run start (monotonic)."""
-
-    intended: float
-    start: float
-    end: float
-    home_region: str
-    region: str  # X-Edge-Region of the answer ("" without one)
-    node: str  # X-Edge-Node of the answer
-    key: str  # the limiter key (the tenant)
-    cost: int
-    status: int  # HTTP status, 0 when no HTTP answer came
-    error: str = ""  # the error code of the JSON body of a failed answer, or the exception
-    request_id: str = ""  # X-Request-Id of the answer: the id the node audited a grant under
-    allowed: bool | None = None  # check route: the "allowed" field of a 200; None otherwise
-    retried_from: str = ""  # X-Router-Retried of the answer: the node the router tried first
-
-    @property
-    def latency(self) -> float:
-        """Seconds from the intended send time to the answer (includes any generator lag)."""
-        return self.end - self.intended
+            raise ValueError(f"unknown load plan keys {unknown}; expected some of {sorted(known)}")
+        kw = dict(d)
+        if isinstance(kw.get("load"), Mapping):
+            kw["load"] = LoadSpec(**kw["load"])
+        if "regions" in kw:
+            kw["regions"] = tuple(kw["regions"])
+        return cls(**kw)
 
 
 @dataclass
 class LoadResult:
     """Histograms (µs) per status class and of the generator's own lag, plus the records."""
 
-    spec: LoadSpec
+    plan: LoadPlan
     t0: float  # run start on time.monotonic()
     elapsed_s: float = 0.0
     sent: int = 0
@@ -148,10 +130,10 @@ class LoadResult:
     @property
     def invalid_reasons(self) -> list[str]:
         reasons = []
-        if self.lag_p99_ms > self.spec.lag_threshold_ms:
-            reasons.append(f"generator lag p99 {self.lag_p99_ms:.2f} ms > {self.spec.lag_threshold_ms} ms")
+        if self.lag_p99_ms > self.plan.lag_threshold_ms:
+            reasons.append(f"generator lag p99 {self.lag_p99_ms:.2f} ms > {self.plan.lag_threshold_ms} ms")
         if self.overflow:
-            reasons.append(f"{self.overflow} arrivals dropped at max_inflight={self.spec.max_inflight}")
+            reasons.append(f"{self.overflow} arrivals dropped at max_inflight={self.plan.max_inflight}")
         return reasons
 
     def percentiles_ms(self, cls: str = "all", pcts: Sequence[float] = (50, 95, 99, 99.9)) -> dict[str, float]:
@@ -181,10 +163,10 @@ class LoadResult:
         }
 
     def add(self, rec: RequestRecord) -> None:
-        us = min(max(int((rec.end - rec.intended) * 1e6), 1), HIST_MAX_US)
+        us = min(max(int((rec.end_s - rec.intended_s) * 1e6), 1), HIST_MAX_US)
         self.latency[status_class(rec.status)].record_value(us)
         self.latency["all"].record_value(us)
-        if self.spec.keep_records:
+        if self.plan.keep_records:
             self.records.append(rec)
 
     def merge(self, other: LoadResult) -> None:
@@ -202,17 +184,15 @@ class LoadResult:
         """A compact picklable form for crossing a process boundary."""
         return {
             "t0": self.t0, "elapsed_s": self.elapsed_s, "sent": self.sent, "complete": self.complete,
-            "overflow": self.overflow, "records": [tuple(getattr(r, f) for f in _REC) for r in self.records],
+            "overflow": self.overflow, "records": rows_to_wire(RequestRecord, self.records),
             "latency": {c: h.encode() for c, h in self.latency.items()}, "lag": self.lag.encode(),
         }  # fmt: skip
 
     @classmethod
-    def from_wire(cls, spec: LoadSpec, w: Mapping[str, Any]) -> LoadResult:
-        res = cls(spec, w["t0"], w["elapsed_s"], w["sent"], [RequestRecord(*r) for r in w["records"]])
+    def from_wire(cls, plan: LoadPlan, w: Mapping[str, Any]) -> LoadResult:
+        res = cls(plan, w["t0"], w["elapsed_s"], w["sent"], rows_from_wire(RequestRecord, w["records"]))
         res.latency = {c: HdrHistogram.decode(e) for c, e in w["latency"].items()}
         res.lag = HdrHistogram.decode(w["lag"])
         res.complete, res.overflow = w["complete"], w["overflow"]
         return res
 
-
-_REC = [f.name for f in fields(RequestRecord)]

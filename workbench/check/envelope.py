@@ -1,0 +1,203 @@
+"""The envelope: for each key and every window [s, t], tokens admitted <= B + R (t - s) + allowance.
+
+Two independent checks.  :func:`check_envelope` reads the grants (the nodes' audit trails when there
+are any: exact grant times, and grants whose reply was lost).  :func:`check_envelope_counter` trusts
+no server: it takes what the clients saw, Jepsen's counter rule, and counts every request of unknown
+outcome (sent, then a timeout, a reset or a router 502 / 504) as admitted, so the upper bound holds
+whatever the audit trails say.  Both state the allowance they used and its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from workbench.check.errors import unknown_outcome
+from workbench.check.verdict import NOTHING_MEASURED, Verdict, percentile, run_seconds, scenario_of
+from workbench.history import Recording
+from workbench.spec.scenario import Scenario
+
+__all__ = [
+    "DELIVERY_ALLOWANCE_S",
+    "admissions",
+    "allowance_inputs",
+    "check_envelope",
+    "check_envelope_counter",
+    "default_slack_s",
+    "max_window_excess",
+]
+
+DELIVERY_ALLOWANCE_S = 0.05  # a gossip message's trip: HTTP, event-loop scheduling, merge (measured ~5-40 ms)
+GOSSIP_LAG_METRIC = "edge_gossip_lag_seconds"  # per peer: time since the last acknowledged exchange
+
+
+def default_slack_s(scenario: Scenario | None) -> float:
+    """Staleness eventual mode allows: what a node admits before its peers learn of it, about two
+    gossip intervals plus one delivery, plus any latency the scenario adds to links."""
+    if scenario is None:
+        return 0.0
+    return 2 * scenario.topology.gossip_interval_ms / 1000.0 + DELIVERY_ALLOWANCE_S + _added_latency_s(scenario)
+
+
+def _added_latency_s(scenario: Scenario) -> float:
+    return max((f.ms + f.jitter_ms for f in scenario.faults if f.action == "latency"), default=0.0) / 1000.0
+
+
+def allowance_inputs(rec: Recording, slack_s: float, tolerance_tokens: float = 0.0) -> dict[str, Any]:
+    """What the allowance is made of, for the verdict to state: ``tolerance + R * slack_s`` with
+    ``slack_s`` = 2 gossip intervals + delivery + added latency by default, and the gossip lag the
+    nodes measured (their ``edge_gossip_lag_seconds`` at the final scrape) beside it."""
+    scenario = scenario_of(rec)
+    lags = sorted(m.value * 1000 for m in rec.metrics if m.name == GOSSIP_LAG_METRIC)
+    measured = None if not lags else {"p50": round(percentile(lags, 50) or 0.0, 3),
+                                      "max": round(lags[-1], 3), "samples": len(lags)}
+    return {
+        "formula": "tolerance_tokens + R * slack_s",
+        "slack_s": round(slack_s, 6),
+        "tolerance_tokens": tolerance_tokens,
+        "gossip_interval_ms": None if scenario is None else scenario.topology.gossip_interval_ms,
+        "delivery_allowance_ms": DELIVERY_ALLOWANCE_S * 1000,
+        "added_latency_ms": None if scenario is None else round(_added_latency_s(scenario) * 1000, 3),
+        "default_slack_s": None if scenario is None else round(default_slack_s(scenario), 6),
+        "measured_gossip_lag_ms": measured,
+    }
+
+
+def admissions(rec: Recording, source: str = "auto") -> dict[str, list[tuple[float, int]]]:
+    """Per key, the (run-clock time, cost) of every admission, sorted by time.
+
+    ``audit`` takes the nodes' audit trails (grant time on the node: exact, and it also counts
+    tokens whose reply was lost); ``client`` takes the send time of every admitted request;
+    ``client_upper`` adds every request of unknown outcome to ``client`` (Jepsen's upper bound);
+    ``auto`` uses the audit trails when there are any.
+    """
+    if source not in ("auto", "audit", "client", "client_upper"):
+        raise ValueError(f"source must be auto, audit, client or client_upper, not {source!r}")
+    out: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    if source == "audit" or (source == "auto" and rec.audit):
+        base = rec.started_wall
+        for ev in rec.audit:
+            out[ev.key].append((ev.ts - base, ev.cost))
+    else:
+        upper = source == "client_upper"
+        for r in rec.requests:
+            if r.admitted or (upper and unknown_outcome(r)):
+                out[r.key].append((r.start_s, r.cost))
+    for items in out.values():
+        items.sort()
+    return dict(out)
+
+
+def max_window_excess(events: Sequence[tuple[float, int]], rate: float, burst: float) -> tuple[float, float, float]:
+    """The worst ``admitted[s, t] - (B + R (t - s))`` over all windows, and that window ``(s, t)``.
+
+    ``events`` are (time, cost) sorted by time.  With prefix sums P, a window from event j to event k
+    holds ``P[k] - P[j-1]``, so excess(k) = (P[k] - R t_k) - min over j <= k of (P[j-1] - R t_j) - B:
+    one pass with a running minimum, O(n).  Returns ``(-B, 0, 0)`` for no events.
+    """
+    best, best_s, best_t = -burst, 0.0, 0.0
+    low, low_t = math.inf, 0.0
+    prefix = 0.0
+    for t, cost in events:
+        start = prefix - rate * t  # a window that starts at this event excludes everything before it
+        if start < low:
+            low, low_t = start, t
+        prefix += cost
+        excess = prefix - rate * t - low - burst
+        if excess > best:
+            best, best_s, best_t = excess, low_t, t
+    return best, best_s, best_t
+
+
+def _judge(rec: Recording, by_key: dict[str, list[tuple[float, int]]], *, tolerance_tokens: float,
+           slack_s: float, label: str) -> tuple[list[str], dict[str, Any]]:
+    """Per-key windows and the run figures shared by both envelope checks."""
+    scenario = scenario_of(rec)
+    assert scenario is not None
+    run_s = run_seconds(rec, scenario)
+    keys = sorted(set(by_key) | {r.key for r in rec.requests})
+    reasons: list[str] = []
+    per_key: dict[str, dict[str, Any]] = {}
+    admitted_total = envelope_total = over_total = 0.0
+    worst = -math.inf
+    for key in keys:
+        limit = scenario.limit_for(key)
+        events = by_key.get(key, [])
+        admitted = float(sum(c for _t, c in events))
+        if limit is None:
+            if events:
+                reasons.append(f"key {key!r}: {admitted:g} tokens {label} but no limit matches it")
+            continue
+        envelope = limit.burst + limit.rate * max(run_s, events[-1][0] if events else 0.0)
+        excess, s, t = max_window_excess(events, limit.rate, limit.burst)
+        allowed = tolerance_tokens + limit.rate * slack_s
+        per_key[key] = {"admitted": admitted, "envelope": envelope, "allowance_tokens": round(allowed, 3),
+                        "over_admission_pct": round((admitted / envelope - 1) * 100, 2),
+                        "worst_excess": round(excess, 3), "worst_window_s": [round(s, 6), round(t, 6)]}
+        admitted_total += admitted
+        envelope_total += envelope
+        over_total += max(0.0, admitted - envelope)
+        worst = max(worst, excess)
+        if excess > allowed + 1e-6:  # float noise of R·t is not over-admission
+            reasons.append(f"key {key!r}: {excess:.1f} tokens {label} over B + R·(t-s) in [{s:.3f}s, {t:.3f}s] "
+                           f"(allowance {allowed:.1f} = {tolerance_tokens:g} + {limit.rate:g}/s x {slack_s:.3f} s; "
+                           f"burst {limit.burst:g})")
+    figures = {
+        "admitted_tokens": admitted_total, "envelope_tokens": envelope_total,
+        # signed: negative is under-admission (the cluster served less than the limit allows)
+        "over_admission_pct": round((admitted_total / envelope_total - 1) * 100, 2) if envelope_total else None,
+        # only the keys that went over, so one key's headroom cannot hide another key's excess
+        "over_admitted_keys_pct": round(over_total / envelope_total * 100, 2) if envelope_total else None,
+        "worst_excess_tokens": None if worst == -math.inf else round(worst, 3),
+        "run_s": run_s, "keys": per_key,
+    }
+    return reasons, figures
+
+
+def check_envelope(rec: Recording, *, tolerance_tokens: float = 0.0, slack_s: float = 0.0,
+                   source: str = "auto") -> Verdict:
+    """Every key's admissions in every window [s, t] must stay <= B + R (t - s) + allowance.
+
+    The allowance is ``tolerance_tokens + R * slack_s`` (``slack_s``: staleness the mode allows, see
+    :func:`default_slack_s`); the verdict's ``allowance`` figure states it with its inputs.
+    ``over_admission_pct`` is signed: admitted / (B + R T) - 1 summed over keys, T the run length.
+    """
+    if scenario_of(rec) is None:
+        return Verdict(False, ["no valid scenario in the recording: limits unknown"], {})
+    if source == "auto":
+        source = "audit" if rec.audit else "client"
+    by_key = admissions(rec, source)
+    reasons, figures = _judge(rec, by_key, tolerance_tokens=tolerance_tokens, slack_s=slack_s, label="admitted")
+    n = sum(len(v) for v in by_key.values())
+    figures.update(source=source, allowance=allowance_inputs(rec, slack_s, tolerance_tokens),
+                   looked_at=f"{n} grants from the {'audit trails' if source == 'audit' else 'client replies'} "
+                             f"over {len(figures['keys'])} keys")
+    if not by_key and not rec.requests:
+        reasons.append(f"{NOTHING_MEASURED}: no grant and no request recorded")
+    return Verdict(not reasons, reasons, figures)
+
+
+def check_envelope_counter(rec: Recording, *, tolerance_tokens: float = 0.0, slack_s: float = 0.0) -> Verdict:
+    """Jepsen's counter rule from the clients alone: acknowledged grants plus every request of
+    unknown outcome (counted as admitted, at its send time) must fit the same envelope.
+
+    It needs no audit trail, so a node that forgets to audit, or audits what it never granted, cannot
+    make it pass.  ``lower_bound_tokens`` (acknowledged) and ``upper_bound_tokens`` are reported.
+    """
+    if scenario_of(rec) is None:
+        return Verdict(False, ["no valid scenario in the recording: limits unknown"], {})
+    upper = admissions(rec, "client_upper")
+    reasons, figures = _judge(rec, upper, tolerance_tokens=tolerance_tokens, slack_s=slack_s,
+                              label="acknowledged or of unknown outcome")
+    acked = sum(r.cost for r in rec.requests if r.admitted)
+    unknown = [r for r in rec.requests if unknown_outcome(r)]
+    figures.update(lower_bound_tokens=float(acked), upper_bound_tokens=figures["admitted_tokens"],
+                   unknown_outcome_requests=len(unknown), unknown_outcome_tokens=sum(r.cost for r in unknown),
+                   source="client_upper", allowance=allowance_inputs(rec, slack_s, tolerance_tokens),
+                   looked_at=f"{len(rec.requests)} client requests ({len(unknown)} of unknown outcome "
+                             "counted as admitted)")
+    if not rec.requests:
+        reasons.append(f"{NOTHING_MEASURED}: no request recorded")
+    return Verdict(not reasons, reasons, figures)

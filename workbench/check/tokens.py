@@ -1,0 +1,171 @@
+"""Token loss, from three sources that do not derive from each other.
+
+1. the grants the clients saw: every admitted reply, by its request id;
+2. the union of the nodes' audit trails;
+3. every peer's final view of every node's count (``StateSample.counts`` of OTHER nodes: what the
+   cluster charges for that node's grants), never a node's own counter, which it rebuilt from the
+   very audit trail it would be compared with.
+
+Separate counts: double grants of one request id, grants audited but never answered as a grant,
+answers with no audit event, audited costs that differ from the request's, and peer views that
+disagree with the audit.  A token is *lost* when a source shows it and another that must show it
+does not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from workbench.check.outages import OutageLog, build_log
+from workbench.check.verdict import NOTHING_MEASURED, Verdict, scenario_of
+from workbench.history import AuditEvent, Recording, StateSample
+
+__all__ = ["check_token_loss"]
+
+
+def _final_views(rec: Recording, log: OutageLog | None) -> dict[str, StateSample]:
+    """Each node's last state sample, for the nodes that were up at the end (a dead node's last
+    sample is an old view, not a final one)."""
+    last: dict[str, StateSample] = {}
+    for s in rec.states:
+        if s.node not in last or s.t_s >= last[s.node].t_s:
+            last[s.node] = s
+    if log is not None:
+        last = {n: s for n, s in last.items() if log.down_at_end(n) is None}
+    return last
+
+
+def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
+    """Every grant is in all three sources exactly once.
+
+    A node killed or paused (and not back at the end) may die with grants it audited but had not
+    gossiped yet: those within ``inflight_s`` before its death are counted as
+    ``unpropagated_at_death``, not as loss; anything older is loss.  While a partition or blackhole
+    is still in force at the end, peers that lag are ``unverified``.
+    """
+    scenario = scenario_of(rec)
+    log = build_log(rec.faults, scenario.topology) if scenario is not None else None
+    reasons: list[str] = []
+
+    # -- source 1 against source 2: request ids
+    audit_ids = Counter(ev.request_id for ev in rec.audit if ev.request_id)
+    audit_cost = {ev.request_id: ev.cost for ev in rec.audit if ev.request_id}
+    admitted = [r for r in rec.requests if r.admitted]
+    with_id = [r for r in admitted if r.request_id]
+    no_id = len(admitted) - len(with_id)
+    missing = [r.request_id for r in with_id if r.request_id not in audit_ids]
+    answered_ids = {r.request_id for r in with_id}
+    seen_ids = {r.request_id: r for r in rec.requests if r.request_id}
+    unanswered = [rid for rid in audit_ids if rid not in answered_ids]
+    unanswered_as_error = sum(1 for rid in unanswered if rid in seen_ids)
+    # A node killed after auditing a grant but before answering: the router retried the request
+    # elsewhere under the same id.  The tokens were spent twice (both are in the envelope), the client
+    # got one answer: an orphaned grant at a kill, reported, not a double grant.
+    deaths = [(f.t_s, f.target) for f in rec.faults if f.action in ("kill", "pause")]
+    by_rid: dict[str, list[AuditEvent]] = defaultdict(list)
+    for ev in rec.audit:
+        if ev.request_id and audit_ids[ev.request_id] > 1:
+            by_rid[ev.request_id].append(ev)
+    orphaned: list[str] = []
+    duplicated: list[str] = []
+    for rid, events in sorted(by_rid.items()):
+        nodes = {ev.node for ev in events}
+        died = [ev for ev in events if any(abs(rec.started_wall + t - ev.ts) <= inflight_s
+                                           and target in (ev.node, ev.region) for t, target in deaths)]
+        if len(nodes) == len(events) and len(events) - len(died) <= 1 and died:
+            orphaned.append(rid)
+        else:
+            duplicated.append(rid)
+    cost_mismatch = [r.request_id for r in with_id if r.request_id in audit_cost
+                     and audit_ids[r.request_id] == 1 and audit_cost[r.request_id] != r.cost]
+    if missing:
+        reasons.append(f"{len(missing)} admitted replies have no audit event (e.g. {missing[:3]})")
+    if duplicated:
+        reasons.append(f"{len(duplicated)} request ids granted more than once (e.g. {duplicated[:3]})")
+    if cost_mismatch:
+        reasons.append(f"{len(cost_mismatch)} audited costs differ from the request's (e.g. {cost_mismatch[:3]})")
+    if admitted and not with_id:
+        reasons.append(f"{NOTHING_MEASURED}: none of the {len(admitted)} admitted replies carries a request id")
+
+    # -- source 3 against source 2: every peer's final view of every node's count
+    audited: dict[tuple[str, str], dict[int, list[AuditEvent]]] = defaultdict(lambda: defaultdict(list))
+    for ev in rec.audit:
+        audited[(ev.node, ev.key)][ev.gen].append(ev)
+    views = _final_views(rec, log)
+    nodes = sorted({ev.node for ev in rec.audit} | {n for s in views.values() for e in s.counts.values() for n in e})
+    ahead: list[str] = []
+    behind: list[str] = []
+    unpropagated: list[str] = []
+    unverified: list[str] = []
+    compared = 0
+    keys = sorted({k for (_n, k) in audited} | {k for s in views.values() for k in s.counts})
+    for node in nodes:
+        death = log.last_death(node) if log is not None and log.down_at_end(node) is not None else None
+        for key in keys:
+            gens = audited.get((node, key), {})
+            newest = max(gens, default=None)
+            for peer, view in sorted(views.items()):
+                if peer == node:
+                    continue  # a node's own counter is rebuilt from its audit: not an independent source
+                gen, count = view.counts.get(key, {}).get(node, (None, 0))
+                if newest is None and gen is None:
+                    continue
+                compared += 1
+                total = sum(ev.cost for ev in gens.get(gen, [])) if gen is not None else 0
+                where = f"{peer}'s view of {node} key {key!r}"
+                if gen is not None and ((gen not in gens and count > 0) or count > total):
+                    ahead.append(f"{where}: gen {gen} count {count}, audited {total}")
+                    continue
+                # the view may be of an older generation: then the newest one is the reference
+                ref = newest if newest is not None and (gen is None or newest > gen) else gen
+                events = sorted(gens.get(ref, []), key=lambda e: e.ts)
+                want = sum(ev.cost for ev in events)
+                have = count if ref == gen else 0
+                if have >= want:
+                    continue
+                text = f"{where}: gen {gen} count {count}, audited gen {ref} {want}"
+                late = _tail(events, want - have)
+                if death is not None and all(rec.started_wall + death - inflight_s <= ev.ts for ev in late):
+                    unpropagated.append(text + " (granted just before it died)")
+                elif log is not None and log.network_cuts:
+                    unverified.append(text + " (a partition or blackhole was still in force at the end)")
+                else:
+                    behind.append(text)
+    if ahead:
+        reasons.append(f"{len(ahead)} peer views count tokens the audit trails never recorded: " + "; ".join(ahead[:3]))
+    if behind:
+        reasons.append(f"{len(behind)} peer views never learnt of audited grants: " + "; ".join(behind[:3]))
+    peers_note = None
+    if len(views) < 2 and scenario is not None and len(scenario.topology.node_ids) < 2:
+        peers_note = "single node: no peer view to compare (not applicable)"
+    elif not views and (rec.audit or admitted):
+        reasons.append(f"{NOTHING_MEASURED}: no node's final state was recorded (no peer view to compare)")
+    if not rec.requests and not rec.audit:
+        reasons.append(f"{NOTHING_MEASURED}: no request and no audit event recorded")
+    silent = sorted({ev.node for ev in rec.audit} - set(views))
+    figures = {
+        "admitted_replies": len(admitted), "audit_events": len(rec.audit), "peer_views_compared": compared,
+        "missing": len(missing), "answered_without_audit": len(missing),
+        "duplicated": len(duplicated), "double_grants": len(duplicated), "orphaned_at_kill": len(orphaned),
+        "unanswered_grants": len(unanswered), "unanswered_grants_answered_as_error": unanswered_as_error,
+        "cost_mismatch": len(cost_mismatch), "peer_view_ahead": len(ahead), "peer_view_behind": len(behind),
+        "mismatched": len(ahead) + len(behind), "unpropagated_at_death": unpropagated, "unverified": unverified,
+        "replies_without_request_id": no_id, "nodes_without_final_state": silent,
+        "token_loss": len(missing) + len(duplicated) + len(cost_mismatch) + len(ahead) + len(behind),
+        "looked_at": (f"{len(with_id)} admitted replies with request ids, {len(rec.audit)} audit events, "
+                      f"{compared} peer views (of {len(views)} nodes' final states)"),
+    }
+    if peers_note:
+        figures["note"] = peers_note
+    return Verdict(not reasons, reasons, figures)
+
+
+def _tail(events: list[AuditEvent], tokens: int) -> list[AuditEvent]:
+    """The latest events that make up ``tokens`` (what a lagging view is missing)."""
+    out, acc = [], 0
+    for ev in reversed(events):
+        if acc >= tokens:
+            break
+        out.append(ev)
+        acc += ev.cost
+    return out
