@@ -1,0 +1,246 @@
+"""The allocation quorum: one voter per region grants floating shares and reclaims them.
+
+**Why no consensus on the request path.**  A voter of an epoch with ``n`` members and quorum
+``m = n // 2 + 1`` never grants more than ``m / n`` of the floating budget in total, and a node's
+share is ``sum(grants) / m``.  Summing over nodes, the shares are at most ``n * (m / n) / m = 1``,
+whatever each voter knows about the others: no two voters need to agree on a table, and a voter
+answers a request from its own ledger alone.  A node with grants from fewer than ``m`` voters has no
+floating share at all, so a minority is fenced.
+
+**Reclaim.**  A voter counts a grant for ``L * (1 + rho) / (1 - rho)`` of its own clock from the
+moment it granted it -- longer than the node, which measures ``L`` from the earlier moment its request
+left, can use it.  A dead or cut-off node simply stops renewing; its ledger entries run out and the
+headroom goes to the nodes that still ask.  Shares follow measured demand, and a decrease takes
+effect before the matching increase because the old, larger grant stays in the ledger until it runs
+out.  A restarted node (higher incarnation) gets nothing until every grant of its old incarnation
+has run out.
+
+**Membership.**  A voter silent for ``voter_dead`` is voted out (and a returning one voted back in)
+by a new epoch: the lowest-named live member proposes ``(epoch + 1, members)``; every member of the
+current epoch accepts at most one proposal per epoch and stops granting for the current epoch when
+it accepts; a majority of accepts commits it.  Every valid lease of the old epoch holds a grant from
+some accepting member made before it accepted, hence before the commit, so members of the new
+epoch grant only ``L * (1 + rho) / (1 - rho)`` after they learn the commit (one commit round plus
+the reclaim wait).  Known limit: two proposals for the same epoch that split the votes leave the
+membership where it is (the old epoch keeps working for whoever still reaches its quorum).
+
+Pure: every method takes ``now`` (the voter's own monotonic clock) and returns messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edge_server.strict.lease import Grant, LeaseRequest
+from edge_server.strict.settings import StrictSettings
+
+__all__ = ["Accept", "Commit", "Hello", "Propose", "Voter", "VoterMessage", "quorum_of"]
+
+
+def quorum_of(members: int) -> int:
+    return members // 2 + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Heartbeat between voters; carries the sender's committed epoch so laggards catch up."""
+
+    sender: str
+    epoch: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Propose:
+    sender: str
+    epoch: int  # the new epoch
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    sender: str
+    epoch: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    sender: str
+    epoch: int
+    members: tuple[str, ...]
+
+
+VoterMessage = Hello | Propose | Accept | Commit
+
+
+class _Entry:
+    __slots__ = ("fraction", "incarnation", "until")
+
+    def __init__(self, incarnation: int, fraction: float, until: float) -> None:
+        self.incarnation, self.fraction, self.until = incarnation, fraction, until
+
+
+class Voter:
+    """One region's voter.  Addressed by ``voter_id``; talks to the other voters by messages."""
+
+    def __init__(self, voter_id: str, voters: Sequence[str], nodes: Sequence[str], settings: StrictSettings,
+                 *, now: float) -> None:
+        if voter_id not in voters:
+            raise ValueError(f"voter {voter_id!r} is not one of {list(voters)}")
+        if len(set(voters)) != len(voters) or not voters:
+            raise ValueError("voters must be distinct and at least one")
+        self.voter_id = voter_id
+        self.all_voters = tuple(sorted(voters))
+        self.nodes = frozenset(nodes)
+        self.settings = settings
+        self.epoch = 1
+        self.members: tuple[str, ...] = self.all_voters
+        self.grants_from = now  # epoch 1 starts with nothing granted anywhere
+        self.frozen_for: tuple[int, tuple[str, ...]] | None = None  # accepted, not yet committed
+        self._accepts: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._proposing: tuple[int, tuple[str, ...]] | None = None
+        self._ledger: dict[str, list[_Entry]] = {}
+        self._incarnation: dict[str, int] = {}
+        self._demand: dict[str, tuple[float, float]] = {}  # node -> (demand, heard at)
+        self._heard: dict[str, float] = {v: now for v in self.all_voters}
+        self.refused: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ grants
+
+    @property
+    def quorum(self) -> int:
+        return quorum_of(len(self.members))
+
+    @property
+    def capacity(self) -> float:
+        return self.quorum / len(self.members)
+
+    def _refuse(self, req: LeaseRequest, reason: str) -> Grant:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return Grant(self.voter_id, req.node, req.incarnation, req.req_id, self.epoch, self.quorum,
+                     len(self.members), 0.0, reason)
+
+    def _usage(self, now: float, skip: str | None = None) -> float:
+        total = 0.0
+        for node, entries in self._ledger.items():
+            live = [e for e in entries if e.until > now]
+            self._ledger[node] = live
+            if node != skip and live:
+                total += max(e.fraction for e in live)
+        return total
+
+    def on_request(self, req: LeaseRequest, now: float) -> Grant:
+        """Grant a share from this voter's own ledger, or refuse with a reason."""
+        if req.voter != self.voter_id:
+            return self._refuse(req, "wrong_voter")
+        if req.node not in self.nodes:
+            return self._refuse(req, "unknown_node")
+        if not (req.demand >= 0.0) or req.demand == float("inf"):
+            return self._refuse(req, "bad_demand")
+        known = self._incarnation.get(req.node, -1)
+        if req.incarnation < known:
+            return self._refuse(req, "old_incarnation")
+        self._incarnation[req.node] = req.incarnation
+        self._demand[req.node] = (req.demand, now)
+        if self.voter_id not in self.members:
+            return self._refuse(req, "not_a_member")
+        if self.frozen_for is not None:
+            return self._refuse(req, "changing_epoch")
+        if now < self.grants_from:
+            return self._refuse(req, "epoch_settling")
+        entries = [e for e in self._ledger.get(req.node, []) if e.until > now]
+        if any(e.incarnation < req.incarnation for e in entries):
+            # The old incarnation's lease may still be in use: the new one waits until it ran out.
+            return self._refuse(req, "old_incarnation_lease")
+        target = self.capacity * self._weight(req.node, now)
+        headroom = self.capacity - self._usage(now, skip=req.node)
+        fraction = max(0.0, min(target, headroom, 1.0))
+        if fraction <= 0.0:
+            return self._refuse(req, "no_headroom")
+        entries.append(_Entry(req.incarnation, fraction, now + self.settings.reclaim_s))
+        self._ledger[req.node] = entries
+        return Grant(self.voter_id, req.node, req.incarnation, req.req_id, self.epoch, self.quorum,
+                     len(self.members), fraction)
+
+    def _weight(self, node: str, now: float) -> float:
+        """The node's share of recent demand; every asking node keeps a small floor so that an idle
+        one can serve its first requests.  Nodes not heard within a lease do not count."""
+        fresh = {n: d for n, (d, t) in self._demand.items() if now - t <= self.settings.lease_s}
+        top = max(fresh.values(), default=0.0)
+        floor = max(top * 0.02, 1e-9)
+        weights = {n: max(d, floor) for n, d in fresh.items()}
+        total = sum(weights.values())
+        return weights.get(node, floor) / total if total > 0 else 1.0
+
+    def ledger(self, now: float) -> dict[str, float]:
+        """Node -> the share this voter still counts for it (for state views and tests)."""
+        self._usage(now)
+        return {n: max(e.fraction for e in es) for n, es in self._ledger.items() if es}
+
+    # ------------------------------------------------------------------ membership
+
+    def tick(self, now: float) -> list[tuple[str, VoterMessage]]:
+        """Heartbeats, and a membership proposal when the live voters differ from the members."""
+        out: list[tuple[str, VoterMessage]] = [
+            (v, Hello(self.voter_id, self.epoch, self.members)) for v in self.all_voters if v != self.voter_id]
+        self._heard[self.voter_id] = now
+        live = tuple(v for v in self.all_voters if now - self._heard.get(v, -1e18) <= self.settings.voter_dead_s)
+        if (self.voter_id in self.members and self.frozen_for is None and live != self.members
+                and live and live[0] == self.voter_id
+                and len(set(live) & set(self.members)) >= self.quorum):
+            proposal = (self.epoch + 1, live)
+            self._proposing = proposal
+            self._accepts = {}
+            out += [(v, Propose(self.voter_id, *proposal)) for v in self.members]
+        elif self._proposing is not None and self._proposing[0] == self.epoch + 1:
+            out += [(v, Propose(self.voter_id, *self._proposing)) for v in self.members]  # retry
+        return out
+
+    def on_message(self, msg: VoterMessage, now: float) -> list[tuple[str, VoterMessage]]:
+        if msg.sender not in self.all_voters:
+            self.refused["unknown_voter"] = self.refused.get("unknown_voter", 0) + 1
+            return []
+        self._heard[msg.sender] = now
+        if isinstance(msg, Hello):
+            if msg.epoch > self.epoch:
+                self._adopt(msg.epoch, msg.members, now)
+            return []
+        if isinstance(msg, Propose):
+            if msg.epoch != self.epoch + 1 or self.voter_id not in self.members:
+                return []
+            if self.frozen_for is None:
+                self.frozen_for = (msg.epoch, msg.members)  # from now on: no grant for this epoch
+            if self.frozen_for == (msg.epoch, msg.members):
+                return [(msg.sender, Accept(self.voter_id, msg.epoch, msg.members))]
+            return []
+        if isinstance(msg, Accept):
+            if self._proposing != (msg.epoch, msg.members) or msg.epoch != self.epoch + 1:
+                return []
+            if msg.sender in self.members:
+                self._accepts[msg.sender] = (msg.epoch, msg.members)
+            if len(self._accepts) >= self.quorum:
+                targets = sorted(set(self.all_voters))
+                self._adopt(msg.epoch, msg.members, now)
+                return [(v, Commit(self.voter_id, msg.epoch, msg.members)) for v in targets if v != self.voter_id]
+            return []
+        if isinstance(msg, Commit):
+            if msg.epoch > self.epoch:
+                self._adopt(msg.epoch, msg.members, now)
+            return []
+        return []
+
+    def _adopt(self, epoch: int, members: tuple[str, ...], now: float) -> None:
+        """A committed epoch: no grant until every lease of the old epoch has run out."""
+        self.epoch = epoch
+        self.members = tuple(sorted(members))
+        self.frozen_for = None
+        self._proposing = None
+        self._accepts = {}
+        self._ledger = {}
+        self.grants_from = now + self.settings.reclaim_s
+
+    def __repr__(self) -> str:
+        return (f"<Voter {self.voter_id} epoch={self.epoch} members={list(self.members)} "
+                f"frozen={self.frozen_for is not None}>")

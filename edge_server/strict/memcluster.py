@@ -1,0 +1,262 @@
+"""An in-memory strict cluster: StrictTables and Voters over one message queue, in virtual time.
+
+It is the smallest thing that runs the core as a cluster, for the property tests and the strict-core
+benchmark: every process has its own clock (drift within ``rho``, set per process), every message is
+encoded, signed and decoded through ``wire.py`` (so the wire is on the path of every test), and the
+queue can lose, duplicate, reorder and partition messages.  Every admission is recorded in true time
+and checked against the envelope ``B + R * (t - s)`` of every window with no allowance.
+
+Pure apart from its seeded ``random.Random``: nothing here reads a clock or touches I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_server.strict.allocator import Voter
+from edge_server.strict.settings import StrictSettings
+from edge_server.strict.table import StrictTable
+from edge_server.strict.wire import decode, encode
+from edge_server.token_bucket import Limit
+from edge_server.wire import WireError
+
+__all__ = ["Envelope", "MemCluster", "Message"]
+
+SECRET = b"memcluster-secret"
+
+
+class Envelope:
+    """Running check of ``admitted(s, t) <= B + R * (t - s)`` over every window, for one key.
+
+    ``max_excess`` is the largest ``admitted - (B + R * (t - s))`` seen (negative while it holds).
+    """
+
+    def __init__(self, limit: Limit) -> None:
+        self.limit = limit
+        self.total = 0.0
+        self._low = float("inf")  # min over admissions of (admitted before it) - R * t
+        self.max_excess = -float("inf")
+        self.events = 0
+
+    def admit(self, t: float, cost: float) -> float:
+        self._low = min(self._low, self.total - self.limit.rate * t)
+        self.total += cost
+        self.events += 1
+        excess = self.total - self.limit.rate * t - self._low - self.limit.burst
+        self.max_excess = max(self.max_excess, excess)
+        return excess
+
+
+@dataclass
+class Message:
+    deliver_at: float  # true time
+    src: str  # process: a node id or a voter id
+    dst: str
+    data: bytes
+    signature: str
+    src_region: str = ""
+    dst_region: str = ""
+
+
+@dataclass
+class _Clock:
+    local: float
+    drift: float = 0.0
+
+
+@dataclass
+class MemCluster:
+    """Regions of nodes, one voter per region, one key space, one queue."""
+
+    regions: Mapping[str, Sequence[str]]
+    limit_for: Callable[[str], Limit | None]
+    settings: StrictSettings
+    seed: int = 0
+    latency: Callable[[str, str], float] = field(default=lambda a, b: 0.0)  # region -> region, true seconds
+    now: float = 0.0
+    queue: list[Message] = field(default_factory=list)
+    cut: set[frozenset[str]] = field(default_factory=set)  # region pairs that cannot talk
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.region_of: dict[str, str] = {}
+        for region, nodes in self.regions.items():
+            for n in nodes:
+                self.region_of[n] = region
+            self.region_of[self.voter_of(region)] = region
+        self.node_ids = [n for nodes in self.regions.values() for n in nodes]
+        self.voter_ids = [self.voter_of(r) for r in self.regions]
+        self.clocks: dict[str, _Clock] = {p: _Clock(local=100.0 + 7.0 * i)
+                                          for i, p in enumerate(self.node_ids + self.voter_ids)}
+        self._incarnations = 0
+        self.tables: dict[str, StrictTable | None] = {n: self._new_table(n) for n in self.node_ids}
+        self.voters = {v: Voter(v, self.voter_ids, self.node_ids, self.settings, now=self.local(v))
+                       for v in self.voter_ids}
+        self.envelopes: dict[str, Envelope] = {}
+        self.admitted: dict[str, float] = {n: 0.0 for n in self.node_ids}
+        self.denied = 0
+        self.revoked = 0
+        self.wire_refused: dict[str, int] = {}
+        self._seq = 0
+
+    @staticmethod
+    def voter_of(region: str) -> str:
+        return f"voter-{region}"
+
+    # ------------------------------------------------------------------ clocks
+
+    def local(self, proc: str) -> float:
+        return self.clocks[proc].local
+
+    def set_drift(self, proc: str, drift: float) -> None:
+        if abs(drift) > self.settings.rho:
+            raise ValueError(f"drift {drift} beyond rho {self.settings.rho}")
+        self.clocks[proc].drift = drift
+
+    def advance(self, dt: float) -> None:
+        """Move true time by ``dt``; every clock moves by ``dt * (1 + its drift)``."""
+        if dt < 0:
+            raise ValueError("time does not go back")
+        self.now += dt
+        for c in self.clocks.values():
+            c.local += dt * (1 + c.drift)
+
+    # ------------------------------------------------------------------ processes
+
+    def _new_table(self, node: str) -> StrictTable:
+        self._incarnations += 1
+        return StrictTable(node, self._incarnations, self.node_ids, self.voter_ids, self.limit_for,
+                           self.settings, now=self.local(node))
+
+    def crash(self, node: str) -> None:
+        self.tables[node] = None
+
+    def restart(self, node: str, keep_data: bool) -> StrictTable:
+        """A new incarnation; with its data it also marks the old one's rights burned."""
+        old = self.tables[node]
+        table = self._new_table(node)
+        if keep_data and old is not None:
+            for key in old.keys():
+                table.burn_predecessor(key, old.actor, old.rights(key)[old.actor], self.local(node))
+        self.tables[node] = table
+        return table
+
+    # ------------------------------------------------------------------ requests
+
+    def take(self, node: str, key: str, cost: int = 1, pause: float = 0.0) -> bool:
+        """One request at ``node``: take, (pause), commit.  Returns whether it was admitted."""
+        table = self.tables[node]
+        if table is None:
+            return False
+        decision = table.take(key, cost, self.local(node))
+        if not decision.allowed:
+            self.denied += 1
+            return False
+        if pause:
+            self.advance(pause)
+        table = self.tables[node]
+        if table is None or decision.ticket is None:
+            return False  # crashed during the pause: never answered, never admitted
+        if not table.commit(decision.ticket, self.local(node)):
+            self.revoked += 1
+            return False
+        env = self.envelopes.get(key)
+        if env is None:
+            limit = self.limit_for(key)
+            assert limit is not None
+            env = self.envelopes[key] = Envelope(limit)
+        env.admit(self.now, cost)
+        self.admitted[node] += cost
+        return True
+
+    def max_excess(self) -> float:
+        return max((e.max_excess for e in self.envelopes.values()), default=-float("inf"))
+
+    # ------------------------------------------------------------------ messages
+
+    def _send(self, src: str, dst: str, kind: str, sender: str, body: Any) -> None:
+        self._seq += 1
+        data, sig = encode(SECRET, kind, sender, self._seq, body)
+        a, b = self.region_of[src], self.region_of[dst]
+        self.queue.append(Message(self.now + self.latency(a, b), src, dst, data, sig, a, b))
+
+    def round(self) -> None:
+        """One gossip round: every live node ticks, gossips to every peer and renews its lease;
+        every voter sends its heartbeats (and any membership proposal)."""
+        for node, table in self.tables.items():
+            if table is None:
+                continue
+            now = self.local(node)
+            table.tick(now)
+            for req in table.lease_requests(now):
+                self._send(node, req.voter, "lease_request", table.actor, req)
+            for peer in self.node_ids:
+                if peer != node:
+                    upto, entries = table.delta_for(peer)
+                    self._send(node, peer, "strict_delta", table.actor, (upto, entries))
+        for vid, voter in self.voters.items():
+            for dst, msg in voter.tick(self.local(vid)):
+                self._send(vid, dst, type(msg).__name__.lower(), vid, msg)
+
+    def blocked(self, msg: Message) -> bool:
+        return frozenset((msg.src_region, msg.dst_region)) in self.cut
+
+    def deliver(self, msg: Message) -> None:
+        """Hand one message to its destination (a crashed node drops it)."""
+        if self.blocked(msg):
+            return
+        try:
+            decoded = decode(SECRET, msg.data, msg.signature, nodes=self.node_ids, voters=self.voter_ids)
+        except WireError as exc:
+            self.wire_refused[exc.reason] = self.wire_refused.get(exc.reason, 0) + 1
+            return
+        dst = msg.dst
+        if dst in self.voters:
+            voter, now = self.voters[dst], self.local(dst)
+            if decoded.kind == "lease_request":
+                grant = voter.on_request(decoded.body, now)
+                self._send(dst, msg.src, "grant", dst, grant)
+            else:
+                for to, out in voter.on_message(decoded.body, now):
+                    self._send(dst, to, type(out).__name__.lower(), dst, out)
+            return
+        table = self.tables.get(dst)
+        if table is None:
+            return
+        now = self.local(dst)
+        if decoded.kind == "strict_delta":
+            upto, entries = decoded.body
+            table.merge(decoded.sender, entries, now)
+            self._send(dst, msg.src, "strict_ack", table.actor, upto)
+        elif decoded.kind == "strict_ack":
+            table.on_ack(decoded.sender, decoded.body, now)
+        elif decoded.kind == "grant":
+            table.on_grant(decoded.body, now)
+
+    def deliver_due(self, shuffle: bool = False) -> int:
+        """Deliver every message due by now (in send order, or shuffled).  Returns how many."""
+        due = [m for m in self.queue if m.deliver_at <= self.now]
+        if not due:
+            return 0
+        self.queue = [m for m in self.queue if m.deliver_at > self.now]
+        if shuffle:
+            self.rng.shuffle(due)
+        for m in due:
+            self.deliver(m)
+        return len(due)
+
+    def run(self, seconds: float, step: float, on_step: Callable[[MemCluster], None] | None = None) -> None:
+        """Rounds every ``settings.gossip_s``; ``on_step`` (load) every ``step`` of true time."""
+        end = self.now + seconds
+        next_round = self.now
+        while self.now < end - 1e-12:
+            if self.now >= next_round - 1e-12:
+                self.round()
+                next_round += self.settings.gossip_s
+            self.deliver_due()
+            if on_step is not None:
+                on_step(self)
+            self.advance(step)

@@ -1,0 +1,563 @@
+"""``StrictTable``: strict mode's per-node limiter core.  A node admits only against rights it holds.
+
+Shape of ``edge_server.token_bucket.BucketTable`` (take / commit / delta_for / on_ack / merge /
+tick, time as an argument, no I/O, no clock reads), plus the lease protocol (``lease_requests`` /
+``on_grant``).  ``now`` is the node's own *monotonic* clock in seconds.
+
+**Pots.**  Per key a node holds two pots of rights:
+
+* *pinned* ``P``: minted at ``alpha * R * p_i`` up to ``alpha * B * p_i`` (``p_i``: the node's
+  static pinned weight, weights sum to 1), with no lease -- what a minority side keeps;
+* *floating* ``F``: minted at ``(1 - alpha) * R * phi(t)`` up to ``(1 - alpha) * B * phi(t)``, where
+  ``phi`` is the lease share (``lease.py``); ``F`` is trimmed whenever ``phi`` drops (burned).
+
+Every cap counts, besides the pot, the rights *reserved* by a take not yet committed and the rights
+*given but not acknowledged* by their receiver: those still count against the giver, so the rights
+outstanding in the cluster (held + reserved + in flight) never exceed ``B``, and minting never
+exceeds ``R`` (we mint ``1 / (1 + rho)`` per second of our clock).  Hence every window admits at most
+``B + R * (t - s)``.
+
+**Transfers.**  A node short of rights publishes a ``want`` stamped with its own clock; a donor with
+surplus answers it by raising ``sent[j] = (total, echo=want stamp)``; the receiver credits what
+fits its room only if the echo is at most ``transfer_window`` old on *its own* clock, and burns the
+rest.  A giver stops counting an unacknowledged transfer after ``safe(transfer_window)``: by then
+it can no longer be credited anywhere.  Floating rights are given only if they stay inside the
+giver's floating cap for that whole time.
+
+**Restart.**  A table always starts empty and mints nothing for ``safe(transfer_window)`` (the
+"ghost" time in which a transfer of a previous incarnation might still land), whether or not its
+data survived; a new incarnation is a new actor, so old rights are never spent again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from edge_server.strict.lease import Grant, LeaseRequest, NodeLease
+from edge_server.strict.rights import ActorRights, KeyRights, actor_id, leq, merge_actor, split_actor
+from edge_server.strict.settings import StrictSettings
+from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, Limit, NoLimitForKey
+
+__all__ = ["StrictDecision", "StrictTable", "Ticket", "UnknownTransfer"]
+
+DEMAND_TAU_S = 0.5  # demand is an exponential average over about this long
+
+
+class UnknownTransfer(LookupError):
+    """A transfer or state entry names a key with no limit or a node outside the cluster."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What one allowed take reserved; give it back to :meth:`StrictTable.commit`."""
+
+    key: str
+    cost: int
+    from_pinned: float
+    from_floating: float
+    at: float
+    phi: float
+
+
+class StrictDecision(NamedTuple):
+    allowed: bool
+    remaining: float
+    limit: float
+    retry_after_s: float
+    ticket: Ticket | None
+
+
+class _Unacked:
+    __slots__ = ("floating", "pinned", "receiver", "total", "until")
+
+    def __init__(self, receiver: str, total: float, pinned: float, floating: float, until: float) -> None:
+        self.receiver, self.total, self.pinned, self.floating, self.until = receiver, total, pinned, floating, until
+
+
+class _Key:
+    __slots__ = (
+        "accepted",
+        "burned",
+        "changed",
+        "credited",
+        "demand",
+        "f",
+        "limit",
+        "minted",
+        "p",
+        "requested",
+        "res_f",
+        "res_p",
+        "sent",
+        "spent",
+        "stamp",
+        "unacked",
+        "view",
+        "want",
+    )
+
+    def __init__(self, limit: Limit, now: float) -> None:
+        self.limit = limit
+        self.view: KeyRights = {}  # other actors' entries, as merged
+        self.minted = self.spent = self.burned = self.credited = 0.0
+        self.sent: dict[str, tuple[float, float]] = {}
+        self.accepted: dict[str, float] = {}
+        self.want = (0.0, 0.0)
+        self.p = 0.0  # pinned pot
+        self.f = 0.0  # floating pot
+        self.res_p = self.res_f = 0.0
+        self.unacked: list[_Unacked] = []
+        self.stamp = now
+        self.requested = 0.0
+        self.demand = 0.0  # tokens per second asked for (allowed or not), averaged
+        self.changed = 0
+
+    def own(self) -> ActorRights:
+        return ActorRights(self.minted, self.spent, self.burned, self.credited, dict(self.sent),
+                           dict(self.accepted), self.want)
+
+
+class _Peer:
+    __slots__ = ("acked", "actor")
+
+    def __init__(self) -> None:
+        self.actor = ""
+        self.acked = 0
+
+
+class StrictTable:
+    """All keys of one node incarnation in strict mode.  Not thread-safe; one event loop owns it."""
+
+    def __init__(self, node_id: str, incarnation: int, nodes: Iterable[str], voters: Iterable[str],
+                 limit_for: Callable[[str], Limit | None], settings: StrictSettings, *, now: float,
+                 pinned_weights: Mapping[str, float] | None = None, max_keys: int = 100_000) -> None:
+        self.nodes = tuple(dict.fromkeys(nodes))
+        if node_id not in self.nodes:
+            raise ValueError(f"node {node_id!r} is not one of the cluster's nodes {list(self.nodes)}")
+        weights = dict(pinned_weights) if pinned_weights is not None else {n: 1 / len(self.nodes) for n in self.nodes}
+        if set(weights) != set(self.nodes) or any(not (w >= 0) for w in weights.values()) \
+                or abs(sum(weights.values()) - 1.0) > 1e-9:
+            raise ValueError("key 'strict.weights': expected a weight >= 0 for every node, summing to 1, "
+                             f"got {weights!r}")
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.actor = actor_id(node_id, incarnation)
+        self.settings = settings
+        self.weight = weights[node_id]
+        self._limit_for = limit_for
+        self.max_keys = max_keys
+        self.lease = NodeLease(node_id, incarnation, tuple(voters), settings)
+        self.started = now
+        self.ghost_until = now + settings.ghost_s
+        self._keys: dict[str, _Key] = {}
+        self._peers: dict[str, _Peer] = {n: _Peer() for n in self.nodes if n != node_id}
+        self._current: dict[str, int] = {}  # node -> highest incarnation seen
+        self._seq = 0
+        self._last_tick = now
+        self.refused: dict[str, int] = {}
+        self.revoked = 0  # takes undone by the re-check after the spend
+
+    # ------------------------------------------------------------------ caps
+
+    def _caps(self, st: _Key, phi: float) -> tuple[float, float, float, float]:
+        """(pinned rate, pinned cap, floating rate, floating cap) of one key for share ``phi``."""
+        a, lim, scale = self.settings.alpha, st.limit, self.settings.mint_scale
+        return (a * lim.rate * self.weight * scale, a * lim.burst * self.weight,
+                (1 - a) * lim.rate * phi * scale, (1 - a) * lim.burst * phi)
+
+    @staticmethod
+    def _unacked(st: _Key) -> tuple[float, float]:
+        return sum(u.pinned for u in st.unacked), sum(u.floating for u in st.unacked)
+
+    def _settle(self, st: _Key, now: float) -> None:
+        """Mint since ``stamp`` and trim the floating pot to every share the lease had meanwhile."""
+        if now <= st.stamp:
+            return
+        up, uf = self._unacked(st)  # as at ``stamp``: only shrinks until ``now``, so conservative
+        a = max(st.stamp, self.ghost_until)
+        if a < now:
+            for s, e, phi in self.lease.segments(a, now):
+                _pr, _pc, fr, fc = self._caps(st, phi)
+                self._trim(st, fc - uf - st.res_f)
+                mint = min(fr * (e - s), max(0.0, fc - st.f - uf - st.res_f))
+                if mint > 0:
+                    st.f += mint
+                    st.minted += mint
+            pr, pc, _fr, _fc = self._caps(st, 0.0)
+            mint = min(pr * (now - a), max(0.0, pc - st.p - up - st.res_p))
+            if mint > 0:
+                st.p += mint
+                st.minted += mint
+        self._trim(st, self._caps(st, self.lease.phi(now))[3] - uf - st.res_f)
+        st.stamp = now
+        before = len(st.unacked)
+        st.unacked = [u for u in st.unacked if u.until > now]
+        if len(st.unacked) != before:
+            self._touch(st)
+
+    def _trim(self, st: _Key, limit: float) -> None:
+        limit = max(0.0, limit)
+        if st.f > limit:
+            st.burned += st.f - limit
+            st.f = limit
+            self._touch(st)
+
+    # ------------------------------------------------------------------ decisions
+
+    def take(self, key: str, cost: int, now: float) -> StrictDecision:
+        """Reserve ``cost`` rights of ``key`` if this node holds them.  No network, no waiting.
+
+        An allowed decision carries a :class:`Ticket`; :meth:`commit` it right before answering.
+        Raises ``NoLimitForKey``, ``KeyTableFull`` or ``CostExceedsBurst``.
+        """
+        st = self._get(key, now)
+        if cost > st.limit.burst:
+            raise CostExceedsBurst(st.limit.burst)
+        if cost <= 0:
+            raise ValueError("cost must be > 0")
+        self._settle(st, now)
+        st.requested += cost
+        phi = self.lease.phi(now)
+        if st.f + st.p >= cost:
+            from_f = min(st.f, float(cost))
+            from_p = cost - from_f
+            st.f -= from_f
+            st.p -= from_p
+            st.res_f += from_f
+            st.res_p += from_p
+            ticket = Ticket(key, cost, from_p, from_f, now, phi)
+            return StrictDecision(True, st.f + st.p, st.limit.burst, 0.0, ticket)
+        pr, _pc, fr, _fc = self._caps(st, phi)
+        short = cost - st.f - st.p
+        retry = min(max(short / (pr + fr), self.settings.gossip_s) if pr + fr > 0 else 1.0, 60.0)
+        return StrictDecision(False, st.f + st.p, st.limit.burst, retry, None)
+
+    def commit(self, ticket: Ticket, now: float) -> bool:
+        """Turn a reservation into an admission -- unless the lease shrank since the take (a pause
+        between take and answer): then the floating part is burned, the pinned part returned, and
+        the request must be refused.  Returns whether the request is admitted."""
+        st = self._keys[ticket.key]
+        st.res_f -= ticket.from_floating
+        st.res_p -= ticket.from_pinned
+        if ticket.from_floating > 0 and self.lease.min_phi(ticket.at, now) < ticket.phi:
+            st.burned += ticket.from_floating
+            st.p += ticket.from_pinned
+            self.revoked += 1
+            self._touch(st)
+            return False
+        st.spent += ticket.cost
+        self._touch(st)
+        return True
+
+    def refund(self, ticket: Ticket) -> None:
+        """A reservation that will not be answered (the audit write failed): pinned rights go back,
+        floating ones are burned (the lease may have shrunk meanwhile)."""
+        st = self._keys[ticket.key]
+        st.res_f -= ticket.from_floating
+        st.res_p -= ticket.from_pinned
+        st.burned += ticket.from_floating
+        st.p += ticket.from_pinned
+        self._touch(st)
+
+    # ------------------------------------------------------------------ lease
+
+    def lease_requests(self, now: float) -> list[LeaseRequest]:
+        """Renewal requests for every voter when one is due, else nothing."""
+        if not self.lease.due(now):
+            return []
+        demand = sum(st.demand / st.limit.rate for st in self._keys.values() if st.limit.rate > 0)
+        return self.lease.requests(now, demand)
+
+    def on_grant(self, grant: Grant, now: float) -> str:
+        """A voter's answer; '' if taken, else the reason it was refused (counted)."""
+        for st in self._keys.values():  # settle at the old share before the share changes
+            self._settle(st, now)
+        reason = self.lease.on_grant(grant, now)
+        if reason:
+            self._count("grant_" + reason)
+        return reason
+
+    def phi(self, now: float) -> float:
+        return self.lease.phi(now)
+
+    # ------------------------------------------------------------------ replication
+
+    def tick(self, now: float) -> None:
+        """Once per gossip round: mint, measure demand, publish wants, and push surplus to wants."""
+        dt = now - self._last_tick
+        self._last_tick = now
+        self.lease.prune(now, 4 * self.settings.lease_s)
+        horizon = self.settings.transfer_window_s
+        for st in self._keys.values():
+            self._settle(st, now)
+            if dt > 0:
+                gain = 1 - math.exp(-dt / DEMAND_TAU_S)
+                st.demand += gain * (st.requested / dt - st.demand)
+                st.requested = 0.0
+            self._want_and_give(st, now, horizon)
+
+    def _want_and_give(self, st: _Key, now: float, horizon: float) -> None:
+        phi = self.lease.phi(now)
+        pr, pc, fr, fc = self._caps(st, phi)
+        need = st.demand * horizon * 2
+        have = st.p + st.f + (pr + fr) * horizon
+        up, uf = self._unacked(st)
+        if now >= self.ghost_until and need > have:
+            room = max(0.0, pc - st.p - up - st.res_p) + max(0.0, fc - st.f - uf - st.res_f)
+            amount = min(need - have, room)
+            if amount > 0:
+                st.want = (now, amount)
+                self._touch(st)
+        surplus = st.p + st.f - st.demand * horizon
+        if surplus <= 1e-9:
+            return
+        wants = []
+        for actor, r in st.view.items():
+            node, inc = split_actor(actor)
+            if node == self.node_id or inc != self._current.get(node) or r.want[1] <= 0:
+                continue
+            if r.want[0] > st.sent.get(actor, (0.0, -math.inf))[1]:
+                wants.append((actor, r.want))
+        total_wanted = sum(w[1] for _a, w in wants)
+        if not wants:
+            return
+        safe_fc = self._caps(st, self.lease.min_phi(now, now + self.settings.ghost_s))[3]
+        f_room = max(0.0, safe_fc - uf - st.res_f)
+        for actor, (stamp, amount) in wants:
+            give = min(amount, surplus * amount / total_wanted)
+            from_f = min(st.f, give, f_room)
+            from_p = min(st.p, give - from_f)
+            if from_f + from_p <= 1e-9:
+                continue
+            st.f -= from_f
+            st.p -= from_p
+            f_room -= from_f
+            total = st.sent.get(actor, (0.0, 0.0))[0] + from_f + from_p
+            st.sent[actor] = (total, stamp)
+            st.unacked.append(_Unacked(actor, total, from_p, from_f, now + self.settings.ghost_s))
+            self._touch(st)
+
+    def delta_for(self, peer: str) -> tuple[int, list[tuple[str, KeyRights]]]:
+        """Keys changed since ``peer`` last acknowledged, each with every actor's entry (ours too)."""
+        view = self._peers[peer]
+        out = []
+        for key, st in self._keys.items():
+            if st.changed > view.acked:
+                rights = dict(st.view)
+                rights[self.actor] = st.own()
+                out.append((key, rights))
+        return self._seq, out
+
+    def on_ack(self, peer_actor: str, upto: int, now: float) -> None:
+        """``peer_actor`` merged our state up to change ``upto``.  A new incarnation starts from 0."""
+        try:
+            node, _inc = split_actor(peer_actor)
+        except ValueError:
+            self._count("ack_bad_actor")
+            return
+        view = self._peers.get(node)
+        if view is None:
+            self._count("ack_unknown_node")
+            return
+        if view.actor != peer_actor:
+            view.actor, view.acked = peer_actor, 0
+            return
+        view.acked = max(view.acked, min(upto, self._seq))
+
+    def merge(self, sender: str, entries: Iterable[tuple[str, Mapping[str, ActorRights]]], now: float) -> int:
+        """Merge a peer's state; credit transfers to us; drop our acknowledged transfers.
+
+        Returns the number of entries refused (each counted in ``refused`` by reason): a key with
+        no limit, a node outside the cluster, our own entry grown by someone else (forged) -- those
+        are never merged -- and a transfer answering a want we never made, which is never credited.
+        """
+        refused = 0
+        try:
+            snode, _sinc = split_actor(sender)
+        except ValueError:
+            self._count("bad_actor")
+            return 1
+        if snode not in self._peers:
+            self._count("unknown_node")
+            return 1
+        view = self._peers[snode]
+        if view.actor != sender:
+            view.actor, view.acked = sender, 0
+        for key, actors in entries:
+            if self._limit_for(key) is None:
+                self._count("unknown_key")
+                refused += 1
+                continue
+            try:
+                st = self._get(key, now)
+            except KeyTableFull:
+                self._count("table_full")
+                refused += 1
+                continue
+            self._settle(st, now)
+            for actor, rights in actors.items():
+                reason = self._check_actor(st, actor, rights)
+                if reason:
+                    self._count(reason)
+                    refused += 1
+                    continue
+                if actor == self.actor:
+                    continue
+                old = st.view.get(actor)
+                st.view[actor] = rights if old is None else merge_actor(old, rights)
+                node, inc = split_actor(actor)
+                if inc > self._current.get(node, -1):
+                    self._current[node] = inc
+            refused += self._receive(st, now)
+            self._acknowledged(st)
+        return refused
+
+    def _check_actor(self, st: _Key, actor: str, rights: ActorRights) -> str:
+        try:
+            node, inc = split_actor(actor)
+        except ValueError:
+            return "bad_actor"
+        if node not in self.nodes:
+            return "unknown_node"
+        for receiver in list(rights.sent) + list(rights.accepted):
+            try:
+                if split_actor(receiver)[0] not in self.nodes:
+                    return "unknown_node"
+            except ValueError:
+                return "bad_actor"
+        if actor == self.actor and not leq(rights, st.own()):
+            return "forged_own"
+        if node == self.node_id and inc > self.incarnation:
+            return "newer_incarnation_of_self"
+        return ""
+
+    def _receive(self, st: _Key, now: float) -> int:
+        """Credit transfers to us that answer a fresh want; burn the rest."""
+        refused = 0
+        phi = self.lease.phi(now)
+        _pr, pc, _fr, fc = self._caps(st, phi)
+        for giver, r in st.view.items():
+            got = r.sent.get(self.actor)
+            if got is None:
+                continue
+            total, echo = got
+            done = st.accepted.get(giver, 0.0)
+            if total <= done:
+                continue
+            amount = total - done
+            if echo > st.want[0]:
+                self._count("forged_transfer")
+                refused += 1
+                kept = 0.0
+            elif now - echo > self.settings.transfer_window_s:
+                self._count("stale_transfer")
+                kept = 0.0
+            else:
+                up, uf = self._unacked(st)
+                room_f = max(0.0, fc - st.f - uf - st.res_f) if phi > 0 else 0.0
+                to_f = min(amount, room_f)
+                to_p = min(amount - to_f, max(0.0, pc - st.p - up - st.res_p))
+                st.f += to_f
+                st.p += to_p
+                kept = to_f + to_p
+                if kept < amount:
+                    self._count("transfer_overflow")
+            st.credited += kept
+            st.accepted[giver] = total
+            self._touch(st)
+        return refused
+
+    def _acknowledged(self, st: _Key) -> None:
+        if not st.unacked:
+            return
+        keep = []
+        for u in st.unacked:
+            r = st.view.get(u.receiver)
+            if r is None or r.accepted.get(self.actor, 0.0) < u.total:
+                keep.append(u)
+        if len(keep) != len(st.unacked):
+            st.unacked = keep
+            self._touch(st)
+
+    # ------------------------------------------------------------------ restart
+
+    def burn_predecessor(self, key: str, predecessor: str, rights: ActorRights, now: float) -> None:
+        """With the data directory intact, mark an old incarnation's unspent rights as burned, so
+        every view shows them gone (with it lost, nobody can spend them anyway)."""
+        node, inc = split_actor(predecessor)
+        if node != self.node_id or inc >= self.incarnation:
+            raise ValueError(f"{predecessor!r} is not an earlier incarnation of {self.node_id!r}")
+        st = self._get(key, now)
+        burned = ActorRights(rights.minted, rights.spent, rights.burned + max(0.0, rights.held),
+                             rights.credited, rights.sent, rights.accepted, rights.want)
+        old = st.view.get(predecessor)
+        st.view[predecessor] = burned if old is None else merge_actor(old, burned)
+        self._touch(st)
+
+    # ------------------------------------------------------------------ views
+
+    def held(self, key: str, now: float) -> float:
+        st = self._keys.get(key)
+        if st is None:
+            return 0.0
+        self._settle(st, now)
+        return st.p + st.f
+
+    def rights(self, key: str) -> KeyRights:
+        """Every actor's entry for ``key`` as this node sees it (its own exact)."""
+        st = self._keys[key]
+        out = dict(st.view)
+        out[self.actor] = st.own()
+        return out
+
+    def outstanding(self, key: str, now: float) -> float:
+        """Rights this node still accounts for: pots, reservations and unacknowledged gifts."""
+        st = self._keys.get(key)
+        if st is None:
+            return 0.0
+        self._settle(st, now)
+        up, uf = self._unacked(st)
+        return st.p + st.f + st.res_p + st.res_f + up + uf
+
+    def state(self, now: float) -> dict:
+        """For ``/v1/state``: rights held per key, the lease and the incarnation."""
+        return {
+            "actor": self.actor, "incarnation": self.incarnation, "phi": self.lease.phi(now),
+            "lease_valid": self.lease.valid(now), "ghost": now < self.ghost_until,
+            "keys": {k: {"pinned": round(st.p, 3), "floating": round(st.f, 3),
+                         "demand": round(st.demand, 3)} for k, st in self._keys.items()},
+            "refused": dict(self.refused), "revoked": self.revoked,
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    # ------------------------------------------------------------------ internals
+
+    def _get(self, key: str, now: float) -> _Key:
+        st = self._keys.get(key)
+        if st is None:
+            limit = self._limit_for(key)
+            if limit is None:
+                raise NoLimitForKey(key)
+            if len(self._keys) >= self.max_keys:
+                raise KeyTableFull(key)
+            # Minted lazily from the table's start, as if the key had existed all along: the same
+            # rights a long-lived key would hold.  (Safe only because keys are never forgotten; an
+            # expiring key table would have to keep a floor per forgotten key.)
+            st = self._keys[key] = _Key(limit, self.started)
+            self._touch(st)
+        return st
+
+    def _touch(self, st: _Key) -> None:
+        self._seq += 1
+        st.changed = self._seq
+
+    def _count(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def __repr__(self) -> str:
+        return f"<StrictTable {self.actor} keys={len(self._keys)} seq={self._seq}>"

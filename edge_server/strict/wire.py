@@ -1,0 +1,244 @@
+"""Strict mode's wire format: versioned JSON, HMAC-SHA256 over the exact body bytes.
+
+Kinds: ``strict_delta`` (rights state, per key per actor), ``strict_ack``, ``lease_request``,
+``grant`` and the voters' ``hello`` / ``propose`` / ``accept`` / ``commit``.  A message is refused
+(never merged) with a :class:`edge_server.wire.WireError` naming the reason, for metrics: unsigned,
+forged signature, not JSON, unknown version (the field ``"sv"``), unknown kind, a field of the wrong
+type, a negative or non-finite number, a node outside the cluster, or -- through
+:class:`SeqGuard` -- a ``(incarnation, seq)`` that does not grow per sender (replayed).
+Replays are harmless to the state (merge is idempotent) but are refused and counted all the same.
+
+An entry is a positional list ``[minted, spent, burned, credited, {receiver: [total, echo]},
+{giver: accepted}, [want_stamp, want_amount]]``: the field order is part of version 1.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from edge_server.strict.allocator import Accept, Commit, Hello, Propose
+from edge_server.strict.lease import Grant, LeaseRequest
+from edge_server.strict.rights import ActorRights, KeyRights, split_actor
+from edge_server.wire import WireError, sign
+
+__all__ = [
+    "STRICT_WIRE_VERSION",
+    "SeqGuard",
+    "StrictMessage",
+    "decode",
+    "encode",
+]
+
+STRICT_WIRE_VERSION = 1
+_VOTER_KINDS: dict[str, type] = {"hello": Hello, "propose": Propose, "accept": Accept, "commit": Commit}
+_KINDS = frozenset({"strict_delta", "strict_ack", "lease_request", "grant", *_VOTER_KINDS})
+
+
+@dataclass(frozen=True, slots=True)
+class StrictMessage:
+    """A decoded message.  ``body`` is the kind's payload (see :func:`encode`)."""
+
+    kind: str
+    sender: str  # an actor ``node#incarnation`` for node messages, a voter id for voter messages
+    seq: int
+    body: Any
+
+
+def _rights_doc(r: ActorRights) -> list:
+    return [r.minted, r.spent, r.burned, r.credited, {k: [t, e] for k, (t, e) in r.sent.items()},
+            dict(r.accepted), [r.want[0], r.want[1]]]
+
+
+def encode(secret: bytes, kind: str, sender: str, seq: int, body: Any) -> tuple[bytes, str]:
+    """Serialize and sign one message.  ``body`` by kind:
+
+    ``strict_delta``: ``(upto, [(key, {actor: ActorRights})])``; ``strict_ack``: ``upto``;
+    ``lease_request``: a :class:`LeaseRequest`; ``grant``: a :class:`Grant`; voter kinds: the
+    voter message dataclass.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    if kind == "strict_delta":
+        upto, entries = body
+        payload: Any = {"upto": upto, "entries": [[key, {a: _rights_doc(r) for a, r in rights.items()}]
+                                                  for key, rights in entries]}
+    elif kind == "strict_ack":
+        payload = {"upto": body}
+    elif kind == "lease_request":
+        payload = {"voter": body.voter, "node": body.node, "inc": body.incarnation, "req": body.req_id,
+                   "demand": body.demand}
+    elif kind == "grant":
+        payload = {"voter": body.voter, "node": body.node, "inc": body.incarnation, "req": body.req_id,
+                   "epoch": body.epoch, "quorum": body.quorum, "members": body.members,
+                   "fraction": body.fraction, "reason": body.reason}
+    else:
+        payload = {"epoch": body.epoch, "members": list(body.members)}
+    doc = {"sv": STRICT_WIRE_VERSION, "kind": kind, "from": sender, "seq": seq, "body": payload}
+    data = orjson.dumps(doc)
+    return data, sign(secret, data)
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+def _fail(message: str, reason: str = "malformed") -> WireError:
+    return WireError(reason, message)
+
+
+def _num(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise _fail(f"{what} must be a finite number >= 0")
+    return float(value)
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(f"{what} must be an integer >= 0")
+    return value
+
+
+def _str(value: Any, what: str, limit: int = 256) -> str:
+    if not isinstance(value, str) or not value or len(value.encode("utf-8", "replace")) > limit:
+        raise _fail(f"{what} must be a non-empty string of at most {limit} bytes")
+    return value
+
+
+def _actor(value: Any, what: str, nodes: Collection[str] | None) -> str:
+    actor = _str(value, what)
+    try:
+        node, _inc = split_actor(actor)
+    except ValueError:
+        raise _fail(f"{what} {actor!r} is not '<node>#<incarnation>'") from None
+    if nodes is not None and node not in nodes:
+        raise WireError("unknown_node", f"{what} {actor!r} names a node outside the cluster")
+    return actor
+
+
+def _rights(raw: Any, where: str, nodes: Collection[str] | None) -> ActorRights:
+    if not (isinstance(raw, list) and len(raw) == 7 and isinstance(raw[4], dict) and isinstance(raw[5], dict)
+            and isinstance(raw[6], list) and len(raw[6]) == 2):
+        raise _fail(f"{where} is not [minted, spent, burned, credited, sent, accepted, want]")
+    sent = {}
+    for receiver, pair in raw[4].items():
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _fail(f"{where} sent[{receiver!r}] is not [total, echo]")
+        sent[_actor(receiver, f"{where} receiver", nodes)] = (_num(pair[0], "total"), _num(pair[1], "echo"))
+    accepted = {_actor(g, f"{where} giver", nodes): _num(v, "accepted") for g, v in raw[5].items()}
+    return ActorRights(_num(raw[0], "minted"), _num(raw[1], "spent"), _num(raw[2], "burned"),
+                       _num(raw[3], "credited"), sent, accepted,
+                       (_num(raw[6][0], "want stamp"), _num(raw[6][1], "want amount")))
+
+
+def decode(secret: bytes, data: bytes, signature: str | None, *, nodes: Collection[str] | None = None,
+           voters: Collection[str] | None = None, max_key_bytes: int = 256) -> StrictMessage:
+    """Verify and parse one message; raise ``WireError`` for anything not exactly right.
+
+    With ``nodes`` (and ``voters``), any actor or voter outside the cluster is refused.
+    """
+    if not signature:
+        raise WireError("unsigned", "missing signature", 401)
+    if not isinstance(data, bytes | bytearray) or not _consteq(sign(secret, bytes(data)), signature):
+        raise WireError("bad_signature", "signature does not match the body", 401)
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise _fail("body is not JSON") from None
+    except RecursionError:
+        raise _fail("body is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise _fail("body is not a JSON object")
+    if doc.get("sv") != STRICT_WIRE_VERSION:
+        raise WireError("unsupported_version", f"strict wire version {doc.get('sv')!r} is not {STRICT_WIRE_VERSION}")
+    kind = doc.get("kind")
+    if kind not in _KINDS:
+        raise WireError("unknown_kind", f"kind {kind!r} is not one of {sorted(_KINDS)}")
+    seq = _int(doc.get("seq"), "'seq'")
+    body = doc.get("body")
+    if not isinstance(body, dict):
+        raise _fail("'body' must be an object")
+    if kind in _VOTER_KINDS:
+        sender = _str(doc.get("from"), "'from'")
+        if voters is not None and sender not in voters:
+            raise WireError("unknown_voter", f"{sender!r} is not a voter of the cluster")
+        members = body.get("members")
+        if not isinstance(members, list) or not members:
+            raise _fail("'members' must be a non-empty list")
+        for m in members:
+            _str(m, "member")
+            if voters is not None and m not in voters:
+                raise WireError("unknown_voter", f"member {m!r} is not a voter of the cluster")
+        msg: Any = _VOTER_KINDS[kind](sender, _int(body.get("epoch"), "'epoch'"), tuple(members))
+        return StrictMessage(kind, sender, seq, msg)
+    if kind == "grant":
+        sender = _str(doc.get("from"), "'from'")
+        if voters is not None and sender not in voters:
+            raise WireError("unknown_voter", f"{sender!r} is not a voter of the cluster")
+        reason = body.get("reason", "")
+        if not isinstance(reason, str):
+            raise _fail("'reason' must be a string")
+        fraction = _num(body.get("fraction"), "'fraction'")
+        if fraction > 1:
+            raise _fail("'fraction' must be in [0, 1]")
+        node = _str(body.get("node"), "'node'")
+        if nodes is not None and node not in nodes:
+            raise WireError("unknown_node", f"grant for {node!r}, a node outside the cluster")
+        grant = Grant(_str(body.get("voter"), "'voter'"), node, _int(body.get("inc"), "'inc'"),
+                      _int(body.get("req"), "'req'"), _int(body.get("epoch"), "'epoch'"),
+                      _int(body.get("quorum"), "'quorum'"), _int(body.get("members"), "'members'"),
+                      fraction, reason)
+        return StrictMessage(kind, sender, seq, grant)
+    sender = _actor(doc.get("from"), "'from'", nodes)
+    if kind == "strict_ack":
+        return StrictMessage(kind, sender, seq, _int(body.get("upto"), "'upto'"))
+    if kind == "lease_request":
+        node = _str(body.get("node"), "'node'")
+        if node != split_actor(sender)[0]:
+            raise WireError("wrong_sender", f"a lease request for {node!r} sent by {sender!r}")
+        voter = _str(body.get("voter"), "'voter'")
+        if voters is not None and voter not in voters:
+            raise WireError("unknown_voter", f"{voter!r} is not a voter of the cluster")
+        req = LeaseRequest(voter, node, _int(body.get("inc"), "'inc'"), _int(body.get("req"), "'req'"),
+                           _num(body.get("demand"), "'demand'"))
+        return StrictMessage(kind, sender, seq, req)
+    raw_entries = body.get("entries")
+    if not isinstance(raw_entries, list):
+        raise _fail("'entries' must be a list")
+    entries: list[tuple[str, KeyRights]] = []
+    for item in raw_entries:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)):
+            raise _fail("an entry is not [key, {actor: rights}]")
+        key = _str(item[0], "a key", max_key_bytes)
+        entries.append((key, {_actor(a, f"entry {key!r} actor", nodes): _rights(r, f"entry {key!r}", nodes)
+                              for a, r in item[1].items()}))
+    return StrictMessage(kind, sender, seq, (_int(body.get("upto"), "'upto'"), entries))
+
+
+def _consteq(a: str, b: str) -> bool:
+    return isinstance(b, str) and hmac.compare_digest(a, b)
+
+
+class SeqGuard:
+    """Refuses a message whose ``(incarnation, seq)`` does not grow for its sender node (replay)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+        self.refused = 0
+
+    def check(self, msg: StrictMessage) -> None:
+        try:
+            node, inc = split_actor(msg.sender)
+        except ValueError:
+            node, inc = msg.sender, 0  # voters have no incarnation
+        stamp = (inc, msg.seq)
+        last = self._last.get(node)
+        if last is not None and stamp <= last:
+            self.refused += 1
+            raise WireError("replayed", f"(incarnation, seq) {stamp} is not newer than {last}", 409)
+        self._last[node] = stamp
+
