@@ -150,3 +150,17 @@ async def test_netns_drill_with_a_partition_and_a_blackhole_leaves_nothing_behin
     assert any(r.answered_region == "us" for r in rec.requests if r.start_s >= heal.t_s)
     assert _ours() == []
     assert _here() == before
+
+
+@pytest.mark.integration
+async def test_a_netns_cluster_that_fails_to_start_deletes_its_namespaces(tmp_path: Path) -> None:
+    from workbench.run.cluster import Cluster, ClusterError
+    from workbench.spec.scenario import Scenario
+
+    before = _here()
+    scenario = Scenario.build(name="t-netns-fail", duration_s=5.0, regions=2, faults_backend="netns")
+    with pytest.raises(ClusterError, match="not ready"):
+        async with Cluster.launch(scenario, tmp_path / "cluster", ready_timeout_s=0.01):
+            pass
+    assert _ours() == []
+    assert _here() == before
