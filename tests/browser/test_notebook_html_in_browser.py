@@ -3,12 +3,12 @@ blocked, draws every static figure the notebook left (plotly.js embedded once, n
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from workbench.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, Browser
+from tests.support.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, new_page, open_until
 from workbench.run.notebooks import run_notebook
 
 pytestmark = [pytest.mark.integration, pytest.mark.notebooks, pytest.mark.timeout(300)]
@@ -16,22 +16,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.notebooks, pytest.mark.timeou
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "quickstart.ipynb"
 
 
-async def _open(page: Path, shot: Path) -> tuple[dict, int, int, list[str]]:
-    async with Browser(width=1400, height=1000) as b:
-        await b.block_network()
-        timing = await b.open_until(page.as_uri(), CHARTS_DRAWN_JS, timeout_s=30)
-        graphs = await b.evaluate("document.querySelectorAll('.plotly-graph-div').length")
-        drawn = await b.evaluate(DRAWN_CHARTS_JS)
-        await b.screenshot(shot, full_page=True)
-        return timing, graphs, drawn, list(b.console)
-
-
-def test_exported_quickstart_draws_every_figure_offline(chromium: str, tmp_path: Path):
-    # Sync test: papermill runs its own event loop; the browser gets one of its own afterwards.
+def test_exported_quickstart_draws_every_figure_offline(browser: Any, tmp_path: Path):
     run = run_notebook(NOTEBOOK, {}, tmp_path / "quickstart.ipynb", cell_timeout=300, html=True, log_output=False)
     assert run.ok, f"quickstart failed at cell {run.failed_cell}: {run.error}"
     assert run.html and Path(run.html).exists()
-    timing, graphs, drawn, errors = asyncio.run(_open(Path(run.html), tmp_path / "quickstart-html.png"))
+    page, watch = new_page(browser, offline=True)
+    timing = open_until(page, Path(run.html).as_uri(), CHARTS_DRAWN_JS, timeout_s=30)
+    graphs = page.evaluate("document.querySelectorAll('.plotly-graph-div').length")
+    drawn = page.evaluate(DRAWN_CHARTS_JS)
+    page.screenshot(path=str(tmp_path / "quickstart-html.png"), full_page=True)
     assert drawn == graphs >= 6, f"{drawn} of {graphs} figures drawn"
-    assert not errors, f"page errors: {errors}"
-    print(f"\nexported quickstart: {drawn} figures drawn {timing['ready_ms']:.0f} ms after navigation start")
+    assert not watch.errors, f"page errors: {watch.errors}"
+    assert plotly_scripts(page) == 1, "plotly.js should be embedded exactly once"
+    print(f"\nexported quickstart: {drawn} figures drawn {timing['ready_ms']:.0f} ms after navigation start; "
+          f"requests refused offline: {watch.blocked}")
+
+
+def plotly_scripts(page: Any) -> int:
+    """Inline scripts that define plotly.js (its bundle starts with its version banner)."""
+    return page.evaluate("[...document.scripts].filter(s => !s.src && s.text.includes('plotly.js v')"
+                         " && s.text.length > 1e6).length")

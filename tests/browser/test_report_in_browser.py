@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from workbench.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, Browser
+from tests.support.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, new_page, open_until
 from workbench.ui.report import write_report
 
 pytestmark = pytest.mark.integration
@@ -41,20 +42,22 @@ def drill_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-async def _open_and_check(report: Path, min_charts: int, shot: Path) -> dict:
-    async with Browser(width=1400, height=1000) as b:
-        await b.block_network()  # the report must work offline: no CDN, nothing fetched
-        timing = await b.open_until(report.as_uri(), CHARTS_DRAWN_JS, timeout_s=30)
-        graphs = await b.evaluate("document.querySelectorAll('.plotly-graph-div').length")
-        drawn = await b.evaluate(DRAWN_CHARTS_JS)
-        traces = await b.evaluate("document.querySelectorAll('.js-plotly-plot svg.main-svg g.trace, "
-                                  ".js-plotly-plot svg.main-svg g.shapelayer path').length")
-        await b.screenshot(shot, full_page=True)
-        errors = list(b.console)
+def _open_and_check(browser: Any, report: Path, min_charts: int, shot: Path) -> dict:
+    page, watch = new_page(browser, width=1400, height=1000, offline=True)  # no CDN, nothing fetched
+    t0 = time.perf_counter()
+    timing = open_until(page, report.as_uri(), CHARTS_DRAWN_JS, timeout_s=30)
+    wall_ms = (time.perf_counter() - t0) * 1000
+    graphs = page.evaluate("document.querySelectorAll('.plotly-graph-div').length")
+    drawn = page.evaluate(DRAWN_CHARTS_JS)
+    traces = page.evaluate("document.querySelectorAll('.js-plotly-plot svg.main-svg g.trace, "
+                           ".js-plotly-plot svg.main-svg g.shapelayer path').length")
+    page.screenshot(path=str(shot), full_page=True)
+    page.context.close()
     assert drawn == graphs >= min_charts, f"{drawn} of {graphs} charts drawn, want every one and >= {min_charts}"
     assert traces > 0, "charts have axes but no data drawn"
-    assert not errors, f"page errors: {errors}"
-    return {**timing, "charts": drawn}
+    assert not watch.errors, f"page errors: {watch.errors}"
+    assert not watch.blocked, f"the report asked the network for {watch.blocked}"
+    return {**timing, "wall_ms": round(wall_ms, 1), "charts": drawn}
 
 
 def _record(key: str, entry: dict) -> None:
@@ -70,12 +73,12 @@ def _record(key: str, entry: dict) -> None:
 
 
 @pytest.mark.parametrize("runs", [1, 2], ids=["one-run", "comparison"])
-async def test_report_opens_with_every_chart_drawn(chromium: str, drill_results: Path, tmp_path: Path, runs: int):
+def test_report_opens_with_every_chart_drawn(browser: Any, drill_results: Path, tmp_path: Path, runs: int):
     report = write_report([drill_results] * runs, tmp_path / "report.html")
     size = report.stat().st_size
     assert size <= MAX_BYTES, f"report is {size / 1e6:.2f} MB, over the 6 MB budget"
     shot = tmp_path / "report.png"
-    result = await _open_and_check(report, 6 * runs, shot)
+    result = _open_and_check(browser, report, 6 * runs, shot)
     assert shot.stat().st_size > 10_000
     entry = {"runs": runs, "bytes": size, **result, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "load_average_1m": round(os.getloadavg()[0], 2)}  # timings swing with the shared machine's load

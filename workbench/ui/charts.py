@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from workbench.history import FaultRecord, ProcessSample
 
 __all__ = [
+    "FAULT_COLORS",
     "REGION_COLORS",
     "envelope_figure",
     "fault_timeline_figure",
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 REGION_COLORS = ["#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#65a30d", "#db2777"]
-_FAULT_COLORS = {"kill": "#dc2626", "pause": "#d97706", "resume": "#16a34a", "restart": "#16a34a",
+FAULT_COLORS = {"kill": "#dc2626", "pause": "#d97706", "resume": "#16a34a", "restart": "#16a34a",
                  "partition": "#9333ea", "heal": "#0891b2", "latency": "#a16207", "loss": "#be123c"}
 
 
@@ -37,7 +38,7 @@ def _layout(fig: go.Figure, title: str, ytitle: str, height: int = 300) -> go.Fi
 
 def _fault_lines(fig: go.Figure, faults: Iterable[FaultRecord]) -> None:
     for f in faults:
-        fig.add_vline(x=f.t_s, line_dash="dot", line_color=_FAULT_COLORS.get(f.action, "#6b7280"),
+        fig.add_vline(x=f.t_s, line_dash="dot", line_color=FAULT_COLORS.get(f.action, "#6b7280"),
                       annotation_text=f"{f.action} {f.target}".strip(), annotation_position="top left",
                       annotation_font_size=9)
 
@@ -102,7 +103,7 @@ def fault_timeline_figure(faults: Sequence[FaultRecord], failover_ms: Mapping[st
     fig = go.Figure()
     for i, f in enumerate(faults):
         fig.add_scatter(x=[f.t_s], y=[f.action], mode="markers+text", text=[f.target], textposition="top center",
-                        marker={"size": 12, "color": _FAULT_COLORS.get(f.action, "#6b7280")},
+                        marker={"size": 12, "color": FAULT_COLORS.get(f.action, "#6b7280")},
                         showlegend=False, hovertemplate=f"{f.action} {f.target} at %{{x:.3f}} s<extra></extra>")
         if f.action == "kill" and f.target in failover_ms:
             end = f.t_s + failover_ms[f.target] / 1000

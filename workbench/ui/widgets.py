@@ -1,14 +1,18 @@
 """A live notebook dashboard of a drill, and the static record it leaves in the notebook.
 
-While a drill runs, :class:`LiveDashboard` shows ipywidgets and plotly ``FigureWidget``s (throughput,
-latency, admitted tokens vs the envelope, node health, fault timeline), a progress bar with the time
-left and a Stop button that sets the drill's stop event.  :meth:`LiveDashboard.finish` then closes
-every widget and replaces the live view with static plotly figures and the summary table, because
-a saved notebook keeps neither the widgets' incremental updates nor anything sent after a cell ends,
-and each ``FigureWidget`` would add ~5 MB of widget state to it.
+While a drill runs, :class:`LiveDashboard` shows a progress bar with the time left, a Stop button
+that sets the drill's stop event, a node table, and one light :class:`~workbench.ui.live_chart.LiveChart`
+(throughput, latency, excess over the limit envelope, faults as markers) to which each new bin of
+the run clock is sent once.  :meth:`LiveDashboard.finish` then closes every widget and replaces the
+live view with static plotly figures and the summary table, because a saved notebook keeps neither
+the widgets' incremental updates nor anything sent after a cell ends.
 
-Headless (``WORKBENCH_HEADLESS=1``, which ``workbench run`` sets) no ``FigureWidget`` is created at
-all: the same cells print a progress line now and then and leave the same static figures.
+Why no plotly ``FigureWidget`` while live: each one carries plotly.js as its own front-end module and
+was rebuilt in full on every update; five of them blocked the page for seconds and slowed the load
+generator on a 2-core machine (issue 11, ``benchmarks/bench_live.py``).
+
+Headless (``WORKBENCH_HEADLESS=1``, which ``workbench run`` sets) no live chart is created at all:
+the same cells print a progress line now and then and leave the same static figures.
 
 Static figures carry two representations: plotly's own mimetype (JupyterLab draws it, trusted or
 not) and HTML for nbconvert; plotly.js is embedded in the first one of the kernel session only, so
@@ -30,10 +34,13 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from workbench.check import checker
+from workbench.check.excess import BinnedExcess
 from workbench.check.live import LiveStats
 from workbench.history import Recording
 from workbench.spec.scenario import Scenario
 from workbench.ui import charts
+from workbench.ui.live_chart import LiveChart
 from workbench.ui.report import figures_for, health_intervals
 
 __all__ = [
@@ -48,8 +55,7 @@ __all__ = [
     "table_html",
 ]
 
-HEADLESS_ENV = "WORKBENCH_HEADLESS"  # "1": no live FigureWidgets (papermill / CI)
-_CHARTS = ("throughput", "latency", "envelope", "health", "faults")
+HEADLESS_ENV = "WORKBENCH_HEADLESS"  # "1": no live chart widget (papermill / CI)
 _state = {"plotlyjs_sent": False}  # per kernel: plotly.js goes into the first static figure only
 
 
@@ -184,15 +190,18 @@ class LiveDashboard:
                                     tooltip="end the run now; results are kept and marked incomplete")
         self.stop_button.on_click(lambda _b: self.stop())
         self.health = w.HTML(value=self._health_html({}, {}))
-        self.figures: dict[str, go.FigureWidget] = {}
+        self.status.add_class("wb-status")
+        self.chart: LiveChart | None = None
+        self._sent_bins = 0  # complete bins of the run clock already sent to the chart
+        self._markers = 0
+        limit = scenario.limits[0]
+        self._excess = BinnedExcess(limit.rate, limit.burst)
+        self.allowance_tokens = limit.rate * checker.default_slack_s(scenario)
         if self.live and charts:
-            empty = self._figures(LiveStats(list(scenario.topology.regions), self.duration_s,
-                                            scenario.limits[0].rate, scenario.limits[0].burst), 0.0)
-            self.figures = {name: go.FigureWidget(fig) for name, fig in empty.items()}
+            self.chart = LiveChart(self._panels(list(scenario.topology.regions)), x_max=self.duration_s)
         rows = [w.HBox([self.progress, self.stop_button, self.status]), self.health]
-        if self.figures:
-            f = self.figures
-            rows += [w.HBox([f["throughput"], f["latency"]]), w.HBox([f["envelope"], f["faults"]]), f["health"]]
+        if self.chart is not None:
+            rows.append(self.chart)
         self.box = w.VBox(rows)
 
     # ------------------------------------------------------------------ lifecycle
@@ -239,8 +248,8 @@ class LiveDashboard:
         self._last_chart = now
         self.health.value = self._health_html(snapshot.get("node_states") or {},
                                               self._network_states(live, t_s))
-        if self.figures:
-            self._update_figures(live, t_s)
+        if self.chart is not None:
+            self._extend_chart(live, t_s)
 
     def finish(self, result: Any) -> None:
         """Close the live widgets and leave the final state as static figures and the summary."""
@@ -269,7 +278,7 @@ class LiveDashboard:
             show_html(markup)
         for widget in _descendants(self.box):
             widget.close()
-        self.figures = {}
+        self.chart = None
 
     # ------------------------------------------------------------------ drawing (no computing)
     def _network_states(self, live: LiveStats, t_s: float) -> dict[str, str]:
@@ -289,34 +298,54 @@ class LiveDashboard:
                          f"{html.escape(node)} <small>{html.escape(state)}</small></td>")
         return "<table><tr>" + "".join(cells) + "</tr></table>"
 
-    def _figures(self, live: LiveStats, t_s: float) -> dict[str, go.Figure]:
-        series = live.series(max(t_s, live.bin_s))
-        spans = health_intervals(Recording(faults=list(live.faults)), self.nodes, self.node_region, t_s)
-        figs = {
-            "throughput": charts.throughput_figure(series, live.faults),
-            "latency": charts.latency_figure(series, live.faults),
-            "envelope": charts.envelope_figure(series, live.faults),
-            "health": charts.health_figure(self.nodes, spans, self.duration_s),
-            "faults": charts.fault_timeline_figure(live.faults, live.failovers, self.duration_s),
-        }
-        for name in ("throughput", "latency", "envelope", "health"):
-            figs[name].update_xaxes(range=[0, self.duration_s])
-        return figs
+    @staticmethod
+    def _panels(regions: Sequence[str]) -> list[dict[str, Any]]:
+        throughput = []
+        for i, region in enumerate(regions):
+            color = charts.REGION_COLORS[i % len(charts.REGION_COLORS)]
+            throughput += [{"id": f"admitted:{region}", "name": region, "color": color, "dash": "solid"},
+                           {"id": f"denied:{region}", "name": "429", "color": color, "dash": "dash", "width": 1,
+                            "legend": False},
+                           {"id": f"errors:{region}", "name": "errors", "color": color, "dash": "dot", "width": 2.5,
+                            "legend": False}]
+        return [
+            {"title": "Throughput by client home region (req/s)", "series": throughput, "ymin": 0,
+             "note": "solid admitted · dashed 429 · dotted errors"},
+            {"title": "Latency from intended send time (ms)", "ymin": 0, "series": [
+                {"id": "p50", "name": "p50", "color": "#2563eb", "dash": "solid"},
+                {"id": "p95", "name": "p95", "color": "#d97706", "dash": "dash"},
+                {"id": "p99", "name": "p99", "color": "#dc2626", "dash": "dot"}]},
+            {"title": "Excess over the limit envelope (tokens; > 0 is over-admission)", "series": [
+                {"id": "excess", "name": "worst window ending here", "color": "#2563eb", "dash": "solid", "width": 2},
+                {"id": "allowance", "name": "checker's allowance", "color": "#dc2626", "dash": "dash"}]},
+        ]
 
-    def _update_figures(self, live: LiveStats, t_s: float) -> None:
+    def _extend_chart(self, live: LiveStats, t_s: float) -> None:
+        """Send the bins completed since the last update (the current bin is still filling)."""
+        assert self.chart is not None
+        if len(live.faults) != self._markers:
+            self._markers = len(live.faults)
+            colors = charts.FAULT_COLORS
+            self.chart.markers = [[f.t_s, f"{f.action} {f.target}".strip(), colors.get(f.action, "#6b7280")]
+                                  for f in live.faults]
+        series = live.series(max(t_s, live.bin_s))
+        done = min(len(series["t_s"]), int(t_s / live.bin_s))
+        first = self._sent_bins
+        if done <= first:
+            return
+        self._sent_bins = done
+        cut = slice(first, done)
+        values: dict[str, list[Any]] = {}
+        for kind in ("admitted", "denied", "errors"):
+            for region, column in series[f"{kind}_rps"].items():
+                values[f"{kind}:{region}"] = column[cut]
+        for pct in ("p50", "p95", "p99"):
+            values[pct] = series[f"{pct}_ms"][cut]
+        values["excess"] = self._excess.extend(series["t_s"][cut], series["admitted_tokens"][cut],
+                                               series["envelope_tokens"][cut])
+        values["allowance"] = [self.allowance_tokens] * (done - first)
+        self.chart.extend(series["t_s"][cut], values)
         self.chart_updates += 1
-        for name, fig in self._figures(live, t_s).items():
-            widget = self.figures.get(name)
-            if widget is None:
-                continue
-            if len(widget.data) != len(fig.data):
-                widget.data = ()
-                widget.add_traces(list(fig.data))
-            with widget.batch_update():
-                for old, new in zip(widget.data, fig.data, strict=True):
-                    old.update(new.to_plotly_json(), overwrite=True)
-                widget.layout.shapes = fig.layout.shapes
-                widget.layout.annotations = fig.layout.annotations
 
 
 def _descendants(widget: Any) -> list[Any]:
