@@ -122,6 +122,7 @@ class Router:
         self.metrics.registry.register(OverloadCollector("router", lambda: (self.gate, self.guard)))
         self.session: aiohttp.ClientSession | None = None
         self.loop_lag_s = 0.0  # recent lag of our own loop: timeouts during a lag are no evidence
+        self._lag_due = math.inf  # when the lag watch should wake up next
         connect = rc.connect_timeout_ms / 1000
         total = rc.request_timeout_ms / 1000
         self._timeouts = {
@@ -274,7 +275,7 @@ class Router:
         if kind in HARD:
             self.take_out(node, kind, self.rc.eject_ms / 1000, error)
             return
-        if kind in ("timeout", "connect_timeout") and self.loop_lag_s > self.rc.check_try_timeout_ms / 2000:
+        if kind in ("timeout", "connect_timeout") and self.current_lag() > self.rc.check_try_timeout_ms / 2000:
             self.counters["lagged_timeouts"] += 1  # we were late ourselves: no evidence
             return
         if kind == "connect_timeout":
@@ -497,11 +498,17 @@ class Router:
         self.metrics.in_rotation.set(sum(1 for n in self.nodes.values() if n.usable(now)))
         self.metrics.loop_lag.set(self.loop_lag_s)
 
+    def current_lag(self) -> float:
+        """The recent lag, or the lag right now when the watch is overdue (a stall that just ended:
+        the timeouts it fired are judged before the watch has woken up to record it)."""
+        return max(self.loop_lag_s, time.monotonic() - self._lag_due)
+
     async def watch_loop_lag(self, tick_s: float = 0.02) -> None:
         """Our own loop's lag over the last ~0.5 s (a timeout judged during a lag is no evidence)."""
         recent: list[float] = []
         while True:
             t0 = time.monotonic()
+            self._lag_due = t0 + tick_s
             await asyncio.sleep(tick_s)
             recent.append(max(0.0, time.monotonic() - t0 - tick_s))
             del recent[:-25]

@@ -166,13 +166,18 @@ class HealthChecker:
 
     async def _node_loop(self, session: aiohttp.ClientSession, node: NodeSpec) -> None:
         outstanding: set[asyncio.Task[None]] = set()
-        while True:
-            t0 = time.monotonic()
-            if len(outstanding) < self._MAX_OUTSTANDING:
-                task = asyncio.create_task(self._check(session, node))
-                outstanding.add(task)
-                task.add_done_callback(outstanding.discard)
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+        try:
+            while True:
+                t0 = time.monotonic()
+                if len(outstanding) < self._MAX_OUTSTANDING:
+                    task = asyncio.create_task(self._check(session, node))
+                    outstanding.add(task)
+                    task.add_done_callback(outstanding.discard)
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+        finally:
+            for task in list(outstanding):
+                task.cancel()
+            await asyncio.gather(*outstanding, return_exceptions=True)
 
     async def check_now(self, session: aiohttp.ClientSession, node: NodeSpec) -> CheckResult:
         """One check, timed from just before the request is written to the end of the answer."""

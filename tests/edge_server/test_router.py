@@ -49,7 +49,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_doc(regions: dict[str, list[tuple[str, int]]], **router: Any) -> dict[str, Any]:
+def cluster_doc(regions: dict[str, list[tuple[str, int]]], server: dict[str, Any] | None = None,
+                skill: dict[str, Any] | None = None, **router: Any) -> dict[str, Any]:
+    """A cluster file as a dict; ``server`` and ``skill`` override those tables, the rest is ``[router]``."""
     return {
         "cluster": {"secret": SECRET, "gossip_interval_ms": 20, "audit_dir": "audit"},
         "regions": [{"name": r, "nodes": [{"id": i, "host": "127.0.0.1", "port": p} for i, p in nodes]}
@@ -57,7 +59,8 @@ def cluster_doc(regions: dict[str, list[tuple[str, int]]], **router: Any) -> dic
         "limits": [{"pattern": "tiny*", "rate": 10.0, "burst": 2}, {"pattern": "*", "rate": 100000.0,
                                                                      "burst": 100000}],
         "api_keys": {"key-acme": "acme", TINY_KEY: "tiny-t"},
-        "skill": {"name": "rating", "kind": "simulated", "median_ms": 0, "p99_ms": 0},
+        "skill": {"name": "rating", "kind": "simulated", "median_ms": 0, "p99_ms": 0, **(skill or {})},
+        "server": dict(server or {}),
         "router": {"latency_ms": {a: {b: ms for b, ms in row.items() if b in regions}
                                   for a, row in LATENCY.items() if a in regions}, **router},
     }
@@ -71,7 +74,7 @@ def to_toml(doc: dict[str, Any]) -> str:
         return json.dumps(v)
 
     out = []
-    for table in ("cluster", "skill", "router", "api_keys"):
+    for table in ("cluster", "skill", "router", "api_keys", "server"):
         out.append(f"[{table}]")
         out += [f"{json.dumps(k)} = {val(v)}" for k, v in doc[table].items()]
     for region in doc["regions"]:
@@ -232,6 +235,7 @@ class Nodes:
     def __init__(self, tmp: Path, regions: dict[str, list[str]], **router: Any) -> None:
         self.ports = {i: free_port() for ids in regions.values() for i in ids}
         doc = cluster_doc({r: [(i, self.ports[i]) for i in ids] for r, ids in regions.items()}, **router)
+        self.doc = doc
         self.path = tmp / "cluster.toml"
         self.path.write_text(to_toml(doc))
         self.tmp = tmp
