@@ -1,27 +1,23 @@
 """Shared helpers for the benchmarks: child processes that are always cleaned up, cluster files,
 readiness, wrk, and the results file.
 
-Every process started through :class:`Procs` is killed when the ``with`` block ends, when the
-interpreter exits (``atexit``) and on SIGTERM/SIGINT/SIGHUP (turned into ``SystemExit`` so the
-``finally`` blocks run): SIGTERM first, SIGKILL after a short grace period.  Nothing here waits
-without a timeout.
+Processes come from the project's one harness (``workbench.run.processes``): every process started
+through :class:`Procs` is killed when the ``with`` block ends, when the interpreter exits (``atexit``)
+and on SIGTERM/SIGINT/SIGHUP (turned into ``SystemExit`` so the ``finally`` blocks run): SIGTERM first,
+SIGKILL after a short grace period; started from the main thread, it also dies with a benchmark that
+is killed with ``kill -9``.  Nothing here waits without a timeout.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +25,50 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks._targets import check_targets
+from edge_server.config import (
+    ClusterConfig,
+    LimitRule,
+    NodeSpec,
+    RegionSpec,
+    SkillConfig,
+)
+from edge_server.config import (
+    write_cluster as write_cluster_config,
+)
+from workbench.run.processes import (
+    Child,
+    ProcessGroup,
+    free_port,
+    pin_cpus,
+    taskset_prefix,
+)
+from workbench.run.processes import install_exit_on_signals as install_signal_handlers
+from workbench.run.processes import wait_http as _wait_http
+
+__all__ = [
+    "PYTHON",
+    "REPO",
+    "RESULTS",
+    "SECRET",
+    "Child",
+    "Cluster",
+    "NodeInfo",
+    "Procs",
+    "free_port",
+    "http_json",
+    "http_text",
+    "install_signal_handlers",
+    "machine",
+    "metric_value",
+    "run_wrk",
+    "table",
+    "wait_ready",
+    "workdir",
+    "write_cluster",
+    "write_results",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -38,139 +78,25 @@ WRK = "/usr/bin/wrk"
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 
-_LIVE: list[Procs] = []
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def install_signal_handlers() -> None:
-    """Turn SIGTERM/SIGHUP/SIGINT into SystemExit so every ``finally`` and ``atexit`` runs."""
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, _on_signal)
-
-
-def _cleanup_all() -> None:
-    for procs in list(_LIVE):
-        procs.stop_all()
-
-
-atexit.register(_cleanup_all)
-
-
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    cmd: list[str]
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
-
-
-def _affinity(cpus: Iterable[int] | None):
-    if cpus is None:
-        return None
-    wanted = set(cpus)
-
-    def pin() -> None:
-        os.sched_setaffinity(0, wanted)
-
-    return pin
-
-
-def _lifeline() -> dict[str, str]:
-    """Ask edge processes to die with this one (even after kill -9) -- only when started from the main
-    thread: the kernel ties the child to the thread that started it, and an executor thread ends
-    (killing what it started) when its ``asyncio.run`` does."""
-    if threading.current_thread() is threading.main_thread():
-        return {"EDGE_DIE_WITH_PARENT": str(os.getpid())}
-    return {}
-
-
-class Procs:
-    """Starts child processes and guarantees they are gone afterwards."""
+class Procs(ProcessGroup):
+    """Starts child processes (logs in ``workdir``, run from the repository) and guarantees they are gone
+    afterwards."""
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, cwd=REPO, grace_s=STOP_GRACE_S)
         self.workdir = Path(workdir)
-        self.children: list[Child] = []
-        _LIVE.append(self)
 
-    def __enter__(self) -> Procs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-
-    def start(
+    def start(  # type: ignore[override]
         self, name: str, cmd: Sequence[str], *, cpus: Iterable[int] | None = None, env: Mapping[str, str] | None = None
     ) -> Child:
-        log_path = self.workdir / f"{name}.log"
-        log = open(log_path, "ab")
-        try:
-            popen = subprocess.Popen(
-                list(cmd),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=REPO,
-                env={**os.environ, **_lifeline(), **(env or {})},
-                preexec_fn=_affinity(cpus),
-            )
-        finally:
-            log.close()
-        child = Child(name, popen, log_path, list(cmd))
-        self.children.append(child)
-        return child
+        return self.child(name, cmd, cpus=cpus, env=env).start()
 
     def kill9(self, child: Child) -> None:
-        if child.alive():
-            child.popen.send_signal(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.popen.wait(timeout=STOP_GRACE_S)
+        child.kill9(STOP_GRACE_S)
 
     def stop(self, child: Child) -> None:
-        if child.alive():
-            with contextlib.suppress(ProcessLookupError):
-                child.popen.send_signal(signal.SIGTERM)
-            try:
-                child.popen.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.kill9(child)
-
-    def stop_all(self) -> None:
-        for child in self.children:
-            if child.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    child.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            try:
-                child.popen.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.kill9(child)
-        self.children = [c for c in self.children if c.alive()]
-        if not self.children and self in _LIVE:
-            _LIVE.remove(self)
+        child.stop(STOP_GRACE_S)
 
 
 # ------------------------------------------------------------------------------------ HTTP
@@ -199,20 +125,9 @@ def http_text(url: str, timeout: float = 5.0) -> str:
 
 
 def wait_ready(url: str, child: Child | None = None, timeout: float = READY_TIMEOUT_S, path: str = "/readyz") -> float:
-    """Poll ``url + path`` until 200; returns the seconds waited.  Raises with the child's log tail."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if child is not None and not child.alive():
-            raise RuntimeError(f"{child.name} exited with {child.popen.returncode}:\n{child.log_tail()}")
-        try:
-            status, _ = http_json(url + path, timeout=1.0)
-            if status == 200:
-                return time.monotonic() - started
-        except (OSError, urllib.error.URLError):
-            pass
-        time.sleep(0.02)
-    tail = child.log_tail() if child is not None else ""
-    raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s\n{tail}")
+    """Poll ``url + path`` until 200; returns the seconds waited.  Raises (a RuntimeError if the child
+    exited, a TimeoutError otherwise) with the child's log tail."""
+    return _wait_http(url + path, timeout_s=timeout, child=child)
 
 
 def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:
@@ -297,40 +212,18 @@ def write_cluster(
     key_idle_ttl_s: int = 300,
     nodes_per_region: int = 1,
 ) -> tuple[Path, list[NodeInfo]]:
-    """A cluster file in ``workdir`` with one node per region on free loopback ports."""
-    nodes: list[NodeInfo] = []
-    lines = [
-        "[cluster]",
-        f'secret = "{SECRET}"',
-        f"gossip_interval_ms = {gossip_interval_ms}",
-        'mode = "eventual"',
-        'audit_dir = "audit"',
-        f"max_keys = {max_keys}",
-        f"key_idle_ttl_s = {key_idle_ttl_s}",
-        "",
-    ]
-    for region in regions:
-        lines += ["[[regions]]", f'name = "{region}"']
-        for i in range(1, nodes_per_region + 1):
-            info = NodeInfo(f"{region}-{i}", region, free_port())
-            nodes.append(info)
-            lines += ["[[regions.nodes]]", f'id = "{info.id}"', 'host = "127.0.0.1"', f"port = {info.port}"]
-        lines.append("")
-    for pattern, rate, burst in limits:
-        lines += ["[[limits]]", f'pattern = "{pattern}"', f"rate = {float(rate)!r}", f"burst = {burst!r}", ""]
-    lines += [
-        "[api_keys]",
-        '"key-bench" = "bench"',
-        "",
-        "[skill]",
-        'name = "rating"',
-        'kind = "simulated"',
-        "median_ms = 1",
-        "p99_ms = 2",
-        "",
-    ]
+    """A cluster file in ``workdir`` with ``nodes_per_region`` nodes per region on free loopback ports."""
+    nodes = [NodeInfo(f"{region}-{i}", region, free_port()) for region in regions
+             for i in range(1, nodes_per_region + 1)]
     path = Path(workdir) / "cluster.toml"
-    path.write_text("\n".join(lines))
+    config = ClusterConfig(
+        source=str(path), secret=SECRET.encode(), gossip_interval_ms=float(gossip_interval_ms), mode="eventual",
+        regions=tuple(RegionSpec(r, tuple(NodeSpec(n.id, r, "127.0.0.1", n.port) for n in nodes if n.region == r))
+                      for r in regions),
+        limits=tuple(LimitRule(pattern, float(rate), float(burst)) for pattern, rate, burst in limits),
+        api_keys={"key-bench": "bench"}, skill=SkillConfig(name="rating", kind="simulated", median_ms=1, p99_ms=2),
+        audit_dir=Path("audit"), max_keys=max_keys, key_idle_ttl_s=float(key_idle_ttl_s))
+    write_cluster_config(path, config)
     return path, nodes
 
 
@@ -406,11 +299,9 @@ def run_wrk(
     if script is not None:
         cmd += ["-s", str(script)]
     cmd.append(url)
-    shown = " ".join(shlex.quote(c) for c in cmd)
-    if cpus is not None:
-        shown = f"taskset -c {','.join(map(str, sorted(cpus)))} " + shown
+    shown = taskset_prefix(cpus) + " ".join(shlex.quote(c) for c in cmd)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_affinity(cpus)
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin_cpus(cpus)
     )
     try:
         out, _ = proc.communicate(timeout=duration_s + 30)
@@ -462,7 +353,10 @@ def write_results(
     quick: bool,
     extra: Mapping[str, Any] | None = None,
     started: float | None = None,
+    targets: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
+    """The results file: figures plus the command, date and machine; ``targets`` (built with
+    ``benchmarks._targets.target``) are reported there, met or missed, and never change the exit code."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {
         "benchmark": name,
@@ -473,6 +367,7 @@ def write_results(
         **({"elapsed_s": round(time.time() - started, 1)} if started else {}),
         "figures": figures,
         **(extra or {}),
+        **({"targets": check_targets([dict(t) for t in targets])} if targets is not None else {}),
     }
     path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")

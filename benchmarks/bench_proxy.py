@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import select
+import shutil
 import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._targets import target  # noqa: E402
 from workbench.run.load.generator import LoadPlan, run_load  # noqa: E402
 from workbench.spec.parts import LoadSpec  # noqa: E402
+from workbench.run.processes import Child  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -68,31 +69,19 @@ asyncio.run(main())
 """
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL us when the benchmark dies, however it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 @contextlib.contextmanager
 def child(code: str, *args: str, timeout: float = 20.0) -> Iterator[int]:
-    """Run a Python snippet that prints its port on the first line; always kill it afterwards."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )
+    """Run a Python snippet that prints its port on a line of its own; always kill it afterwards.
+
+    The kernel kills it with the benchmark, however the benchmark dies (the harness's lifeline).
+    """
+    logs = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    proc = Child("snippet", [sys.executable, "-c", code, *args], logs / "child.log", kernel_lifeline=True).start()
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        line = proc.stdout.readline() if ready and proc.stdout else ""
-        if not line.strip().isdigit():
-            raise RuntimeError(f"child did not report a port within {timeout} s (exit code {proc.poll()})")
-        yield int(line)
+        yield int(proc.wait_line(r"^\s*(\d+)\s*$", timeout_s=timeout).group(1))
     finally:
-        proc.kill()
-        proc.wait(timeout=5)
+        proc.reap(5)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def exit_on_sigterm() -> None:
@@ -169,6 +158,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "added_p99_ms": round(med("proxy", "p99_ms") - med("direct", "p99_ms"), 3),
         "target_added_p50_ms": 1.0,
         "meets_target": valid > 0 and added < 1.0,
+        "targets": [target("added p50 latency through the fault proxy", round(added, 3) if valid else None, "<",
+                           1.0, "ms")],
         "pinned": args.pin,
         "load_average": os.getloadavg(),
     }

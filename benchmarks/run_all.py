@@ -4,6 +4,11 @@ one HTML report with every chart at benchmarks/results/report.html (report-quick
 Each script runs in its own process and cleans up its own children; a script that overruns its time
 budget gets SIGTERM (its cleanup runs), then SIGKILL.  plotly.js is embedded once in the report.
 
+Targets are reported, never failed on (benchmarks/README.md, "Targets"): every script's targets go to
+benchmarks/results/targets.json (targets-quick.json), and only a full run prints their summary.  This
+exits non-zero only when a script really failed: it crashed, overran its budget, or wrote no valid
+results file.
+
 Usage: .venv/bin/python benchmarks/run_all.py [--quick] [--only bench_redis.py,...] [--report-only]
 """
 
@@ -25,6 +30,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE.parent))
+
+from benchmarks._targets import classify, summary_table  # noqa: E402
 
 # script -> (results name, time budget s full, time budget s quick)
 BENCHMARKS: dict[str, tuple[str, int, int]] = {
@@ -190,7 +197,7 @@ def main() -> int:
         print(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     started = time.time()
-    failed: list[str] = []
+    runs: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     if not args.report_only:
         with contextlib.suppress(OSError):
@@ -202,14 +209,41 @@ def main() -> int:
             print(f"\n=== {script} {' '.join(extra)}", flush=True)
             rc = run_one(script, extra, quick if args.quick else full)
             timings[script] = round(time.time() - t, 1)
-            if rc != 0 or not results_path(name, args.quick).exists():
-                failed.append(script)
+            status, why, targets = classify(rc, results_path(name, args.quick), t)
+            runs[script] = {"status": status, "exit_code": rc, "why": why, "seconds": timings[script],
+                            "results": results_path(name, args.quick).name, "targets": targets}
+            if status == "failed":
+                print(f"{script}: FAILED ({why})", file=sys.stderr, flush=True)
     report = write_report(args.quick)
     print(f"\ntimings (s): {json.dumps(timings)}; total {time.time() - started:.0f} s")
     print(f"report: {report}")
+    failed = [s for s, r in runs.items() if r["status"] == "failed"]
+    if runs:
+        path = write_targets(runs, args.quick, started)
+        if args.quick:  # a quick run says nothing about the figures: they are not worth reading
+            print(f"targets: see {path.name} (only a full run prints them)")
+        else:
+            from benchmarks._procs import table
+
+            print("\ntargets (reported, never failed on):\n" + summary_table(runs, table))
+            print(f"-> {path}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def write_targets(runs: dict[str, dict[str, Any]], quick: bool, started: float) -> Path:
+    """Every script's status and targets of this run, in one results file."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "targets", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+           "command": " ".join([".venv/bin/python", "benchmarks/run_all.py", *sys.argv[1:]]), "quick": quick,
+           "elapsed_s": round(time.time() - started, 1),
+           "met": sum(1 for r in runs.values() for t in r["targets"] if t.get("met") is True),
+           "missed": sum(1 for r in runs.values() for t in r["targets"] if t.get("met") is False),
+           "failed": [s for s, r in runs.items() if r["status"] == "failed"], "runs": runs}
+    path = RESULTS / f"targets{'-quick' if quick else ''}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    return path
 
 
 if __name__ == "__main__":

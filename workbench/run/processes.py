@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import os
 import re
 import shlex
@@ -50,6 +51,7 @@ __all__ = [
     "lifeline_env",
     "pin_cpus",
     "taskset_prefix",
+    "wait_http",
 ]
 
 STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL
@@ -111,6 +113,36 @@ def pin_cpus(cpus: Iterable[int] | None) -> Callable[[], None] | None:
     return pin
 
 
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl() if os.uname().sysname == "Linux" else None  # resolved here, not in the forked child
+
+
+def _preexec(cpus: Iterable[int] | None, kernel_lifeline: bool) -> Callable[[], None] | None:
+    """The child's set-up between fork and exec: CPU pinning, and for programs that do not read
+    ``EDGE_DIE_WITH_PARENT`` (wrk, redis-server, a ``python -c`` snippet) PR_SET_PDEATHSIG itself."""
+    pin = pin_cpus(cpus)
+    parent = os.getpid()
+    lifeline = kernel_lifeline and _PRCTL is not None and threading.current_thread() is threading.main_thread()
+    if pin is None and not lifeline:
+        return None
+
+    def setup() -> None:
+        if pin is not None:
+            pin()
+        if lifeline and _PRCTL is not None:
+            _PRCTL(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the call: do not outlive it
+                os._exit(1)
+
+    return setup
+
+
 def taskset_prefix(cpus: Iterable[int] | None) -> str:
     """How a pinned command is shown in results files (``taskset -c 1 ``), the same as a shell would run it."""
     return "" if cpus is None else f"taskset -c {','.join(map(str, sorted(cpus)))} "
@@ -134,6 +166,26 @@ def _http_status(url: str, timeout: float) -> int:
         return exc.code
 
 
+def wait_http(url: str, *, timeout_s: float, child: Child | None = None, status: int = 200) -> float:
+    """Poll ``url`` until it answers ``status``; the seconds it took.
+
+    With ``child``, fail at once if it exits, and name it (with its last log lines) on a timeout.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    name = child.name if child is not None else url
+    while True:
+        if child is not None:
+            child._check_alive(f"{url} answered")
+        with contextlib.suppress(OSError):
+            if _http_status(url, timeout=min(1.0, max(0.05, deadline - time.monotonic()))) == status:
+                return time.monotonic() - started
+        if time.monotonic() >= deadline:
+            tail = f"; last log lines:\n{child.log_tail()}" if child is not None else ""
+            raise NotReady(f"{name}: {url} not ready after {timeout_s:g} s{tail}")
+        time.sleep(POLL_S)
+
+
 # ------------------------------------------------------------------------------------ one child
 
 
@@ -142,7 +194,8 @@ class Child:
     """One child process: how to start it, and its current run.
 
     ``env`` is the whole environment (default: ours); the lifeline is added at each start when
-    ``die_with_parent`` and the starting thread is the main one.  stdout and stderr go to ``log_path``
+    ``die_with_parent`` and the starting thread is the main one (with ``kernel_lifeline`` it is armed in the
+    child before exec too, for programs that do not read the variable).  stdout and stderr go to ``log_path``
     (appended, so a restart's output follows the previous run's) unless ``stderr_path`` splits them.
     """
 
@@ -154,6 +207,7 @@ class Child:
     cpus: frozenset[int] | None = None
     new_session: bool = False  # own session: a Ctrl-C in the terminal does not reach it, only our cleanup
     die_with_parent: bool = True
+    kernel_lifeline: bool = False  # also arm PR_SET_PDEATHSIG before exec (a program that is not an edge node)
     stderr_path: Path | None = None
     popen: subprocess.Popen | None = None
     state: str = "new"  # new, running, paused, killed, stopped
@@ -183,7 +237,7 @@ class Child:
                 err = files.enter_context(open(self.stderr_path, "ab"))
             self.popen = subprocess.Popen(list(self.argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                           env=base, cwd=self.cwd, start_new_session=self.new_session,
-                                          preexec_fn=pin_cpus(self.cpus))
+                                          preexec_fn=_preexec(self.cpus, self.die_with_parent and self.kernel_lifeline))
         self.runs += 1
         self.state = "running"
         self.started_at = time.monotonic()
@@ -267,17 +321,7 @@ class Child:
 
     def wait_http(self, url: str, *, timeout_s: float, status: int = 200) -> float:
         """Poll ``url`` until it answers ``status``; the seconds it took.  Fails naming the child."""
-        started = time.monotonic()
-        deadline = started + timeout_s
-        while True:
-            self._check_alive(f"{url} answered")
-            with contextlib.suppress(OSError):
-                if _http_status(url, timeout=min(1.0, max(0.05, deadline - time.monotonic()))) == status:
-                    return time.monotonic() - started
-            if time.monotonic() >= deadline:
-                raise NotReady(f"{self.name}: {url} not ready after {timeout_s:g} s; last log lines:\n"
-                               f"{self.log_tail()}")
-            time.sleep(POLL_S)
+        return wait_http(url, timeout_s=timeout_s, child=self, status=status)
 
     async def wait_http_async(self, url: str, *, timeout_s: float, status: int = 200,
                               session: Any = None) -> float:
@@ -419,13 +463,15 @@ class ProcessGroup:
 
     def child(self, name: str, argv: Sequence[str], *, cpus: Iterable[int] | None = None,
               env: Mapping[str, str] | None = None, log_path: Path | None = None,
-              stderr_path: Path | None = None, die_with_parent: bool = True) -> Child:
+              stderr_path: Path | None = None, die_with_parent: bool = True,
+              kernel_lifeline: bool = False) -> Child:
         """A new child of this group (not started yet); ``env`` adds to the group's environment."""
         base = dict(self.env if self.env is not None else os.environ)
         base.update(env or {})
         return self.add(Child(name, list(argv), log_path or self.log_dir / f"{name}.log", env=base, cwd=self.cwd,
                               cpus=frozenset(cpus) if cpus is not None else None, new_session=self.new_session,
-                              die_with_parent=die_with_parent, stderr_path=stderr_path))
+                              die_with_parent=die_with_parent, kernel_lifeline=kernel_lifeline,
+                              stderr_path=stderr_path))
 
     def start(self, name: str, argv: Sequence[str], **kw: Any) -> Child:
         """:meth:`child`, started."""
