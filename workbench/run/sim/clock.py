@@ -43,6 +43,9 @@ class Scheduler:
             fn(*args)
         self.now = t_end
 
+    def clear(self) -> None:
+        self._heap.clear()
+
     def pending(self) -> int:
         return len(self._heap)
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_server.token_bucket import BucketTable, CostExceedsBurst, KeyTableFull, NoLimitForKey
 from edge_server.wire import ReplayGuard, WireError, decode_ack, decode_delta, encode_ack, encode_delta
+from workbench.run.sim.clock import EPOCH
 
 if TYPE_CHECKING:
     from workbench.run.sim.world import World
@@ -67,11 +68,13 @@ class SimNode:
         self._waiting: dict[str, tuple[int, float]] = {}
         self._failures: dict[str, int] = {}
         self._replay = ReplayGuard(set(peers))
+        self._sched = world.sched
+        self._offsets = world.clocks.offsets
 
     # ------------------------------------------------------------------ event plumbing
     def now(self) -> float:
         """This node's wall clock (true virtual time plus its skew)."""
-        return self.w.clocks.read(self.id)
+        return EPOCH + self._sched.now + self._offsets[self.id]
 
     def run(self, inc: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Run an event of incarnation ``inc``: dropped if that process is gone, held while paused."""
@@ -177,7 +180,7 @@ class SimNode:
         assert table is not None
         self._req += 1
         request_id = f"{self.id}-{self.boot}-{self._req}"
-        now = self.now()
+        now = EPOCH + self._sched.now + self._offsets[self.id]
         try:
             d = table.take(key, cost, now)
         except CostExceedsBurst:

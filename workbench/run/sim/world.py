@@ -103,8 +103,11 @@ class World:
             "network": {"sent": net.sent, "delivered": net.delivered, "dropped": net.dropped,
                         "duplicated": net.duplicated, "reordered": net.reordered},
             "gossip_refused": refused, "boots": {nid: n.boots for nid, n in self.nodes.items()},
+            "final_node_states": {nid: n.state for nid, n in self.nodes.items()},
             "sim_faults": [f.to_dict() for f in self.faults if f.sim_only],
         }
+        self.sched.clear()  # the queue and the nodes refer back to the world: let it be freed at once
+        self.nodes = {}
         return Recording(scenario=sc.to_dict(), requests=self.requests, faults=self.fault_records,
                          states=self.states, audit=self.audit, started_wall=EPOCH, ended_s=sc.duration_s,
                          complete=True, extra=extra, version="sim")
@@ -133,39 +136,43 @@ class World:
         weights = ([float(load.region_weights.get(r, 0.0)) for r in regions] if load.region_weights
                    else [1.0] * len(regions))
         self._home_cum = list(itertools.accumulate(weights))
-        tenants = load.tenant_names()
-        self._tenants = tenants
+        self._tenants = load.tenant_names()
         if load.key_dist == "zipf":
-            kw = [1.0 / (i + 1) ** load.zipf_s for i in range(len(tenants))]
+            kw = [1.0 / (i + 1) ** load.zipf_s for i in range(len(self._tenants))]
         else:
-            kw = [1.0] * len(tenants)
+            kw = [1.0] * len(self._tenants)
         self._key_cum = list(itertools.accumulate(kw))
+        self._rand = self.load_rng.random
+        self._rate = load.rate_rps
+        self._poisson = load.arrival == "poisson"
+        self._cost = load.cost
+        self._admit_s = self.scenario.skill.median_ms / 1000.0
+        # the router's preference per home region: its regions nearest first, each with its nodes
+        self._cands = {home: [self.topo.nodes_of(r) for r in self._order[home]] for home in regions}
+        self._rr_at = {nodes: 0 for cands in self._cands.values() for nodes in cands}
         if load.mode == "open":
             self.sched.at(self._gap(), self._arrive)
         else:
             for _ in range(load.users):
-                self.sched.at(self.load_rng.random() * 0.01, self._user)
+                self.sched.at(self._rand() * 0.01, self._user)
 
     def _gap(self) -> float:
-        load = self.scenario.load
-        if load.arrival == "poisson":
-            return self.load_rng.expovariate(load.rate_rps)
-        return 1.0 / load.rate_rps
+        return self.load_rng.expovariate(self._rate) if self._poisson else 1.0 / self._rate
 
     def _pick(self) -> tuple[str, str]:
-        rand = self.load_rng.random
+        rand = self._rand
         cum = self._home_cum
-        home = self.topo.regions[min(len(cum) - 1, bisect.bisect_right(cum, rand() * cum[-1]))]
+        home = self.topo.regions[bisect.bisect_right(cum, rand() * cum[-1])] if len(cum) > 1 else self.topo.regions[0]
         kc = self._key_cum
         if len(kc) == 1:
             return home, self._tenants[0]
-        key = self._tenants[min(len(kc) - 1, bisect.bisect_right(kc, rand() * kc[-1]))]
-        return home, key
+        return home, self._tenants[bisect.bisect_right(kc, rand() * kc[-1])]
 
     def _arrive(self) -> None:
         home, key = self._pick()
         self._serve(home, key)
-        self.sched.after(self._gap(), self._arrive)
+        sched = self.sched
+        sched.at(sched.now + self._gap(), self._arrive)
 
     def _user(self) -> None:
         home, key = self._pick()
@@ -174,35 +181,38 @@ class World:
         self.sched.after(max(pause, 0.001), self._user)
 
     def _serve(self, home: str, key: str) -> RequestRecord:
+        """Route one request as the router would (see the module docstring) and record it."""
         t = self.sched.now
-        cost = self.scenario.load.cost
+        cost = self._cost
+        healthy = self.healthy
         retried_from = ""
-        tried: set[str] = set()
-        for region in self._order[home]:
-            for _ in range(self.topo.nodes_per_region[region]):
-                nid = next(self._rr[region])
-                if nid in tried or not self.healthy[nid]:
+        for nodes in self._cands[home]:
+            count = len(nodes)
+            first = 0
+            if count > 1:
+                first = self._rr_at[nodes]
+                self._rr_at[nodes] = (first + 1) % count
+            for j in range(count):
+                nid = nodes[(first + j) % count]
+                if not healthy[nid] or nid == retried_from:
                     continue
                 node = self.nodes[nid]
-                if node.state == "paused":
-                    self.healthy[nid] = False  # passive ejection
-                    rec = RequestRecord(t, t, t + STALL_S, home, "", "", key, cost, 0, "timeout",
+                state = node.state
+                if state == "up":
+                    status, allowed, error, rid = node.decide(key, cost)
+                    rec = RequestRecord(t, t, t + (self._admit_s if allowed else 0.001), home, node.region, nid,
+                                        key, cost, status, error, rid if allowed else "", "check", allowed,
+                                        retried_from)
+                    self.requests.append(rec)
+                    return rec
+                healthy[nid] = False  # passive ejection
+                if state == "paused" or retried_from:
+                    rec = RequestRecord(t, t, t + (STALL_S if state == "paused" else 0.001), home, "", "", key,
+                                        cost, 0, "timeout" if state == "paused" else "connection refused",
                                         route="check", retried_from=retried_from)
                     self.requests.append(rec)
                     return rec
-                if node.state == "down":
-                    self.healthy[nid] = False
-                    tried.add(nid)
-                    if retried_from:
-                        break
-                    retried_from = nid
-                    continue
-                status, allowed, error, rid = node.decide(key, cost)
-                end = t + (self.scenario.skill.median_ms / 1000.0 if allowed else 0.001)
-                rec = RequestRecord(t, t, end, home, node.region, nid, key, cost, status, error,
-                                    rid if allowed else "", "check", allowed, retried_from)
-                self.requests.append(rec)
-                return rec
+                retried_from = nid  # a reset on connect: the router retries once on the next node
         rec = RequestRecord(t, t, t + 0.001, home, "", "", key, cost, 503 if not retried_from else 0,
                             "no_healthy_region" if not retried_from else "connection refused",
                             route="check", retried_from=retried_from)
