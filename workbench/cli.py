@@ -200,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--cell-timeout", type=int, default=600)
     run.add_argument("--html", action="store_true", help="also export the executed notebook to HTML")
     _error_budget_flag(run)
+    from workbench.run.simulate import add_arguments as simulate_arguments
+
+    simulate_arguments(sub.add_parser("simulate", help="the real limiter core on a simulated network in virtual "
+                                      "time: random fault schedules, each judged against its bound"))
     args = parser.parse_args(argv)
+
+    if args.command == "simulate":
+        from workbench.run.simulate import main as simulate_main
+
+        return simulate_main(args)
 
     if args.command == "report":
         from workbench.ui.report import ReportError, write_report

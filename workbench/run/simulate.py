@@ -129,6 +129,7 @@ def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults
     Returns the summary (the ``--json`` document).
     """
     started = time.perf_counter()
+    cpu_started = time.process_time()
     failed: list[dict[str, Any]] = []
     first: SimResult | None = None
     worst = -float("inf")
@@ -149,6 +150,7 @@ def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults
         if on_progress is not None:
             on_progress(i + 1, count, len(failed), time.perf_counter() - started)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     counterexample = None
     shrunk_info = None
     if first is not None and out_dir is not None:
@@ -160,6 +162,7 @@ def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults
         "counterexample": counterexample, "invariants_ok": not failed,
         "seed": seed, "duration_s": duration_s, "mode": "eventual",
         "core": f"{table_factory.__module__}.{table_factory.__qualname__}",
+        "cpu_seconds": round(cpu_seconds, 3),
         "schedules_per_s": round(count / seconds, 2) if seconds > 0 else None,
         "within_bound_share": round(1 - len(failed) / count, 4) if count else None,
         "within_nominal_share": round(nominal_ok / count, 4) if count else None,
