@@ -120,16 +120,8 @@ class AuditLog:
         self._size = rec.active_size
         self._active_events = len(rec.active_offsets)
         self._segments = array("q", rec.segments)
-        if rec.pending:
-            # The open segment's first event chains from the last pending segment's end.
-            self._active_prev = rec.pending[-1].last_hash
-        elif rec.active_offsets:
-            with open(self.path, "rb") as fh:
-                self._active_prev = orjson.loads(fh.readline())["prev"]
-        else:
-            self._active_prev = rec.last_hash.decode()
-        if self._active_events:
-            self._active_cost = sum(e["cost"] for e in self._read_active(0, self._active_events))
+        self._active_prev = rec.active_prev
+        self._active_cost = rec.active_cost
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if rec.pending:
             self._sealing = list(rec.pending)

@@ -52,6 +52,8 @@ class Recovered:
     active_offsets: array = field(default_factory=lambda: array("q"))
     active_size: int = 0
     active_first_ts: float = 0.0
+    active_cost: int = 0
+    active_prev: str = GENESIS  # prev of the open segment's first event
 
 
 def load_head(path: Path, keys: ChainKeys, node: str) -> dict:
@@ -177,6 +179,8 @@ def recover_trail(audit_dir: Path, node: str, keys: ChainKeys) -> Recovered:
     offsets = array("q")
     size = torn = 0
     first_ts = 0.0
+    active_prev = state.last_hash.decode()
+    cost_before = state.total_cost
     if files.active.exists():
         data = files.active.read_bytes()
         size, torn, first_ts = state.file(files.active, data.splitlines(keepends=True), torn_ok=True,
@@ -186,7 +190,8 @@ def recover_trail(audit_dir: Path, node: str, keys: ChainKeys) -> Recovered:
                 fh.truncate(size)
     return Recovered(state.events, state.next_seq, state.own, torn, state.total_cost, state.last_hash,
                      state.last_ts, state.max_gen, state.replayed_events, state.replayed_bytes, checkpoint,
-                     segments, pending, active_first, offsets, size, first_ts)
+                     segments, pending, active_first, offsets, size, first_ts,
+                     state.total_cost - cost_before, active_prev)
 
 
 def _start_from_checkpoint(files: NodeFiles, first: int, keys: ChainKeys, state: _Replay) -> str:

@@ -1,0 +1,212 @@
+"""The audit trail at production rates: disk per hour, and restart-to-ready against trail length.
+
+* **disk** -- one node under wrk on POST /v1/limits/check over random keys (a 10-million key space),
+  node on cpu 0, wrk on cpu 1.  Events per second from the node's audit sequence, bytes on disk
+  (sealed gzip segments, heads, checkpoints, the open segment) and the plain bytes they hold; disk
+  per hour is the sealed (compressed) bytes per event x the measured rate x 3600, and at the rate
+  of the issue's report (6,300 req/s) for comparison with its 4 GB an hour.
+* **restart** -- trails of growing length (100,000 keys, the default 16 MiB segments) written with
+  the node's own ``AuditLog``; for each, a node process is started on it ``--repeats`` times and the
+  time from spawn to the first ``/readyz`` 200 measured (Python start-up included), next to the
+  node's own figure for reading its trail (the ``audit recovered`` log line).  Target: <= 2 s
+  whatever the trail's length.
+
+Usage: .venv/bin/python benchmarks/bench_audit.py [--quick]   (quick: under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._procs import (
+    PYTHON,
+    SECRET,
+    Procs,
+    http_json,
+    install_signal_handlers,
+    run_wrk,
+    table,
+    wait_ready,
+    workdir,
+    write_cluster,
+    write_results,
+)
+from benchmarks._targets import target
+from edge_server.audit import AuditLog
+from edge_server.config import AuditConfig
+
+REPORTED_RATE = 6300.0  # req/s of the issue's report (one node, wrk, random keys)
+TARGET_RESTART_S = 2.0
+
+LUA = """-- POST /v1/limits/check with {"key": "k<random of 10,000,000>"}
+init = function(args)
+  math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+end
+request = function()
+  local body = '{"key":"k' .. math.random(10000000) .. '"}'
+  return wrk.format("POST", "/v1/limits/check", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def _audit_table(segment_bytes: int) -> str:
+    return f"\n[audit]\nsegment_bytes = {segment_bytes}\n"
+
+
+def _disk_usage(folder: Path) -> dict[str, int]:
+    out = {"sealed_gz": 0, "sealed_plain": 0, "heads": 0, "checkpoints": 0, "open": 0, "other": 0}
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if path.name.endswith(".jsonl.gz"):
+            out["sealed_gz"] += size
+        elif path.name.endswith(".head.json"):
+            out["heads"] += size
+            out["sealed_plain"] += json.loads(path.read_bytes())["bytes"]
+        elif path.name.endswith(".ckpt.json"):
+            out["checkpoints"] += size
+        elif path.parent == folder and path.name.endswith(".jsonl"):
+            out["open"] += size
+        else:
+            out["other"] += size
+    return out
+
+
+def bench_disk(procs: Procs, folder: Path, duration_s: int, segment_bytes: int) -> dict:
+    folder.mkdir(parents=True)
+    path, nodes = write_cluster(folder, ["eu"], limits=[("*", 1e9, 1e9)])
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(_audit_table(segment_bytes))
+    node = nodes[0]
+    child = procs.start(node.id, [PYTHON, "-m", "edge_server", "--cluster", str(path), "--node", node.id,
+                                  "--log-level", "WARNING", "--drain-ms", "0"], cpus={0})
+    wait_ready(node.url, child)
+    script = folder / "random_keys.lua"
+    script.write_text(LUA)
+    started = time.time()
+    wrk = run_wrk(node.url + "/v1/limits/check", threads=1, connections=64, duration_s=duration_s, script=script,
+                  cpus={1})
+    elapsed = time.time() - started
+    _status, st = http_json(node.url + "/v1/state?keys=")
+    events = int(st["audit_last_seq"])
+    time.sleep(3.0)  # let the last seal finish
+    procs.stop(child)
+    usage = _disk_usage(folder / "audit")
+    sealed_events = 0
+    for head in (folder / "audit" / node.id).glob("*.head.json"):
+        sealed_events += json.loads(head.read_bytes())["events"]
+    per_event_gz = usage["sealed_gz"] / sealed_events if sealed_events else None
+    per_event_plain = (usage["sealed_plain"] + usage["open"]) / events if events else None
+    rate = events / elapsed
+    return {
+        "wrk": {"requests_per_s": wrk.requests_per_s, "p99_ms": wrk.p99_ms, "command": wrk.command},
+        "seconds": round(elapsed, 2), "events": events, "events_per_s": round(rate, 1),
+        "disk_bytes": usage, "sealed_events": sealed_events,
+        "plain_bytes_per_event": per_event_plain and round(per_event_plain, 1),
+        "sealed_bytes_per_event": per_event_gz and round(per_event_gz, 1),
+        "compression_ratio": round(usage["sealed_plain"] / usage["sealed_gz"], 2) if usage["sealed_gz"] else None,
+        "disk_gb_per_hour_at_measured_rate": per_event_gz and round(per_event_gz * rate * 3600 / 1e9, 3),
+        "disk_gb_per_hour_at_6300_rps": per_event_gz and round(per_event_gz * REPORTED_RATE * 3600 / 1e9, 3),
+        "plain_gb_per_hour_at_6300_rps": per_event_plain and round(per_event_plain * REPORTED_RATE * 3600 / 1e9, 3),
+    }
+
+
+def write_trail(audit_dir: Path, node: str, events: int, keys: int = 100_000) -> float:
+    """``events`` grants over ``keys`` keys, written by the node's own writer, 500 per batch."""
+
+    async def run() -> float:
+        log = AuditLog(audit_dir, node, "eu", SECRET.encode(), AuditConfig())
+        log.open()
+        t0 = time.perf_counter()
+        now = time.time() - events / REPORTED_RATE
+        written = 0
+        while written < events:
+            batch = min(500, events - written)
+            futures = [log.append(f"tenant-{(written + i) * 7919 % keys:06d}", 1, 1, f"r-{written + i}",
+                                  now + (written + i) / REPORTED_RATE) for i in range(batch)]
+            await futures[-1]
+            written += batch
+        await log.wait_sealed(120.0)
+        log.close()
+        return time.perf_counter() - t0
+
+    return asyncio.run(run())
+
+
+def bench_restart(procs: Procs, folder: Path, lengths: list[int], repeats: int) -> list[dict]:
+    rows = []
+    for length in lengths:
+        sub = folder / f"trail-{length}"
+        sub.mkdir(parents=True)
+        path, nodes = write_cluster(sub, ["eu"], limits=[("*", 1e9, 1e9)])
+        node = nodes[0]
+        write_s = write_trail(sub / "audit", node.id, length)
+        disk = _disk_usage(sub / "audit")
+        samples, recovered = [], []
+        for run in range(repeats):
+            t0 = time.perf_counter()
+            child = procs.start(f"{node.id}-{length}-{run}", [PYTHON, "-m", "edge_server", "--cluster", str(path),
+                                                             "--node", node.id, "--drain-ms", "0"], cpus={0})
+            wait_ready(node.url, child, timeout=120)
+            samples.append(round(time.perf_counter() - t0, 3))
+            line = child.wait_line(r'\{.*"audit recovered".*\}', timeout_s=5).group(0)
+            doc = json.loads(line)
+            recovered.append({k: doc.get(k) for k in ("seconds", "replayed_events", "replayed_bytes", "events",
+                                                       "keys", "segments")})
+            procs.kill9(child)
+        on_disk = sum(v for k, v in disk.items() if k != "sealed_plain")
+        rows.append({"events": length, "trail_bytes_on_disk": on_disk,
+                     "trail_plain_bytes": disk["sealed_plain"] + disk["open"], "write_s": round(write_s, 2),
+                     "ready_s": samples, "ready_median_s": statistics.median(samples), "recovered": recovered})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="an 8 s wrk run and trails up to 600,000 events")
+    parser.add_argument("--duration", type=int, default=None, help="seconds of wrk (default 60, quick 8)")
+    parser.add_argument("--lengths", default=None, help="trail lengths in events, comma-separated")
+    parser.add_argument("--repeats", type=int, default=None, help="restarts per trail (default 3, quick 2)")
+    args = parser.parse_args()
+    install_signal_handlers()
+    started = time.time()
+    duration = args.duration or (8 if args.quick else 60)
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
+        [20_000, 200_000, 600_000] if args.quick else [100_000, 1_000_000, 4_000_000, 12_000_000])
+    repeats = args.repeats or (2 if args.quick else 3)
+    folder = workdir("audit")
+    with Procs(folder) as procs:
+        disk = bench_disk(procs, folder / "disk", duration, 4 * 1024 * 1024 if args.quick else 16 * 1024 * 1024)
+        restart = bench_restart(procs, folder / "restart", lengths, repeats)
+    worst = max(r["ready_median_s"] for r in restart)
+    print(f"disk: {disk['events_per_s']:.0f} events/s for {disk['seconds']} s; "
+          f"{disk['plain_bytes_per_event']} B/event plain, {disk['sealed_bytes_per_event']} B/event sealed "
+          f"(x{disk['compression_ratio']}); {disk['disk_gb_per_hour_at_measured_rate']} GB/hour at this rate, "
+          f"{disk['disk_gb_per_hour_at_6300_rps']} GB/hour at 6,300 req/s "
+          f"({disk['plain_gb_per_hour_at_6300_rps']} GB/hour uncompressed)")
+    print(table([(r["events"], f"{r['trail_plain_bytes'] / 1e6:.0f}", f"{r['trail_bytes_on_disk'] / 1e6:.0f}",
+                  " ".join(f"{s:.2f}" for s in r["ready_s"]),
+                  " ".join(str(x["seconds"]) for x in r["recovered"]), r["recovered"][0]["replayed_events"])
+                 for r in restart],
+                ["events", "plain MB", "on disk MB", "spawn->ready s", "recovery s", "replayed events"]))
+    path = write_results(
+        "bench_audit", {"disk": disk, "restart": restart, "worst_ready_median_s": worst}, quick=args.quick,
+        started=started,
+        extra={"setup": f"one node on cpu 0; wrk -t1 -c64 -d{duration}s on cpu 1 with random keys of 10M; trails "
+                        f"of {lengths} events over 100,000 keys; {repeats} restarts each"},
+        targets=[target("restart to ready, worst trail length (median)", worst, "<=", TARGET_RESTART_S, "s")])
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
