@@ -148,9 +148,17 @@ async def test_region_pause_and_blackhole_take_every_node_of_a_multi_node_region
         assert state[("router", "us-1")] is None and state[("us-1", "us-2")] is None
         await nemesis.apply(FaultAction(0.0, "heal"))
         assert all(p.stats()["partition"] is None for p in cluster.mesh.proxies.values())
+        # a blackhole with a duration ends by itself, lifting only links no other step holds cut
+        await nemesis.run([FaultAction(0.0, "partition", groups=(("us",),)),
+                           FaultAction(0.0, "blackhole", target="eu-2", duration_s=0.2)])
+        state = {lk: p.stats()["partition"] for lk, p in cluster.mesh.proxies.items()}
+        assert state[("router", "eu-2")] is None and state[("eu-1", "eu-2")] is None
+        assert state[("eu-1", "us-1")] == state[("eu-2", "us-1")] == "blackhole"  # the partition still holds these
+        assert state[("router", "us-1")] is None  # a split between regions spares the router
 
     assert [(r.action, r.target) for r in records] == [("pause", "eu"), ("resume", "eu"), ("blackhole", "eu"),
-                                                       ("heal", "")]
+                                                       ("heal", ""), ("partition", "us"), ("blackhole", "eu-2"),
+                                                       ("end_blackhole", "eu-2")]
     assert records[0].detail["nodes"] == ["eu-1", "eu-2"] and len(records[0].detail["pids"]) == 2
     assert records[2].detail["nodes"] == ["eu-1", "eu-2"]
 

@@ -33,6 +33,7 @@ class Nemesis:
         self.t0 = t0  # run clock zero on time.monotonic()
         self.on_fault = on_fault
         self.applied: list[FaultRecord] = []
+        self._cuts: dict[int, set[Link]] = {}  # id of a partition / blackhole step -> the links it holds cut
 
     def _now(self) -> float:
         return time.monotonic() - self.t0
@@ -91,7 +92,7 @@ class Nemesis:
             # The router stands for DNS / a global load balancer: a split between regions cuts
             # the regions from each other, not the clients from their regions.
             keep = () if any(ROUTER in g for g in groups) else (ROUTER,)
-            links = await self._cut(mesh, mesh.cut_links(groups, keep), lambda: mesh.partition(groups, keep=keep))
+            links = await self._cut(fault, mesh.cut_links(groups, keep), lambda: mesh.partition(groups, keep=keep))
             return self._emit("partition", "|".join(",".join(g) for g in fault.groups), groups=groups,
                               links=len(links), backend=backend)
         if action == "blackhole":
@@ -99,12 +100,13 @@ class Nemesis:
                 nodes = sorted(mesh.members(fault.target))
             except KeyError as exc:
                 raise ClusterError(str(exc.args[0])) from None
-            links = await self._cut(mesh, mesh.blackhole_links(fault.target), lambda: mesh.blackhole(fault.target))
+            links = await self._cut(fault, mesh.blackhole_links(fault.target), lambda: mesh.blackhole(fault.target))
             return self._emit("blackhole", fault.target, nodes=nodes, links=len(links), backend=backend)
         if action == "heal":
             mesh.heal()
             if c.netns is not None:
                 await c.netns.heal()
+            self._cuts.clear()
             return self._emit("heal", "", backend=backend)
         links = self._links(fault)
         if action == "latency":
@@ -117,13 +119,25 @@ class Nemesis:
             return self._emit("loss", _label(fault), pct=fault.pct)
         raise ClusterError(f"unknown fault action {action!r}")
 
-    async def _cut(self, mesh: ProxyMesh, links: list[Link], by_proxy: Callable[[], object]) -> list[Link]:
+    async def _cut(self, fault: FaultAction, links: list[Link], by_proxy: Callable[[], object]) -> list[Link]:
         """Cut ``links``: kernel rules with the netns backend, else the proxies (``by_proxy``)."""
         if self.cluster.netns is not None:
             await self.cluster.netns.cut(links)
         else:
             by_proxy()
+        self._cuts[id(fault)] = set(links)
         return links
+
+    async def _uncut(self, fault: FaultAction, mesh: ProxyMesh) -> None:
+        """End one partition / blackhole step: lift its links that no other step still holds cut."""
+        mine = self._cuts.pop(id(fault), set())
+        held = set().union(*self._cuts.values())
+        if self.cluster.netns is not None:  # a kernel cut is per pair of addresses, both ways
+            pairs = {frozenset(link) for link in held}
+            await self.cluster.netns.uncut(sorted(lk for lk in mine if frozenset(lk) not in pairs))
+            return
+        for link in sorted(mine - held):
+            mesh.proxies[link].heal()
 
     def _links(self, fault: FaultAction) -> list[tuple[str, str]]:
         mesh = self.cluster.mesh
@@ -134,19 +148,10 @@ class Nemesis:
 
     async def _undo(self, fault: FaultAction) -> None:
         """End a fault that had a ``duration_s``."""
-        mesh, netns = self.cluster.mesh, self.cluster.netns
+        mesh = self.cluster.mesh
         assert mesh is not None
-        if fault.action == "partition":
-            mesh.heal()
-            if netns is not None:
-                await netns.heal()
-        elif fault.action == "blackhole":
-            links = mesh.blackhole_links(fault.target)
-            if netns is not None:
-                await netns.uncut(links)
-            else:
-                for link in links:
-                    mesh.proxies[link].heal()
+        if fault.action in ("partition", "blackhole"):
+            await self._uncut(fault, mesh)
         else:
             for link in self._links(fault):
                 for a, b in mesh.select(link[0], link[1]):
