@@ -46,8 +46,9 @@ from multidict import CIMultiDict
 from edge_server.admission import Gate, RetryBudget
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.overload_metrics import OverloadCollector
-from edge_server.router_health import HARD, CheckResult, HealthChecker, NodeHealth, classify
+from edge_server.router_health import CheckResult, HealthChecker, NodeHealth, classify
 from edge_server.router_metrics import RouterMetrics
+from edge_server.routing import RoutingTable
 from edge_server.shedding import COARSE_SHED_S, SHED_CAP_S, SHED_MIN_S, Shedder, retry_seconds
 
 __all__ = ["COARSE_SHED_S", "DEADLINE_HEADER", "OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_HEADER",
@@ -97,32 +98,18 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-class Router:
-    """Routing table, health state, admission, shedding and the forwarding path of one router process."""
+class Router(RoutingTable):
+    """Admission, shedding and the forwarding path of one router process, over its routing table."""
 
     def __init__(self, config: ClusterConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        self.config = config
-        rc = self.rc = config.router
-        self.clock = clock
-        self.nodes = {n.id: NodeHealth(n) for n in config.nodes}
-        self.regions = {r.name: tuple(self.nodes[n.id] for n in r.nodes) for r in config.regions}
-        self.default_region = config.regions[0].name
-        self.order = {home: self._order(home) for home in self.regions}
-        self._rr = {name: itertools.count() for name in self.regions}
-        self.counters = dict.fromkeys(("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused",
-                                       "no_healthy", "overload_shed", "panic_picks", "checks_late",
-                                       "retry_budget_exhausted", "lagged_timeouts"), 0)
-        self._refusal_logged: dict[str, float] = {}
-        self.max_out = math.floor(rc.max_ejected_share * len(self.nodes) + 1e-9)  # nodes out at once, at most
+        super().__init__(config, clock)
+        rc = self.rc
         self.shedder = Shedder(clock, self._window_cap)
         self.gate = Gate(rc.max_inflight, rc.queue_max, rc.queue_timeout_ms / 1000)
         self.budget = RetryBudget(rc.retry_budget_ratio, rc.retry_budget_min_per_s, clock)
         self.guard: Any = None  # the ConnectionGuard when served by router_main (slow clients)
-        self.metrics = RouterMetrics()
         self.metrics.registry.register(OverloadCollector("router", lambda: (self.gate, self.guard)))
         self.session: aiohttp.ClientSession | None = None
-        self.loop_lag_s = 0.0  # recent lag of our own loop: timeouts during a lag are no evidence
-        self._lag_due = math.inf  # when the lag watch should wake up next
         connect = rc.connect_timeout_ms / 1000
         total = rc.request_timeout_ms / 1000
         self._timeouts = {
@@ -138,159 +125,9 @@ class Router:
 
     # ------------------------------------------------------------------------------ routing table
 
-    def _order(self, home: str) -> tuple[str, ...]:
-        """Regions nearest first from ``home``; a missing entry falls back to the reverse direction."""
-        lat = self.rc.latency_ms
-        index = {name: i for i, name in enumerate(self.regions)}
-
-        def distance(region: str) -> float:
-            if region == home:
-                return 0.0
-            return lat.get(home, {}).get(region, lat.get(region, {}).get(home, math.inf))
-
-        return tuple(sorted(self.regions, key=lambda r: (distance(r), index[r])))
-
     def _window_cap(self, key: str) -> float:
         limit = self.config.limit_for(key)
         return SHED_CAP_S if limit is None else limit.burst / limit.rate
-
-    def in_panic(self, now: float | None = None) -> bool:
-        now = self.clock() if now is None else now
-        usable = sum(1 for n in self.nodes.values() if n.usable(now))
-        return usable < self.rc.panic_threshold * len(self.nodes)
-
-    def pick(self, home: str, exclude_region: str | None = None,
-             exclude_node: NodeHealth | None = None) -> NodeHealth | None:
-        """The next node, nearest region first, in tiers: in rotation without evidence; in rotation
-        with evidence (kept by the cap, or one timeout); in panic only, out of rotation without hard
-        evidence.  Round-robin inside a region."""
-        now = self.clock()
-        tiers: list[Callable[[NodeHealth], bool]] = [lambda n: n.usable(now) and n.evidence is None,
-                                                     lambda n: n.usable(now)]
-        if self.in_panic(now):
-            tiers.append(lambda n: n.evidence not in HARD and not n.usable(now))
-        for tier, fits in enumerate(tiers):
-            for region in self.order[home]:
-                if region == exclude_region:
-                    continue
-                nodes = [n for n in self.regions[region] if n is not exclude_node and fits(n)]
-                if nodes:
-                    if tier == 2:
-                        self.counters["panic_picks"] += 1
-                    return nodes[next(self._rr[region]) % len(nodes)] if len(nodes) > 1 else nodes[0]
-        return None
-
-    def routing(self) -> dict[str, str | None]:
-        """Where each home region's clients go right now (first tier with a node)."""
-        out: dict[str, str | None] = {}
-        now = self.clock()
-        for home, order in self.order.items():
-            out[home] = (next((r for r in order if any(n.usable(now) and n.evidence is None
-                                                       for n in self.regions[r])), None)
-                         or next((r for r in order if any(n.usable(now) for n in self.regions[r])), None))
-        return out
-
-    # ------------------------------------------------------------------------------ health
-
-    def take_out(self, node: NodeHealth, reason: str, seconds: float, error: str | None = None) -> bool:
-        """The one way out of rotation (checks, passive ejection, overload pauses), under the cap.
-
-        ``overloaded`` only pauses traffic for ``seconds``; anything else also demands ``rise`` good
-        checks.  Refused when it would leave more than ``max_ejected_share`` of the nodes out: the node
-        stays in, demoted by its evidence, and the next evidence tries again.
-        """
-        now = self.clock()
-        if reason != "overloaded":
-            node.evidence = reason
-            node.last_error = error or reason
-        if node.usable(now):
-            out = sum(1 for n in self.nodes.values() if not n.usable(now))
-            if out + 1 > self.max_out:
-                self.counters["ejections_refused"] += 1
-                self.metrics.ejections_refused.labels(node.spec.id, reason).inc()
-                if now - self._refusal_logged.get(node.spec.id, -math.inf) >= 1.0:  # once a second at most
-                    self._refusal_logged[node.spec.id] = now
-                    log.warning("ejection refused by the cap", extra={"node": node.spec.id, "reason": reason,
-                                                                      "out": out, "error": error})
-                return False
-        node.ejected_until = max(node.ejected_until, now + seconds)
-        if reason != "overloaded":
-            node.healthy = False
-            node.ok = 0
-            node.rise_needed = self.rc.rise
-        self.counters["ejections"] += 1
-        self.metrics.ejections.labels(node.spec.id, reason).inc()
-        log.warning("node out of rotation", extra={"node": node.spec.id, "reason": reason, "error": error,
-                                                   "seconds": seconds})
-        return True
-
-    def apply_check(self, node: NodeHealth, result: CheckResult) -> None:
-        """One active check result (on the main loop): hysteresis, evidence rules and the cap."""
-        node.checks += 1
-        m = self.metrics
-        m.health_results.labels(node.spec.id, result.kind).inc()
-        if result.latency_ms is not None:
-            m.health.labels(node.spec.id).observe(result.latency_ms / 1000)
-        if result.kind == "late":  # the checker's own loop was late: no verdict
-            self.counters["checks_late"] += 1
-            return
-        if result.good:
-            node.last_good_started = max(node.last_good_started, result.started)
-            node.last_latency_ms = result.latency_ms
-            node.reason = result.reason
-            node.ok += 1
-            node.fail = 0
-            node.timeouts = 0
-            node.answered += 1
-            node.evidence = None
-            if not node.healthy and node.ok >= node.rise_needed:
-                node.healthy = True
-                log.info("node in rotation", extra={"node": node.spec.id, "checks_ok": node.ok})
-            return
-        if result.started < node.last_good_started:
-            return  # an older check timing out after a newer one answered: stale
-        node.ok = 0
-        node.fail += 1
-        node.reason = result.reason if result.kind == "down" else result.kind
-        node.last_latency_ms = None
-        if result.kind in HARD or result.kind == "down" or node.fail >= self.rc.fall:
-            if node.healthy:
-                self.take_out(node, "check_" + result.kind, 0.0, result.error)
-            else:
-                node.evidence = "check_" + result.kind
-                node.last_error = result.error
-            node.rise_needed = self.rc.rise
-        else:
-            node.evidence = "check_timeout"  # suspect: demoted, still in rotation
-
-    def record_check(self, node: NodeHealth, good: bool, reason: str, latency_ms: float | None,
-                     error: str | None = None, kind: str | None = None) -> None:
-        """Apply a check result given as plain values (tests, tools)."""
-        kind = kind or ("ok" if good else "down")
-        self.apply_check(node, CheckResult(good, kind, reason, latency_ms, time.monotonic(), error))
-
-    def _try_failed(self, node: NodeHealth, kind: str, error: str) -> None:
-        """What one failed forwarding try says about its node."""
-        self.metrics.try_failures.labels(node.spec.id, kind).inc()
-        if kind in HARD:
-            self.take_out(node, kind, self.rc.eject_ms / 1000, error)
-            return
-        if kind in ("timeout", "connect_timeout") and self.current_lag() > self.rc.check_try_timeout_ms / 2000:
-            self.counters["lagged_timeouts"] += 1  # we were late ourselves: no evidence
-            return
-        if kind == "connect_timeout":
-            node.evidence = node.evidence or "connect_timeout"  # demoted, never ejected for it
-            return
-        node.timeouts += 1
-        node.evidence = node.evidence or "timeout"
-        if node.timeouts >= self.rc.timeout_eject_count and node.answered:
-            self.take_out(node, "timeouts", self.rc.eject_ms / 1000, error)
-
-    def _answered(self, node: NodeHealth) -> None:
-        node.answered += 1
-        node.timeouts = 0
-        if node.evidence is not None and node.usable(self.clock()):
-            node.evidence = None
 
     # ------------------------------------------------------------------------------ forwarding
 
@@ -356,7 +193,7 @@ class Router:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 kind = classify(exc)
                 error = f"{exc.__class__.__name__}: {exc}"[:200]
-                self._try_failed(node, kind, error)
+                self.try_failed(node, kind, error)
                 retry = attempt == 0 and (kind in _NOT_REACHED or retry_inflight)
                 nxt = self._retry_target(home, node) if retry else None
                 if nxt is not None:
@@ -365,7 +202,7 @@ class Router:
                     node = nxt
                     continue
                 return self._try_error(route, home, node, kind, extra)
-            self._answered(node)
+            self.answered(node)
             shed = resp.headers.get(SHED_HEADER) if resp.status == 503 else None
             if shed is not None and attempt == 0:  # the node refused before deciding: safe anywhere
                 self.take_out(node, "overloaded", OVERLOAD_EJECT_S)
@@ -435,7 +272,7 @@ class Router:
                     await out.write_eof()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The node started answering: never retry, it may have acted.
-            self._try_failed(node, "reset", exc.__class__.__name__)
+            self.try_failed(node, "reset", exc.__class__.__name__)
             return self._fail(route, home, 502, "upstream_broken", f"node {node.spec.id} broke off its answer "
                               f"({exc.__class__.__name__}); not retried", extra)
         self.counters["forwarded"] += 1
@@ -478,30 +315,13 @@ class Router:
 
     def state(self) -> dict[str, Any]:
         now = self.clock()
-        nodes = [{"id": n.spec.id, "region": n.spec.region, "url": n.spec.url, "healthy": n.healthy,
-                  "usable": n.usable(now), "ejected_for_ms": max(0.0, round((n.ejected_until - now) * 1000, 3)),
-                  "ejected_until": n.ejected_until if n.ejected_until > now else None, "evidence": n.evidence,
-                  "consecutive_ok": n.ok, "consecutive_fail": n.fail, "consecutive_timeouts": n.timeouts,
-                  "checks": n.checks, "reason": n.reason, "last_check_ms": n.last_latency_ms,
-                  "last_error": n.last_error} for n in self.nodes.values()]
         regions = {name: {"nodes": len(ns), "healthy": sum(1 for n in ns if n.usable(now)),
                           "order": list(self.order[name])} for name, ns in self.regions.items()}
-        return {"clock": now, "default_region": self.default_region, "nodes": nodes, "regions": regions,
-                "routing": self.routing(), "counters": dict(self.counters), "shedding_keys": len(self.shedder),
-                "panic": self.in_panic(now), "max_out": self.max_out, "inflight": self.gate.inflight,
-                "queued": self.gate.queued, "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
-                "retry_budget_left": round(self.budget.left(), 1)}
-
-    def _refresh_gauges(self) -> None:
-        now = self.clock()
-        self.metrics.panic.set(1 if self.in_panic(now) else 0)
-        self.metrics.in_rotation.set(sum(1 for n in self.nodes.values() if n.usable(now)))
-        self.metrics.loop_lag.set(self.loop_lag_s)
-
-    def current_lag(self) -> float:
-        """The recent lag, or the lag right now when the watch is overdue (a stall that just ended:
-        the timeouts it fired are judged before the watch has woken up to record it)."""
-        return max(self.loop_lag_s, time.monotonic() - self._lag_due)
+        return {"clock": now, "default_region": self.default_region, "nodes": self.node_states(now),
+                "regions": regions, "routing": self.routing(), "counters": dict(self.counters),
+                "shedding_keys": len(self.shedder), "panic": self.in_panic(now), "max_out": self.max_out,
+                "inflight": self.gate.inflight, "queued": self.gate.queued,
+                "loop_lag_ms": round(self.loop_lag_s * 1000, 3), "retry_budget_left": round(self.budget.left(), 1)}
 
     async def watch_loop_lag(self, tick_s: float = 0.02) -> None:
         """Our own loop's lag over the last ~0.5 s (a timeout judged during a lag is no evidence)."""
@@ -513,7 +333,7 @@ class Router:
             recent.append(max(0.0, time.monotonic() - t0 - tick_s))
             del recent[:-25]
             self.loop_lag_s = max(recent)
-            self._refresh_gauges()
+            self.refresh_gauges()
 
 
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
@@ -552,7 +372,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
-    router._refresh_gauges()
+    router.refresh_gauges()
     return web.Response(body=router.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 

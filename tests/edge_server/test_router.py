@@ -170,20 +170,36 @@ def test_one_node_cluster_is_never_ejected() -> None:
     assert router.pick("eu") is router.nodes["eu-1"]
 
 
-def test_panic_routes_to_nodes_out_of_rotation_without_hard_evidence() -> None:
+def test_panic_routes_to_nodes_out_of_rotation_without_failure_evidence() -> None:
     clock = ManualClock()
-    router = make_router(clock, max_ejected_share=1.0, panic_threshold=0.5)
+    router = make_router(clock, max_ejected_share=1.0, panic_threshold=0.5)  # rise = 3
+    all_healthy(router)
+    router.take_out(router.nodes["eu-1"], "refused", 0.0)  # surely down
+    router.take_out(router.nodes["eu-2"], "refused", 0.0)  # came back: answering, but still rising
+    router.record_check(router.nodes["eu-2"], True, "ok", 0.1)
+    router.take_out(router.nodes["us-1"], "timeouts", 0.0)  # failing
+    assert router.in_panic()  # 1 of 4 in rotation < 50 %
+    # eu-2 (no evidence, 1 of 3 good checks) takes its home clients again; eu-1 and us-1 never do
+    assert {router.pick("eu").spec.id for _ in range(6)} == {"eu-2"}  # type: ignore[union-attr]
+    assert router.pick("us").spec.id == "eu-2"  # type: ignore[union-attr]  # nearer than ap-1 for us
+    assert router.counters["panic_picks"] >= 7
+    router.record_check(router.nodes["us-1"], True, "ok", 0.1)
+    router.record_check(router.nodes["eu-2"], True, "ok", 0.1)
+    router.record_check(router.nodes["eu-2"], True, "ok", 0.1)  # eu-2 in rotation: 2 of 4, no panic
+    assert not router.in_panic()
+    assert router.pick("us").spec.id == "eu-2"  # type: ignore[union-attr]  # us-1 still rising: not used now
+
+
+def test_last_resort_is_any_node_without_hard_evidence_and_no_healthy_region_only_when_all_refuse() -> None:
+    clock = ManualClock()
+    router = make_router(clock, max_ejected_share=1.0)
     all_healthy(router)
     for node_id in ("eu-1", "eu-2", "us-1"):
-        router.take_out(router.nodes[node_id], "refused" if node_id == "eu-1" else "timeouts", 1.0)
-    assert router.in_panic()  # 1 of 4 in rotation < 50 %
-    # ap-1 is in rotation, but eu-2 (timeouts: maybe only slow) is nearer for eu and gets traffic again;
-    # eu-1 refused connections: surely down, never used in panic
-    assert router.pick("eu").spec.id == "ap-1"  # type: ignore[union-attr]
-    assert router.pick("eu", exclude_node=router.nodes["ap-1"]).spec.id == "eu-2"  # type: ignore[union-attr]
-    picks = {router.pick("eu", exclude_node=router.nodes["ap-1"]).spec.id for _ in range(6)}  # type: ignore[union-attr]
-    assert "eu-1" not in picks
-    assert router.counters["panic_picks"] >= 7
+        router.take_out(router.nodes[node_id], "refused", 1.0)
+    router.take_out(router.nodes["ap-1"], "timeouts", 1.0)  # maybe only slow: still worth a try
+    assert router.pick("eu").spec.id == "ap-1" and router.counters["last_resort_picks"] == 1  # type: ignore[union-attr]
+    router.take_out(router.nodes["ap-1"], "reset", 1.0)
+    assert router.pick("eu") is None  # every node refused or reset: nothing is alive
 
 
 def test_timeouts_eject_only_a_node_that_had_answered_and_not_during_our_own_lag() -> None:
@@ -191,19 +207,19 @@ def test_timeouts_eject_only_a_node_that_had_answered_and_not_during_our_own_lag
     router = make_router(clock, timeout_eject_count=2)
     all_healthy(router)
     node = router.nodes["us-1"]
-    router._try_failed(node, "connect_timeout", "slow connect")  # a burst's slow connect: demoted only
+    router.try_failed(node, "connect_timeout", "slow connect")  # a burst's slow connect: demoted only
     assert node.usable(clock.now) and node.evidence == "connect_timeout" and node.timeouts == 0
     router.loop_lag_s = 1.0  # our own loop is late: a timeout says nothing about the node
-    router._try_failed(node, "timeout", "t")
-    router._try_failed(node, "timeout", "t")
+    router.try_failed(node, "timeout", "t")
+    router.try_failed(node, "timeout", "t")
     assert node.usable(clock.now) and router.counters["lagged_timeouts"] == 2
     router.loop_lag_s = 0.0
-    router._try_failed(node, "timeout", "t")
+    router.try_failed(node, "timeout", "t")
     assert node.usable(clock.now)  # one timeout: demoted, not ejected
-    router._answered(node)  # an answer resets the count
-    router._try_failed(node, "timeout", "t")
+    router.answered(node)  # an answer resets the count
+    router.try_failed(node, "timeout", "t")
     assert node.usable(clock.now)
-    router._try_failed(node, "timeout", "t")
+    router.try_failed(node, "timeout", "t")
     assert not node.usable(clock.now) and node.evidence == "timeouts"
 
 

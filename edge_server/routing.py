@@ -1,0 +1,250 @@
+"""The router's routing table and its rules of evidence: where a client goes, and when a node leaves
+or rejoins rotation.  No I/O: time comes from the clock given, results come in as values, so every
+rule is tested with a manual clock (``tests/edge_server/test_router.py``).
+
+Why the rules are what they are (``docs/router.md`` is the long form): the worst outage a front door
+can cause is the one it inflicts on itself -- overloaded, it sees every node as slow, ejects them all
+and answers ``no_healthy_region`` while every region is fine.  So
+
+* only *evidence* takes a node out: refused, unreachable or reset (hard: the process is not serving),
+  ``fall`` timed-out checks in a row, or ``timeout_eject_count`` timed-out tries in a row on a node that
+  had answered; a slow connect only demotes a node, and a timeout judged while our own loop lagged
+  counts for nothing;
+* :meth:`RoutingTable.take_out` is the one way out of rotation, and it never leaves more than
+  ``max_ejected_share`` of the nodes out: past that, the node stays in, demoted below clean nodes;
+* with fewer than ``panic_threshold`` of the nodes in rotation (start-up, nodes rising after a
+  restart), nodes out of rotation *without* failure evidence take traffic as if they were in;
+* as a last resort any node without hard evidence is used: ``no_healthy_region`` is answered only
+  when every node refused or reset its connections.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge_server.config import ClusterConfig
+from edge_server.router_health import HARD, CheckResult, NodeHealth
+from edge_server.router_metrics import RouterMetrics
+
+__all__ = ["RoutingTable"]
+
+log = logging.getLogger("edge_server.router")
+
+COUNTERS = ("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused", "no_healthy",
+            "overload_shed", "panic_picks", "last_resort_picks", "checks_late", "retry_budget_exhausted",
+            "lagged_timeouts")
+
+
+class RoutingTable:
+    """Nodes, regions nearest first, health state and the ejection cap of one router."""
+
+    def __init__(self, config: ClusterConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        rc = self.rc = config.router
+        self.clock = clock
+        self.nodes = {n.id: NodeHealth(n) for n in config.nodes}
+        self.regions = {r.name: tuple(self.nodes[n.id] for n in r.nodes) for r in config.regions}
+        self.default_region = config.regions[0].name
+        self.order = {home: self._order(home) for home in self.regions}
+        self._rr = {name: itertools.count() for name in self.regions}
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.metrics = RouterMetrics()
+        self.max_out = math.floor(rc.max_ejected_share * len(self.nodes) + 1e-9)  # nodes out at once, at most
+        self._panic_below = rc.panic_threshold * len(self.nodes)
+        self._refusal_logged: dict[str, float] = {}
+        self.loop_lag_s = 0.0  # recent lag of our own loop (set by the router's lag watch)
+        self._lag_due = math.inf  # when the lag watch should wake up next
+
+    def _order(self, home: str) -> tuple[str, ...]:
+        """Regions nearest first from ``home``; a missing entry falls back to the reverse direction."""
+        lat = self.rc.latency_ms
+        index = {name: i for i, name in enumerate(self.regions)}
+
+        def distance(region: str) -> float:
+            if region == home:
+                return 0.0
+            return lat.get(home, {}).get(region, lat.get(region, {}).get(home, math.inf))
+
+        return tuple(sorted(self.regions, key=lambda r: (distance(r), index[r])))
+
+    # ------------------------------------------------------------------------------ routing
+
+    def in_panic(self, now: float | None = None) -> bool:
+        now = self.clock() if now is None else now
+        return sum(1 for n in self.nodes.values() if n.healthy and now >= n.ejected_until) < self._panic_below
+
+    def pick(self, home: str, exclude_region: str | None = None, exclude_node: NodeHealth | None = None,
+             probe: bool = False) -> NodeHealth | None:
+        """The next node for a client of ``home``: nearest region first, round-robin inside it, in tiers:
+
+        1. in rotation with no failure evidence (in panic also: out of rotation with no evidence);
+        2. in rotation with evidence (kept in by the cap, or one timeout so far);
+        3. last resort: any node without hard evidence.
+
+        ``probe``: only look (no turn taken, nothing counted), for :meth:`routing`.
+        """
+        now = self.clock()
+        panic = self.in_panic(now)
+        second: tuple[str, list[NodeHealth]] | None = None
+        third: tuple[str, list[NodeHealth]] | None = None
+        for region in self.order[home]:
+            if region == exclude_region:
+                continue
+            clean: list[NodeHealth] = []
+            for n in self.regions[region]:
+                if n is exclude_node:
+                    continue
+                usable = n.healthy and now >= n.ejected_until
+                if n.evidence is None and (usable or panic):
+                    clean.append(n)
+                    if not usable and not probe:
+                        self.counters["panic_picks"] += 1
+                elif usable:
+                    if second is None or second[0] == region:
+                        second = (region, [*(second[1] if second else ()), n])
+                elif n.evidence not in HARD and (third is None or third[0] == region):
+                    third = (region, [*(third[1] if third else ()), n])
+            if clean:
+                return clean[next(self._rr[region]) % len(clean)] if len(clean) > 1 and not probe else clean[0]
+        chosen = second or third
+        if chosen is None:
+            return None
+        if chosen is third and not probe:
+            self.counters["last_resort_picks"] += 1
+        region, nodes = chosen
+        return nodes[next(self._rr[region]) % len(nodes)] if len(nodes) > 1 and not probe else nodes[0]
+
+    def routing(self) -> dict[str, str | None]:
+        """Where each home region's clients go right now."""
+        out: dict[str, str | None] = {}
+        for home in self.order:
+            node = self.pick(home, probe=True)
+            out[home] = node.spec.region if node is not None else None
+        return out
+
+    # ------------------------------------------------------------------------------ evidence
+
+    def take_out(self, node: NodeHealth, reason: str, seconds: float, error: str | None = None) -> bool:
+        """The one way out of rotation (checks, passive ejection, overload pauses), under the cap.
+
+        ``overloaded`` only pauses traffic for ``seconds``; anything else also demands ``rise`` good
+        checks.  Refused when it would leave more than ``max_ejected_share`` of the nodes out: the node
+        stays in, demoted by its evidence, and the next evidence tries again.
+        """
+        now = self.clock()
+        if reason != "overloaded":
+            node.evidence = reason
+            node.last_error = error or reason
+        if node.usable(now):
+            out = sum(1 for n in self.nodes.values() if not n.usable(now))
+            if out + 1 > self.max_out:
+                self.counters["ejections_refused"] += 1
+                self.metrics.ejections_refused.labels(node.spec.id, reason).inc()
+                if now - self._refusal_logged.get(node.spec.id, -math.inf) >= 1.0:  # once a second at most
+                    self._refusal_logged[node.spec.id] = now
+                    log.warning("ejection refused by the cap", extra={"node": node.spec.id, "reason": reason,
+                                                                      "out": out, "error": error})
+                return False
+        node.ejected_until = max(node.ejected_until, now + seconds)
+        if reason != "overloaded":
+            node.healthy = False
+            node.ok = 0
+            node.rise_needed = self.rc.rise
+        self.counters["ejections"] += 1
+        self.metrics.ejections.labels(node.spec.id, reason).inc()
+        log.warning("node out of rotation", extra={"node": node.spec.id, "reason": reason, "error": error,
+                                                   "seconds": seconds})
+        return True
+
+    def apply_check(self, node: NodeHealth, result: CheckResult) -> None:
+        """One active check result: hysteresis, the rules of evidence and the cap."""
+        node.checks += 1
+        m = self.metrics
+        m.health_results.labels(node.spec.id, result.kind).inc()
+        if result.latency_ms is not None:
+            m.health.labels(node.spec.id).observe(result.latency_ms / 1000)
+        if result.kind == "late":  # the checker's own loop was late: no verdict
+            self.counters["checks_late"] += 1
+            return
+        if result.good:
+            node.last_good_started = max(node.last_good_started, result.started)
+            node.last_latency_ms = result.latency_ms
+            node.reason = result.reason
+            node.ok += 1
+            node.fail = 0
+            node.timeouts = 0
+            node.answered += 1
+            node.evidence = None
+            if not node.healthy and node.ok >= node.rise_needed:
+                node.healthy = True
+                log.info("node in rotation", extra={"node": node.spec.id, "checks_ok": node.ok})
+            return
+        if result.started < node.last_good_started:
+            return  # an older check timing out after a newer one answered: stale
+        node.ok = 0
+        node.fail += 1
+        node.reason = result.reason if result.kind == "down" else result.kind
+        node.last_latency_ms = None
+        if result.kind in HARD or result.kind == "down" or node.fail >= self.rc.fall:
+            if node.healthy:
+                self.take_out(node, "check_" + result.kind, 0.0, result.error)
+            else:
+                node.evidence = "check_" + result.kind
+                node.last_error = result.error
+            node.rise_needed = self.rc.rise
+        else:
+            node.evidence = "check_timeout"  # suspect: demoted, still in rotation
+
+    def record_check(self, node: NodeHealth, good: bool, reason: str, latency_ms: float | None,
+                     error: str | None = None, kind: str | None = None) -> None:
+        """Apply a check result given as plain values (tests, tools)."""
+        kind = kind or ("ok" if good else "down")
+        self.apply_check(node, CheckResult(good, kind, reason, latency_ms, time.monotonic(), error))
+
+    def current_lag(self) -> float:
+        """The recent lag of our loop, or the lag right now when the lag watch is overdue (a stall that
+        just ended: the timeouts it fired are judged before the watch has woken up to record it)."""
+        return max(self.loop_lag_s, time.monotonic() - self._lag_due)
+
+    def try_failed(self, node: NodeHealth, kind: str, error: str) -> None:
+        """What one failed forwarding try (its :func:`~edge_server.router_health.classify` kind) says."""
+        self.metrics.try_failures.labels(node.spec.id, kind).inc()
+        if kind in HARD:
+            self.take_out(node, kind, self.rc.eject_ms / 1000, error)
+            return
+        if kind in ("timeout", "connect_timeout") and self.current_lag() > self.rc.check_try_timeout_ms / 2000:
+            self.counters["lagged_timeouts"] += 1  # we were late ourselves: no evidence
+            return
+        if kind == "connect_timeout":
+            node.evidence = node.evidence or "connect_timeout"  # demoted, never ejected for it
+            return
+        node.timeouts += 1
+        node.evidence = node.evidence or "timeout"
+        if node.timeouts >= self.rc.timeout_eject_count and node.answered:
+            self.take_out(node, "timeouts", self.rc.eject_ms / 1000, error)
+
+    def answered(self, node: NodeHealth) -> None:
+        """The node answered a forwarded request: it serves."""
+        node.answered += 1
+        node.timeouts = 0
+        if node.evidence is not None and node.usable(self.clock()):
+            node.evidence = None
+
+    def node_states(self, now: float) -> list[dict[str, Any]]:
+        return [{"id": n.spec.id, "region": n.spec.region, "url": n.spec.url, "healthy": n.healthy,
+                 "usable": n.usable(now), "ejected_for_ms": max(0.0, round((n.ejected_until - now) * 1000, 3)),
+                 "ejected_until": n.ejected_until if n.ejected_until > now else None, "evidence": n.evidence,
+                 "consecutive_ok": n.ok, "consecutive_fail": n.fail, "consecutive_timeouts": n.timeouts,
+                 "checks": n.checks, "reason": n.reason, "last_check_ms": n.last_latency_ms,
+                 "last_error": n.last_error} for n in self.nodes.values()]
+
+    def refresh_gauges(self) -> None:
+        now = self.clock()
+        self.metrics.panic.set(1 if self.in_panic(now) else 0)
+        self.metrics.in_rotation.set(sum(1 for n in self.nodes.values() if n.usable(now)))
+        self.metrics.loop_lag.set(self.loop_lag_s)
