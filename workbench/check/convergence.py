@@ -1,10 +1,12 @@
 """Convergence: after every heal and every restart, how long until every live node agrees.
 
 An *event* is a network heal (``heal``, or the timed end of a partition / blackhole), a ``restart``
-or a ``resume``.  For a restart or a resume the clock starts when the returning node first answers
-its state (its boot is not gossip).  For each pair (A, B) of nodes sampled after the event, B's own
-entries in its first sample are the reference; A agrees with B at its first sample whose view of B is
-at least that.  Samples are discrete, so A learnt it between its previous sample and that one:
+or a ``resume``.  For a restart or a resume the clock starts when the returning node serves its first
+client request after it (a cold node is not ready until its peers sent their baselines, and what it
+knows before it serves admits nothing), or, if it served none, when it first answers its state.
+For each pair (A, B) of nodes sampled after that, B's own entries in its first sample are the
+reference; A agrees with B at its first sample whose view of B is at least that.  Samples are
+discrete, so A learnt it between its previous sample and that one:
 
 - ``upper`` = that sample's time - the event: the time to agreement reported (p50 / max over events);
 - ``lower`` = the previous sample's time - B's reference time: the check fails when even the lower
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from workbench.check.verdict import NOTHING_MEASURED, Verdict, ms, percentile, scenario_of
+from workbench.check.verdict import NOTHING_MEASURED, Verdict, ms, percentile, scenario_of, served
 from workbench.history import Recording, StateSample
 
 __all__ = ["CONVERGENCE_EVENTS", "check_convergence", "convergence_events"]
@@ -33,9 +35,9 @@ def convergence_events(rec: Recording) -> list[tuple[float, str, str]]:
 
 
 def _one_event(by_node: dict[str, list[StateSample]], t_event: float, returning: tuple[str, ...],
-               end: float, bound_s: float) -> tuple[list[str], dict[str, Any]]:
+               end: float, bound_s: float, served_at: float | None) -> tuple[list[str], dict[str, Any]]:
     after = {n: [s for s in xs if t_event <= s.t_s < end] for n, xs in by_node.items()}
-    starts = [after[n][0].t_s for n in returning if after.get(n)]
+    starts = [after[n][0].t_s for n in returning if after.get(n)] if served_at is None else [served_at]
     start = max([t_event, *starts])
     after = {n: [s for s in xs if s.t_s >= start] for n, xs in after.items()}
     live = sorted(n for n, xs in after.items() if xs)
@@ -103,7 +105,9 @@ def check_convergence(rec: Recording, *, within_intervals: float = 2.0) -> Verdi
                 returning = scenario.topology.resolve(target)
             except KeyError:
                 returning = ()
-        why, fig = _one_event(by_node, t, returning, end, bound_s)
+        served_at = min((r.end_s for r in rec.requests if r.node in returning and served(r)
+                         and t <= r.end_s < end), default=None) if returning else None
+        why, fig = _one_event(by_node, t, returning, end, bound_s, served_at)
         label = f"{action}{' ' + target if target else ''} at {t:.3f}s"
         reasons += [f"{label}: {w}" for w in why]
         per_event.append({"event": label, "t_s": t, "ok": not why, **fig})
