@@ -266,11 +266,9 @@ class Cluster:
         return t
 
     async def stop(self, target: str) -> float:
+        """A clean stop of ``target``: SIGTERM (the node drains and exits), SIGKILL only after 3 s."""
         procs = self.resolve(target)
-        for proc in procs:
-            proc.signal(signal.SIGTERM, "stopped")
-        for proc in procs:
-            await asyncio.to_thread(proc.reap, 3.0)
+        await asyncio.gather(*(asyncio.to_thread(proc.stop, 3.0) for proc in procs))
         return self._record("stop", target)
 
     # ------------------------------------------------------------------ observation
