@@ -67,3 +67,15 @@ def test_a_heal_with_nothing_sampled_after_it_fails_and_no_heal_is_not_applicabl
     rec.faults = []
     v = check_convergence(rec)
     assert v.ok and v.figures["applicable"] is False and "not applicable" in v.figures["note"]
+
+
+def test_a_restarted_node_is_timed_from_its_first_served_request_not_its_cold_start() -> None:
+    """A cold node answers /v1/state before its peers' baselines arrived; it serves only after."""
+    from check_histories import request
+
+    rec = history([(3.0, 0.02), (8.0, 0.4)], restart_at=8.0)  # us-1 learns eu-1's count 400 ms late
+    assert not check_convergence(rec).ok  # timed from its first state sample: too slow
+    rec.requests.append(request(8.38, "us", "us-1"))  # its first served request, after its cold sync
+    v = check_convergence(rec)
+    assert v.ok, v.reasons
+    assert v.figures["events"][1]["start_s"] == pytest.approx(8.385)
