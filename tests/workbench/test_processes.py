@@ -114,13 +114,26 @@ def test_stop_is_sigterm_then_sigkill_after_the_grace_period(tmp_path: Path) -> 
     assert polite.stop(grace_s=5) == -signal.SIGTERM
 
 
-def test_lifeline_only_from_the_main_thread_and_pinning_shown() -> None:
+def test_lifeline_only_from_the_main_thread_and_pinning_shown(tmp_path: Path) -> None:
     assert lifeline_env() == {LIFELINE_ENV: str(os.getpid())}
     seen: list[dict[str, str]] = []
     worker = threading.Thread(target=lambda: seen.append(lifeline_env()))
     worker.start()
     worker.join()
     assert seen == [{}]
+    # From a worker thread the child gets no lifeline, not even one inherited from our own parent
+    # (it names the wrong process: an edge node would exit at once).
+    show = [sys.executable, "-c", f"import os; print('lifeline=' + os.environ.get({LIFELINE_ENV!r}, 'none'))"]
+    inherited = {**os.environ, LIFELINE_ENV: "1"}
+    children = [Child(f"t{i}", show, tmp_path / f"t{i}.log", env=inherited) for i in range(2)]
+    worker = threading.Thread(target=children[0].start)
+    worker.start()
+    worker.join()
+    children[1].start()
+    assert children[0].wait_line("lifeline=", timeout_s=15).string == "lifeline=none"
+    assert children[1].wait_line("lifeline=", timeout_s=15).string == f"lifeline={os.getpid()}"
+    for c in children:
+        c.reap()
     assert taskset_prefix([1, 0]) == "taskset -c 0,1 " and taskset_prefix(None) == ""
 
 

@@ -224,10 +224,9 @@ class Child:
         if self.alive():
             raise ProcessError(f"{self.name} is already running (pid {self.pid})")
         base = dict(env if env is not None else (self.env if self.env is not None else os.environ))
+        base.pop(LIFELINE_ENV, None)  # an inherited one names our parent: the child would exit at once
         if self.die_with_parent:
             base.update(lifeline_env())
-        else:
-            base.pop(LIFELINE_ENV, None)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as files:
             out = files.enter_context(open(self.log_path, "ab"))
@@ -374,14 +373,6 @@ class Child:
             return ""
 
     # ------------------------------------------------------------------ logs and samples
-
-    def log_text(self) -> str:
-        parts = []
-        for path in (self.log_path, self.stderr_path):
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    parts.append(path.read_text(errors="replace"))
-        return "\n".join(parts)
 
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` of the output (of both files when stderr is split)."""
