@@ -150,11 +150,14 @@ class RoutingTable:
                     log.warning("ejection refused by the cap", extra={"node": node.spec.id, "reason": reason,
                                                                       "out": out, "error": error})
                 return False
+        was_usable = node.usable(now)
         node.ejected_until = max(node.ejected_until, now + seconds)
         if reason != "overloaded":
             node.healthy = False
             node.ok = 0
             node.rise_needed = self.rc.rise
+        if not was_usable:
+            return True  # already out: the ejection is only extended, not counted again
         self.counters["ejections"] += 1
         self.metrics.ejections.labels(node.spec.id, reason).inc()
         log.warning("node out of rotation", extra={"node": node.spec.id, "reason": reason, "error": error,
