@@ -63,9 +63,10 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
     api_keys = {tenant: key for key, tenant in scenario.api_keys().items()}
     timeout_s = max(5.0, scenario.skill.p99_ms / 1000 * 4)
     connector_limit = 0  # the generator's default pool
-    if load.mode == "open" and any(f.action == "pause" for f in scenario.faults):
-        # A paused node holds every request sent to it until the timeout: with the default pool those
-        # would take every connection and stall the other regions' clients too (a client artefact).
+    if load.mode == "open" and any(f.action in ("pause", "blackhole") for f in scenario.faults):
+        # A paused or blackholed node holds every request sent to it until the timeout: with the
+        # default pool those would take every connection and stall the other regions' clients too
+        # (a client artefact).
         connector_limit = min(4096, max(256, int(load.rate_rps * timeout_s)))
     return LoadPlan(
         url=url, load=load, duration_s=scenario.duration_s, regions=scenario.topology.regions,
