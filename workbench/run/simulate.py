@@ -56,7 +56,14 @@ from workbench.run.sim.shrink import shrink
 from workbench.run.sim.world import run_world
 from workbench.spec.scenario import Scenario, ScenarioError
 
-__all__ = ["SimResult", "add_arguments", "judge", "load_core", "main", "run_schedules", "simulate"]
+__all__ = ["SimResult", "SimulateError", "add_arguments", "judge", "load_core", "main", "run_schedules", "simulate"]
+
+
+class SimulateError(ValueError):
+    """A bad ``workbench simulate`` flag: names the flag, what it expects and what it got."""
+
+    def __init__(self, flag: str, expected: str, got: Any) -> None:
+        super().__init__(f"{flag}: expected {expected}, got {got!r}")
 
 
 @dataclass
@@ -205,7 +212,7 @@ def load_core(spec: str) -> TableFactory:
     """``module:Class`` or ``path/to/file.py:Class`` naming a BucketTable (sub)class."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise ScenarioError("--core", "module:Class or file.py:Class", spec)
+        raise SimulateError("--core", "module:Class or file.py:Class", spec)
     try:
         if where.endswith(".py"):
             mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
@@ -217,9 +224,9 @@ def load_core(spec: str) -> TableFactory:
             module = importlib.import_module(where)
         cls = getattr(module, name)
     except (ImportError, AttributeError, OSError) as exc:
-        raise ScenarioError("--core", "an importable BucketTable class", f"{spec} ({exc})") from None
+        raise SimulateError("--core", "an importable BucketTable class", f"{spec} ({exc})") from None
     if not (isinstance(cls, type) and issubclass(cls, BucketTable)):
-        raise ScenarioError("--core", "a subclass of edge_server.token_bucket.BucketTable", spec)
+        raise SimulateError("--core", "a subclass of edge_server.token_bucket.BucketTable", spec)
     return cls
 
 
@@ -260,13 +267,13 @@ class _Progress:
 
 def _validate(args: argparse.Namespace) -> None:
     if args.mode not in MODES:
-        raise ScenarioError("--mode", "one of " + ", ".join(repr(m) for m in MODES), args.mode)
+        raise SimulateError("--mode", "one of " + ", ".join(repr(m) for m in MODES), args.mode)
     if args.schedules < 1:
-        raise ScenarioError("--schedules", "an integer >= 1", args.schedules)
+        raise SimulateError("--schedules", "an integer >= 1", args.schedules)
     if not 2.0 <= args.duration_s <= 3600:
-        raise ScenarioError("--duration-s", "a number of seconds between 2 and 3600", args.duration_s)
+        raise SimulateError("--duration-s", "a number of seconds between 2 and 3600", args.duration_s)
     if args.max_faults < 1:
-        raise ScenarioError("--max-faults", "an integer >= 1", args.max_faults)
+        raise SimulateError("--max-faults", "an integer >= 1", args.max_faults)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -276,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
         _validate(args)
         factory = load_core(args.core)
         replay = read_schedule(args.scenario) if args.scenario else None
-    except ScenarioError as exc:
+    except (ScenarioError, SimulateError) as exc:
         print(f"workbench simulate: {exc}", file=sys.stderr)
         return 2
     if replay is not None:

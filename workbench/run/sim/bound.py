@@ -18,7 +18,8 @@ merged by ``t`` except what is still in flight, so
 2. **Partitions** into ``k`` sides for ``P`` seconds: each extra side enforces alone from its own level
    (at most ``B``) plus ``R P`` of refill, until the first gossip after the heal reaches it (the failure
    back-off, at most 1 s, plus ``d``): ``(k - 1) (B + R (P + 1 s + d))``.  A lossy link counts as cut for
-   its whole duration (a run of lost messages looks like a partition once the peer times out).
+   its whole duration (a run of lost messages looks like a partition once the peer times out); a
+   blackholed region or node is a side of its own.
 3. **Kill / pause** of a node: its unseen spend is frozen (peers learn it late or never): ``s`` each.
 4. **Restart with its data**: the chain of step 1 restarts at the boot, so one more steady term, plus
    the unseen spend of the dead process: ``(N - 1) max(s, R d) + s``.  **Without its data**
@@ -38,13 +39,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from workbench.run.sim.network import BASE_DELAY_S, BASE_JITTER_S
-from workbench.run.sim.schedule import SimFault
+from workbench.run.sim.schedule import UNDONE, SimFault
 from workbench.spec.scenario import ROUTER, Scenario
 
 __all__ = ["BACKOFF_S", "Bound", "eventual_bound"]
 
 BACKOFF_S = 1.0  # edge_server.gossip: a peer that failed 10 times is retried at most every second
-_TIMED = ("partition", "latency", "loss", "duplicate", "reorder")
 
 
 @dataclass
@@ -131,11 +131,11 @@ def eventual_bound(scenario: Scenario, faults: Sequence[SimFault]) -> Bound:
     steps: list[tuple[float, int, str, SimFault]] = []
     for i, f in enumerate(faults):
         steps.append((f.at_s, i, "do", f))
-        if f.duration_s > 0 and f.action in _TIMED:
+        if f.duration_s > 0 and f.action in UNDONE:
             steps.append((f.at_s + f.duration_s, i, "undo", f))
     steps.sort(key=lambda s: (s[0], s[1]))
     state = dict.fromkeys(nodes, "up")
-    part_cut: set[tuple[str, str]] = set()
+    cuts: dict[int, set[tuple[str, str]]] = {}  # fault step -> the links it holds cut
     lossy: dict[tuple[str, str], float] = {}
     extra: dict[tuple[str, str], float] = {}  # added delay per link
     hold: dict[tuple[str, str], float] = {}  # reorder hold-back per link
@@ -149,6 +149,7 @@ def eventual_bound(scenario: Scenario, faults: Sequence[SimFault]) -> Bound:
         if span <= 0:
             return
         up = {n for n, s in state.items() if s == "up"}
+        part_cut = set().union(*cuts.values())
         k_all = _components(nodes, up, part_cut | set(lossy))
         k_part = _components(nodes, up, part_cut)
         if k_all >= 2:
@@ -161,7 +162,7 @@ def eventual_bound(scenario: Scenario, faults: Sequence[SimFault]) -> Bound:
             bound.partition_seconds += (k_part - 1) * span
 
     end = (scenario.duration_s, len(faults), "end", SimFault(scenario.duration_s, "heal"))
-    for t, _i, what, f in [*steps, end]:
+    for t, i, what, f in [*steps, end]:
         t = min(t, scenario.duration_s)
         close_segment(t)
         t_prev = t
@@ -169,9 +170,8 @@ def eventual_bound(scenario: Scenario, faults: Sequence[SimFault]) -> Bound:
             break
         a = f.action
         if what == "undo":
-            if a == "partition":
-                part_cut = set()
-            for p in pairs(f) if a != "partition" else []:
+            cuts.pop(i, None)
+            for p in pairs(f) if a not in ("partition", "blackhole") else []:
                 {"loss": lossy, "latency": extra, "reorder": hold}.get(a, {}).pop(p, None)
             continue
         if a in ("kill", "pause"):
@@ -200,9 +200,12 @@ def eventual_bound(scenario: Scenario, faults: Sequence[SimFault]) -> Bound:
                     bound.skew_steps_s.append(step)
         elif a == "partition":
             owner = {n: gi for gi, grp in enumerate(f.groups) for m in grp for n in members(m)}
-            part_cut = {(x, y) for x in nodes for y in nodes if x != y and owner.get(x, -1) != owner.get(y, -1)}
+            cuts[i] = {(x, y) for x in nodes for y in nodes if x != y and owner.get(x, -1) != owner.get(y, -1)}
+        elif a == "blackhole":
+            held = members(f.target)
+            cuts[i] = {(x, y) for x in nodes for y in nodes if x != y and (x in held or y in held)}
         elif a == "heal":
-            part_cut, lossy, extra, hold = set(), {}, {}, {}
+            cuts = {}
         elif a == "loss":
             for p in pairs(f):
                 lossy[p] = f.pct

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from workbench.run.sim.schedule import SimFault, check_faults, sim_faults_of
+from workbench.run.sim.schedule import SimFault, check_fault, sim_faults_of
 from workbench.spec.scenario import Scenario, ScenarioError
 
 __all__ = ["SIM_FAULT_PREFIX", "read_schedule", "schedule_toml", "write_schedule"]
@@ -52,13 +52,16 @@ def schedule_toml(scenario: Scenario, faults: Iterable[SimFault], notes: Iterabl
         lines.append("# Simulator-only faults: a real drill drops them (workbench simulate --scenario reads them):")
         lines += [SIM_FAULT_PREFIX + _value(f.to_dict()) for f in sim_only]
     lines.append("")
-    for k in ("name", "seed", "duration_s", "mode", "health_interval_ms", "results_dir"):
-        if doc.get(k) is not None:
-            lines.append(f"{k} = {_value(doc[k])}")
-    lines.append("limits = [\n" + "".join(f"  {_value(x)},\n" for x in doc["limits"]) + "]")
-    lines.append("faults = [\n" + "".join(f"  {_value(x)},\n" for x in doc["faults"]) + "]")
-    for table in ("topology", "load", "skill"):
-        lines += ["", f"[{table}]"] + [f"{_key(k)} = {_value(v)}" for k, v in doc[table].items()]
+    tables = [k for k, v in doc.items() if isinstance(v, Mapping)]
+    for k, v in doc.items():
+        if v is None or k in tables:
+            continue
+        if isinstance(v, list):  # limits, faults: one inline table a line
+            lines.append(f"{_key(k)} = [\n" + "".join(f"  {_value(x)},\n" for x in v) + "]")
+        else:
+            lines.append(f"{_key(k)} = {_value(v)}")
+    for table in tables:
+        lines += ["", f"[{_key(table)}]"] + [f"{_key(k)} = {_value(v)}" for k, v in doc[table].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -89,11 +92,11 @@ def read_schedule(path: str | os.PathLike[str]) -> tuple[Scenario, list[SimFault
             except tomllib.TOMLDecodeError as exc:
                 raise ScenarioError(where, f"an inline table of fault fields ({exc})", source=source) from None
             try:
-                extra.append(SimFault.from_dict(raw, where))
+                fault = SimFault.from_dict(raw, where)
+                check_fault(fault, scenario.topology, scenario.duration_s, where, source)
+                extra.append(fault)
             except ScenarioError as exc:
                 raise ScenarioError(exc.field, exc.expected, exc.got, source) from None
             except TypeError as exc:
                 raise ScenarioError(where, f"fault fields ({exc})", source=source) from None
-    faults = sim_faults_of(scenario, extra)
-    check_faults(faults, scenario.topology, scenario.duration_s, label="faults (all, in run order)", source=source)
-    return scenario, faults
+    return scenario, sim_faults_of(scenario, extra)

@@ -39,9 +39,6 @@ class Link:
         self.reorder_pct = 0.0
         self.reorder_s = 0.0
 
-    def clear(self) -> None:
-        self.__init__()  # type: ignore[misc]
-
 
 class Network:
     """Delivers node-to-node messages on the scheduler, drawing every random choice from ``rng``."""
@@ -54,8 +51,8 @@ class Network:
         self.base_delay_s = base_delay_s
         self.base_jitter_s = base_jitter_s
         self.links = {(a, b): Link() for a in self.nodes for b in self.nodes if a != b}
-        self.router_group: int | None = None  # the partition group holding the router (None: reaches all)
-        self.owner: dict[str, int] = {}  # node -> partition group index (-1: named in no group)
+        self._cuts: dict[int, tuple[set[tuple[str, str]], set[str]]] = {}  # fault step -> what it holds cut
+        self._router_blocked: set[str] = set()  # nodes the router cannot reach
         self.sent = self.delivered = self.dropped = self.duplicated = self.reordered = 0
 
     # ------------------------------------------------------------------ delivery
@@ -83,33 +80,46 @@ class Network:
             self.sched.after(delay + rand() * max(link.reorder_s, 2 * self.base_jitter_s), fn, *args)
 
     def router_reaches(self, node: str) -> bool:
-        return self.router_group is None or self.owner.get(node, -1) == self.router_group
+        return node not in self._router_blocked
 
     # ------------------------------------------------------------------ faults
-    def partition(self, groups: list[set[str]], router_in: int | None) -> None:
-        """Cut every link between nodes of different groups; unnamed nodes form one more group."""
-        owner: dict[str, int] = {}
-        for i, group in enumerate(groups):
-            for node in group:
-                owner[node] = i
-        self.owner = owner
-        self.router_group = router_in if router_in is not None else None
-        if router_in is None:
-            self.router_group = None
-        for (a, b), link in self.links.items():
-            link.cut = owner.get(a, -1) != owner.get(b, -1)
+    def cut(self, step: int, pairs: set[tuple[str, str]], router_blocked: set[str]) -> None:
+        """Hold ``pairs`` (directed links) cut, and the router cut from ``router_blocked``, for one fault
+        step; a link stays cut while any step holds it (as the drill's nemesis does)."""
+        self._cuts[step] = (pairs, router_blocked)
+        self._recut()
 
-    def heal_partition(self) -> None:
-        self.owner = {}
-        self.router_group = None
-        for link in self.links.values():
-            link.cut = False
+    def uncut(self, step: int) -> None:
+        self._cuts.pop(step, None)
+        self._recut()
 
-    def heal_all(self) -> None:
-        """Undo every network fault (the ``heal`` action)."""
-        self.heal_partition()
-        for link in self.links.values():
-            link.clear()
+    def heal(self) -> None:
+        """The ``heal`` action: lift every partition and blackhole (latency, loss, duplication and
+        reordering stay, as on the drill's proxies)."""
+        self._cuts.clear()
+        self._recut()
+
+    def _recut(self) -> None:
+        held: set[tuple[str, str]] = set()
+        blocked: set[str] = set()
+        for pairs, router in self._cuts.values():
+            held |= pairs
+            blocked |= router
+        for pair, link in self.links.items():
+            link.cut = pair in held
+        self._router_blocked = blocked
+
+    def partition_pairs(self, groups: list[set[str]], router_in: int | None) -> tuple[set[tuple[str, str]], set[str]]:
+        """What a partition into ``groups`` cuts: links between groups (nodes named in no group form one
+        more group) and, when the router is in a group, the router from every node outside it."""
+        owner = {node: i for i, group in enumerate(groups) for node in group}
+        pairs = {p for p in self.links if owner.get(p[0], -1) != owner.get(p[1], -1)}
+        blocked = set() if router_in is None else {n for n in self.nodes if owner.get(n, -1) != router_in}
+        return pairs, blocked
+
+    def blackhole_pairs(self, nodes: set[str]) -> tuple[set[tuple[str, str]], set[str]]:
+        """Every link to and from ``nodes``, the router's included."""
+        return {p for p in self.links if p[0] in nodes or p[1] in nodes}, set(nodes)
 
     def select(self, a: set[str] | None, b: set[str] | None) -> list[Link]:
         """Links between two node sets, both directions; ``None`` for both means every link."""

@@ -30,7 +30,9 @@ from workbench.spec.scenario import (
 __all__ = [
     "SIM_ACTIONS",
     "SIM_ONLY",
+    "UNDONE",
     "SimFault",
+    "check_fault",
     "check_faults",
     "normalize",
     "random_schedule",
@@ -39,8 +41,8 @@ __all__ = [
 
 SIM_ONLY = ("duplicate", "reorder", "skew", "restart_wiped")
 SIM_ACTIONS = ACTIONS + SIM_ONLY
-_TARGETED = ("kill", "pause", "resume", "restart", "restart_wiped", "skew")
-_TIMED = ("partition", "latency", "loss", "duplicate", "reorder")
+_TARGETED = ("kill", "pause", "resume", "restart", "restart_wiped", "skew", "blackhole")
+UNDONE = ("partition", "blackhole", "latency", "loss", "duplicate", "reorder")  # what duration_s > 0 undoes
 _KEYS = ("at_s", "action", "target", "groups", "link", "ms", "jitter_ms", "pct", "duration_s")
 
 
@@ -137,47 +139,50 @@ def check_faults(faults: Sequence[SimFault], topology: Topology, duration_s: flo
 
     Raises :class:`ScenarioError` naming ``<label>[i].<field>``.
     """
-    nodes = set(topology.node_ids)
-    known = set(topology.regions) | nodes
     for i, f in enumerate(faults):
-        where = f"{label}[{i}]"
+        check_fault(f, topology, duration_s, f"{label}[{i}]", source)
 
-        def bad(field: str, expected: str, got: Any, where: str = where) -> ScenarioError:
-            return ScenarioError(f"{where}.{field}", expected, got, source)
 
-        if f.action not in SIM_ACTIONS:
-            raise bad("action", "one of " + ", ".join(SIM_ACTIONS), f.action)
-        if not 0 <= f.at_s <= duration_s:
-            raise bad("at_s", f"a time between 0 and duration_s ({duration_s:g})", f.at_s)
-        if f.duration_s < 0:
-            raise bad("duration_s", "a number >= 0", f.duration_s)
-        if f.action in _TARGETED:
-            allowed = known if f.action in SIM_ONLY else known | {ROUTER}
-            if f.target not in allowed:
-                raise bad("target", "a region or node id of the topology; known: " + ", ".join(sorted(allowed)),
-                          f.target)
-        elif f.target:
-            raise bad("target", f"no target for {f.action}", f.target)
-        if (f.action == "partition") != bool(f.groups):
-            raise bad("groups", f"{'groups' if f.action == 'partition' else 'no groups'} for {f.action}",
-                      [list(g) for g in f.groups])
-        seen: set[str] = set()
-        for name in [m for g in f.groups for m in g] + list(f.link):
-            if name not in known | {ROUTER}:
-                raise bad("groups" if f.groups else "link",
-                          "a region, node id or 'router' of the topology; known: " + ", ".join(sorted(known)), name)
-        for g in f.groups:
-            for name in g:
-                members = set(topology.resolve(name)) or {ROUTER}
-                if members & seen:
-                    raise bad("groups", "each node in at most one group", [list(x) for x in f.groups])
-                seen |= members
-        if f.action in ("loss", "duplicate", "reorder") and not 0 < f.pct <= 100:
-            raise bad("pct", f"a percentage in (0, 100] for {f.action}", f.pct)
-        if f.action in ("latency", "reorder") and not f.ms > 0:
-            raise bad("ms", f"a delay > 0 for {f.action}", f.ms)
-        if f.action != "skew" and (f.ms < 0 or f.jitter_ms < 0):
-            raise bad("ms", "a number >= 0", f.ms)
+def check_fault(f: SimFault, topology: Topology, duration_s: float, where: str, source: str | None = None) -> None:
+    """:func:`check_faults` for one fault; errors name ``<where>.<field>``."""
+    known = set(topology.regions) | set(topology.node_ids)
+
+    def bad(field: str, expected: str, got: Any) -> ScenarioError:
+        return ScenarioError(f"{where}.{field}", expected, got, source)
+
+    if f.action not in SIM_ACTIONS:
+        raise bad("action", "one of " + ", ".join(SIM_ACTIONS), f.action)
+    if not 0 <= f.at_s <= duration_s:
+        raise bad("at_s", f"a time between 0 and duration_s ({duration_s:g})", f.at_s)
+    if f.duration_s < 0:
+        raise bad("duration_s", "a number >= 0", f.duration_s)
+    if f.action in _TARGETED:
+        allowed = known if f.action in SIM_ONLY or f.action == "blackhole" else known | {ROUTER}
+        if f.target not in allowed:
+            raise bad("target", "a region or node id of the topology; known: " + ", ".join(sorted(allowed)),
+                      f.target)
+    elif f.target:
+        raise bad("target", f"no target for {f.action}", f.target)
+    if (f.action == "partition") != bool(f.groups):
+        raise bad("groups", f"{'groups' if f.action == 'partition' else 'no groups'} for {f.action}",
+                  [list(g) for g in f.groups])
+    for name in [m for g in f.groups for m in g] + list(f.link):
+        if name not in known | {ROUTER}:
+            raise bad("groups" if f.groups else "link",
+                      "a region, node id or 'router' of the topology; known: " + ", ".join(sorted(known)), name)
+    seen: set[str] = set()
+    for g in f.groups:
+        for name in g:
+            members = set(topology.resolve(name)) or {ROUTER}
+            if members & seen:
+                raise bad("groups", "each node in at most one group", [list(x) for x in f.groups])
+            seen |= members
+    if f.action in ("loss", "duplicate", "reorder") and not 0 < f.pct <= 100:
+        raise bad("pct", f"a percentage in (0, 100] for {f.action}", f.pct)
+    if f.action in ("latency", "reorder") and not f.ms > 0:
+        raise bad("ms", f"a delay > 0 for {f.action}", f.ms)
+    if f.action != "skew" and (f.ms < 0 or f.jitter_ms < 0):
+        raise bad("ms", "a number >= 0", f.ms)
 
 
 # ----------------------------------------------------------------------------- random schedules
@@ -207,7 +212,7 @@ def random_schedule(rng: random.Random, *, index: int = 0, duration_s: float = 3
     horizon = duration_s - 1.0
     for _ in range(rng.randint(1, max_faults)):
         at = _r(rng.uniform(0.5, horizon))
-        kind = rng.choice(("partition", "partition", "kill", "restart", "pause", "latency", "loss",
+        kind = rng.choice(("partition", "partition", "blackhole", "kill", "restart", "pause", "latency", "loss",
                            "duplicate", "reorder", "skew", "heal"))
         node = rng.choice(nodes)
         if kind == "partition" and len(nodes) >= 2:
@@ -216,6 +221,9 @@ def random_schedule(rng: random.Random, *, index: int = 0, duration_s: float = 3
             groups = [shuffled[i::k] for i in range(k)]
             faults.append(SimFault(at, "partition", groups=tuple(tuple(sorted(g)) for g in groups),
                                    duration_s=_r(rng.uniform(0.3, 8.0))))
+        elif kind == "blackhole":
+            target = rng.choice(nodes + regions)
+            faults.append(SimFault(at, "blackhole", target, duration_s=_r(rng.uniform(0.3, 8.0))))
         elif kind == "kill":
             faults.append(SimFault(at, "kill", node))
             if rng.random() < 0.8:

@@ -24,7 +24,7 @@ from workbench.history import AuditEvent, FaultRecord, Recording, RequestRecord,
 from workbench.run.sim.clock import EPOCH, Clocks, Scheduler
 from workbench.run.sim.network import Network
 from workbench.run.sim.node import SimNode, TableFactory
-from workbench.run.sim.schedule import SimFault
+from workbench.run.sim.schedule import UNDONE, SimFault
 from workbench.spec.scenario import ROUTER, Scenario
 
 __all__ = ["SECRET", "STATE_EVERY_S", "World", "run_world"]
@@ -88,10 +88,10 @@ class World:
         for node in self.nodes.values():
             node.start()
         self._health()
-        for f in self.faults:
-            at(f.at_s, self._apply, f)
-            if f.duration_s > 0 and f.action in ("partition", "latency", "loss", "duplicate", "reorder"):
-                at(f.at_s + f.duration_s, self._undo, f)
+        for step, f in enumerate(self.faults):
+            at(f.at_s, self._apply, f, step)
+            if f.duration_s > 0 and f.action in UNDONE:
+                at(f.at_s + f.duration_s, self._undo, f, step)
         at(STATE_EVERY_S, self._sample)
         self._start_load()
         self.sched.run_until(sc.duration_s)
@@ -231,12 +231,11 @@ class World:
             return self.net.select(None, None)
         return self.net.select(self._nodes_of(f.link[0]), self._nodes_of(f.link[1]))
 
-    def _apply(self, f: SimFault) -> None:
+    def _apply(self, f: SimFault, step: int) -> None:
         a, net = f.action, self.net
         label = "<->".join(f.link) if f.link else "all links"
         if a in ("kill", "pause", "resume", "restart", "restart_wiped", "skew"):
-            targets = sorted(self._nodes_of(f.target))
-            for nid in targets:
+            for nid in sorted(self._nodes_of(f.target)):
                 node = self.nodes[nid]
                 if a == "kill":
                     node.kill()
@@ -248,36 +247,35 @@ class World:
                     self.clocks.set_offset(nid, f.ms / 1000.0)
                 else:
                     node.start(wiped=a == "restart_wiped")
-            detail = {"ms": f.ms} if a == "skew" else {}
-            self._emit(a, f.target, **detail)
+            self._emit(a, f.target, **({"ms": f.ms} if a == "skew" else {}))
         elif a == "partition":
             groups = [set().union(*(self._nodes_of(m) for m in g)) for g in f.groups]
             router_in = next((i for i, g in enumerate(f.groups) if ROUTER in g), None)
-            net.partition(groups, router_in)
+            net.cut(step, *net.partition_pairs(groups, router_in))
             self._emit("partition", "|".join(",".join(g) for g in f.groups), groups=[list(g) for g in f.groups])
+        elif a == "blackhole":
+            nodes = self._nodes_of(f.target)
+            net.cut(step, *net.blackhole_pairs(nodes))
+            self._emit("blackhole", f.target, nodes=sorted(nodes))
         elif a == "heal":
-            net.heal_all()
+            net.heal()
             self._emit("heal", "")
-        elif a == "latency":
+        elif a in ("latency", "loss", "duplicate", "reorder"):
             for link in self._links(f):
-                link.added_s, link.jitter_s = f.ms / 1000.0, f.jitter_ms / 1000.0
-            self._emit("latency", label, ms=f.ms, jitter_ms=f.jitter_ms)
-        elif a == "loss":
-            for link in self._links(f):
-                link.loss_pct = f.pct
-            self._emit("loss", label, pct=f.pct)
-        elif a == "duplicate":
-            for link in self._links(f):
-                link.dup_pct = f.pct
-            self._emit("duplicate", label, pct=f.pct)
-        elif a == "reorder":
-            for link in self._links(f):
-                link.reorder_pct, link.reorder_s = f.pct, f.ms / 1000.0
-            self._emit("reorder", label, pct=f.pct, ms=f.ms)
+                if a == "latency":
+                    link.added_s, link.jitter_s = f.ms / 1000.0, f.jitter_ms / 1000.0
+                elif a == "loss":
+                    link.loss_pct = f.pct
+                elif a == "duplicate":
+                    link.dup_pct = f.pct
+                else:
+                    link.reorder_pct, link.reorder_s = f.pct, f.ms / 1000.0
+            detail = {"latency": {"ms": f.ms, "jitter_ms": f.jitter_ms}, "reorder": {"pct": f.pct, "ms": f.ms}}
+            self._emit(a, label, **detail.get(a, {"pct": f.pct}))
 
-    def _undo(self, f: SimFault) -> None:
-        if f.action == "partition":
-            self.net.heal_partition()
+    def _undo(self, f: SimFault, step: int) -> None:
+        if f.action in ("partition", "blackhole"):
+            self.net.uncut(step)
         else:
             for link in self._links(f):
                 if f.action == "latency":
@@ -288,7 +286,8 @@ class World:
                     link.dup_pct = 0.0
                 else:
                     link.reorder_pct = link.reorder_s = 0.0
-        self._emit(f"end_{f.action}", "<->".join(f.link) if f.link else "all links")
+        label = f.target if f.action == "blackhole" else "<->".join(f.link) if f.link else "all links"
+        self._emit(f"end_{f.action}", label)
 
 
 def run_world(scenario: Scenario, faults: Sequence[SimFault], *,
