@@ -43,7 +43,7 @@ class AuditUnavailable(OSError):
 
 Grant = tuple[str, int, int]  # key, cost, generation
 BatchCallback = Callable[[list[Grant]], None]
-OwnSource = Callable[[], tuple[list[list], int]]  # -> ([[key, gen, count]], max generation)
+OwnSource = Callable[[], tuple[list[tuple[str, tuple[int, int]]], int]]  # -> ([(key, (gen, count))], max gen)
 
 
 class AuditLog:
@@ -252,7 +252,7 @@ class AuditLog:
         if self.own_source is not None:
             own, max_gen = self.own_source()
         else:
-            own, max_gen = [[k, g, c] for k, (g, c) in self._own.items()], 0
+            own, max_gen = list(self._own.items()), 0
         for older in self._sealing:
             older.checkpoint = None  # only the newest segment's checkpoint is worth writing
         spec = SealSpec(first, self._written_seq, self._active_prev, self._prev.decode(), self._active_first_ts,

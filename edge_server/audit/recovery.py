@@ -173,7 +173,7 @@ def recover_trail(audit_dir: Path, node: str, keys: ChainKeys) -> Recovered:
         pending.append(SealSpec(first, state.next_seq - 1, before[0], state.last_hash.decode(), first_ts,
                                 state.last_ts, state.events - before[1], state.total_cost - before[2]))
     if pending:  # a crash during a seal: the newest segment gets the checkpoint it lacks
-        pending[-1].checkpoint = {"own": [[k, g, c] for k, (g, c) in state.own.items()], "events": state.events,
+        pending[-1].checkpoint = {"own": list(state.own.items()), "events": state.events,
                                   "total_cost": state.total_cost, "max_gen": state.max_gen}
     active_first = state.next_seq
     offsets = array("q")
@@ -210,7 +210,7 @@ def _start_from_checkpoint(files: NodeFiles, first: int, keys: ChainKeys, state:
         raise AuditCorrupt(f"{files.sealed[first]}: {size} bytes, its head says {head.get('gz_bytes')} "
                            "(truncated or replaced after sealing)")
     try:
-        own = {key: (int(gen), int(count)) for key, gen, count in ckpt["own"]}
+        own = {key: (int(gen), int(count)) for key, (gen, count) in ckpt["own"]}
         state.next_seq = int(ckpt["last_seq"]) + 1
         state.last_hash = str(ckpt["last_hash"]).encode()
         state.events = int(ckpt["events"])

@@ -18,6 +18,7 @@ a reader can start at any block instead of decompressing the whole segment.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -161,24 +162,24 @@ def write_sealed(plain: Path, target: Path, level: int,
     Returns ``(blocks, compressed_bytes, plain_bytes)`` where ``blocks`` is ``[[first_seq, offset]]``.
     The file appears under its name only once complete and on disk.
     """
-    data = plain.read_bytes()
-    lines = data.splitlines(keepends=True)
     tmp = target.with_name(target.name + ".tmp")
     blocks: list[list[int]] = []
-    offset = 0
+    offset = plain_bytes = 0
     try:
-        with open(tmp, "wb") as fh:
-            for start in range(0, len(lines), block_events):
-                chunk = lines[start:start + block_events]
+        with open(plain, "rb") as src, open(tmp, "wb") as fh:
+            # A block at a time: a seal holds one block in memory, not the whole segment.
+            while chunk := list(itertools.islice(src, block_events)):
                 first = orjson.loads(chunk[0])["seq"]
-                member = gzip.compress(b"".join(chunk), compresslevel=level, mtime=0)
+                data = b"".join(chunk)
+                member = gzip.compress(data, compresslevel=level, mtime=0)
                 fh.write(member)
                 blocks.append([first, offset])
                 offset += len(member)
+                plain_bytes += len(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return blocks, offset, len(data)
+    return blocks, offset, plain_bytes

@@ -183,7 +183,7 @@ def test_edited_or_foreign_checkpoint_is_refused(tmp_path: Path) -> None:
     newest = ckpts[max(ckpts)]
     original = newest.read_bytes()
     doc = orjson.loads(original)
-    doc["own"] = [[k, g, 0] for k, g, _c in doc["own"]]  # lower every count: what a restart must never do
+    doc["own"] = [[k, [g, 0]] for k, (g, _c) in doc["own"]]  # lower every count: what a restart must never do
     newest.write_bytes(orjson.dumps(doc))
     with pytest.raises(AuditCorrupt, match="signature does not match"):
         _reopen(tmp_path)
