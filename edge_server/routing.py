@@ -102,15 +102,16 @@ class RoutingTable:
                 usable = n.healthy and now >= n.ejected_until
                 if n.evidence is None and (usable or panic):
                     clean.append(n)
-                    if not usable and not probe:
-                        self.counters["panic_picks"] += 1
                 elif usable:
                     if second is None or second[0] == region:
                         second = (region, [*(second[1] if second else ()), n])
                 elif n.evidence not in HARD and (third is None or third[0] == region):
                     third = (region, [*(third[1] if third else ()), n])
             if clean:
-                return clean[next(self._rr[region]) % len(clean)] if len(clean) > 1 and not probe else clean[0]
+                node = clean[next(self._rr[region]) % len(clean)] if len(clean) > 1 and not probe else clean[0]
+                if panic and not probe and not (node.healthy and now >= node.ejected_until):
+                    self.counters["panic_picks"] += 1
+                return node
         chosen = second or third
         if chosen is None:
             return None
