@@ -24,6 +24,7 @@ from workbench.spec.scenario import Topology
 __all__ = ["Bin", "LiveStats"]
 
 _MAX_LATENCY_US = 120_000_000
+FAILOVER_REFRESH_S = 1.0  # a snapshot's failover figures are at most this old (run clock)
 
 
 @dataclass
@@ -64,6 +65,8 @@ class LiveStats:
             topology = Topology(dict.fromkeys(self.regions or ["local"], 1))
         self.tracker = FailoverTracker(topology, stall_s=stall_s)
         self.failovers: dict[str, float] = {}  # outage target -> ms until its last served client so far
+        self._failover: dict[str, Any] | None = None  # the figures as of _failover_t_s (run clock)
+        self._failover_t_s = -math.inf
 
     def _bin(self, t_s: float) -> Bin:
         index = max(0, int(t_s / self.bin_s))
@@ -98,7 +101,16 @@ class LiveStats:
         """The verdict's failover figures over what has been seen so far."""
         figures = self.tracker.figures()
         self.failovers = {o["target"]: o["max_ms"] for o in figures["outages"] if o["max_ms"] is not None}
+        self._failover = figures
         return figures
+
+    def _failover_at(self, t_s: float) -> dict[str, Any]:
+        """The failover figures for a snapshot, recomputed at most once per second of the run clock:
+        they cost O(requests since the first outage), and a progress line redraws several times a second."""
+        if self._failover is None or not 0 <= t_s - self._failover_t_s < FAILOVER_REFRESH_S:
+            self._failover_t_s = t_s
+            return self.failover_figures()
+        return self._failover
 
     def error_figures(self) -> dict[str, Any]:
         within, rate, allowed = error_budget_state(self.error_count, self.total, self.error_budget_pct)
@@ -144,7 +156,7 @@ class LiveStats:
         def rate(attr: str) -> float:
             return sum(sum(getattr(b, attr).values()) for b in window) / span
 
-        fo = self.failover_figures()
+        fo = self._failover_at(t_s)
         return {
             "t_s": round(t_s, 2), "progress": min(1.0, t_s / self.duration_s) if self.duration_s else 1.0,
             "admitted_rps": round(rate("admitted"), 1), "denied_rps": round(rate("denied"), 1),
