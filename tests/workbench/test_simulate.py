@@ -84,6 +84,15 @@ def test_a_partition_into_k_sides_over_admits_about_k_times_within_the_bound() -
     assert healed <= rate * (20.0 - start - length - 2.0) + rate
 
 
+def test_a_clock_past_the_replay_window_partitions_its_node_and_the_bound_counts_it() -> None:
+    near = simulate(three_regions(load_rps=300.0), [SimFault(5.0, "skew", "eu-1", ms=20_000.0)])
+    far = simulate(three_regions(load_rps=300.0), [SimFault(5.0, "skew", "eu-1", ms=40_000.0)])
+    assert near.recording.extra["gossip_refused"] == {}
+    assert far.recording.extra["gossip_refused"]["eu-1"]["stale"] > 0  # refused, counted, never merged
+    assert far.keys["tenant-0000"]["worst_excess"] > 0.8 * 50.0 * 15.0  # eu-1 enforced alone for 15 s
+    assert near.ok and far.ok, (near.keys, far.keys)
+
+
 def test_restart_recovers_its_own_count_and_a_wiped_restart_starts_a_new_generation() -> None:
     for action, same_gen in (("restart", True), ("restart_wiped", False)):
         scenario = three_regions(FaultAction(4.0, "kill", "eu-1"), duration_s=10.0, load_rps=30.0)

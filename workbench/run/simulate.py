@@ -21,6 +21,7 @@ trip) + delay)::
           + (N-1) max(s, R d) + s per restart                  a new boot restarts the argument
           + B + s more per restart without the data directory  it starts full; generation may go back
           + min(B, R J) + s per forward clock step J           refill from the jump
+    (two clocks more than 30 s apart refuse each other's gossip as stale: that pair counts as cut)
 
 A schedule fails when a key's worst window excess ``admitted[s, t] - (B + R (t - s))`` over the whole
 run (every window, exactly: ``max_window_excess``) exceeds that bound.  The first failure is shrunk

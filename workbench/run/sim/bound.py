@@ -26,7 +26,9 @@ merged by ``t`` except what is still in flight, so
    (``restart_wiped``) the node starts full (``+ B``) and, if its clock is behind its old generation,
    spends up to ``s`` in a generation its peers ignore until it adopts its old entry (``+ s``).
 5. **Clock skew**: a node whose clock steps forward by ``J`` refills ``R J`` at once (at most ``B``) and
-   may see its peers as silent for a moment (``+ s``); stepping back only delays refill.
+   may see its peers as silent for a moment (``+ s``); stepping back only delays refill.  Two clocks
+   more than ``edge_server.wire.MAX_SKEW_S`` (30 s) apart refuse each other's gossip as stale: that
+   pair counts as cut (term 2) for as long as it lasts.
    Duplicated and reordered gossip add nothing (the replay guard refuses them; deltas are cumulative);
    reordering's hold-back counts in ``delay``.
 
@@ -38,13 +40,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from edge_server.wire import MAX_SKEW_S
 from workbench.run.sim.network import BASE_DELAY_S, BASE_JITTER_S
 from workbench.run.sim.schedule import UNDONE, SimFault
 from workbench.spec.scenario import ROUTER, Scenario
 
-__all__ = ["BACKOFF_S", "Bound", "eventual_bound"]
+__all__ = ["BACKOFF_S", "SKEW_MARGIN_S", "Bound", "eventual_bound"]
 
 BACKOFF_S = 1.0  # edge_server.gossip: a peer that failed 10 times is retried at most every second
+SKEW_MARGIN_S = 1.0  # clocks this close to the replay guard's limit may already be refused (delay, jitter)
 
 
 @dataclass
@@ -150,7 +154,8 @@ def eventual_bound(scenario: Scenario, faults: Sequence[SimFault]) -> Bound:
             return
         up = {n for n, s in state.items() if s == "up"}
         part_cut = set().union(*cuts.values())
-        k_all = _components(nodes, up, part_cut | set(lossy))
+        clock_cut = {(a, b) for a in nodes for b in nodes if abs(offsets[a] - offsets[b]) > MAX_SKEW_S - SKEW_MARGIN_S}
+        k_all = _components(nodes, up, part_cut | set(lossy) | clock_cut)
         k_part = _components(nodes, up, part_cut)
         if k_all >= 2:
             bound.cut_seconds += (k_all - 1) * span
