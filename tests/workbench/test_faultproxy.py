@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -147,6 +148,51 @@ async def test_target_down_resets_the_client(echo_port: int) -> None:
             await _roundtrip(dead.port)
 
 
+async def test_a_dead_target_is_refused_like_a_direct_connect_until_it_comes_back() -> None:
+    target_port = _free_port()
+    async with FaultProxy("127.0.0.1", 0, "127.0.0.1", target_port, "down", probe_interval_s=0.02) as proxy:
+        port = proxy.port
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):  # the first one finds out
+            await _roundtrip(port)
+        assert proxy.stats()["target_down"]
+        with pytest.raises(ConnectionRefusedError):  # then a connect is refused, as the target's own port
+            await _open(port)
+        server = await asyncio.start_server(_echo, "127.0.0.1", target_port)
+        try:
+            for _ in range(100):  # the proxy listens again, on the same port, once a probe gets through
+                if not proxy.stats()["target_down"]:
+                    break
+                await asyncio.sleep(0.02)
+            assert proxy.port == port
+            assert await _roundtrip(port) < 1
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_a_target_that_dies_under_open_connections_is_noticed_before_the_next_connect() -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    async with FaultProxy("127.0.0.1", 0, "127.0.0.1", listener.getsockname()[1], "dies") as proxy:
+        reader, writer = await _open(proxy.port)
+        writer.write(b"x")
+        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 2)
+        assert await asyncio.wait_for(loop.sock_recv(conn, 1), 2) == b"x"
+        listener.close()  # the target dies: its port and its connections close together
+        conn.close()
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # the FIN is passed on
+        writer.close()
+        for _ in range(100):  # no new connect was needed to notice
+            if proxy.stats()["target_down"]:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(ConnectionRefusedError):
+            await _open(proxy.port)
+
+
 async def test_loss_resets_new_connections_and_delays_chunks(proxy: FaultProxy) -> None:
     reader, writer = await _open(proxy.port)
     writer.write(b"a")
@@ -181,8 +227,6 @@ async def test_stop_closes_everything(echo_port: int) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -18,6 +18,11 @@ Faults are modelled the way TCP would experience them, so a healed stream is sti
 - ``partition("reset")`` aborts every connection with an RST and resets each new one on accept.
 - ``set_latency`` delays each chunk by ``ms`` (± ``jitter_ms``) *in each direction*, so a
   request/response round trip gains about ``2 * ms``. Delivery order is preserved.
+- A dead target (its port refuses connections) makes the proxy refuse too, as a direct connect
+  would: new connects get an RST to their SYN instead of an accept and a reset after the request
+  went out. The proxy notices at the first refused upstream connect, or as soon as an upstream
+  connection closes under it and a probe is refused, and listens again once a probe (every
+  ``probe_interval_s``) gets through.
 - ``set_loss(pct)`` resets a new connection with probability ``pct`` % and holds a chunk back by a
   retransmission penalty (200 ms, Linux's minimum RTO) with the same probability: TCP turns loss
   into delay, and into failed handshakes when it is severe.
@@ -98,10 +103,14 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # Half-close: pass the FIN on once everything queued before it is delivered.
+        if self.upstream:
+            self.conn.proxy._suspect_target()
         self.conn.proxy._enqueue(self, b"")
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream and self.conn in self.conn.proxy._conns:  # the target went away on its own
+            self.conn.proxy._suspect_target()
         self.conn.close(reset=exc is not None)
 
     # Flow control: when the peer cannot keep up, stop reading from this side.
@@ -182,6 +191,7 @@ class FaultProxy:
         seed: int | None = None,
         loss_penalty_ms: float = 200.0,
         make_socket: SocketFactory | None = None,
+        probe_interval_s: float = 0.02,
     ) -> None:
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -193,6 +203,11 @@ class FaultProxy:
         self._make_socket = make_socket  # None: plain sockets; else e.g. sockets inside a network namespace
         self._listener: Listener | None = None
         self._adopting: set[asyncio.Task[Any]] = set()
+        self.probe_interval_s = probe_interval_s
+        self._target_down = False
+        self._probing: asyncio.Task[None] | None = None  # one probe after an upstream close
+        self._watching: asyncio.Task[None] | None = None  # probes while the target is down
+        self._last_probe = 0.0
         self._conns: set[_Conn] = set()
         self._partition: str | None = None
         self._blackhole = False
@@ -242,8 +257,11 @@ class FaultProxy:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for task in list(self._adopting):
-            task.cancel()
+        for task in [*self._adopting, self._probing, self._watching]:
+            if task is not None:
+                task.cancel()
+        self._probing = self._watching = None
+        self._target_down = False
         for conn in list(self._conns):
             conn.close(reset=True)
         await asyncio.sleep(0)  # let cancelled connects unwind
@@ -328,6 +346,7 @@ class FaultProxy:
             "active": len(self._conns),
             "resets": self.resets,
             "delayed_chunks": self.delayed_chunks,
+            "target_down": self._target_down,
         }
 
     # -- internals -----------------------------------------------------------------------------
@@ -371,9 +390,11 @@ class FaultProxy:
                 except BaseException:
                     sock.close()
                     raise
-        except OSError:
+        except OSError as exc:
             # The target is down: show the client what it would see connecting directly.
             conn.close(reset=True)
+            if isinstance(exc, ConnectionRefusedError):
+                self._mark_target_down()
             return
         if conn not in self._conns:  # closed (stop/reset) while we were connecting
             _rst(target.transport)
@@ -385,6 +406,55 @@ class FaultProxy:
         # whatever the client sent while we were connecting waits in its queue; deliver it now.
         if conn.client.queue and conn.client.timer is None:
             self._flush(conn.client)
+
+    # -- a dead target ---------------------------------------------------------------------------
+
+    def _mark_target_down(self) -> None:
+        """Refuse like the target does, and probe it until it accepts again."""
+        if self._target_down or self._listener is None:
+            return
+        self._target_down = True
+        self._listener.refuse()
+        self._watching = asyncio.get_running_loop().create_task(self._probe_until_up())
+        self._watching.add_done_callback(_consume)
+
+    def _suspect_target(self) -> None:
+        """An upstream connection closed under us: one probe tells a restart of the peer from a close."""
+        now = time.monotonic()
+        if self._target_down or self._listener is None or (self._probing and not self._probing.done()) \
+                or now - self._last_probe < self.probe_interval_s:
+            return
+        self._probing = asyncio.get_running_loop().create_task(self._probe_once())
+        self._probing.add_done_callback(_consume)
+
+    async def _probe_once(self) -> None:
+        if not await self._target_accepts():
+            self._mark_target_down()
+
+    async def _probe_until_up(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            if await self._target_accepts():
+                break
+        self._target_down = False
+        if self._listener is not None:
+            self._listener.accept_again()
+
+    async def _target_accepts(self) -> bool:
+        """False only when the target refuses a connection (a timeout or a success count as up)."""
+        self._last_probe = time.monotonic()
+        loop = asyncio.get_running_loop()
+        sock = self._make_socket() if self._make_socket is not None else socket.socket()
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, (self.target_host, self.target_port)), 1.0)
+        except ConnectionRefusedError:
+            return False
+        except (OSError, TimeoutError):
+            return True
+        finally:
+            sock.close()
+        return True
 
     def _enqueue(self, side: _Side, data: bytes) -> None:
         """Queue a chunk (``b""`` is a FIN) read by ``side`` for delivery to its peer after the faults."""
