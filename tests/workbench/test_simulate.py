@@ -12,7 +12,7 @@ from workbench.run.sim.files import read_schedule, write_schedule
 from workbench.run.sim.schedule import SimFault, random_schedule, sim_faults_of
 from workbench.run.sim.shrink import shrink, with_faults
 from workbench.run.sim.world import run_world
-from workbench.run.simulate import _schedule_rng, judge, load_core, simulate
+from workbench.run.simulate import judge, load_core, schedule_rng, simulate
 from workbench.spec.scenario import FaultAction, LimitSpec, LoadSpec, Scenario, Topology
 
 BROKEN = str(Path(__file__).parent / "sim" / "broken_core.py") + ":NeverSubtractsPeers"
@@ -33,7 +33,7 @@ def granted_between(rec, a: float, b: float) -> float:
 
 # ----------------------------------------------------------------------------- determinism
 def test_same_seed_gives_the_same_history_and_another_seed_another() -> None:
-    scenario, faults = random_schedule(_schedule_rng(11, 3), index=3, max_faults=8)
+    scenario, faults = random_schedule(schedule_rng(11, 3), index=3, max_faults=8)
     first, second = run_world(scenario, faults), run_world(scenario, faults)
     assert first.requests and first.audit and first.states
     for name in ("requests", "audit", "faults", "states"):

@@ -57,7 +57,8 @@ from workbench.run.sim.shrink import shrink
 from workbench.run.sim.world import run_world
 from workbench.spec.scenario import Scenario, ScenarioError
 
-__all__ = ["SimResult", "SimulateError", "add_arguments", "judge", "load_core", "main", "run_schedules", "simulate"]
+__all__ = ["SimResult", "SimulateError", "add_arguments", "judge", "load_core", "main", "run_schedules", "schedule_rng",
+           "simulate"]
 
 
 class SimulateError(ValueError):
@@ -124,7 +125,7 @@ def simulate(scenario: Scenario, extra_faults: Sequence[SimFault] = (), *,
     return judge(scenario, faults, run_world(scenario, faults, table_factory=table_factory))
 
 
-def _schedule_rng(seed: int, index: int) -> random.Random:
+def schedule_rng(seed: int, index: int) -> random.Random:
     return random.Random(seed * 1_000_003 + index)
 
 
@@ -144,7 +145,7 @@ def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults
     nominal_ok = 0
     samples: list[float] = []
     for i in range(count):
-        scenario, faults = random_schedule(_schedule_rng(seed, i), index=i, duration_s=duration_s,
+        scenario, faults = random_schedule(schedule_rng(seed, i), index=i, duration_s=duration_s,
                                            max_faults=max_faults)
         res = judge(scenario, faults, run_world(scenario, faults, table_factory=table_factory))
         over = res.excess_over_bound
