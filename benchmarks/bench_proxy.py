@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._targets import target  # noqa: E402
 from workbench.run.load.generator import LoadPlan, run_load  # noqa: E402
-from workbench.spec.parts import LoadSpec  # noqa: E402
 from workbench.run.processes import Child  # noqa: E402
+from workbench.spec.parts import LoadSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -104,7 +104,8 @@ def server_core(pin: bool) -> str:
 
 async def measure(port: int, rate: float, seconds: float) -> dict[str, float]:
     # Warm the connection pool so connection set-up is not part of the figure.
-    await run_load(LoadPlan(url=f"http://127.0.0.1:{port}", load=LoadSpec(rate_rps=rate, arrival="constant", route="check"),
+    await run_load(LoadPlan(url=f"http://127.0.0.1:{port}",
+                            load=LoadSpec(rate_rps=rate, arrival="constant", route="check"),
                             duration_s=0.5, connector_limit=64))
     res = await run_load(
         LoadPlan(url=f"http://127.0.0.1:{port}", load=LoadSpec(rate_rps=rate, arrival="constant", route="check"),
