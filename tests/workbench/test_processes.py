@@ -95,6 +95,8 @@ def test_a_child_that_exits_fails_the_wait_with_its_log(tmp_path: Path) -> None:
         child.wait_line("never printed", timeout_s=15)
     with pytest.raises(NotReady):
         wait_http(f"http://127.0.0.1:{free_port()}/", timeout_s=0.2)
+    with pytest.raises(ProcessError, match=r"ghost: cannot start '/nonexistent/wrk'"):
+        Child("ghost", ["/nonexistent/wrk"], tmp_path / "ghost.log").start()
 
 
 def test_stop_is_sigterm_then_sigkill_after_the_grace_period(tmp_path: Path) -> None:

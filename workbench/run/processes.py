@@ -234,9 +234,13 @@ class Child:
             err: Any = subprocess.STDOUT
             if self.stderr_path is not None:
                 err = files.enter_context(open(self.stderr_path, "ab"))
-            self.popen = subprocess.Popen(list(self.argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                          env=base, cwd=self.cwd, start_new_session=self.new_session,
-                                          preexec_fn=_preexec(self.cpus, self.die_with_parent and self.kernel_lifeline))
+            try:
+                self.popen = subprocess.Popen(
+                    list(self.argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=base, cwd=self.cwd,
+                    start_new_session=self.new_session,
+                    preexec_fn=_preexec(self.cpus, self.die_with_parent and self.kernel_lifeline))
+            except OSError as exc:  # no such program, not executable, bad cwd
+                raise ProcessError(f"{self.name}: cannot start {self.argv[0]!r}: {exc}") from None
         self.runs += 1
         self.state = "running"
         self.started_at = time.monotonic()
