@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -125,16 +124,15 @@ def test_save_refuses_nan(tmp_path) -> None:
         rec.save(tmp_path / "r")
 
 
-def test_hundred_thousand_requests_are_quick(tmp_path) -> None:
+def test_hundred_thousand_requests_round_trip(tmp_path) -> None:
+    """Correctness at size; how long it takes is a figure for a benchmark, not a test's pass mark
+    (a shared machine makes any bound flaky)."""
     rec = Recording(started_wall=0.0)
     rec.requests = [RequestRecord(i * 1e-4, i * 1e-4, i * 1e-4 + 0.01, "eu", "eu", "eu-1", f"tenant-{i % 50:04d}",
                                   1, 200 if i % 3 else 429, "", f"r-{i}") for i in range(100_000)]
-    t0 = time.perf_counter()
     rec.save(tmp_path / "big")
     back = Recording.load(tmp_path / "big")
-    elapsed = time.perf_counter() - t0
-    assert back.requests[-1] == rec.requests[-1] and len(back.requests) == 100_000
-    assert elapsed < 5.0, f"save+load of 100k requests took {elapsed:.2f}s"
+    assert back.requests == rec.requests
 
 
 def test_parse_metrics() -> None:
