@@ -205,9 +205,8 @@ class FaultProxy:
         self._adopting: set[asyncio.Task[Any]] = set()
         self.probe_interval_s = probe_interval_s
         self._target_down = False
-        self._probing: asyncio.Task[None] | None = None  # one probe after an upstream close
+        self._probing: asyncio.Task[None] | None = None  # probes after an upstream close
         self._watching: asyncio.Task[None] | None = None  # probes while the target is down
-        self._last_probe = 0.0
         self._conns: set[_Conn] = set()
         self._partition: str | None = None
         self._blackhole = False
@@ -419,17 +418,21 @@ class FaultProxy:
         self._watching.add_done_callback(_consume)
 
     def _suspect_target(self) -> None:
-        """An upstream connection closed under us: one probe tells a restart of the peer from a close."""
-        now = time.monotonic()
-        if self._target_down or self._listener is None or (self._probing and not self._probing.done()) \
-                or now - self._last_probe < self.probe_interval_s:
+        """An upstream connection closed under us: a few probes tell a dying target from a plain close."""
+        if self._target_down or self._listener is None or (self._probing and not self._probing.done()):
             return
-        self._probing = asyncio.get_running_loop().create_task(self._probe_once())
+        self._probing = asyncio.get_running_loop().create_task(self._probe_a_while())
         self._probing.add_done_callback(_consume)
 
-    async def _probe_once(self) -> None:
-        if not await self._target_accepts():
-            self._mark_target_down()
+    async def _probe_a_while(self, probes: int = 5) -> None:
+        # A killed process closes its connections and its listening socket one after the other, so the
+        # first probe may still get in: keep probing for a few intervals before calling it a plain close.
+        for i in range(probes):
+            if i:
+                await asyncio.sleep(self.probe_interval_s)
+            if not await self._target_accepts():
+                self._mark_target_down()
+                return
 
     async def _probe_until_up(self) -> None:
         while True:
@@ -442,7 +445,6 @@ class FaultProxy:
 
     async def _target_accepts(self) -> bool:
         """False only when the target refuses a connection (a timeout or a success count as up)."""
-        self._last_probe = time.monotonic()
         loop = asyncio.get_running_loop()
         sock = self._make_socket() if self._make_socket is not None else socket.socket()
         try:
