@@ -47,15 +47,16 @@ def test_a_schedule_file_replays_the_same_run(tmp_path: Path) -> None:
     scenario = three_regions(FaultAction(3.0, "partition", groups=(("eu",), ("us", "ap")), duration_s=2.0),
                              FaultAction(6.0, "kill", "us-1"), duration_s=12.0)
     extra = [SimFault(4.0, "skew", "ap-1", ms=-1500.0), SimFault(2.0, "duplicate", pct=30.0, duration_s=5.0),
-             SimFault(7.5, "restart_wiped", "us-1"), SimFault(8.0, "reorder", link=("eu", "ap"), pct=40.0, ms=80.0)]
+             SimFault(7.5, "restart_wiped", "us-1"), SimFault(8.0, "reorder", link=("eu", "ap"), pct=40.0, ms=80.0),
+             SimFault(9.0, "restart", "eu-1")]  # a drill fault given with the rest goes into the drill's list
     faults = sim_faults_of(scenario, extra)
     path = write_schedule(tmp_path / "s.toml", scenario, faults, ["a note"])
     back_scenario, back_faults = read_schedule(path)
-    assert back_scenario == scenario
+    assert back_scenario == with_faults(scenario, faults)
     assert back_faults == faults
-    assert run_world(back_scenario, back_faults).audit == run_world(scenario, faults).audit
+    assert run_world(back_scenario, back_faults).audit == run_world(with_faults(scenario, faults), faults).audit
     drill = Scenario.from_file(path)  # what `workbench drill --scenario` reads: simulator-only faults dropped
-    assert [f.action for f in drill.faults] == ["partition", "kill"]
+    assert [f.action for f in drill.faults] == ["partition", "kill", "restart"]
     assert "restart_wiped" in path.read_text() and "# sim-fault = " in path.read_text()
     assert drill.cluster_toml({n: 9000 + i for i, n in enumerate(drill.topology.node_ids)}, router_port=8999,
                               secret="s", audit_dir="audit")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from workbench.run.sim.schedule import SimFault, check_fault, sim_faults_of
+from workbench.run.sim.schedule import SimFault, check_fault, normalize, sim_faults_of, with_faults
 from workbench.spec.scenario import Scenario, ScenarioError
 
 __all__ = ["SIM_FAULT_PREFIX", "read_schedule", "schedule_toml", "write_schedule"]
@@ -44,8 +44,10 @@ def _value(v: Any) -> str:
 
 
 def schedule_toml(scenario: Scenario, faults: Iterable[SimFault], notes: Iterable[str] = ()) -> str:
-    """The file text: notes and simulator-only faults as comments, then the nested scenario."""
-    doc = scenario.to_dict()
+    """The file text: notes and simulator-only faults as comments, then the nested scenario whose own
+    faults are the drill-expressible ones of ``faults``."""
+    faults = normalize(faults)
+    doc = with_faults(scenario, faults).to_dict()
     lines = [f"# {line}" if line else "#" for line in notes]
     sim_only = [f for f in faults if f.sim_only]
     if sim_only:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from workbench.run.sim.schedule import SimFault, normalize
+from workbench.run.sim.schedule import SimFault, normalize, with_faults
 from workbench.spec.scenario import Scenario
 
 __all__ = ["Shrunk", "shrink", "with_faults"]
@@ -24,11 +24,6 @@ class Shrunk:
     faults: list[SimFault]
     runs: int  # simulations spent
     original_faults: int
-
-
-def with_faults(scenario: Scenario, faults: Sequence[SimFault]) -> Scenario:
-    """``scenario`` whose own faults are the drill-expressible ones of ``faults``."""
-    return dataclasses.replace(scenario, faults=tuple(f.to_action() for f in faults if not f.sim_only))
 
 
 def shrink(scenario: Scenario, faults: Sequence[SimFault], fails: Predicate, *, max_runs: int = 200) -> Shrunk:
