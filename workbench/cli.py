@@ -186,6 +186,18 @@ def _scenario_from(args: argparse.Namespace, base: dict[str, Any]) -> Scenario:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a module missing from the install is one line naming what to install (exit 2)."""
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        from workbench.extras import missing_message
+
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+        print(missing_message(command, exc), file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="Operations workbench for the Rating API Edge.")
     sub = parser.add_subparsers(dest="command", required=True)
     _drill_parser(sub, "demo", "the main job: 3 regions, 1.5x load, kill the busiest region at 10 s, restart at 20 s")
@@ -204,7 +216,13 @@ def main(argv: list[str] | None = None) -> int:
 
     simulate_arguments(sub.add_parser("simulate", help="the real limiter core on a simulated network in virtual "
                                       "time: random fault schedules, each judged against its bound"))
+    from workbench.ui import dashboard
+
+    dashboard.add_arguments(sub.add_parser("dashboard", help="serve a notebook with Voila: a live wall screen, "
+                                           "no code cells (needs the notebooks extra)"))
     args = parser.parse_args(argv)
+    if args.command == "dashboard":
+        return dashboard.main(args)
 
     if args.command == "simulate":
         from workbench.run.simulate import main as simulate_main

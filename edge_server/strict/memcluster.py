@@ -101,6 +101,7 @@ class MemCluster:
         self.revoked = 0
         self.wire_refused: dict[str, int] = {}
         self._seq = 0
+        self.graveyard: list[StrictTable] = []  # dead incarnations, for the ground-truth accounting
 
     @staticmethod
     def voter_of(region: str) -> str:
@@ -132,11 +133,16 @@ class MemCluster:
                            self.settings, now=self.local(node))
 
     def crash(self, node: str) -> None:
+        table = self.tables[node]
+        if table is not None:
+            self.graveyard.append(table)
         self.tables[node] = None
 
     def restart(self, node: str, keep_data: bool) -> StrictTable:
         """A new incarnation; with its data it also marks the old one's rights burned."""
         old = self.tables[node]
+        if old is not None:
+            self.graveyard.append(old)
         table = self._new_table(node)
         if keep_data and old is not None:
             for key in old.keys():
@@ -171,6 +177,32 @@ class MemCluster:
         env.admit(self.now, cost)
         self.admitted[node] += cost
         return True
+
+    def phi_total(self) -> float:
+        """Sum of the live nodes' floating shares, each on its own clock (must stay <= 1)."""
+        return sum(t.phi(self.local(n)) for n, t in self.tables.items() if t is not None)
+
+    def potential(self, key: str) -> float:
+        """Ground truth, from every incarnation's exact state: rights held or reserved by live
+        nodes plus rights given and not yet processed by a live receiver that could still credit
+        them (its want echoed is within the transfer window of its clock).  Must stay <= B."""
+        live = {t.actor: (n, t) for n, t in self.tables.items() if t is not None}
+        total = 0.0
+        for n, t in live.values():
+            if key in t.keys():
+                total += t.outstanding(key, self.local(n)) - t.unacked_total(key)
+        window = self.settings.transfer_window_s
+        for giver in [t for _n, t in live.values()] + self.graveyard:
+            if key not in giver.keys():
+                continue
+            for receiver, (sent, echo) in giver.rights(key)[giver.actor].sent.items():
+                if receiver not in live:
+                    continue
+                n, t = live[receiver]
+                done = t.rights(key)[receiver].accepted.get(giver.actor, 0.0)
+                if sent > done and self.local(n) - echo <= window:
+                    total += sent - done
+        return total
 
     def max_excess(self) -> float:
         return max((e.max_excess for e in self.envelopes.values()), default=-float("inf"))

@@ -522,6 +522,10 @@ class StrictTable:
         up, uf = self._unacked(st)
         return st.p + st.f + st.res_p + st.res_f + up + uf
 
+    def unacked_total(self, key: str) -> float:
+        st = self._keys.get(key)
+        return sum(self._unacked(st)) if st is not None else 0.0
+
     def state(self, now: float) -> dict:
         """For ``/v1/state``: rights held per key, the lease and the incarnation."""
         return {
