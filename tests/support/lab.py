@@ -125,6 +125,17 @@ class ServerProcess:
             time.sleep(0.3)
         raise RuntimeError(f"{url} not ready in {timeout_s:g} s:\n{self.log_tail()}")
 
+    def wait_port(self, port: int, timeout_s: float = 90.0) -> None:
+        """Wait until the server accepts connections (for servers where a GET would start work)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.proc.args[0]} exited ({self.proc.returncode}):\n{self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"port {port} not open in {timeout_s:g} s:\n{self.log_tail()}")
+
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode("utf-8", "replace") if self.log_path.exists() else ""
 
