@@ -22,6 +22,9 @@ from workbench.history import AuditEvent, Recording, StateSample
 
 __all__ = ["check_token_loss"]
 
+# faults around which one request id may be granted on two nodes without a double grant
+_ORPHANING = ("kill", "pause", "resume", "blackhole", "heal", "end_blackhole")
+
 
 def _final_views(rec: Recording, log: OutageLog | None) -> dict[str, StateSample]:
     """Each node's last state sample, for the nodes that were up at the end (a dead node's last
@@ -58,10 +61,11 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
     seen_ids = {r.request_id: r for r in rec.requests if r.request_id}
     unanswered = [rid for rid in audit_ids if rid not in answered_ids]
     unanswered_as_error = sum(1 for rid in unanswered if rid in seen_ids)
-    # A node killed after auditing a grant but before answering: the router retried the request
-    # elsewhere under the same id.  The tokens were spent twice (both are in the envelope), the client
-    # got one answer: an orphaned grant at a kill, reported, not a double grant.
-    deaths = [(f.t_s, f.target) for f in rec.faults if f.action in ("kill", "pause")]
+    # A node killed after auditing a grant but before answering, or one that held a request (paused,
+    # blackholed) and granted it when it came back after the router had retried it elsewhere under the
+    # same id.  The tokens were spent twice (both are in the envelope), the client got one answer: an
+    # orphaned grant at a fault, reported, not a double grant.  A heal has no target: every node.
+    deaths = [(f.t_s, f.target) for f in rec.faults if f.action in _ORPHANING]
     by_rid: dict[str, list[AuditEvent]] = defaultdict(list)
     for ev in rec.audit:
         if ev.request_id and audit_ids[ev.request_id] > 1:
@@ -71,7 +75,7 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
     for rid, events in sorted(by_rid.items()):
         nodes = {ev.node for ev in events}
         died = [ev for ev in events if any(abs(rec.started_wall + t - ev.ts) <= inflight_s
-                                           and target in (ev.node, ev.region) for t, target in deaths)]
+                                           and target in ("", ev.node, ev.region) for t, target in deaths)]
         if len(nodes) == len(events) and len(events) - len(died) <= 1 and died:
             orphaned.append(rid)
         else:

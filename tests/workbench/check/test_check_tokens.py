@@ -92,3 +92,21 @@ def test_nothing_recorded_is_a_failure_and_so_is_no_final_state() -> None:
     rec = audited_run(SCEN, grants(), final_nodes=())
     v = check_token_loss(rec)
     assert not v.ok and "no node's final state" in v.reasons[0]
+
+
+def test_a_paused_node_that_grants_a_retried_request_at_its_resume_is_an_orphaned_grant() -> None:
+    scen = Scenario.build(rate=10, burst=5, duration_s=10)
+    rec = audited_run(scen, grants(), final_nodes=NODES)
+    rec.faults = [FaultRecord(2.0, "pause", "eu"), FaultRecord(4.0, "resume", "eu")]
+    ev = next(e for e in rec.audit if e.node == "us-1")  # the retry's grant, answered to the client
+    held = AuditEvent(77, "eu-1:77", ev.key, 1, "eu-1", "eu", WALL + 4.05, ev.request_id, 1)
+    rec.audit.append(held)
+    for s in rec.states:
+        if s.node != "eu-1":
+            gen, count = s.counts["tenant-0000"]["eu-1"]
+            s.counts["tenant-0000"]["eu-1"] = (gen, count + 1)
+    v = check_token_loss(rec)
+    assert v.ok, v.reasons
+    assert v.figures["orphaned_at_kill"] == 1 and v.figures["double_grants"] == 0
+    held.ts = WALL + 6.0  # long after the resume: nothing explains it
+    assert not check_token_loss(rec).ok
