@@ -47,7 +47,7 @@ from typing import Any
 
 from edge_server.config import MODES
 from edge_server.token_bucket import BucketTable
-from workbench.check import checker
+from workbench.check import Verdict, check_envelope, check_token_loss
 from workbench.history import Recording
 from workbench.run.sim.bound import Bound, eventual_bound
 from workbench.run.sim.files import read_schedule, write_schedule
@@ -77,7 +77,7 @@ class SimResult:
     recording: Recording
     bound: Bound
     keys: dict[str, dict[str, Any]]  # key -> worst_excess, bound, nominal, window, terms
-    envelope: checker.Verdict
+    envelope: Verdict
 
     @property
     def ok(self) -> bool:
@@ -106,7 +106,7 @@ def judge(scenario: Scenario, faults: Sequence[SimFault], rec: Recording) -> Sim
     bound = eventual_bound(scenario, faults)
     limits = {(x.rate, x.burst) for x in scenario.limits}
     tolerance = min(bound.tokens(r, b) for r, b in limits)
-    verdict = checker.check_envelope(rec, tolerance_tokens=tolerance, slack_s=0.0, source="audit")
+    verdict = check_envelope(rec, tolerance_tokens=tolerance, slack_s=0.0, source="audit")
     keys: dict[str, dict[str, Any]] = {}
     for key, fig in verdict.figures.get("keys", {}).items():
         limit = scenario.limit_for(key)
@@ -295,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
         summary = {"schedules": 1, "failed": int(not res.ok), "seconds": round(time.perf_counter() - started, 3),
                    "max_excess_over_bound_tokens": round(res.excess_over_bound, 3), "counterexample": None,
                    "invariants_ok": res.ok, "scenario": args.scenario, **res.summary()}
-        loss = checker.check_token_loss(res.recording)
+        loss = check_token_loss(res.recording)
         summary["token_loss"] = loss.figures.get("token_loss")
         if args.out:
             res.recording.save(args.out)

@@ -24,3 +24,4 @@ class NoUnseenCap(BucketTable):
 
     def _unacked(self, st):  # type: ignore[no-untyped-def]
         return 0
+
