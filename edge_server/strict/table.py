@@ -500,8 +500,10 @@ class StrictTable:
     # ------------------------------------------------------------------ views
 
     def held(self, key: str, now: float) -> float:
-        st = self._keys.get(key)
-        if st is None:
+        """Rights of ``key`` this node could spend now (a key seen first here starts its pots)."""
+        try:
+            st = self._get(key, now)
+        except (NoLimitForKey, KeyTableFull):
             return 0.0
         self._settle(st, now)
         return st.p + st.f
