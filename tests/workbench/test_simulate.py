@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from workbench.check import check_envelope
 from workbench.cli import main as cli_main
+from workbench.history import Recording
 from workbench.run.sim.files import read_schedule, write_schedule
 from workbench.run.sim.schedule import SimFault, random_schedule, sim_faults_of
 from workbench.run.sim.shrink import shrink, with_faults
@@ -129,6 +131,23 @@ def test_a_core_that_never_subtracts_peers_spend_fails_and_shrinks() -> None:
     assert with_faults(scenario, small.faults).faults == small.scenario.faults
 
 
+def test_the_shrinker_keeps_exactly_the_faults_a_failure_needs() -> None:
+    scenario = three_regions(duration_s=10.0)
+    faults = [SimFault(1.0, "latency", ms=5.0, duration_s=1.0), SimFault(2.0, "kill", "eu-1"),
+              SimFault(3.0, "duplicate", pct=10.0),
+              SimFault(4.0, "partition", groups=(("us",), ("ap",)), duration_s=4.0),
+              SimFault(5.0, "skew", "ap-1", ms=100.0), SimFault(6.0, "restart", "eu-1"), SimFault(7.0, "heal")]
+
+    def fails(_sc: Scenario, fl: list[SimFault]) -> bool:  # needs the kill and the partition, nothing else
+        acts = {f.action for f in fl}
+        return {"kill", "partition"} <= acts
+
+    small = shrink(scenario, faults, fails)
+    assert [f.action for f in small.faults] == ["kill", "partition"]
+    assert small.faults[1].duration_s < 4.0  # milder values where the failure allows them
+    assert [f.action for f in small.scenario.faults] == ["kill", "partition"]
+
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_json_keys_and_exit_codes(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
@@ -147,8 +166,11 @@ def test_cli_json_keys_and_exit_codes(tmp_path: Path) -> None:
     example = Path(doc["counterexample"])
     assert example.exists() and doc["shrunk"]["still_fails"]
     assert cli_main(["simulate", "--scenario", str(example), "--core", BROKEN]) == 1
-    assert cli_main(["simulate", "--scenario", str(example), "--json", str(out)]) == 0  # the real core holds
-    assert json.loads(out.read_text())["invariants_ok"] is True
+    history = tmp_path / "history"
+    assert cli_main(["simulate", "--scenario", str(example), "--json", str(out), "--out", str(history)]) == 0
+    assert json.loads(out.read_text())["invariants_ok"] is True  # the real core holds on the same schedule
+    rec = Recording.load(history)  # the drill's history format, judged by the same checker
+    assert rec.complete and rec.audit and rec.requests and check_envelope(rec).figures["keys"]
 
 
 BAD_SCENARIO = """{sim}
