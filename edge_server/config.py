@@ -84,6 +84,9 @@ class SkillConfig:
     p99_ms: float = 200.0  # ... and this 99th percentile (0 and 0 = instant)
     error_rate: float = 0.0  # simulated: fraction of calls that fail with 502
     cpu_us: float = 0.0  # simulated: CPU burned per call, microseconds
+    # simulated: pad the JSON answer with an LLM-like generated text to about this many bytes (0: the
+    # bare rating, ~100 B); 2048 looks like a short chat completion
+    answer_bytes: int = 0
     url: str = ""  # upstream: where to POST the body
     timeout_ms: float = 5000.0  # upstream: give up after this long (502)
 
@@ -299,12 +302,13 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         api_keys[key] = tenant
 
     sk = _Reader(source, top.table_("skill"), "skill.",
-                 {"name", "kind", "median_ms", "p99_ms", "error_rate", "cpu_us", "url", "timeout_ms"})
+                 {"name", "kind", "median_ms", "p99_ms", "error_rate", "cpu_us", "answer_bytes", "url", "timeout_ms"})
     d = SkillConfig()
     skill = SkillConfig(
         name=sk.str("name", d.name), kind=sk.str("kind", d.kind),
         median_ms=sk.num("median_ms", d.median_ms), p99_ms=sk.num("p99_ms", d.p99_ms),
         error_rate=sk.num("error_rate", d.error_rate), cpu_us=sk.num("cpu_us", d.cpu_us),
+        answer_bytes=sk.int("answer_bytes", d.answer_bytes, maximum=1_000_000),
         url=sk._get("url", d.url, False), timeout_ms=sk.num("timeout_ms", d.timeout_ms, positive=True),
     )
     if not isinstance(skill.url, str):

@@ -2,7 +2,10 @@
 
 The simulated skill draws its latency from a lognormal distribution fitted to a median and a 99th
 percentile (LLM calls are long-tailed), can burn CPU and fail at a given rate, and computes a
-deterministic rating from the request body so callers can check they got *their* answer.
+deterministic rating from the request body so callers can check they got *their* answer.  With
+``answer_bytes`` set, the answer also carries a chat-completion-shaped ``completion`` (id, model, one
+assistant message, token usage) whose text pads the JSON body to about that size, because an edge in
+front of an LLM spends its CPU serializing and relaying answers of a few kB, not 100 B.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import aiohttp
 
 from edge_server.config import SkillConfig
 
-__all__ = ["SimulatedSkill", "Skill", "SkillError", "UpstreamSkill", "make_skill", "rate_text"]
+__all__ = ["SimulatedSkill", "Skill", "SkillError", "UpstreamSkill", "completion", "make_skill", "rate_text"]
 
 Z99 = 2.3263478740408408  # standard normal quantile of 0.99
+# Words the simulated completion is cut from (built once: a call only slices it).
+_WORDS = ("the rating reflects tone clarity and intent of the request with a summary of strengths weaknesses "
+          "and a short recommendation for the reviewer who asked ").split()
+_TEXT = " ".join(_WORDS[(i * 7) % len(_WORDS)] for i in range(40_000))
 
 
 class SkillError(Exception):
@@ -73,7 +80,24 @@ class SimulatedSkill(Skill):
             await asyncio.sleep(delay)
         if self.config.error_rate and self._rng.random() < self.config.error_rate:
             raise SkillError("simulated skill failure")
-        return {"rating": rate_text(body), "latency_ms": round(delay * 1000, 3)}
+        rating = rate_text(body)
+        answer: dict[str, Any] = {"rating": rating, "latency_ms": round(delay * 1000, 3)}
+        if self.config.answer_bytes > 0:
+            answer["completion"] = completion(rating, self.config.answer_bytes)
+        return answer
+
+
+def completion(rating: dict[str, Any], size: int) -> dict[str, Any]:
+    """A chat-completion-shaped answer whose JSON is about ``size`` bytes (its text is ~``size`` - 290
+    characters of ASCII words, cut at an offset chosen by the rating so answers differ)."""
+    chars = max(0, min(size - 290, len(_TEXT) - 1))  # ~290 B of JSON around the text
+    start = (rating["score"] * 7919 + int(rating["confidence"] * 1000)) % max(1, len(_TEXT) - chars)
+    text = _TEXT[start:start + chars]
+    words = text.count(" ") + 1
+    return {"id": f"cmpl-{rating['score']}{int(rating['confidence'] * 1000):03d}", "model": "simulated-llm",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": rating["chars"] // 4 + 1, "completion_tokens": words,
+                      "total_tokens": rating["chars"] // 4 + 1 + words}}
 
 
 class UpstreamSkill(Skill):

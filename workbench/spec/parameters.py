@@ -61,6 +61,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "skill_p99_ms": (200.0, "simulated skill 99th percentile latency, ms"),
     "skill_error_rate": (0.0, "fraction of skill calls that fail (502)"),
     "skill_cpu_us": (0.0, "CPU burned per skill call, microseconds"),
+    "skill_answer_bytes": (0, "size of the skill's LLM-like JSON answer, bytes (0: the bare rating, ~100 B)"),
     "kill_region_at_s": (None, "time to SIGKILL kill_region (None: no kill)"),
     "kill_region": ("", "region or node id to kill; '' = the busiest region (highest weight, first on ties)"),
     "restart_region_at_s": (None, "time to restart what kill_region_at_s killed (None: never)"),
@@ -205,7 +206,7 @@ def _build(cls: type[Scenario], params: dict[str, Any]) -> Scenario:
     return cls(name=p["name"], topology=topology,
                limits=(LimitSpec(p["limit_pattern"], p["rate"], p["burst"]),), load=load,
                skill=SkillSpec(p["skill_median_ms"], p["skill_p99_ms"], p["skill_error_rate"],
-                               p["skill_cpu_us"]),
+                               p["skill_cpu_us"], p["skill_answer_bytes"]),
                faults=tuple(faults), duration_s=p["duration_s"], seed=p["seed"], mode=p["mode"],
                health_interval_ms=p["health_interval_ms"], results_dir=p["results_dir"],
                faults_backend=p["faults_backend"])

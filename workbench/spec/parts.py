@@ -240,8 +240,12 @@ class SkillSpec:
     p99_ms: float = 200.0
     error_rate: float = 0.0  # fraction of calls that fail with 502 (tokens still spent)
     cpu_us: float = 0.0  # CPU burned per call
+    answer_bytes: int = 0  # about this many bytes of LLM-like JSON answer (0: the bare rating)
 
     def __post_init__(self) -> None:
+        if isinstance(self.answer_bytes, bool) or not isinstance(self.answer_bytes, int) or not (
+                0 <= self.answer_bytes <= 1_000_000):
+            raise ScenarioError("skill.answer_bytes", "an integer between 0 and 1000000", self.answer_bytes)
         _set(self, median_ms=_num("skill.median_ms", self.median_ms),
              p99_ms=_num("skill.p99_ms", self.p99_ms),
              error_rate=_num("skill.error_rate", self.error_rate, maximum=1.0),
