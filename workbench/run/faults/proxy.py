@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 from workbench.run.faults.listener import Listener, SocketFactory
+from workbench.run.faults.target import TargetWatch
 
 __all__ = ["FaultProxy"]
 
@@ -104,13 +105,13 @@ class _Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         # Half-close: pass the FIN on once everything queued before it is delivered.
         if self.upstream:
-            self.conn.proxy._suspect_target()
+            self.conn.proxy._watch.suspect()
         self.conn.proxy._enqueue(self, b"")
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.upstream and self.conn in self.conn.proxy._conns:  # the target went away on its own
-            self.conn.proxy._suspect_target()
+            self.conn.proxy._watch.suspect()
         self.conn.close(reset=exc is not None)
 
     # Flow control: when the peer cannot keep up, stop reading from this side.
@@ -204,9 +205,8 @@ class FaultProxy:
         self._listener: Listener | None = None
         self._adopting: set[asyncio.Task[Any]] = set()
         self.probe_interval_s = probe_interval_s
-        self._target_down = False
-        self._probing: asyncio.Task[None] | None = None  # probes after an upstream close
-        self._watching: asyncio.Task[None] | None = None  # probes while the target is down
+        self._watch = TargetWatch(lambda: (self.target_host, self.target_port), self._target_died,
+                                  self._target_back, make_socket=make_socket, interval_s=probe_interval_s)
         self._conns: set[_Conn] = set()
         self._partition: str | None = None
         self._blackhole = False
@@ -256,11 +256,9 @@ class FaultProxy:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for task in [*self._adopting, self._probing, self._watching]:
-            if task is not None:
-                task.cancel()
-        self._probing = self._watching = None
-        self._target_down = False
+        for task in self._adopting:
+            task.cancel()
+        self._watch.stop()
         for conn in list(self._conns):
             conn.close(reset=True)
         await asyncio.sleep(0)  # let cancelled connects unwind
@@ -345,7 +343,7 @@ class FaultProxy:
             "active": len(self._conns),
             "resets": self.resets,
             "delayed_chunks": self.delayed_chunks,
-            "target_down": self._target_down,
+            "target_down": self._watch.down,
         }
 
     # -- internals -----------------------------------------------------------------------------
@@ -393,7 +391,7 @@ class FaultProxy:
             # The target is down: show the client what it would see connecting directly.
             conn.close(reset=True)
             if isinstance(exc, ConnectionRefusedError):
-                self._mark_target_down()
+                self._watch.refused()
             return
         if conn not in self._conns:  # closed (stop/reset) while we were connecting
             _rst(target.transport)
@@ -406,57 +404,13 @@ class FaultProxy:
         if conn.client.queue and conn.client.timer is None:
             self._flush(conn.client)
 
-    # -- a dead target ---------------------------------------------------------------------------
+    def _target_died(self) -> None:
+        if self._listener is not None:
+            self._listener.refuse()
 
-    def _mark_target_down(self) -> None:
-        """Refuse like the target does, and probe it until it accepts again."""
-        if self._target_down or self._listener is None:
-            return
-        self._target_down = True
-        self._listener.refuse()
-        self._watching = asyncio.get_running_loop().create_task(self._probe_until_up())
-        self._watching.add_done_callback(_consume)
-
-    def _suspect_target(self) -> None:
-        """An upstream connection closed under us: a few probes tell a dying target from a plain close."""
-        if self._target_down or self._listener is None or (self._probing and not self._probing.done()):
-            return
-        self._probing = asyncio.get_running_loop().create_task(self._probe_a_while())
-        self._probing.add_done_callback(_consume)
-
-    async def _probe_a_while(self, probes: int = 5) -> None:
-        # A killed process closes its connections and its listening socket one after the other, so the
-        # first probe may still get in: keep probing for a few intervals before calling it a plain close.
-        for i in range(probes):
-            if i:
-                await asyncio.sleep(self.probe_interval_s)
-            if not await self._target_accepts():
-                self._mark_target_down()
-                return
-
-    async def _probe_until_up(self) -> None:
-        while True:
-            await asyncio.sleep(self.probe_interval_s)
-            if await self._target_accepts():
-                break
-        self._target_down = False
+    def _target_back(self) -> None:
         if self._listener is not None:
             self._listener.accept_again()
-
-    async def _target_accepts(self) -> bool:
-        """False only when the target refuses a connection (a timeout or a success count as up)."""
-        loop = asyncio.get_running_loop()
-        sock = self._make_socket() if self._make_socket is not None else socket.socket()
-        try:
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, (self.target_host, self.target_port)), 1.0)
-        except ConnectionRefusedError:
-            return False
-        except (OSError, TimeoutError):
-            return True
-        finally:
-            sock.close()
-        return True
 
     def _enqueue(self, side: _Side, data: bytes) -> None:
         """Queue a chunk (``b""`` is a FIN) read by ``side`` for delivery to its peer after the faults."""
