@@ -169,10 +169,16 @@ class World:
         return home, self._tenants[bisect.bisect_right(kc, rand() * kc[-1])]
 
     def _arrive(self) -> None:
-        home, key = self._pick()
+        """One open-loop arrival (``_pick`` and ``_gap`` inlined: this runs for every request)."""
+        rand = self._rand
+        cum, regions = self._home_cum, self.topo.regions
+        home = regions[bisect.bisect_right(cum, rand() * cum[-1])] if len(cum) > 1 else regions[0]
+        kc, tenants = self._key_cum, self._tenants
+        key = tenants[bisect.bisect_right(kc, rand() * kc[-1])] if len(kc) > 1 else tenants[0]
         self._serve(home, key)
         sched = self.sched
-        sched.at(sched.now + self._gap(), self._arrive)
+        gap = self.load_rng.expovariate(self._rate) if self._poisson else 1.0 / self._rate
+        sched.at(sched.now + gap, self._arrive)
 
     def _user(self) -> None:
         home, key = self._pick()
