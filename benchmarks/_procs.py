@@ -211,8 +211,10 @@ def write_cluster(
     max_keys: int = 100_000,
     key_idle_ttl_s: int = 300,
     nodes_per_region: int = 1,
+    skill: SkillConfig | None = None,
 ) -> tuple[Path, list[NodeInfo]]:
-    """A cluster file in ``workdir`` with ``nodes_per_region`` nodes per region on free loopback ports."""
+    """A cluster file in ``workdir`` with ``nodes_per_region`` nodes per region on free loopback ports
+    (the skill: ``skill``, else a simulated one of median 1 ms, p99 2 ms)."""
     nodes = [NodeInfo(f"{region}-{i}", region, free_port()) for region in regions
              for i in range(1, nodes_per_region + 1)]
     path = Path(workdir) / "cluster.toml"
@@ -221,7 +223,8 @@ def write_cluster(
         regions=tuple(RegionSpec(r, tuple(NodeSpec(n.id, r, "127.0.0.1", n.port) for n in nodes if n.region == r))
                       for r in regions),
         limits=tuple(LimitRule(pattern, float(rate), float(burst)) for pattern, rate, burst in limits),
-        api_keys={"key-bench": "bench"}, skill=SkillConfig(name="rating", kind="simulated", median_ms=1, p99_ms=2),
+        api_keys={"key-bench": "bench"},
+        skill=skill or SkillConfig(name="rating", kind="simulated", median_ms=1, p99_ms=2),
         audit_dir=Path("audit"), max_keys=max_keys, key_idle_ttl_s=float(key_idle_ttl_s))
     write_cluster_config(path, config)
     return path, nodes
