@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,61 @@ async def test_a_netns_cluster_that_fails_to_start_deletes_its_namespaces(tmp_pa
             pass
     assert _ours() == []
     assert _here() == before
+
+
+def _start_cli_drill(tmp_path: Path) -> subprocess.Popen[bytes]:
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "drill", "--quiet", "--faults-backend", "netns", "--duration-s", "30",
+         "--route", "check", "--load-rps", "20", "--out", str(tmp_path / "run")],
+        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_running(proc: subprocess.Popen[bytes], tmp_path: Path, timeout_s: float = 40.0) -> list[str]:
+    """Until the drill's lab exists and its router has started; the lab's namespaces."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        names = [n for n in lab_namespaces() if n.startswith(f"wbn{proc.pid}x")]
+        if names and (tmp_path / "run" / "cluster" / "router.log").exists():
+            time.sleep(1.0)
+            return names
+        time.sleep(0.1)
+    raise AssertionError("the drill did not start")
+
+
+@pytest.mark.integration
+def test_ctrl_c_of_a_netns_drill_deletes_its_namespaces(tmp_path: Path) -> None:
+    before = _here()
+    proc = _start_cli_drill(tmp_path)
+    try:
+        assert _wait_running(proc, tmp_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [n for n in lab_namespaces() if n.startswith(f"wbn{proc.pid}x")] == []
+    assert _here() == before
+
+
+@pytest.mark.integration
+def test_the_lab_of_a_killed_drill_is_deleted_by_the_next_lab(tmp_path: Path) -> None:
+    proc = _start_cli_drill(tmp_path)
+    try:
+        left = _wait_running(proc, tmp_path)
+        proc.kill()  # kill -9: no cleanup of its own can run
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        assert set(left) <= set(lab_namespaces())  # what a kill -9 leaves ...
+        with NetnsLab.create(["a"]):
+            pass
+        assert not set(left) & set(lab_namespaces())  # ... the next lab deletes
+    finally:
+        for name in left:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
