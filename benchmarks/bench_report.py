@@ -1,13 +1,15 @@
-"""Size and open time of the HTML report in headless Chromium: the issue's figure "an HTML report with
-6+ charts: <= 6 MB, opens (DOM ready, charts drawn) in < 2 s".
+"""Size and open time of the HTML report in headless Chromium (Playwright on Debian's chromium): the
+targets "an HTML report with 6+ charts: <= 6 MB" and "a cold open in <= 1.5 s" (issue 11).
 
 Two real drills (a region killed and restarted under load) give a report of one run (6 charts) and a
 comparison report of two runs (12 charts).  Each report is opened ``--opens`` times (default 5), every
 time in a *fresh* Chromium with an empty profile -- what a manager opening the file meets: nothing
 cached, plotly.js compiled from scratch.  The open time is measured by the page itself: from
 navigation start to the first moment the DOM is parsed and every plotly chart has its SVG
-(``workbench.browser.CHARTS_DRAWN_JS``, checked every frame / 5 ms).  Re-opens in the same browser
-(warm: V8's code cache) are reported too, for contrast.  Figures: medians.
+(``tests.support.browser.CHARTS_DRAWN_JS``, checked every frame / 5 ms).  Re-opens in the same browser
+(warm: V8's code cache) are reported too, for contrast.  Figures: medians.  The network is blocked
+for every open.  Targets are reported in the results file (met / missed); the exit status is 0
+either way, non-zero only when a drill or an open failed.
 
 Usage: .venv/bin/python benchmarks/bench_report.py [--quick] [--results DIR [DIR]] [--opens N]
 """
@@ -15,7 +17,6 @@ Usage: .venv/bin/python benchmarks/bench_report.py [--quick] [--results DIR [DIR
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
@@ -27,11 +28,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._procs import RESULTS, table, workdir, write_results
-from workbench.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, Browser
+from benchmarks._targets import target
+from tests.support.browser import CHARTS_DRAWN_JS, DRAWN_CHARTS_JS, launch, new_page, open_until
 from workbench.ui.report import write_report
 
 MAX_BYTES = 6_000_000
-MAX_OPEN_MS = 2_000.0
+MAX_OPEN_MS = 1_500.0
 NAME = "report_render"
 
 
@@ -47,19 +49,23 @@ def run_drill(out: Path, duration_s: float, seed: int) -> Path:
     return out
 
 
-async def measure(report: Path, size: int, opens: int, warm: int) -> dict[str, Any]:
+def measure(report: Path, size: int, opens: int, warm: int) -> dict[str, Any]:
     """``opens`` cold opens (a fresh browser each), then ``warm`` re-opens in the last browser."""
     cold: list[dict[str, Any]] = []
     warm_runs: list[dict[str, Any]] = []
     charts = 0
     for i in range(opens):
-        async with Browser(width=1400, height=1000) as b:
-            cold.append(await b.open_until(report.as_uri(), CHARTS_DRAWN_JS))
-            charts = await b.evaluate(DRAWN_CHARTS_JS)
+        with launch() as browser:
+            page, watch = new_page(browser, offline=True)
+            cold.append(open_until(page, report.as_uri(), CHARTS_DRAWN_JS))
+            charts = page.evaluate(DRAWN_CHARTS_JS)
+            if watch.blocked or watch.errors:
+                raise SystemExit(f"the report needed the network or threw: {watch.blocked[:3]} {watch.errors[:3]}")
             if i == opens - 1:
                 for _ in range(warm):
-                    await b.open("about:blank")
-                    warm_runs.append(await b.open_until(report.as_uri(), CHARTS_DRAWN_JS))
+                    again, _watch = new_page(browser, offline=True)
+                    warm_runs.append(open_until(again, report.as_uri(), CHARTS_DRAWN_JS))
+                    again.context.close()
     ready = [t["ready_ms"] for t in cold]
     return {
         "bytes": size,
@@ -69,7 +75,6 @@ async def measure(report: Path, size: int, opens: int, warm: int) -> dict[str, A
         "open_ms_max": max(ready),
         "open_ms_all": ready,
         "dom_content_loaded_ms_median": round(statistics.median(t["dom_content_loaded_ms"] for t in cold), 1),
-        "wall_ms_median": round(statistics.median(t["wall_ms"] for t in cold), 1),
         "warm_open_ms_median": round(statistics.median(t["ready_ms"] for t in warm_runs), 1) if warm_runs else None,
     }
 
@@ -93,23 +98,28 @@ def main() -> int:
     figures: dict[str, Any] = {"max_mb": MAX_BYTES / 1e6, "max_open_ms": MAX_OPEN_MS, "opens": opens}
     for runs in (1, 2):
         report = write_report(folders[:runs], work / f"report-{runs}.html")
-        figures[f"runs_{runs}"] = asyncio.run(measure(report, report.stat().st_size, opens, warm=3))
-    figures["pass"] = all(figures[f"runs_{n}"]["bytes"] <= MAX_BYTES and figures[f"runs_{n}"]["charts_drawn"] >= 6 * n
-                          and figures[f"runs_{n}"]["open_ms_median"] < MAX_OPEN_MS for n in (1, 2))
+        figures[f"runs_{runs}"] = measure(report, report.stat().st_size, opens, warm=3)
+    targets = []
+    for n in (1, 2):
+        f = figures[f"runs_{n}"]
+        targets += [target(f"report of {n} run(s): size", f["mb"], "<=", MAX_BYTES / 1e6, "MB"),
+                    target(f"report of {n} run(s): charts drawn", f["charts_drawn"], ">=", 6 * n),
+                    target(f"report of {n} run(s): cold open (median)", f["open_ms_median"], "<=", MAX_OPEN_MS, "ms")]
     previous = RESULTS / f"{NAME}{'-quick' if args.quick else ''}.json"
     extra = {}
     if previous.exists():  # keep what the browser test recorded in the same file
         test = json.loads(previous.read_text(encoding="utf-8")).get("test")
         extra = {"test": test} if test else {}
     path = write_results(NAME, figures, quick=args.quick, started=started,
-                         extra={"drills": [str(f) for f in folders], **extra})
+                         extra={"drills": [str(f) for f in folders], **extra}, targets=targets)
     rows = [(f"{n} run(s)", figures[f"runs_{n}"]["charts_drawn"], figures[f"runs_{n}"]["mb"],
              figures[f"runs_{n}"]["open_ms_median"], figures[f"runs_{n}"]["open_ms_max"],
              figures[f"runs_{n}"]["warm_open_ms_median"]) for n in (1, 2)]
     print(table(rows, ["report", "charts", "MB", f"open ms (median of {opens} cold)", "max", "warm median"]))
-    print(f"figure: <= {MAX_BYTES / 1e6:g} MB and < {MAX_OPEN_MS:.0f} ms: {'PASS' if figures['pass'] else 'FAIL'}"
-          f"  -> {path}")
-    return 0 if figures["pass"] else 1
+    missed = [t["name"] for t in targets if t["met"] is False]
+    print(f"targets: <= {MAX_BYTES / 1e6:g} MB, cold open <= {MAX_OPEN_MS:.0f} ms: "
+          + (f"missed: {'; '.join(missed)}" if missed else "met") + f"  -> {path}")
+    return 0  # a missed target is reported, never a failure
 
 
 if __name__ == "__main__":
