@@ -43,7 +43,8 @@ from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, Limit, NoLi
 
 __all__ = ["StrictDecision", "StrictTable", "Ticket", "UnknownTransfer"]
 
-DEMAND_TAU_S = 0.5  # demand is an exponential average over about this long
+DEMAND_TAU_S = 0.5  # demand reported to the voters: an exponential average over about this long
+FAST_TAU_S = 0.05  # demand behind wants and surplus: must follow a shift within a few rounds
 
 
 class UnknownTransfer(LookupError):
@@ -85,6 +86,7 @@ class _Key:
         "credited",
         "demand",
         "f",
+        "fast",
         "limit",
         "minted",
         "p",
@@ -113,6 +115,7 @@ class _Key:
         self.stamp = now
         self.requested = 0.0
         self.demand = 0.0  # tokens per second asked for (allowed or not), averaged
+        self.fast = 0.0  # the same over a much shorter time
         self.changed = 0
 
     def own(self) -> ActorRights:
@@ -294,15 +297,16 @@ class StrictTable:
         for st in self._keys.values():
             self._settle(st, now)
             if dt > 0:
-                gain = 1 - math.exp(-dt / DEMAND_TAU_S)
-                st.demand += gain * (st.requested / dt - st.demand)
+                seen = st.requested / dt
+                st.demand += (1 - math.exp(-dt / DEMAND_TAU_S)) * (seen - st.demand)
+                st.fast += (1 - math.exp(-dt / FAST_TAU_S)) * (seen - st.fast)
                 st.requested = 0.0
             self._want_and_give(st, now, horizon)
 
     def _want_and_give(self, st: _Key, now: float, horizon: float) -> None:
         phi = self.lease.phi(now)
         pr, pc, fr, fc = self._caps(st, phi)
-        need = st.demand * horizon * 2
+        need = st.fast * horizon * 2
         have = st.p + st.f + (pr + fr) * horizon
         up, uf = self._unacked(st)
         if now >= self.ghost_until and need > have:
@@ -311,7 +315,7 @@ class StrictTable:
             if amount > 0:
                 st.want = (now, amount)
                 self._touch(st)
-        surplus = st.p + st.f - st.demand * horizon
+        surplus = st.p + st.f - st.fast * horizon
         if surplus <= 1e-9:
             return
         wants = []
