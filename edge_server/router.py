@@ -70,6 +70,12 @@ _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Cont
                                               "Upgrade", "Server", "Date"))
 
 
+def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    """A try that lost (or ran on after the request ended): free its connection, keep no exception."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().release()
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
     """The node's error shape, so clients parse router and node errors alike."""
@@ -110,16 +116,12 @@ class Router(RoutingTable):
         self.guard: Any = None  # the ConnectionGuard when served by router_main (slow clients)
         self.metrics.registry.register(OverloadCollector("router", lambda: (self.gate, self.guard)))
         self.session: aiohttp.ClientSession | None = None
-        connect = rc.connect_timeout_ms / 1000
-        total = rc.request_timeout_ms / 1000
-        self._timeouts = {
-            CHECK_ROUTE: (aiohttp.ClientTimeout(total=min(total, rc.check_try_timeout_ms / 1000),
-                                                sock_connect=connect), True),
-            INVOKE_ROUTE: (aiohttp.ClientTimeout(total=min(total, rc.invoke_try_timeout_ms / 1000),
-                                                 sock_connect=connect), True) if rc.retry_inflight_invoke
-            else (aiohttp.ClientTimeout(total=total, sock_connect=connect), False),
-        }
-        self._default_timeout = (aiohttp.ClientTimeout(total=total, sock_connect=connect), False)
+        self._timeout = aiohttp.ClientTimeout(total=rc.request_timeout_ms / 1000,
+                                              sock_connect=rc.connect_timeout_ms / 1000)
+        # Routes whose tries are hedged after a per-try timeout (seconds); the others wait for their answer.
+        self._per_try: dict[str, float] = {CHECK_ROUTE: rc.check_try_timeout_ms / 1000}
+        if rc.retry_inflight_invoke:
+            self._per_try[INVOKE_ROUTE] = rc.invoke_try_timeout_ms / 1000
         self._ids = itertools.count(1)
         self._boot = int(time.time() * 1000)
 
@@ -174,7 +176,6 @@ class Router(RoutingTable):
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
         if "X-Request-Id" not in headers:
             headers["X-Request-Id"] = f"rt-{self._boot}-{next(self._ids)}"
-        timeout, retry_inflight = self._timeouts.get(route, self._default_timeout)
         node = self.pick(home)
         if node is None:
             self.counters["no_healthy"] += 1
@@ -182,39 +183,104 @@ class Router(RoutingTable):
             return error_response(503, "no_healthy_region", f"no region has a node for home region {home}",
                                   headers={"Retry-After": "1", **extra})
         self.budget.request()
+        return await self._tries(request, route, home, node, key, body, parsed, headers, extra)
+
+    async def _tries(self, request: web.Request, route: str, home: str, first: NodeHealth, key: str | None,
+                     body: bytes, parsed: dict | None, headers: CIMultiDict[str], extra: dict[str, str]
+                     ) -> web.StreamResponse:
+        """At most two tries.  A try that never reached its node, or that the node shed, is retried at
+        once; on the hedged routes (check; invoke with ``retry_inflight_invoke``) a try still unanswered
+        after the per-try timeout gets a second one on the next region *while it keeps waiting*: the
+        first answer wins, the other try is cancelled.  Without a retry budget the first try simply
+        goes on waiting, so a slow answer (our own lag, a busy node) is never turned into an error."""
         assert self.session is not None
-        for attempt in (0, 1):
-            started = time.perf_counter()
-            headers[DEADLINE_HEADER] = str(int(time.time() * 1000 + timeout.total * 1000))  # type: ignore[operator]
-            try:
-                resp = await self.session.request(request.method, node.spec.url + request.raw_path,
-                                                  data=body or None, headers=headers, timeout=timeout,
-                                                  allow_redirects=False)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                kind = classify(exc)
-                error = f"{exc.__class__.__name__}: {exc}"[:200]
-                self.try_failed(node, kind, error)
-                retry = attempt == 0 and (kind in _NOT_REACHED or retry_inflight)
-                nxt = self._retry_target(home, node) if retry else None
-                if nxt is not None:
-                    extra["X-Router-Retried"] = node.spec.id
-                    extra["X-Router-Retry-Reason"] = kind
-                    node = nxt
+        session, loop = self.session, asyncio.get_running_loop()
+        per_try = self._per_try.get(route)
+        total = self.rc.request_timeout_ms / 1000
+        ends = loop.time() + total
+        pending: dict[asyncio.Task[aiohttp.ClientResponse], tuple[NodeHealth, float]] = {}
+        tries, hedged, reason, last = 0, False, "", first
+
+        def launch(node: NodeHealth) -> None:
+            """Send a try.  Its deadline: for the first try of a hedged route twice the per-try timeout
+            (by then the router has most likely got its answer elsewhere: a node that only gets to the
+            try later, paused or queued, must not grant it); for the last try, the rest of the request."""
+            nonlocal tries, last
+            tries, last = tries + 1, node
+            hdrs = CIMultiDict(headers)
+            budget_s = 2 * per_try if per_try is not None and tries == 1 else ends - loop.time()
+            hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s) * 1000))
+            task = asyncio.ensure_future(session.request(request.method, node.spec.url + request.raw_path,
+                                                         data=body or None, headers=hdrs, timeout=self._timeout,
+                                                         allow_redirects=False))
+            pending[task] = (node, time.perf_counter())
+
+        launch(first)
+        try:
+            while pending:
+                wait = ends - loop.time()
+                hedge_due = per_try is not None and not hedged and tries == 1
+                if wait <= 0:
+                    break
+                done, _ = await asyncio.wait(pending, timeout=min(wait, per_try) if hedge_due else wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if not hedge_due:
+                        break  # the whole request timed out
+                    hedged = True
+                    slow = next(iter(pending.values()))[0]
+                    self.try_failed(slow, "timeout", f"no answer within the per-try timeout of {per_try:g} s")
+                    nxt = self._retry_target(home, slow)
+                    if nxt is not None:
+                        reason = "timeout"
+                        launch(nxt)
                     continue
-                return self._try_error(route, home, node, kind, extra)
-            self.answered(node)
-            shed = resp.headers.get(SHED_HEADER) if resp.status == 503 else None
-            if shed is not None and attempt == 0:  # the node refused before deciding: safe anywhere
-                self.take_out(node, "overloaded", OVERLOAD_EJECT_S)
-                nxt = self._retry_target(home, node)
-                if nxt is not None:
-                    resp.release()
-                    extra["X-Router-Retried"] = node.spec.id
-                    extra["X-Router-Retry-Reason"] = f"shed:{shed}"
-                    node = nxt
-                    continue
-            return await self._relay(request, resp, node, route, home, key, body, parsed, extra, started)
-        raise AssertionError("unreachable")  # pragma: no cover
+                for task in done:
+                    node, started = pending.pop(task)
+                    exc = task.exception()
+                    if exc is not None:
+                        kind = classify(exc)
+                        self.try_failed(node, kind, f"{exc.__class__.__name__}: {exc}"[:200])
+                        if pending:
+                            continue  # the other try may still answer
+                        nxt = (self._retry_target(home, node)
+                               if tries < 2 and (kind in _NOT_REACHED or per_try is not None) else None)
+                        if nxt is None:
+                            return self._try_error(route, home, node, kind, self._retried(extra, first, node,
+                                                                                          reason))
+                        reason = kind
+                        launch(nxt)
+                        continue
+                    resp = task.result()
+                    self.answered(node)
+                    shed = resp.headers.get(SHED_HEADER) if resp.status == 503 else None
+                    if shed is not None:  # the node refused before deciding: safe to send anywhere
+                        if shed != "deadline":  # a late try says nothing about the node (we may be late)
+                            self.take_out(node, "overloaded", OVERLOAD_EJECT_S)
+                        nxt = None if pending or tries >= 2 else self._retry_target(home, node)
+                        if pending or nxt is not None:
+                            resp.release()
+                            if nxt is not None:
+                                reason = f"shed:{shed}"
+                                launch(nxt)
+                            continue
+                    return await self._relay(request, resp, node, route, home, key, body, parsed,
+                                             self._retried(extra, first, node, reason), started)
+            for node, _ in pending.values():
+                if not (hedged and node is first):  # the first was already judged at its per-try timeout
+                    self.try_failed(node, "timeout", f"no answer within {total:g} s")
+            return self._try_error(route, home, last, "timeout", self._retried(extra, first, last, reason))
+        finally:
+            for task in pending:
+                task.cancel()
+                task.add_done_callback(_discard)
+
+    @staticmethod
+    def _retried(extra: dict[str, str], first: NodeHealth, node: NodeHealth, reason: str) -> dict[str, str]:
+        if node is not first:
+            extra["X-Router-Retried"] = first.spec.id
+            extra["X-Router-Retry-Reason"] = reason
+        return extra
 
     def _retry_target(self, home: str, failed: NodeHealth) -> NodeHealth | None:
         node = self.pick(home, exclude_region=failed.spec.region) or self.pick(home, exclude_node=failed)

@@ -554,7 +554,10 @@ async def test_failover_under_concurrent_load_retries_in_flight_requests(make_no
         for _ in range(2000):  # bounded; stops at stop_at long before
             if time.monotonic() > stop_at:
                 return
-            statuses.append((await check(s, url, "eu", key="busy"))[0])
+            status, _, body = await check(s, url, "eu", key="busy")
+            statuses.append(status)
+            if status != 200:
+                print(status, body)  # shown when the assertion below fails
 
     async with aiohttp.ClientSession() as s:
         workers = [asyncio.create_task(worker(s)) for _ in range(16)]
