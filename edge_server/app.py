@@ -423,7 +423,8 @@ async def state(node: Node, request: web.BaseRequest) -> web.Response:
         "node": node.spec.id, "region": node.spec.region, "time": now, "boot": node.boot,
         "change_seq": table.change_seq, "live_peers": sorted(table.live_peers()),
         "key_count": table.key_count(), "audit_last_seq": node.audit.last_seq,
-        "audit_total_cost": node.audit.total_cost, "keys": table.snapshot(now, keys),
+        "audit_total_cost": node.audit.total_cost, "audit_segments": node.audit.segment_count,
+        "audit_unsealed": node.audit.unsealed, "keys": table.snapshot(now, keys),
     })
 
 

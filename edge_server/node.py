@@ -172,4 +172,6 @@ class Node:
 
     async def close(self) -> None:
         await self.skill.close()
+        # A clean stop seals what was closed (bounded): the next start reads a checkpoint, not segments.
+        await self.audit.wait_sealed(10.0)
         self.audit.close()

@@ -253,8 +253,10 @@ class AuditLog:
             own, max_gen = self.own_source()
         else:
             own, max_gen = list(self._own.items()), 0
+        running = self._sealing[0] if self._seal_task is not None and self._sealing else None
         for older in self._sealing:
-            older.checkpoint = None  # only the newest segment's checkpoint is worth writing
+            if older is not running:
+                older.checkpoint = None  # queued behind a seal: only the newest one's is worth writing
         spec = SealSpec(first, self._written_seq, self._active_prev, self._prev.decode(), self._active_first_ts,
                         self._last_ts, self._active_events, self._active_cost,
                         {"own": own, "events": self._written_seq, "total_cost": self.total_cost,
@@ -378,7 +380,13 @@ class AuditLog:
 
     @property
     def segment_count(self) -> int:
+        """Segments on disk besides the open one (sealed or being sealed)."""
         return len(self._segments)
+
+    @property
+    def unsealed(self) -> int:
+        """Closed segments not sealed yet (queued, being sealed, or failing to)."""
+        return len(self._sealing)
 
     def close(self) -> None:
         if self._future is not None:
