@@ -18,10 +18,11 @@ and never takes the regions out because it is itself overloaded.  ``docs/router.
   failure evidence (rising after a restart, never checked) get traffic too.
 * **Retries.** A try that never reached a node (refused, unreachable, connect timeout) or that a node
   shed before deciding (503 with ``X-Edge-Shed``) is retried once on the next region.  A try in flight
-  (sent, then timed out or reset) is retried only on ``/v1/limits/check`` (after
-  ``check_try_timeout_ms``), and on invoke only with ``retry_inflight_invoke``.  Every retry is paid from
-  a retry budget (:class:`edge_server.admission.RetryBudget`).  Each try carries ``X-Edge-Deadline-Ms``:
-  a node that gets it late (paused, queued) refuses it without granting.
+  is hedged only on ``/v1/limits/check`` (a second try on the next region after
+  ``check_try_timeout_ms`` while the first keeps waiting; the first answer wins), and on invoke only with
+  ``retry_inflight_invoke``.  Every retry is paid from a retry budget
+  (:class:`edge_server.admission.RetryBudget`).  Each try carries ``X-Edge-Deadline-Ms``: a node that gets
+  it late (paused, queued) refuses it without granting.
 * **Shedding.** At most ``max_inflight`` requests in flight, ``queue_max`` more waiting at most
   ``queue_timeout_ms``; the rest get a quick 503 ``router_overloaded`` with ``Retry-After``.  After a 429
   for a key, that key is answered 429 by the router itself for a while (:mod:`edge_server.shedding`).
