@@ -17,6 +17,7 @@ __all__ = [
     "FAULT_COLORS",
     "REGION_COLORS",
     "envelope_figure",
+    "excess_figure",
     "fault_timeline_figure",
     "health_figure",
     "latency_figure",
@@ -78,6 +79,26 @@ def envelope_figure(series: Mapping[str, Any], faults: Sequence[FaultRecord] = (
                     line={"color": "#2563eb"}, fill="tozeroy", fillcolor="rgba(37,99,235,0.1)")
     _fault_lines(fig, faults)
     return _layout(fig, "Admitted tokens vs the global limit", "tokens (cumulative)")
+
+
+def excess_figure(excess: Mapping[str, Any], faults: Sequence[FaultRecord] = ()) -> go.Figure:
+    """Per key, the worst window ending in each bin over ``B + R·(t - s)`` (``check.excess``), and the
+    checker's allowance: above 0 is over-admission, above the allowance a broken envelope."""
+    fig = go.Figure()
+    t = excess["t_s"]
+    for i, (key, values) in enumerate(excess["keys"].items()):
+        fig.add_scatter(x=t, y=values, name=f"key {key}", line={"color": REGION_COLORS[i % len(REGION_COLORS)]},
+                        hovertemplate=f"{key}: %{{y:.1f}} tokens at %{{x:.1f}} s<extra></extra>")
+    allowance = excess.get("allowance_tokens")
+    if allowance is not None and t:
+        fig.add_scatter(x=[0, t[-1]], y=[allowance, allowance], name=f"allowed ({allowance:g} tokens)",
+                        mode="lines", line={"color": "#dc2626", "dash": "dash"})
+    fig.add_hline(y=0, line_color="#9ca3af", line_width=1)
+    _fault_lines(fig, faults)
+    shown = len(excess["keys"])
+    note = "" if shown >= excess.get("keys_total", shown) else f" ({shown} of {excess['keys_total']} keys)"
+    return _layout(fig, "Excess over the limit envelope, worst window ending at t" + note,
+                   "tokens over B + R·(t-s)")
 
 
 def health_figure(nodes: Sequence[str], intervals: Mapping[str, Sequence[tuple[float, float, str]]],

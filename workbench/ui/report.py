@@ -1,8 +1,15 @@
-"""Self-contained HTML dashboards of recorded runs: summary, verdict, every chart, offline.
+"""Self-contained HTML dashboards of recorded runs, for someone who decides from them.
 
-plotly.js is embedded once per page (not once per chart), so a page with many charts stays small
-and opens with no network.  Several runs give a comparison table with regressions flagged against
-the first run (the baseline).
+At the top, each run's verdict and a table of its objectives (target, measured, met / missed), from
+the checker's summary; then, for several runs, the comparison with regressions flagged against the
+first run (the baseline); the failover of every outage; and every chart, drawn offline.  The
+envelope chart shows the *excess* over ``B + R·(t - s)`` over time (``workbench.check.excess``):
+cumulative tokens next to the envelope hide a 13-token over-admission in 4,000.
+
+plotly.js is embedded once per page.  When every chart uses only plotly's basic trace types
+(scatter, bar, pie) the page embeds plotly's basic bundle shipped in ``ui/assets`` (1.2 MB, same
+plotly.js version as plotly.py's, checked) instead of the full one (4.6 MB): a smaller page that a
+browser compiles faster on a cold open (``benchmarks/bench_report.py``).
 """
 
 from __future__ import annotations
@@ -14,14 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import plotly.io as pio
-from plotly.offline import get_plotlyjs
+from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from workbench.check import checker
+from workbench.check.excess import excess_over_time
 from workbench.check.live import LiveStats
 from workbench.history import Recording, RecordingError
 from workbench.ui import charts
 
-__all__ = ["REGRESSION_RULES", "ReportError", "figures_for", "health_intervals", "render_report", "write_report"]
+__all__ = ["REGRESSION_RULES", "ReportError", "figures_for", "health_intervals", "objectives", "plotly_bundle",
+           "render_report", "write_report"]
+
+_ASSETS = Path(__file__).with_name("assets")
+BASIC_BUNDLE = _ASSETS / "plotly-basic.min.js"
+BASIC_BUNDLE_VERSION = "4.1.1"  # the plotly.js release the vendored basic bundle is
+BASIC_TRACES = {"scatter", "bar", "pie"}
 
 
 class ReportError(ValueError):
@@ -104,7 +118,7 @@ def figures_for(rec: Recording, summary: dict[str, Any]) -> list[tuple[str, Any]
     return [
         ("throughput", charts.throughput_figure(series, rec.faults)),
         ("latency", charts.latency_figure(series, rec.faults)),
-        ("envelope", charts.envelope_figure(series, rec.faults)),
+        ("excess", charts.excess_figure(excess_over_time(rec, bin_s=live.bin_s), rec.faults)),
         ("health", charts.health_figure(nodes, health_intervals(rec, nodes, node_region, end), end)),
         ("faults", charts.fault_timeline_figure(rec.faults, per_target, end)),
         ("processes", charts.process_figure(rec.processes)),
@@ -134,6 +148,7 @@ td:first-child,th:first-child{text-align:left}.reg{background:#fee2e2}
 .grid{display:grid;grid-template-columns:minmax(0,1fr);gap:12px;max-width:1200px}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:6px;min-width:0;overflow:hidden}
 .muted{color:#6b7280;font-size:12px}
+h2.verdict{font-size:19px;margin:18px 0 8px}.obj td{text-align:left}.obj td:last-child{text-align:center}
 """
 
 _ROWS = [("throughput_rps", "throughput (req/s)"), ("latency_ms.p50", "latency p50 (ms)"),
@@ -182,6 +197,75 @@ def _summary_table(names: list[str], summaries: list[dict[str, Any]]) -> tuple[s
     return f"<table>{head}{''.join(rows)}</table>", regressions
 
 
+def _yes(ok: Any) -> str:
+    return {True: "<span class='ok'>met</span>", False: "<span class='bad'>MISSED</span>"}.get(ok, "-")
+
+
+def objectives(rec: Recording, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per check of the summary: objective, target, measured (all as text) and met."""
+    checks = summary.get("checks") or {}
+    fo, errs = summary.get("failover") or {}, summary.get("errors") or {}
+    conv, counter = summary.get("convergence") or {}, summary.get("envelope_counter") or {}
+    allowance = excess_over_time(rec)["allowance_tokens"]
+    fo_ms = summary.get("failover_ms") or {}
+    known = {
+        "envelope": ("limit envelope (audit trails)",
+                     f"worst window <= {allowance:g} tokens over B + R·(t-s)",
+                     f"{_fmt(summary.get('worst_window_excess_tokens'))} tokens"),
+        "envelope_counter": ("limit envelope (clients; unknown outcomes counted as admitted)",
+                             f"worst window <= {allowance:g} tokens over B + R·(t-s)",
+                             f"{_fmt(counter.get('worst_excess_tokens'))} tokens"),
+        "token_loss": ("no token lost or granted twice", "0", _fmt(summary.get("token_loss"))),
+        "failover": ("failover: every affected client served elsewhere",
+                     "0 unserved clients" + ("" if fo.get("applicable", True) else " (no outage: not applicable)"),
+                     f"{_fmt(fo.get('unserved_clients'))} unserved; p99 {_fmt(fo_ms.get('p99'))} ms, "
+                     f"max {_fmt(fo_ms.get('max'))} ms"),
+        "convergence": ("convergence after a heal or restart", f"<= {_fmt(conv.get('allowed_ms'))} ms",
+                        f"max {_fmt(conv.get('convergence_max_ms'))} ms"),
+        "error_budget": ("client errors within the error budget", f"<= {_fmt(errs.get('budget_pct'))} % of requests",
+                         f"{_fmt(errs.get('rate_pct'))} % ({_fmt(errs.get('total'))} of {_fmt(errs.get('requests'))})"),
+        "client_errors": ("client errors at most the maximum given", "", _fmt(summary.get("client_errors"))),
+        "complete": ("the run completed", "every request sent is recorded",
+                     "yes" if rec.complete else f"no: {rec.incomplete_reason or 'stopped early'}"),
+    }
+    rows = []
+    for name, ok in checks.items():
+        label, goal, measured = known.get(name, (name, "", ""))
+        rows.append({"objective": label, "target": goal, "measured": measured, "met": bool(ok)})
+    if summary.get("generator_valid") is not None:
+        rows.append({"objective": "load generator on schedule (else the figures are distorted)",
+                     "target": "on schedule", "measured": f"lag p99 {_fmt(summary.get('generator_lag_p99_ms'))} ms",
+                     "met": bool(summary.get("generator_valid"))})
+    return rows
+
+
+def _objectives_table(rows: list[dict[str, Any]]) -> str:
+    body = "".join(f"<tr><td>{html.escape(r['objective'])}</td><td>{html.escape(r['target'])}</td>"
+                   f"<td>{html.escape(r['measured'])}</td><td>{_yes(r['met'])}</td></tr>" for r in rows)
+    return ("<table class='obj'><tr><th>objective</th><th>target</th><th>measured</th><th></th></tr>"
+            f"{body}</table>")
+
+
+def _outages_table(summary: dict[str, Any]) -> str:
+    outages = (summary.get("failover") or {}).get("outages") or []
+    if not outages:
+        return "<p class='muted'>no outage in this run</p>"
+    cols = [("kind", "fault"), ("target", "target"), ("death_s", "at (s)"), ("back_s", "back (s)"),
+            ("clients", "clients"), ("unserved_clients", "unserved"), ("failed_requests", "failed requests"),
+            ("p50_ms", "failover p50 (ms)"), ("max_ms", "failover max (ms)")]
+    head = "".join(f"<th>{label}</th>" for _k, label in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(o.get(k))}</td>" for k, _l in cols) + "</tr>" for o in outages)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def plotly_bundle(figures: Sequence[Any]) -> str:
+    """plotly.js for a page of ``figures``: the basic bundle when it can draw them all, else the full one."""
+    types = {getattr(trace, "type", None) or "scatter" for fig in figures for trace in fig.data}
+    if types <= BASIC_TRACES and BASIC_BUNDLE.exists() and get_plotlyjs_version() == BASIC_BUNDLE_VERSION:
+        return BASIC_BUNDLE.read_text(encoding="utf-8")
+    return get_plotlyjs()
+
+
 def render_report(folders: Sequence[str | Path], title: str = "Rating Edge drill report") -> str:
     """The HTML page for one or more results folders (the first is the baseline)."""
     if not folders:
@@ -191,32 +275,39 @@ def render_report(folders: Sequence[str | Path], title: str = "Rating Edge drill
     parts = [f"<h1>{html.escape(title)}</h1>"]
     table, regressions = _summary_table(names, [s for _r, s in loaded])
     for name, (rec, summary) in zip(names, loaded, strict=True):
+        rows = objectives(rec, summary)
+        missed = [r for r in rows if r["met"] is False]
         ok = summary.get("invariants_ok") and rec.complete
-        verdict = "<span class='ok'>every invariant held</span>" if ok else "<span class='bad'>FAILED</span>"
-        parts.append(f"<p><b>{html.escape(name)}</b>: {verdict}"
-                     + ("" if rec.complete else f" — incomplete: {html.escape(rec.incomplete_reason)}") + "</p>")
+        verdict = ("<span class='ok'>PASSED: every invariant held</span>" if ok else
+                   f"<span class='bad'>FAILED: {len(missed)} of {len(rows)} objectives missed</span>")
+        parts.append(f"<h2 class='verdict'>{html.escape(name)}: {verdict}"
+                     + ("" if rec.complete else f" — incomplete: {html.escape(rec.incomplete_reason)}") + "</h2>")
+        parts.append(_objectives_table(rows))
         if summary.get("reasons"):
             parts.append("<ul>" + "".join(f"<li>{html.escape(str(r))}</li>" for r in summary["reasons"]) + "</ul>")
-    parts.append("<h2>Summary</h2>" + table)
     if len(loaded) > 1:
         parts.append("<h2>Regressions against the baseline (" + html.escape(names[0]) + ")</h2>")
         parts.append("<ul>" + "".join(f"<li class='bad'>{html.escape(r)}</li>" for r in regressions) + "</ul>"
                      if regressions else "<p class='ok'>none</p>")
+    parts.append("<h2>Figures" + (" side by side" if len(loaded) > 1 else "") + "</h2>" + table)
+    for name, (_rec, summary) in zip(names, loaded, strict=True):
+        parts.append(f"<h2>Failover per outage — {html.escape(name)}</h2>" + _outages_table(summary))
     chart_id = 0
+    every: list[Any] = []
     for name, (rec, summary) in zip(names, loaded, strict=True):
         parts.append(f"<h2>Charts — {html.escape(name)}</h2><div class='grid'>")
         for _kind, fig in figures_for(rec, summary):
             chart_id += 1
+            every.append(fig)
             div = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"chart-{chart_id}",
                               default_width="100%", config={"displaylogo": False, "responsive": True})
             parts.append(f"<div class='card'>{div}</div>")
         parts.append("</div>")
         scenario = json.dumps(rec.scenario, indent=1)
         parts.append(f"<details><summary class='muted'>scenario</summary><pre>{html.escape(scenario)}</pre></details>")
-    plotly_js = get_plotlyjs()
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{plotly_js}</script></head><body>"
+            f"<script type='text/javascript'>{plotly_bundle(every)}</script></head><body>"
             + "\n".join(parts) + "</body></html>")
 
 
