@@ -46,7 +46,7 @@ BENCHMARKS: dict[str, tuple[str, int, int]] = {
     "bench_reference.py": ("bench_reference", 300, 90),
     "bench_scale.py": ("bench_scale", 600, 90),
     "bench_staleness.py": ("bench_staleness", 480, 90),
-    "bench_failover.py": ("failover", 300, 60),
+    "bench_failover.py": ("failover", 360, 90),
     "bench_report.py": ("report_render", 240, 60),
 }
 
