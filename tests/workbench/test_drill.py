@@ -38,10 +38,16 @@ async def test_kill_and_restart_drill_holds_every_invariant(tmp_path: Path):
                               region_weights="eu=3,us=2,ap=1", kill_region_at_s=2.5, restart_region_at_s=4.5,
                               skill_median_ms=5.0, skill_p99_ms=30.0, seed=3)
     snapshots = []
+    # A skill call in flight on the killed node is not idempotent, so the router does not retry it: it
+    # fails (502 upstream_broken).  At 90 req/s and a 5 ms skill that is a handful of ~600 requests, over
+    # the default 0.1 % budget of so short a run; the test allows 1 % and checks that only those failed.
     result = await run_drill(scenario, tmp_path / "run", on_progress=lambda snap, live: snapshots.append(snap),
-                             max_failover_ms=800.0)
+                             max_failover_ms=800.0, error_budget_pct=1.0)
     s = result.summary
     assert s["invariants_ok"], s["reasons"]
+    rec_errors = [r for r in Recording.load(tmp_path / "run").requests
+                  if r.status not in (200, 429)]
+    assert all(r.status == 502 and abs(r.start_s - 2.5) < 1.0 for r in rec_errors), rec_errors[:3]
     assert s["token_loss"] == 0
     assert s["failover_ms"]["max"] is not None and s["failover_ms"]["max"] < 800
     assert s["admitted_tokens"] <= s["envelope_tokens"] * 1.03

@@ -9,6 +9,7 @@ whatever the audit trails say.  Both state the allowance they used and its input
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,11 +22,13 @@ from workbench.spec.scenario import Scenario
 
 __all__ = [
     "DELIVERY_ALLOWANCE_S",
+    "admission_intervals",
     "admissions",
     "allowance_inputs",
     "check_envelope",
     "check_envelope_counter",
     "default_slack_s",
+    "max_interval_window_excess",
     "max_window_excess",
 ]
 
@@ -111,9 +114,12 @@ def max_window_excess(events: Sequence[tuple[float, int]], rate: float, burst: f
     return best, best_s, best_t
 
 
-def _judge(rec: Recording, by_key: dict[str, list[tuple[float, int]]], *, tolerance_tokens: float,
+def _judge(rec: Recording, by_key: dict[str, list[Any]], *, tolerance_tokens: float,
            slack_s: float, label: str) -> tuple[list[str], dict[str, Any]]:
-    """Per-key windows and the run figures shared by both envelope checks."""
+    """Per-key windows and the run figures shared by both envelope checks.
+
+    Events are ``(t, cost)`` (an exact grant time) or ``(a, b, cost)`` (a grant somewhere in ``[a, b]``,
+    judged by :func:`max_interval_window_excess`)."""
     scenario = scenario_of(rec)
     assert scenario is not None
     run_s = run_seconds(rec, scenario)
@@ -125,13 +131,16 @@ def _judge(rec: Recording, by_key: dict[str, list[tuple[float, int]]], *, tolera
     for key in keys:
         limit = scenario.limit_for(key)
         events = by_key.get(key, [])
-        admitted = float(sum(c for _t, c in events))
+        admitted = float(sum(e[-1] for e in events))
         if limit is None:
             if events:
                 reasons.append(f"key {key!r}: {admitted:g} tokens {label} but no limit matches it")
             continue
         envelope = limit.burst + limit.rate * max(run_s, events[-1][0] if events else 0.0)
-        excess, s, t = max_window_excess(events, limit.rate, limit.burst)
+        if events and len(events[0]) == 3:
+            excess, s, t = max_interval_window_excess(events, limit.rate, limit.burst)
+        else:
+            excess, s, t = max_window_excess(events, limit.rate, limit.burst)
         allowed = tolerance_tokens + limit.rate * slack_s
         per_key[key] = {"admitted": admitted, "envelope": envelope, "allowance_tokens": round(allowed, 3),
                         "over_admission_pct": round((admitted / envelope - 1) * 100, 2),
@@ -179,16 +188,147 @@ def check_envelope(rec: Recording, *, tolerance_tokens: float = 0.0, slack_s: fl
     return Verdict(not reasons, reasons, figures)
 
 
+def admission_intervals(rec: Recording) -> dict[str, list[tuple[float, float, int]]]:
+    """Per key, when each possible grant must have happened as the clients saw it: ``(a, b, cost)``.
+
+    An acknowledged grant happened on the node after the request left the client and before its
+    answer came back, so in ``[start_s, end_s]``.  A request of unknown outcome may have been granted
+    at any time after it was sent, even after the client gave up (a paused node resumes and serves
+    what it holds), so its interval runs to the end of the history.  Sorted by ``a``.
+    """
+    end = max((r.end_s for r in rec.requests), default=0.0)
+    out: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    for r in rec.requests:
+        if r.admitted:
+            out[r.key].append((r.start_s, max(r.start_s, r.end_s), r.cost))
+        elif unknown_outcome(r):
+            out[r.key].append((r.start_s, max(end, r.start_s), r.cost))
+    for items in out.values():
+        items.sort()
+    return dict(out)
+
+
+def max_interval_window_excess(intervals: Sequence[tuple[float, float, int]], rate: float,
+                               burst: float) -> tuple[float, float, float]:
+    """The worst ``certain[s, t] - (B + R (t - s))``, where ``certain[s, t]`` counts only the grants whose
+    interval ``[a, b]`` lies inside ``[s, t]``: grants that happened in that window whatever the network
+    and queueing delays were.  So an excess here is proven by the clients' view alone, never an artefact
+    of requests sent in a burst and served over time.
+
+    Windows start at some ``a`` and end at some ``b``.  Sweeping ``s`` over the ``a`` values from the
+    latest down, each grant with ``a >= s`` adds its cost to every window end ``t >= b``; a segment tree
+    over the sorted ``b`` values holds ``certain(s, t) - R t`` and answers the best ``t >= s``: O(n log n).
+    Returns ``(-B, 0, 0)`` for no intervals.
+    """
+    if not intervals:
+        return -burst, 0.0, 0.0
+    ends = sorted({b for _a, b, _c in intervals})
+    index = {b: i for i, b in enumerate(ends)}
+    tree = _SuffixMaxTree([-rate * b for b in ends])
+    order = sorted(intervals, key=lambda x: x[0], reverse=True)
+    best, best_s, found = -burst, 0.0, False
+    i = 0
+    while i < len(order):
+        s = order[i][0]
+        while i < len(order) and order[i][0] == s:
+            _a, b, cost = order[i]
+            tree.add_suffix(index[b], cost)
+            i += 1
+        excess = tree.max_suffix(_first_at_or_after(ends, s)) + rate * s - burst
+        if excess > best:
+            best, best_s, found = excess, s, True
+    if not found:
+        return best, 0.0, 0.0
+    # the window's end, for the verdict: one linear pass for the best start
+    acc, best_t, top = 0.0, best_s, -math.inf
+    for b, cost in sorted((b, c) for a, b, c in intervals if a >= best_s):
+        acc += cost
+        if acc - rate * b > top:
+            top, best_t = acc - rate * b, b
+    return best, best_s, best_t
+
+
+def _first_at_or_after(values: Sequence[float], x: float) -> int:
+    return bisect.bisect_left(values, x)
+
+
+class _SuffixMaxTree:
+    """Range add on a suffix and max over a suffix of a fixed array (iterative lazy segment tree)."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        n = self.n = len(values)
+        self.h = max(1, n.bit_length())
+        self.t = [0.0] * n + list(values)
+        self.d = [0.0] * n
+        for p in range(n - 1, 0, -1):
+            self.t[p] = max(self.t[2 * p], self.t[2 * p + 1])
+
+    def _apply(self, p: int, v: float) -> None:
+        self.t[p] += v
+        if p < self.n:
+            self.d[p] += v
+
+    def _build(self, p: int) -> None:
+        while p > 1:
+            p >>= 1
+            self.t[p] = max(self.t[2 * p], self.t[2 * p + 1]) + self.d[p]
+
+    def _push(self, p: int) -> None:
+        for sh in range(self.h, 0, -1):
+            i = p >> sh
+            if i and self.d[i]:
+                self._apply(2 * i, self.d[i])
+                self._apply(2 * i + 1, self.d[i])
+                self.d[i] = 0.0
+
+    def add_suffix(self, k: int, v: float) -> None:
+        lo, hi = k + self.n, 2 * self.n
+        l0, r0 = lo, hi
+        while lo < hi:
+            if lo & 1:
+                self._apply(lo, v)
+                lo += 1
+            if hi & 1:
+                hi -= 1
+                self._apply(hi, v)
+            lo >>= 1
+            hi >>= 1
+        self._build(l0)
+        self._build(r0 - 1)
+
+    def max_suffix(self, k: int) -> float:
+        if k >= self.n:
+            return -math.inf
+        lo, hi = k + self.n, 2 * self.n
+        self._push(lo)
+        self._push(hi - 1)
+        res = -math.inf
+        while lo < hi:
+            if lo & 1:
+                res = max(res, self.t[lo])
+                lo += 1
+            if hi & 1:
+                hi -= 1
+                res = max(res, self.t[hi])
+            lo >>= 1
+            hi >>= 1
+        return res
+
+
 def check_envelope_counter(rec: Recording, *, tolerance_tokens: float = 0.0, slack_s: float = 0.0) -> Verdict:
     """Jepsen's counter rule from the clients alone: acknowledged grants plus every request of
-    unknown outcome (counted as admitted, at its send time) must fit the same envelope.
+    unknown outcome (counted as admitted) must fit the same envelope.
+
+    Each possible grant is placed in the interval the clients saw (:func:`admission_intervals`) and a
+    window counts only the grants certainly inside it (:func:`max_interval_window_excess`), so network
+    and queueing delays cannot make a compliant cluster fail, while a real excess still shows.
 
     It needs no audit trail, so a node that forgets to audit, or audits what it never granted, cannot
     make it pass.  ``lower_bound_tokens`` (acknowledged) and ``upper_bound_tokens`` are reported.
     """
     if scenario_of(rec) is None:
         return Verdict(False, ["no valid scenario in the recording: limits unknown"], {})
-    upper = admissions(rec, "client_upper")
+    upper = admission_intervals(rec)
     reasons, figures = _judge(rec, upper, tolerance_tokens=tolerance_tokens, slack_s=slack_s,
                               label="acknowledged or of unknown outcome")
     acked = sum(r.cost for r in rec.requests if r.admitted)
