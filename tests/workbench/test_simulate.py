@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.check import check_envelope
+from workbench.check import check_envelope, check_token_loss
 from workbench.cli import main as cli_main
 from workbench.history import Recording
 from workbench.run.sim.files import read_schedule, write_schedule
@@ -71,6 +71,15 @@ def test_no_fault_run_admits_the_limit_and_stays_within_the_steady_bound() -> No
     admitted = res.envelope.figures["admitted_tokens"]
     assert 50 * 20 * 0.9 <= admitted <= 50 + 50 * 20 + key["bound"]
     assert res.ok and key["worst_excess"] <= key["terms"]["steady"]
+
+
+def test_the_invoke_route_answers_429_and_every_admitted_reply_is_audited_once() -> None:
+    res = simulate(Scenario.build(duration_s=5.0, load_rps=150.0, rate=50.0, burst=50.0))
+    rec = res.recording
+    assert {r.status for r in rec.requests} == {200, 429} and {r.route for r in rec.requests} == {"invoke"}
+    admitted = [r.request_id for r in rec.requests if r.admitted]
+    assert sorted(admitted) == sorted(ev.request_id for ev in rec.audit)
+    assert check_token_loss(rec).ok
 
 
 def test_a_partition_into_k_sides_over_admits_about_k_times_within_the_bound() -> None:

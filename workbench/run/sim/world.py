@@ -4,8 +4,9 @@ The router is modelled as in a drill: each client has a home region and goes to 
 the topology's latency matrix) whose node passed the last health check (every ``health_interval_ms``;
 a node is healthy when it is up and ready).  A request that reaches a killed node is refused and
 retried once on the next healthy node (loopback sends an instant reset); one that reaches a paused
-node stalls for a second and fails (nothing answers).  The route is ``/v1/limits/check``: a denial
-is a 200 with ``allowed: false``.
+node stalls for a second and fails (nothing answers).  On the check route a denial is a 200 with
+``allowed: false``; on the invoke route a 429 (the skill itself is not simulated: an admitted request
+takes the skill's median latency).
 
 Audit event times are the TRUE virtual time of the grant (``EPOCH`` + run time), not the granting
 node's skewed clock, so the envelope check over the history is exact even under clock skew.
@@ -147,6 +148,8 @@ class World:
         self._poisson = load.arrival == "poisson"
         self._cost = load.cost
         self._admit_s = self.scenario.skill.median_ms / 1000.0
+        self._invoke = load.route == "invoke"
+        self._route = load.route
         # the router's preference per home region: its regions nearest first, each with its nodes
         self._cands = {home: [self.topo.nodes_of(r) for r in self._order[home]] for home in regions}
         self._rr_at = {nodes: 0 for cands in self._cands.values() for nodes in cands}
@@ -206,22 +209,27 @@ class World:
                 state = node.state
                 if state == "up":
                     status, allowed, error, rid = node.decide(key, cost)
-                    rec = RequestRecord(t, t, t + (self._admit_s if allowed else 0.001), home, node.region, nid,
-                                        key, cost, status, error, rid if allowed else "", "check", allowed,
-                                        retried_from)
+                    end = t + (self._admit_s if allowed else 0.001)
+                    if self._invoke:  # the skill route: a denial is a 429, an answer carries no "allowed"
+                        status = 429 if allowed is False else status
+                        rec = RequestRecord(t, t, end, home, node.region, nid, key, cost, status, error,
+                                            rid if allowed else "", "invoke", None, retried_from)
+                    else:
+                        rec = RequestRecord(t, t, end, home, node.region, nid, key, cost, status, error,
+                                            rid if allowed else "", "check", allowed, retried_from)
                     self.requests.append(rec)
                     return rec
                 healthy[nid] = False  # passive ejection
                 if state == "paused" or retried_from:
                     rec = RequestRecord(t, t, t + (STALL_S if state == "paused" else 0.001), home, "", "", key,
                                         cost, 0, "timeout" if state == "paused" else "connection refused",
-                                        route="check", retried_from=retried_from)
+                                        route=self._route, retried_from=retried_from)
                     self.requests.append(rec)
                     return rec
                 retried_from = nid  # a reset on connect: the router retries once on the next node
         rec = RequestRecord(t, t, t + 0.001, home, "", "", key, cost, 503 if not retried_from else 0,
                             "no_healthy_region" if not retried_from else "connection refused",
-                            route="check", retried_from=retried_from)
+                            route=self._route, retried_from=retried_from)
         self.requests.append(rec)
         return rec
 
