@@ -87,6 +87,11 @@ class Nemesis:
         if mesh is None:
             raise ClusterError(f"{action} needs the fault proxies (launch the cluster with proxies=True)")
         backend = "proxy" if c.netns is None else "netns"
+        began = time.monotonic()
+
+        def took() -> float:  # how long the cut took to put in place (a kernel change is a subprocess)
+            return round((time.monotonic() - began) * 1e3, 3)
+
         if action == "partition":
             groups = [list(g) for g in fault.groups]
             # The router stands for DNS / a global load balancer: a split between regions cuts
@@ -94,20 +99,21 @@ class Nemesis:
             keep = () if any(ROUTER in g for g in groups) else (ROUTER,)
             links = await self._cut(fault, mesh.cut_links(groups, keep), lambda: mesh.partition(groups, keep=keep))
             return self._emit("partition", "|".join(",".join(g) for g in fault.groups), groups=groups,
-                              links=len(links), backend=backend)
+                              links=len(links), backend=backend, apply_ms=took())
         if action == "blackhole":
             try:
                 nodes = sorted(mesh.members(fault.target))
             except KeyError as exc:
                 raise ClusterError(str(exc.args[0])) from None
             links = await self._cut(fault, mesh.blackhole_links(fault.target), lambda: mesh.blackhole(fault.target))
-            return self._emit("blackhole", fault.target, nodes=nodes, links=len(links), backend=backend)
+            return self._emit("blackhole", fault.target, nodes=nodes, links=len(links), backend=backend,
+                              apply_ms=took())
         if action == "heal":
             mesh.heal()
             if c.netns is not None:
                 await c.netns.heal()
             self._cuts.clear()
-            return self._emit("heal", "", backend=backend)
+            return self._emit("heal", "", backend=backend, apply_ms=took())
         links = self._links(fault)
         if action == "latency":
             for link in links:
