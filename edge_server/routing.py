@@ -221,14 +221,17 @@ class RoutingTable:
         if kind in HARD:
             self.take_out(node, kind, self.rc.eject_ms / 1000, error)
             return
-        if kind in ("timeout", "connect_timeout") and self.current_lag() > self.rc.check_try_timeout_ms / 2000:
-            self.counters["lagged_timeouts"] += 1  # we were late ourselves: no evidence
-            return
-        if kind == "connect_timeout":
-            node.evidence = node.evidence or "connect_timeout"  # demoted, never ejected for it
-            return
+        if kind in ("timeout", "connect_timeout"):
+            # Demoted at once (its clients try the next region until an answer or a good check clears
+            # it: cheap, and undone within a check interval), but ejected only for repeated timeouts
+            # judged while our own loop was on time, and never for a slow connect.
+            node.evidence = node.evidence or kind
+            if kind == "connect_timeout":
+                return
+            if self.current_lag() > self.rc.check_try_timeout_ms / 2000:
+                self.counters["lagged_timeouts"] += 1  # we were late ourselves: no evidence against it
+                return
         node.timeouts += 1
-        node.evidence = node.evidence or "timeout"
         if node.timeouts >= self.rc.timeout_eject_count and node.answered:
             self.take_out(node, "timeouts", self.rc.eject_ms / 1000, error)
 
