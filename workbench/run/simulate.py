@@ -233,7 +233,7 @@ def load_core(spec: str) -> TableFactory:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedules", type=int, default=1000, help="random fault schedules to run (default 1000)")
+    p.add_argument("--schedules", type=int, help="random fault schedules to run (default 1000)")
     p.add_argument("--seed", type=int, default=1, help="seed of the schedule generator (default 1)")
     p.add_argument("--mode", default="eventual", help="limiter mode (only 'eventual' exists)")
     p.add_argument("--duration-s", type=float, default=30.0, help="virtual seconds per schedule (default 30)")
@@ -270,6 +270,10 @@ class _Progress:
 def _validate(args: argparse.Namespace) -> None:
     if args.mode not in MODES:
         raise SimulateError("--mode", "one of " + ", ".join(repr(m) for m in MODES), args.mode)
+    if args.scenario and args.schedules is not None:
+        raise SimulateError("--schedules", "no value with --scenario (it replays one schedule)", args.schedules)
+    if args.schedules is None:
+        args.schedules = 1000
     if args.schedules < 1:
         raise SimulateError("--schedules", "an integer >= 1", args.schedules)
     if not 2.0 <= args.duration_s <= 3600:

@@ -8,8 +8,8 @@ node stalls for a second and fails (nothing answers).  On the check route a deni
 ``allowed: false``; on the invoke route a 429 (the skill itself is not simulated: an admitted request
 takes the skill's median latency).
 
-Audit event times are the TRUE virtual time of the grant (``EPOCH`` + run time), not the granting
-node's skewed clock, so the envelope check over the history is exact even under clock skew.
+Audit event and state sample times in the history are the TRUE virtual time (``EPOCH`` + run time),
+not the node's skewed clock, so the checks over the history are exact even under clock skew.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class World:
             if node.state != "up" or node.table is None:
                 continue
             snap = node.table.snapshot(node.now())
-            self.states.append(StateSample(round(t, 6), nid, node.now(), {k: v["global"] for k, v in snap.items()},
+            self.states.append(StateSample(round(t, 6), nid, EPOCH + t, {k: v["global"] for k, v in snap.items()},
                                            {k: {n: (e["gen"], e["count"]) for n, e in v["nodes"].items()}
                                             for k, v in snap.items()}))
         if not final:
