@@ -81,11 +81,13 @@ class Node:
             # New generations must stay above every one the trail holds, including forgotten keys'.
             table._last_gen = recovered.max_gen
         self.table = table
+        keys = len(own)
+        self.audit.release_recovered()
         self.recovered_ready = True
         self.gossiper = Gossiper(table, self.spec, self.peers, self.config.secret, self.boot,
                                  self.gossip_interval_s, self.metrics)
         log.info("audit recovered", extra={
-            "events": recovered.events, "keys": len(recovered.own), "cold": self.cold,
+            "events": recovered.events, "keys": keys, "cold": self.cold,
             "truncated_bytes": recovered.truncated_bytes, "checkpoint": recovered.checkpoint,
             "replayed_events": recovered.replayed_events, "replayed_bytes": recovered.replayed_bytes,
             "segments": len(recovered.segments), "seconds": round(time.perf_counter() - started, 3)})

@@ -87,6 +87,7 @@ class AuditLog:
         self.on_lost: BatchCallback | None = None  # the grants of a batch that could not be written
         self.own_source: OwnSource | None = None  # the node's own counts, for checkpoints
         self._own: dict[str, tuple[int, int]] = {}  # kept only while ``own_source`` is None
+        self.own_cap = 100_000
         ident = orjson.dumps(node).replace(b"%", b"%%")
         self._line = (b'{"seq":%d,"id":' + ident[:-1] + b':%d","key":%b,"cost":%d,"node":' + ident
                       + b',"region":' + orjson.dumps(region).replace(b"%", b"%%")
@@ -122,11 +123,20 @@ class AuditLog:
         self._segments = array("q", rec.segments)
         self._active_prev = rec.active_prev
         self._active_cost = rec.active_cost
+        self._own = rec.own  # the counts to carry on from, unless a table takes over (own_source)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if rec.pending:
             self._sealing = list(rec.pending)
             self._start_seal()
         return rec
+
+    def release_recovered(self) -> None:
+        """Forget what :meth:`open` read back once a table holds it (``own_source`` set): up to a
+        key table's worth of counts that would otherwise stay in memory for nothing."""
+        if self.own_source is not None:
+            self._own = {}
+            if self.recovered is not None:
+                self.recovered.own = {}
 
     # ----------------------------------------------------------------- the hot path
 
@@ -221,10 +231,14 @@ class AuditLog:
         future.exception()  # mark retrieved: every waiter handles it
 
     def _track_own(self, batch: list[Grant]) -> None:
+        """Own counts when no table provides them (a replica, a tool): the ``own_cap`` keys written
+        most recently, as a node's table would hold them -- never a dict of every key ever seen."""
         own = self._own
         for key, cost, gen in batch:
-            old = own.get(key)
+            old = own.pop(key, None)
             own[key] = (gen, cost) if old is None or gen > old[0] else (gen, old[1] + cost) if gen == old[0] else old
+        while len(own) > self.own_cap:
+            del own[next(iter(own))]
 
     # ----------------------------------------------------------------- segments
 
@@ -321,7 +335,12 @@ class AuditLog:
 
     def read(self, after: int, limit: int) -> list[dict]:
         """Events with ``seq > after``, oldest first, at most ``limit`` (from sealed segments too)."""
-        out: list[dict] = []
+        loads = orjson.loads
+        return [loads(line) for line in self.read_raw(after, limit)]
+
+    def read_raw(self, after: int, limit: int) -> list[bytes]:
+        """The lines of :meth:`read`, as written (newline included): what a replica receives."""
+        out: list[bytes] = []
         start = max(0, after) + 1
         if limit <= 0 or start > self._written_seq:
             return out
@@ -334,7 +353,7 @@ class AuditLog:
             start = self._active_first
         return out + self._read_active(start - self._active_first, limit - len(out))
 
-    def _read_active(self, index: int, limit: int) -> list[dict]:
+    def _read_active(self, index: int, limit: int) -> list[bytes]:
         count = len(self._offsets)
         if index >= count or limit <= 0:
             return []
@@ -344,11 +363,11 @@ class AuditLog:
         with open(self.path, "rb") as fh:
             fh.seek(begin)
             data = fh.read(end - begin)
-        return [orjson.loads(line) for line in data.splitlines()]
+        return data.splitlines(keepends=True)
 
-    def _read_segment(self, first: int, start: int, limit: int) -> list[dict]:
-        """Up to ``limit`` events from ``start`` of the segment beginning at ``first``."""
-        out: list[dict] = []
+    def _read_segment(self, first: int, start: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` event lines from ``start`` of the segment beginning at ``first``."""
+        out: list[bytes] = []
         plain = segment_path(self.folder, first, "jsonl")
         try:
             if plain.exists():
@@ -364,14 +383,76 @@ class AuditLog:
                 j = max(0, bisect.bisect_right([b[0] for b in blocks], start) - 1)
                 lines = iter_lines_from(segment_path(self.folder, first, "jsonl.gz"), blocks[j][1])
             for line in lines:
-                ev = orjson.loads(line)
-                if ev["seq"] >= start:
-                    out.append(ev)
+                if orjson.loads(line)["seq"] >= start:
+                    out.append(line)
                     if len(out) >= limit:
                         break
         except FileNotFoundError:  # removed by retention meanwhile
             return out
         return out
+
+    # ----------------------------------------------------------------- replicas
+
+    def append_raw(self, lines: list[bytes], ts: float) -> int:
+        """Write lines of another node's trail verbatim (this log is that node's replica).
+
+        Each line must continue the trail: the next ``seq``, ``prev`` the hash of the line before,
+        the replica's node.  Lines this replica already holds (a resend after a lost ack) are skipped.
+        Returns how many were appended; ``ValueError`` names the first line that does not fit, and
+        nothing of the message is written then.  Written before the caller acknowledges them.
+        """
+        loads, hash_line = orjson.loads, self._hash
+        seq, prev = self._next_seq, self._prev
+        fresh: list[bytes] = []
+        grants: list[Grant] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                ev = loads(line)
+                got, key, cost, gen = ev["seq"], ev["key"], ev["cost"], ev["gen"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"line {number}: not an audit event") from None
+            if not line.endswith(b"\n"):
+                raise ValueError(f"line {number}: no newline")
+            if got < seq and not fresh:
+                continue  # already held
+            if got != seq:
+                raise ValueError(f"line {number}: seq {got} where {seq} was expected (out of order or a gap)")
+            if ev.get("prev", "").encode() != prev or ev.get("node") != self.node:
+                raise ValueError(f"line {number}: seq {got} does not continue {self.node}'s chain (forged, "
+                                 "edited, or another trail)")
+            prev = hash_line(line)
+            seq += 1
+            fresh.append(line)
+            grants.append((key, cost, gen))
+            self._last_ts = ev.get("ts", ts)
+        if not fresh:
+            return 0
+        data = b"".join(fresh)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:
+            self._rollback(None, written)
+            raise AuditUnavailable(exc.errno, f"replica write failed: {exc.strerror}") from None
+        if not self._active_events:
+            self._active_first_ts = loads(fresh[0])["ts"]
+        offset = self._size
+        for line in fresh:
+            self._offsets.append(offset)
+            offset += len(line)
+        self._size = offset
+        self._next_seq, self._prev = seq, prev
+        self._written_seq = seq - 1
+        self._active_events += len(fresh)
+        cost = sum(c for _k, c, _g in grants)
+        self._active_cost += cost
+        self.total_cost += cost
+        self.events_written += len(fresh)
+        self._track_own(grants)
+        if self._size >= self.settings.segment_bytes:
+            self._rotate()
+        return len(fresh)
 
     @property
     def last_seq(self) -> int:
