@@ -225,3 +225,55 @@ def test_the_lab_of_a_killed_drill_is_deleted_by_the_next_lab(tmp_path: Path) ->
     finally:
         for name in left:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+async def test_a_proxied_link_lives_in_its_source_namespace_and_takes_the_kernel_cuts() -> None:
+    from workbench.run.faults.proxy import FaultProxy
+
+    loop = asyncio.get_running_loop()
+    with NetnsLab.create(["a", "b"]) as lab:
+        listening = lab.socket_in("b")
+        listening.bind((lab.addr("b"), 0))
+        listening.listen()
+        listening.setblocking(False)
+        server = await asyncio.start_server(_stream_echo, sock=listening)
+        proxy = FaultProxy("127.0.0.1", 0, lab.addr("b"), listening.getsockname()[1], "a->b",
+                           make_socket=lambda: lab.socket_in("a"))
+        await proxy.start()
+        try:
+            client = lab.socket_in("a")  # the proxy listens on a's own loopback, as a node's peers do
+            client.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", proxy.port)), 5)
+            await loop.sock_sendall(client, b"one")
+            assert await asyncio.wait_for(loop.sock_recv(client, 16), 5) == b"one"
+
+            proxy.set_latency(20)  # latency still comes from the proxy
+            await loop.sock_sendall(client, b"two")
+            assert await asyncio.wait_for(loop.sock_recv(client, 16), 5) == b"two"
+            assert proxy.delayed_chunks > 0
+            proxy.set_latency(0)
+
+            await lab.cut([("a", "b")])  # the proxy's upstream leaves from a's namespace: the cut applies
+            await loop.sock_sendall(client, b"three")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(loop.sock_recv(client, 16), 1.0)
+            await lab.heal()
+            assert await asyncio.wait_for(loop.sock_recv(client, 16), 10) == b"three"
+            assert proxy.resets == 0
+            client.close()
+        finally:
+            await proxy.stop()
+            server.close()
+            await server.wait_closed()
+    assert _ours() == []
+
+
+async def _stream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
