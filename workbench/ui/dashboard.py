@@ -9,6 +9,13 @@ installed, a port already taken, Voila missing (the ``notebooks`` extra).
 Parameters (``-p NAME VALUE``) are injected the way papermill does it, into a copy of the notebook
 in a temp folder that is removed at exit; a relative or default ``results_dir`` becomes an absolute
 ``./results`` of the folder the command was started in, so the run's results outlive the temp copy.
+
+Why the served copy ends at the cell that runs the drill: Voila shows a page only once every cell
+has run, and a cell's outputs only when it has finished.  So under ``WORKBENCH_WALL=1`` (set for
+Voila's kernel) ``run_with_dashboard`` starts the drill in the background and returns at once; the
+page appears within seconds, the live chart keeps drawing through the widget's messages, and the
+verdict lands in the dashboard's status widget.  The checking cells after it (assertions on the
+finished result) belong to the notebook and CI runs, not to a wall screen, and are left out.
 """
 
 from __future__ import annotations
@@ -83,6 +90,9 @@ def prepare(notebook: str | os.PathLike[str], parameters: Mapping[str, Any], fol
         values["results_dir"] = str((Path.cwd() / (given or "results")).resolve())
     kernel = _kernel_of(nb)
     nb = parameterize_notebook(nb, values, kernel_name=kernel, language="python")
+    runs = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "run_with_dashboard(" in c.source]
+    if runs:
+        nb.cells = nb.cells[: runs[-1] + 1]
     dst = folder / src.name
     nbformat.write(nb, dst)
     return dst, kernel
@@ -91,8 +101,7 @@ def prepare(notebook: str | os.PathLike[str], parameters: Mapping[str, Any], fol
 def voila_command(notebook: Path, port: int, host: str = "127.0.0.1", *, open_browser: bool = False) -> list[str]:
     """The Voila command line: loopback, no code cells, no tracebacks to the viewers."""
     cmd = [sys.executable, "-m", "voila", str(notebook), f"--port={port}", f"--Voila.ip={host}",
-           "--Voila.port_retries=0", "--strip_sources=True", "--show_tracebacks=False", "--theme=light",
-           "--progressive_rendering=True"]  # outputs appear while the cells run: the live chart
+           "--Voila.port_retries=0", "--strip_sources=True", "--show_tracebacks=False", "--theme=light"]
     if not open_browser:
         cmd.append("--no-browser")
     return cmd
@@ -110,6 +119,7 @@ def serve(notebook: str | os.PathLike[str], parameters: Mapping[str, Any], *, po
     try:
         served, kernel = prepare(notebook, parameters, folder)
         env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_HEADLESS"}  # live widgets wanted
+        env["WORKBENCH_WALL"] = "1"  # the drill runs on after its cell (see the module docstring)
         print(json.dumps({"dashboard": f"http://{host}:{port}/", "notebook": str(notebook), "kernel": kernel}),
               flush=True)
         proc = subprocess.Popen(voila_command(served, port, host, open_browser=open_browser), cwd=folder, env=env)

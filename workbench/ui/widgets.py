@@ -45,6 +45,7 @@ from workbench.ui.report import figures_for, health_intervals
 
 __all__ = [
     "HEADLESS_ENV",
+    "WALL_ENV",
     "LiveDashboard",
     "figure_bundle",
     "headless",
@@ -56,7 +57,14 @@ __all__ = [
 ]
 
 HEADLESS_ENV = "WORKBENCH_HEADLESS"  # "1": no live chart widget (papermill / CI)
+WALL_ENV = "WORKBENCH_WALL"  # "1": a wall screen (``workbench dashboard``): the run goes on after its cell
+_background: set[asyncio.Task[Any]] = set()  # wall-screen runs in progress (a reference keeps each alive)
 _state = {"plotlyjs_sent": False}  # per kernel: plotly.js goes into the first static figure only
+
+
+def wall_screen() -> bool:
+    """True under ``workbench dashboard`` (Voila shows a page once its cells ran: the run must not block)."""
+    return os.environ.get(WALL_ENV, "").strip() not in ("", "0", "false", "no")
 
 
 def headless() -> bool:
@@ -251,14 +259,23 @@ class LiveDashboard:
         if self.chart is not None:
             self._extend_chart(live, t_s)
 
-    def finish(self, result: Any) -> None:
-        """Close the live widgets and leave the final state as static figures and the summary."""
+    def finish(self, result: Any, *, keep_widgets: bool = False) -> None:
+        """Close the live widgets and leave the final state as static figures and the summary.
+
+        ``keep_widgets`` (a wall screen, where the run ends after its cell did and new outputs are not
+        shown): the verdict goes into the status widget and the live chart stays, frozen at the end.
+        """
         self.finished = True
         rec: Recording = result.recording
         title = self.title + ("" if rec.complete else " (incomplete)")
         header = summary_html(result.summary, complete=rec.complete, incomplete_reason=rec.incomplete_reason,
                               title=title)
         header += f"<p style='color:#6b7280'>results: {html.escape(str(result.results_dir))}</p>"
+        if keep_widgets:
+            self.progress.value = 1.0
+            self.stop_button.layout.display = "none"
+            self.status.value = header
+            return
         self._close_widgets(header)
         if self.show_charts:
             for _kind, fig in figures_for(rec, result.summary):
@@ -368,16 +385,29 @@ async def run_with_dashboard(scenario: Scenario, results_dir: str | os.PathLike[
     The drill runs in a process of its own (:class:`~workbench.drill_worker.DrillProcess`): redrawing
     the charts holds the kernel's interpreter for tens of milliseconds at a time, which would otherwise
     stall the load generator and the fault proxies and distort the figures being drawn.
+
+    On a wall screen (:func:`wall_screen`) the run goes on in the background and this returns its
+    ``asyncio.Task`` at once: Voila shows the page only when every cell has run.
     """
     from workbench.run.drill_worker import DrillProcess
 
     dashboard = LiveDashboard(scenario, live=live, charts=charts, title=title).display()
     drill = DrillProcess(scenario, results_dir, progress_interval_s=progress_interval_s, **thresholds)
     dashboard.stop_hook = drill.stop
-    try:
-        result = await drill.run(dashboard.on_progress)
-    except BaseException as exc:
-        dashboard.abort(exc)
-        raise
-    dashboard.finish(result)
-    return result
+    wall = wall_screen()
+
+    async def run() -> Any:
+        try:
+            result = await drill.run(dashboard.on_progress)
+        except BaseException as exc:
+            dashboard.abort(exc)
+            raise
+        dashboard.finish(result, keep_widgets=wall)
+        return result
+
+    if wall:
+        task = asyncio.ensure_future(run())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return task
+    return await run()
