@@ -35,7 +35,8 @@ __all__ = ["RoutingTable"]
 
 log = logging.getLogger("edge_server.router")
 
-COUNTERS = ("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused", "no_healthy",
+COUNTERS = ("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused", "ejections_swapped",
+            "no_healthy",
             "overload_shed", "panic_picks", "last_resort_picks", "checks_late", "retry_budget_exhausted",
             "lagged_timeouts")
 
@@ -83,16 +84,16 @@ class RoutingTable:
         """The next node for a client of ``home``: nearest region first, round-robin inside it, in tiers:
 
         1. in rotation with no failure evidence (in panic also: out of rotation with no evidence);
-        2. in rotation with evidence (kept in by the cap, or one timeout so far);
-        3. last resort: any node without hard evidence.
+        2. in rotation with evidence (kept in by the cap, or one timeout so far), fewest failures first;
+        3. last resort: any node without hard evidence, fewest failures first.
 
         ``probe``: only look (no turn taken, nothing counted), for :meth:`routing`.
         """
         now = self.clock()
         panic = self.in_panic(now)
-        second: tuple[str, list[NodeHealth]] | None = None
-        third: tuple[str, list[NodeHealth]] | None = None
-        for region in self.order[home]:
+        second: list[tuple[int, int, NodeHealth]] = []  # (failures in a row, region rank, node)
+        third: list[tuple[int, int, NodeHealth]] = []
+        for rank, region in enumerate(self.order[home]):
             if region == exclude_region:
                 continue
             clean: list[NodeHealth] = []
@@ -103,22 +104,26 @@ class RoutingTable:
                 if n.evidence is None and (usable or panic):
                     clean.append(n)
                 elif usable:
-                    if second is None or second[0] == region:
-                        second = (region, [*(second[1] if second else ()), n])
-                elif n.evidence not in HARD and (third is None or third[0] == region):
-                    third = (region, [*(third[1] if third else ()), n])
+                    second.append((n.fail + n.timeouts, rank, n))
+                elif n.evidence not in HARD:
+                    third.append((n.fail + n.timeouts, rank, n))
             if clean:
                 node = clean[next(self._rr[region]) % len(clean)] if len(clean) > 1 and not probe else clean[0]
                 if panic and not probe and not (node.healthy and now >= node.ejected_until):
                     self.counters["panic_picks"] += 1
                 return node
-        chosen = second or third
-        if chosen is None:
+        # Tiers 2 and 3: the fewest failures in a row first (a node the cap kept in after many
+        # timeouts comes after one that timed out once), then the nearest region.
+        tier = second or third
+        if not tier:
             return None
-        if chosen is third and not probe:
+        if tier is third and not probe:
             self.counters["last_resort_picks"] += 1
-        region, nodes = chosen
-        return nodes[next(self._rr[region]) % len(nodes)] if len(nodes) > 1 and not probe else nodes[0]
+        best = min(t[:2] for t in tier)
+        nodes = [t[2] for t in tier if t[:2] == best]
+        if len(nodes) == 1 or probe:
+            return nodes[0]
+        return nodes[next(self._rr[nodes[0].spec.region]) % len(nodes)]
 
     def routing(self) -> dict[str, str | None]:
         """Where each home region's clients go right now."""
@@ -143,6 +148,8 @@ class RoutingTable:
             node.last_error = error or reason
         if node.usable(now):
             out = sum(1 for n in self.nodes.values() if not n.usable(now))
+            if out + 1 > self.max_out and reason != "overloaded" and self._swap_back(now):
+                out -= 1
             if out + 1 > self.max_out:
                 self.counters["ejections_refused"] += 1
                 self.metrics.ejections_refused.labels(node.spec.id, reason).inc()
@@ -163,6 +170,20 @@ class RoutingTable:
         self.metrics.ejections.labels(node.spec.id, reason).inc()
         log.warning("node out of rotation", extra={"node": node.spec.id, "reason": reason, "error": error,
                                                    "seconds": seconds})
+        return True
+
+    def _swap_back(self, now: float) -> bool:
+        """The cap is full: put back the out-of-rotation node that has answered since it was taken out
+        (no evidence left; most good checks), so that a node failing right now can take its place.
+        Without this one false ejection on a busy machine would keep a dead node in rotation."""
+        back = [n for n in self.nodes.values() if not n.usable(now) and n.evidence is None and n.ok > 0]
+        if not back:
+            return False
+        node = max(back, key=lambda n: n.ok)
+        node.healthy, node.ejected_until = True, now
+        self.counters["ejections_swapped"] += 1
+        log.info("node back in rotation to make room under the cap", extra={"node": node.spec.id,
+                                                                             "checks_ok": node.ok})
         return True
 
     def apply_check(self, node: NodeHealth, result: CheckResult) -> None:

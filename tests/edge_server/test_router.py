@@ -161,6 +161,38 @@ def test_no_path_takes_out_more_than_the_cap_and_evidence_demotes() -> None:
     assert router.pick("us").spec.id == "us-1"  # type: ignore[union-attr]
 
 
+def test_a_node_that_answers_again_makes_room_under_the_cap_for_one_failing_now() -> None:
+    clock = ManualClock()
+    router = make_router(clock)  # 4 nodes: at most 2 out; rise = 3
+    all_healthy(router)
+    router.take_out(router.nodes["us-1"], "timeouts", 0.0)  # a false ejection on a busy machine ...
+    router.take_out(router.nodes["ap-1"], "timeouts", 0.0)
+    router.record_check(router.nodes["us-1"], True, "ok", 0.1)  # ... us-1 answers again (rising: 1 of 3)
+    assert not router.nodes["us-1"].usable(clock.now)
+    router.record_check(router.nodes["eu-1"], False, "unreachable", None, "refused", kind="refused")
+    assert not router.nodes["eu-1"].usable(clock.now)  # the dead one is out ...
+    assert router.nodes["us-1"].usable(clock.now)  # ... because the answering one came back early
+    assert not router.nodes["ap-1"].usable(clock.now)  # still failing: never swapped back
+    assert router.counters["ejections_swapped"] == 1 and router.counters["ejections_refused"] == 0
+    router.record_check(router.nodes["eu-2"], False, "unreachable", None, "refused", kind="refused")
+    assert router.nodes["eu-2"].usable(clock.now) and router.counters["ejections_refused"] == 1  # nobody to swap
+
+
+def test_nodes_kept_in_by_the_cap_are_used_fewest_failures_first() -> None:
+    clock = ManualClock()
+    router = make_router(clock, max_ejected_share=0.0)  # nothing may leave rotation
+    all_healthy(router)
+    for _ in range(3):
+        router.try_failed(router.nodes["eu-1"], "timeout", "t")
+        router.try_failed(router.nodes["eu-2"], "timeout", "t")
+    router.try_failed(router.nodes["us-1"], "timeout", "t")
+    router.try_failed(router.nodes["ap-1"], "timeout", "t")
+    assert all(n.usable(clock.now) and n.evidence for n in router.nodes.values())
+    assert router.pick("eu").spec.id == "us-1"  # type: ignore[union-attr]  # 1 timeout beats 3 at home
+    router.answered(router.nodes["eu-2"])
+    assert router.pick("eu").spec.id == "eu-2"  # type: ignore[union-attr]  # answering again: clean
+
+
 def test_one_node_cluster_is_never_ejected() -> None:
     clock = ManualClock()
     doc = cluster_doc({"eu": [("eu-1", 9001)]})
