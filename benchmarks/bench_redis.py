@@ -137,10 +137,11 @@ def start_app(procs: Procs, name: str, redis_port: int | None, rate: float, burs
     return url, child
 
 
-async def drive(designs: list[Design], duration: float, events: list[tuple[float, Any]]) -> float:
+async def drive(designs: list[Design], duration: float, events: list[tuple[float, Any]],
+                timeout_s: float = 2.0) -> float:
     """Open loop: every design gets LOAD req/s at fixed intended times; ``events`` (offset, callable)
     run in the schedule at their offsets.  Returns the wall clock of t = 0."""
-    timeout = aiohttp.ClientTimeout(total=2.0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     tasks: set[asyncio.Task] = set()
 
     async def one(d: Design, rec: Rec, session: aiohttp.ClientSession, t0: float) -> None:
@@ -150,7 +151,7 @@ async def drive(designs: list[Design], duration: float, events: list[tuple[float
                 body = await resp.read()
                 rec.status = resp.status
                 rec.allowed = resp.status == 200 and (b'"allowed": true' in body or b'"allowed":true' in body)
-                rec.degraded = b'"degraded": true' in body
+                rec.degraded = b'"degraded": true' in body or b'"degraded":true' in body
                 if resp.status >= 300:
                     rec.error = body[:120].decode(errors="replace")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
