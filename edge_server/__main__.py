@@ -78,6 +78,8 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
     assert node.gossiper is not None
     tasks = [asyncio.create_task(node.gossiper.run(), name="gossip"),
              asyncio.create_task(node.housekeeping(), name="housekeeping")]
+    if node.replicator is not None:
+        tasks.append(asyncio.create_task(node.replicator.run(), name="audit-replication"))
     log.info("node serving", extra={"host": node.spec.host, "port": node.spec.port,
                                     "peers": [p.id for p in node.peers], "cold": node.cold})
     try:

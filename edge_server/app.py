@@ -26,7 +26,7 @@ from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.skill import SkillError
 from edge_server.token_bucket import CostExceedsBurst, Decision, KeyTableFull, NoLimitForKey
-from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack
+from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack, sign
 
 __all__ = ["ROUTES", "ApiError", "EdgeServer", "build_server"]
 
@@ -424,7 +424,9 @@ async def state(node: Node, request: web.BaseRequest) -> web.Response:
         "change_seq": table.change_seq, "live_peers": sorted(table.live_peers()),
         "key_count": table.key_count(), "audit_last_seq": node.audit.last_seq,
         "audit_total_cost": node.audit.total_cost, "audit_segments": node.audit.segment_count,
-        "audit_unsealed": node.audit.unsealed, "keys": table.snapshot(now, keys),
+        "audit_unsealed": node.audit.unsealed, "audit_replicas": node.replicas.status(),
+        "audit_replication": node.replicator.status(now) if node.replicator is not None else None,
+        "keys": table.snapshot(now, keys),
     })
 
 
@@ -435,6 +437,16 @@ async def audit(node: Node, request: web.BaseRequest) -> web.Response:
     return web.json_response({"node": node.spec.id, "region": node.spec.region, "events": events,
                               "next": events[-1]["seq"] if events else after,
                               "last_seq": node.audit.last_seq})
+
+
+async def audit_replica(node: Node, request: web.BaseRequest) -> web.Response:
+    """Lines of another node's trail for the replica this node holds (see ``audit/replica.py``)."""
+    raw = await _read_body(request, MAX_GOSSIP_BYTES)
+    if len(raw) > MAX_GOSSIP_BYTES:
+        raise ApiError(413, "body_too_large", f"replica message over {MAX_GOSSIP_BYTES} bytes")
+    status, body = node.replicas.receive(raw, request.headers.get(SIGNATURE_HEADER))
+    headers = {SIGNATURE_HEADER: sign(node.config.secret, body)} if status == 200 else None
+    return _json_bytes(body, status, headers)
 
 
 async def gossip(node: Node, request: web.BaseRequest) -> web.Response:
@@ -474,6 +486,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/metrics", metrics),
     ("GET", "/v1/state", state),
     ("GET", "/v1/audit", audit),
+    ("POST", "/v1/audit/replica", audit_replica),
     ("POST", "/v1/gossip", gossip),
 ]
 

@@ -117,6 +117,8 @@ class AuditConfig:
     retention_s: float = 30 * 86_400.0  # sealed segments whose newest event is older leave the node (0: keep)
     retention_bytes: int = 0  # sealed segments beyond this total leave the node, oldest first (0: no cap)
     compress_level: int = 6  # gzip level of sealed segments (1 fastest .. 9 smallest)
+    replicate: bool = False  # ship every event to one node of the next region (audit/replicas/ there)
+    replicate_interval_ms: float = 100.0  # how often new events are shipped (at once while a backlog lasts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +347,8 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         retention_s=au.num("retention_s", da.retention_s),
         retention_bytes=au.int("retention_bytes", da.retention_bytes),
         compress_level=au.int("compress_level", da.compress_level, minimum=1, maximum=9),
+        replicate=au.bool("replicate", da.replicate),
+        replicate_interval_ms=au.num("replicate_interval_ms", da.replicate_interval_ms, positive=True),
     )
     return ClusterConfig(
         source=source,

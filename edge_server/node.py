@@ -12,6 +12,7 @@ import logging
 import time
 
 from edge_server.audit import AuditLog
+from edge_server.audit.replica import ReplicaStore, Replicator, replica_target
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.gossip import Gossiper
 from edge_server.metrics import NodeMetrics
@@ -36,6 +37,10 @@ class Node:
         self._request_prefix = f"{self.spec.id}-{self.boot}-"  # ids are unique across restarts (boot)
         self.audit = AuditLog(config.audit_dir, node_id, self.spec.region, config.secret, config.audit,
                               fsync=config.server.audit_fsync)
+        self.replicas = ReplicaStore(config.audit_dir, node_id, set(self.node_ids), config.secret, config.audit)
+        target = replica_target(config, node_id) if config.audit.replicate else None
+        self.replicator = (Replicator(self.audit, self.spec, target, config.secret,
+                                      config.audit.replicate_interval_ms / 1000) if target is not None else None)
         self.table: BucketTable | None = None
         self.replay = ReplayGuard({p.id for p in self.peers})
         self.skill: Skill = make_skill(config.skill)
@@ -177,3 +182,4 @@ class Node:
         # A clean stop seals what was closed (bounded): the next start reads a checkpoint, not segments.
         await self.audit.wait_sealed(10.0)
         self.audit.close()
+        self.replicas.close()
