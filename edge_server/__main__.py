@@ -15,11 +15,15 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
 from edge_server.lifeline import die_with_parent
+
+if TYPE_CHECKING:
+    from edge_server.node import Node
 
 __all__ = ["main"]
 
@@ -51,6 +55,21 @@ async def _wait_for_stop() -> None:
     await stop.wait()
 
 
+async def _rebuild_lost_trail(node: Node) -> None:
+    """A node that replicates and finds no trail of its own fetches it from its replica holder first."""
+    from edge_server.audit.replica import has_trail, rebuild_from_replica
+
+    replicator = node.replicator
+    if replicator is None or has_trail(node.audit):
+        return
+    node.audit.open()
+    try:
+        events = await rebuild_from_replica(node.audit, node.spec, replicator.target, node.config.secret)
+    finally:
+        node.audit.close()
+    log.warning("audit trail rebuilt from its replica", extra={"holder": replicator.target.id, "events": events})
+
+
 async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int:
     from edge_server.app import build_server
     from edge_server.node import Node
@@ -65,6 +84,7 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
         await runner.cleanup()
         return _fail(3, f"node {node_id}: cannot listen on {node.spec.host}:{node.spec.port}: {exc.strerror}")
     try:
+        await _rebuild_lost_trail(node)
         node.recover()
     except (OSError, ValueError, KeyError) as exc:
         await runner.cleanup()

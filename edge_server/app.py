@@ -449,6 +449,19 @@ async def audit_replica(node: Node, request: web.BaseRequest) -> web.Response:
     return _json_bytes(body, status, headers)
 
 
+async def audit_replica_read(node: Node, request: web.BaseRequest) -> web.Response:
+    """``?origin=ID&after=SEQ&limit=N``: the lines this node holds of ``origin``'s trail (signed),
+    for ``origin`` rebuilding a lost trail before it serves."""
+    origin = request.query.get("origin", "")
+    if origin not in node.node_ids or origin == node.spec.id:
+        raise ApiError(400, "invalid_query", "origin must be another node of the cluster", "origin")
+    after = _int_param(request, "after", 0)
+    limit = _int_param(request, "limit", 1000, maximum=10_000)
+    body = node.replicas.serve(origin, node.config.node(origin).region, after, limit)
+    return web.Response(body=body, headers={"Content-Type": "application/x-ndjson",
+                                            SIGNATURE_HEADER: sign(node.config.secret, body)})
+
+
 async def gossip(node: Node, request: web.BaseRequest) -> web.Response:
     if node.table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")
@@ -487,6 +500,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/state", state),
     ("GET", "/v1/audit", audit),
     ("POST", "/v1/audit/replica", audit_replica),
+    ("GET", "/v1/audit/replica", audit_replica_read),
     ("POST", "/v1/gossip", gossip),
 ]
 

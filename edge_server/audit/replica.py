@@ -15,7 +15,10 @@ an edited or foreign line) with 409 and the replica's last sequence number, from
 resends; a replayed message holds only lines the replica has and changes nothing.  Every refusal is
 counted by reason.
 
-Not built: a node restarted without its data directory rebuilding its trail from its replica.
+A node that starts without any trail of its own (its disk was lost) and replicates first asks its
+replica holder for everything it holds (:func:`rebuild_from_replica`, signed pages of lines, each
+checked against the chain as it is written) and only then recovers and serves: its counts and
+sequence numbers carry on from the replica instead of starting again from zero.
 """
 
 from __future__ import annotations
@@ -113,6 +116,12 @@ class ReplicaStore:
         return 200, orjson.dumps({"origin": origin, "holder": self.me, "last_seq": replica.last_seq,
                                   "appended": appended})
 
+    def serve(self, origin: str, region: str, after: int, limit: int) -> bytes:
+        """Lines of ``origin``'s replica after ``after`` (for ``origin`` rebuilding its own trail)."""
+        if origin not in self.known or origin == self.me:
+            raise KeyError(origin)
+        return b"".join(self._log(origin, region).read_raw(after, limit))
+
     def status(self) -> dict:
         return {"held": {o: r.last_seq for o, r in self.logs.items()}, "refused": dict(self.refused),
                 "received": self.received}
@@ -120,6 +129,43 @@ class ReplicaStore:
     def close(self) -> None:
         for replica in self.logs.values():
             replica.close()
+
+
+def has_trail(audit: AuditLog) -> bool:
+    """Whether anything of ``audit``'s node is on disk (an open segment or a folder of segments)."""
+    return audit.path.exists() or audit.folder.exists()
+
+
+async def rebuild_from_replica(audit: AuditLog, me: NodeSpec, holder: NodeSpec, secret: bytes,
+                               within_s: float = 30.0) -> int:
+    """Fill the empty trail ``audit`` (opened) from ``holder``'s replica of it; returns the events.
+
+    Retries an unreachable holder until ``within_s`` is over, then raises ``TimeoutError``: a node
+    that lost its trail must not serve from zero while a copy of it exists elsewhere.
+    """
+    deadline = time.monotonic() + within_s
+    timeout = aiohttp.ClientTimeout(total=10, connect=1)
+    fetched = 0
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            url = f"{holder.url}{PATH}?origin={me.id}&after={audit.last_seq}&limit={BATCH}"
+            try:
+                async with session.get(url) as resp:
+                    body = await resp.read()
+                    if resp.status != 200:
+                        raise ValueError(f"{holder.id} answered {resp.status}: {body[:200]!r}")
+                    if not verify(secret, body, resp.headers.get(SIGNATURE_HEADER)):
+                        raise ValueError(f"{holder.id}'s replica is not signed with the cluster secret")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"replica holder {holder.id} unreachable: {exc}") from None
+                await asyncio.sleep(0.2)
+                continue
+            if not body:
+                break
+            fetched += audit.append_raw(body.splitlines(keepends=True), time.time())
+    await audit.wait_sealed(60.0)
+    return fetched
 
 
 class Replicator:

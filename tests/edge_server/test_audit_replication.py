@@ -103,3 +103,29 @@ def test_forged_misaddressed_out_of_order_and_replayed_messages(tmp_path: Path) 
         refused = cluster.state("us-1", [])["audit_replicas"]["refused"]
         assert refused == {"bad_signature": 2, "misaddressed": 1, "out_of_order": 2}, refused
         assert _held(cluster, "us-1", "eu-1") == 20
+
+
+def test_a_node_that_lost_its_disk_rebuilds_its_trail_from_the_replica(tmp_path: Path) -> None:
+    import shutil
+
+    cluster = ReplicatedCluster(tmp_path, regions=["eu", "us"], rate=100_000, burst=100_000)
+    with cluster:
+        _grants(cluster, "eu-1", 400)
+        before = cluster.state("eu-1")
+        own = {k: v["nodes"]["eu-1"]["count"] for k, v in before["keys"].items()}
+        wait_until(lambda: _held(cluster, "us-1", "eu-1") == 400, timeout=10.0, what="us-1 to hold eu-1's events")
+        cluster.kill9("eu-1")
+        (cluster.audit_dir / "eu-1.jsonl").unlink()  # the disk is lost
+        shutil.rmtree(cluster.audit_dir / "eu-1")
+        cluster.restart("eu-1")
+        after = cluster.state("eu-1")
+        assert after["audit_last_seq"] == 400 and after["audit_total_cost"] == before["audit_total_cost"]
+        assert {k: v["nodes"]["eu-1"]["count"] for k, v in after["keys"].items()} == own
+        _grants(cluster, "eu-1", 10)  # numbering and chain carry on, and the replica follows
+        wait_until(lambda: _held(cluster, "us-1", "eu-1") == 410, timeout=10.0, what="the replica to follow")
+        assert "rebuilt from its replica" in cluster.log_tail("eu-1", 200)
+    for folder in (cluster.audit_dir, cluster.audit_dir / "replicas"):
+        out = subprocess.run([sys.executable, "-m", "edge_server", "audit", "verify", str(folder), "--cluster",
+                              str(cluster.cluster_file)], capture_output=True, text=True, timeout=60, cwd=REPO,
+                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0 and "eu-1: ok: 410 events" in out.stdout, out.stdout + out.stderr
