@@ -338,7 +338,11 @@ class BucketTable:
                     st.level = min(st.level, 0.0)
                 else:
                     self._refill(st, now)
-                    floor = -self.max_debt_bursts * st.limit.burst
+                    # Debt goes down to max_debt_bursts bursts, and never less deep than what the live
+                    # peers may hold unacknowledged (a share each): a floor of one burst below that
+                    # forgave every round's in-flight spend, so a key whose burst is small next to
+                    # rate x gossip interval was over-admitted with no fault at all (simulation found it).
+                    floor = -max(self.max_debt_bursts * st.limit.burst, (self.cluster_size - 1) * st.share)
                     level = st.level - grew
                     st.level = floor if level < floor else level
         if view is not None:

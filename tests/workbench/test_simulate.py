@@ -82,6 +82,18 @@ def test_the_invoke_route_answers_429_and_every_admitted_reply_is_audited_once()
     assert check_token_loss(rec).ok
 
 
+def test_a_small_burst_is_not_over_admitted_in_steady_state() -> None:
+    """The simulator's first real finding: with a burst below (N-1) x share, a debt floor of one burst
+    forgave every gossip round's in-flight spend (4 nodes, R 50, B 2.5, g 250 ms: 1.9x R admitted)."""
+    scenario = Scenario(name="debt-floor", topology=Topology({"us": 1, "eu": 1, "ap": 2}, gossip_interval_ms=250.0),
+                        limits=(LimitSpec("*", 50.0, 2.5),), load=LoadSpec(rate_rps=163.0, route="check"),
+                        duration_s=12.0, seed=4)
+    res = simulate(scenario)
+    admitted = res.envelope.figures["admitted_tokens"]
+    assert res.ok, res.keys
+    assert admitted <= 2.5 + 50.0 * 12.0 + res.keys["tenant-0000"]["bound"]
+
+
 def test_a_partition_into_k_sides_over_admits_about_k_times_within_the_bound() -> None:
     rate, start, length = 50.0, 5.0, 10.0
     groups = (("eu",), ("us",), ("ap",))
@@ -168,7 +180,7 @@ def test_cli_json_keys_and_exit_codes(tmp_path: Path) -> None:
     assert doc["schedules"] == 3 and doc["failed"] == 0 and doc["invariants_ok"] is True
     assert doc["counterexample"] is None
 
-    assert cli_main(["simulate", "--schedules", "2", "--seed", "4", "--duration-s", "10", "--json", str(out),
+    assert cli_main(["simulate", "--schedules", "3", "--seed", "4", "--duration-s", "30", "--json", str(out),
                      "--out", str(tmp_path / "bad"), "--core", BROKEN, "--quiet"]) == 1
     doc = json.loads(out.read_text())
     assert doc["failed"] >= 1 and doc["invariants_ok"] is False and doc["max_excess_over_bound_tokens"] > 0
