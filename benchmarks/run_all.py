@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[str, int, int]] = {
     "bench_ceiling.py": ("bench_ceiling", 300, 60),
     "bench_redis.py": ("bench_redis", 300, 90),
     "bench_outage.py": ("bench_outage", 300, 120),
+    "bench_capacity.py": ("bench_capacity", 900, 90),
     "bench_reference.py": ("bench_reference", 300, 90),
     "bench_scale.py": ("bench_scale", 600, 90),
     "bench_staleness.py": ("bench_staleness", 480, 90),
