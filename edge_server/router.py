@@ -210,7 +210,8 @@ class Router(RoutingTable):
             tries, last = tries + 1, node
             hdrs = CIMultiDict(headers)
             budget_s = 2 * per_try if per_try is not None and tries == 1 else ends - loop.time()
-            hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s) * 1000))
+            # The try is written on a later turn of our loop: when the loop lags, that is later still.
+            hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s + self.current_lag()) * 1000))
             task = asyncio.ensure_future(session.request(request.method, node.spec.url + request.raw_path,
                                                          data=body or None, headers=hdrs, timeout=self._timeout,
                                                          allow_redirects=False))
