@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_proxy import _HELLO, RESULTS, child, exit_on_sigterm, server_core
 
+from benchmarks._procs import command_line, machine
 from benchmarks._targets import target
 from workbench.run.load.generator import LoadPlan, run_load
 from workbench.spec.parts import LoadSpec
@@ -116,6 +119,7 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true", help="pin server and generator to separate cores")
     ap.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="both")
     args = ap.parse_args()
+    started = time.time()
     exit_on_sigterm()
     rates = [float(r) for r in args.rates.split(",")]
     if args.quick:
@@ -138,7 +142,10 @@ def main() -> None:
     result["pinned"] = args.pin
     result["load_average"] = os.getloadavg()
     result["quick"] = args.quick
-    result["command"] = " ".join(["python", *sys.argv])
+    result["command"] = command_line()
+    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["machine"] = machine()
+    result["elapsed_s"] = round(time.time() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"loadgen{'-quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._procs import command_line, machine  # noqa: E402
 from benchmarks._targets import target  # noqa: E402
 from workbench.run.load.generator import LoadPlan, run_load  # noqa: E402
 from workbench.run.processes import Child  # noqa: E402
@@ -174,12 +177,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pin", action="store_true", help="pin server and generator to separate cores")
     args = ap.parse_args()
+    started = time.time()
     exit_on_sigterm()
     if args.quick:
         args.seconds, args.rounds = 1.5, 1
     result = asyncio.run(main_async(args))
     result["quick"] = args.quick
-    result["command"] = " ".join(["python", *sys.argv])
+    result["command"] = command_line()
+    result["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    result["machine"] = machine()
+    result["elapsed_s"] = round(time.time() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"proxy{'-quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
