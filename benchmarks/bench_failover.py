@@ -575,7 +575,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the drills' results folders (printed)")
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.pause_reps, args.blackhole_reps, args.duration, args.fault_at = 1, 1, 1, 7.0, 2.6
+        args.reps, args.pause_reps, args.blackhole_reps, args.duration, args.fault_at = 1, 1, 1, 6.0, 2.6
     if args.fault_at + FIGURE_AFTER_S > args.duration or args.fault_at < FIGURE_BEFORE_S + 1:
         ap.error(f"--fault-at must leave {FIGURE_BEFORE_S + 1:g} s before and {FIGURE_AFTER_S:g} s after it")
     started = time.time()

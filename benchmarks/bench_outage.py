@@ -270,12 +270,12 @@ def window_figures(outcomes: list[Outcome], start: float, end: float) -> dict[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="6 s runs")
+    parser.add_argument("--quick", action="store_true", help="4.5 s runs")
     parser.add_argument("--duration", type=float, default=None, help="seconds per run (default 15)")
     args = parser.parse_args()
     install_signal_handlers()
     started = time.time()
-    duration = args.duration or (6.0 if args.quick else 15.0)
+    duration = args.duration or (4.5 if args.quick else 15.0)
     fault_at, back_at = round(duration / 3, 2), round(2 * duration / 3, 2)
     for exe in (SENTINEL, "/usr/bin/redis-server"):
         if not os.path.exists(exe):

@@ -285,7 +285,7 @@ def main() -> int:
     args = parser.parse_args()
     install_signal_handlers()
     started = time.time()
-    wrk_s = args.duration or (2 if args.quick else 8)
+    wrk_s = args.duration or (1 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 3)
     acc_s = 2.0 if args.quick else 15.0
     if len(psutil.Process().cpu_affinity()) < 2:
