@@ -30,13 +30,15 @@ def _outage_brief(o: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(rec: Recording, *, envelope_slack_s: float | None = None, tolerance_tokens: float = 0.0,
-              convergence_intervals: float = 2.0, max_client_errors: int | None = None,
+              convergence_intervals: float = 2.0, max_convergence_ms: float | None = None,
+              max_client_errors: int | None = None,
               max_failover_ms: float | None = None, require_complete: bool = True,
               error_budget_pct: float = DEFAULT_ERROR_BUDGET_PCT, stall_s: float = DEFAULT_STALL_S) -> dict[str, Any]:
     """The run's summary and whether every check held (see the module docstring).
 
     ``envelope_slack_s`` defaults to :func:`default_slack_s` (the staleness eventual mode allows);
     ``error_budget_pct`` is the share of requests that may be errors (default 0.1 %);
+    ``max_convergence_ms`` replaces the convergence bound (gossip intervals + one delivery);
     ``max_failover_ms`` bounds the failover p99 over clients; ``stall_s`` is the latency past which a
     request during an outage counts as stalled.
     """
@@ -47,7 +49,7 @@ def summarize(rec: Recording, *, envelope_slack_s: float | None = None, toleranc
         "envelope": check_envelope(rec, tolerance_tokens=tolerance_tokens, slack_s=envelope_slack_s),
         "envelope_counter": check_envelope_counter(rec, tolerance_tokens=tolerance_tokens, slack_s=envelope_slack_s),
         "token_loss": check_token_loss(rec),
-        "convergence": check_convergence(rec, within_intervals=convergence_intervals),
+        "convergence": check_convergence(rec, within_intervals=convergence_intervals, max_ms=max_convergence_ms),
         "failover": check_failover(rec, max_failover_ms=max_failover_ms, stall_s=stall_s),
         "error_budget": check_error_budget(rec, budget_pct=error_budget_pct),
     }

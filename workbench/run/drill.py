@@ -107,14 +107,16 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
                     on_progress: ProgressCallback | None = None, progress_interval_s: float = 0.5,
                     stop: asyncio.Event | None = None, proxies: bool = True,
                     max_failover_ms: float | None = None, max_client_errors: int | None = None,
+                    max_convergence_ms: float | None = None,
                     error_budget_pct: float = DEFAULT_ERROR_BUDGET_PCT) -> DrillResult:
     """Run ``scenario`` and return its recording, summary and results folder.
 
     ``max_failover_ms`` / ``max_client_errors`` add those thresholds to the verdict;
+    ``max_convergence_ms`` replaces the convergence bound (default: 2 gossip intervals + one delivery);
     ``error_budget_pct`` is the share of requests that may fail (default 0.1 %).
     """
     thresholds = {"max_failover_ms": max_failover_ms, "max_client_errors": max_client_errors,
-                  "error_budget_pct": error_budget_pct}
+                  "max_convergence_ms": max_convergence_ms, "error_budget_pct": error_budget_pct}
     # absolute: the nodes run elsewhere and resolve their audit folder against their cluster file
     out = (Path(results_dir) if results_dir is not None else _default_results_dir(scenario)).resolve()
     out.mkdir(parents=True, exist_ok=True)

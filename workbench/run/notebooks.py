@@ -41,12 +41,14 @@ KERNEL = "rating-edge"  # installed by the Makefile; ``python3`` when it is miss
 EXTRA_PARAMETERS: dict[str, str] = {
     "max_failover_ms": "fail when failover p99 exceeds this (ms)",
     "max_client_errors": "fail when client errors exceed this",
+    "max_convergence_ms": "convergence bound after a heal or restart (ms; None: 2 gossip intervals + 50 ms)",
     "max_over_admission_pct": "fail when over-admission exceeds this (%)",
     "bound_margin": "partition: allowed measured / predicted over-admission ratio",
     "sweep_gossip_ms": "tuning: gossip intervals to try (ms)",
     "sweep_burst": "tuning: bucket sizes to try (tokens)",
     "sweep_nodes_per_region": "tuning: node counts per region to try",
-    "error_budget_pct": "tuning: over-admission the recommended setting may cause (%)",
+    "error_budget_pct": "fail when more than this share of requests are errors (%; CLI --error-budget)",
+    "over_admission_budget_pct": "tuning: over-admission the recommended setting may cause (%)",
     "user_steps": "capacity: closed-loop user counts to try, in order",
     "p95_target_ms": "capacity: the latency target (P95, ms)",
 }

@@ -45,7 +45,17 @@ def test_every_heal_and_restart_is_measured_with_p50_and_max() -> None:
     assert restart["start_s"] == pytest.approx(8.5, abs=0.011)  # its clock starts when us-1 answers again
     assert v.figures["convergence_max_ms"] == max(heal["agreement_ms"], restart["agreement_ms"])
     assert restart["agreement_ms"] == 0.0  # us-1 answered after everything had converged
-    assert v.figures["convergence_p50_ms"] == 0.0 and v.figures["allowed_ms"] == 40.0  # nearest rank of 2
+    assert v.figures["convergence_p50_ms"] == 0.0  # nearest rank of 2
+    assert v.figures["allowed_ms"] == 90.0  # 2 gossip intervals of 20 ms + 50 ms delivery
+    assert "2 gossip intervals" in v.figures["bound_rule"]
+
+
+def test_a_stated_convergence_bound_replaces_the_default_both_ways() -> None:
+    slow = history([(3.0, 0.02), (8.0, 0.3)])  # 300 ms to agree after the second heal
+    assert not check_convergence(slow).ok
+    v = check_convergence(slow, max_ms=400)
+    assert v.ok and v.figures["allowed_ms"] == 400.0 and v.figures["bound_rule"] == "max_convergence_ms = 400"
+    assert not check_convergence(history([(3.0, 0.06)]), max_ms=30).ok  # 60 ms > a stated 30 ms
 
 
 def test_a_slow_heal_fails_even_when_another_was_fast() -> None:
