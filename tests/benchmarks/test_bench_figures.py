@@ -1,0 +1,62 @@
+"""The pure figure functions of the outage and capacity benchmarks: what a stall, a window's admitted
+share and a step's limiting factor mean (docs/performance.md quotes them by these definitions)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.bench_capacity import limited_by, passes
+from benchmarks.bench_outage import Outcome, R, window_figures
+
+
+def _ok(t: float, admitted: bool = True) -> Outcome:
+    return Outcome(t, t + 0.002, decided=True, admitted=admitted, degraded=False, error=False)
+
+
+def test_stall_is_the_longest_span_without_a_decision_even_past_the_window() -> None:
+    outcomes = [_ok(0.5 + i * 0.01) for i in range(50)]  # decisions until ~1.0 s
+    # fault at 1.0: nothing decided until 3.5 s (past the window's end at 3.0); degraded admits don't count
+    outcomes += [Outcome(1.0 + i * 0.01, 1.0 + i * 0.01, decided=False, admitted=True, degraded=True, error=False)
+                 for i in range(100)]
+    outcomes += [_ok(3.5 + i * 0.01) for i in range(10)]
+    f = window_figures(outcomes, 1.0, 3.0)
+    assert f["stall_ms"] == pytest.approx(2502, abs=5)
+    assert f["admitted_without_limiter"] == 100
+    assert f["admitted"] == 100 and f["limit_tokens"] == R * 2.0
+    assert f["errors"] == 0
+
+
+def test_errors_and_admitted_share_count_only_the_window() -> None:
+    outcomes = [_ok(t / 100, admitted=t % 2 == 0) for t in range(0, 400)]
+    outcomes += [Outcome(2.5, 7.5, decided=False, admitted=False, degraded=False, error=True)]
+    f = window_figures(outcomes, 1.0, 3.0)
+    assert f["requests"] == 201 and f["errors"] == 1
+    assert f["admitted"] == 100 and f["admitted_pct_of_limit"] == 50.0
+    assert f["slowest_request_ms"] == pytest.approx(5000.0)
+    assert f["stall_ms"] < 30  # decisions kept coming every 10 ms
+
+
+def _step(**kw: object) -> dict:
+    base = {"p95_ms": 3000.0, "error_pct": 0.0, "served": 100, "errors_by_code": {}, "machine_busy_pct": 40.0,
+            "edge_cpu_pct_of_machine": 20.0, "generators_cpu_pct_of_machine": 10.0, "edge_rss_peak_mb": 200.0}
+    return base | kw
+
+
+def test_a_step_passes_below_5_s_and_0_1_percent_errors() -> None:
+    assert passes(_step())
+    assert not passes(_step(p95_ms=5000.0))
+    assert not passes(_step(error_pct=0.2))
+    assert not passes(_step(served=0))
+    assert not passes(_step(p95_ms=None))
+
+
+def test_what_limited_a_step_is_named_from_its_figures() -> None:
+    assert limited_by(_step(p95_ms=6000.0, machine_busy_pct=97.0)).startswith("CPU")
+    assert limited_by(_step(p95_ms=6000.0)).startswith("skill latency")
+    assert limited_by(_step(error_pct=1.0, errors_by_code={"0 ClientConnectorError": 9})).startswith("sockets")
+    assert limited_by(_step(error_pct=1.0, errors_by_code={"503 overloaded": 9})).startswith("edge shedding")
