@@ -14,7 +14,10 @@
 * **soak** (``--soak SECONDS``, run alone) -- RSS of one node under wrk with key churn,
   sampled as it runs: nothing may grow with events (the issue asks for +-10 MB over 30 minutes).
 
-Usage: .venv/bin/python benchmarks/bench_audit.py [--quick] [--soak 1800]
+* **replication** (``--replication``, run alone) -- the check route of eu-1 with its replication to
+  us-1 off and on, side by side (target >= 90 %), and the recovery point while on.
+
+Usage: .venv/bin/python benchmarks/bench_audit.py [--quick] [--soak 1800] [--replication]
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def bench_disk(procs: Procs, folder: Path, duration_s: int, segment_bytes: int) 
     wrk = run_wrk(node.url + "/v1/limits/check", threads=1, connections=64, duration_s=duration_s, script=script,
                   cpus={1})
     elapsed = time.time() - started
-    _status, st = http_json(node.url + "/v1/state?keys=")
+    _status, st = http_json(node.url + "/v1/state?keys=_")
     events = int(st["audit_last_seq"])
     time.sleep(3.0)  # let the last seal finish
     procs.stop(child)
@@ -148,7 +151,7 @@ def bench_soak(procs: Procs, folder: Path, duration_s: int, sample_s: float, seg
     wrk.start()
     samples = []
     while wrk.is_alive():
-        _status, st = http_json(node.url + "/v1/state?keys=")
+        _status, st = http_json(node.url + "/v1/state?keys=_")
         samples.append({"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1),
                         "events": st["audit_last_seq"], "keys": st["key_count"]})
         wrk.join(sample_s)
@@ -159,6 +162,65 @@ def bench_soak(procs: Procs, folder: Path, duration_s: int, sample_s: float, seg
             "rss_after_warmup_max_mb": max(warm) if warm else None,
             "rss_spread_after_warmup_mb": round(max(warm) - min(warm), 1) if warm else None,
             "wrk_requests_per_s": result["wrk"].requests_per_s if "wrk" in result else None}
+
+
+def bench_replication(procs: Procs, folder: Path, duration_s: int, rounds: int) -> dict:
+    """Check-route throughput of eu-1 with replication to us-1 off and on (interleaved rounds), and
+    the recovery point while it is on: eu-1's replication lag in seconds (the age of the oldest event
+    us-1 does not hold yet), sampled every 100 ms from /v1/state."""
+    import threading
+
+    import psutil
+
+    out: dict = {"off": [], "on": [], "lag_s_samples": []}
+    for r in range(rounds):
+        for mode in ("off", "on"):
+            sub = folder / f"{mode}-{r}"
+            sub.mkdir(parents=True)
+            path, nodes = write_cluster(sub, ["eu", "us"], limits=[("*", 1e9, 1e9)])
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(_audit_table(16 * 1024 * 1024) + f"replicate = {'true' if mode == 'on' else 'false'}\n")
+            children = [procs.start(f"{n.id}-{mode}-{r}", [PYTHON, "-m", "edge_server", "--cluster", str(path),
+                                                          "--node", n.id, "--log-level", "WARNING", "--drain-ms", "0"],
+                                    cpus={0} if n.id == "eu-1" else {1}) for n in nodes]
+            for n, c in zip(nodes, children, strict=True):
+                wait_ready(n.url, c)
+            script = sub / "random_keys.lua"
+            script.write_text(LUA)
+            cpu = [psutil.Process(c.pid) for c in children]
+            cpu0 = [sum(p.cpu_times()[:2]) for p in cpu]
+            _status, st0 = http_json(nodes[0].url + "/v1/state?keys=_")
+            result: dict = {}
+            wrk = threading.Thread(target=lambda u=nodes[0].url, sc=script, res=result: res.update(wrk=run_wrk(
+                u + "/v1/limits/check", threads=1, connections=64, duration_s=duration_s, script=sc, cpus={1})))
+            wrk.start()
+            while wrk.is_alive():
+                if mode == "on":
+                    _status, st = http_json(nodes[0].url + "/v1/state?keys=_")
+                    out["lag_s_samples"].append(st["audit_replication"]["lag_s"])
+                wrk.join(0.1)
+            out[mode].append(result["wrk"].requests_per_s)
+            _status, st1 = http_json(nodes[0].url + "/v1/state?keys=_")
+            events = max(1, st1["audit_last_seq"] - st0["audit_last_seq"])
+            used = [sum(p.cpu_times()[:2]) - c0 for p, c0 in zip(cpu, cpu0, strict=True)]
+            out.setdefault(f"cpu_ms_per_1000_events_{mode}", []).append(
+                {"eu-1": round(used[0] / events * 1e6, 1), "us-1": round(used[1] / events * 1e6, 1)})
+            if mode == "on":
+                time.sleep(1.0)
+                _status, st = http_json(nodes[0].url + "/v1/state?keys=_")
+                _status, held = http_json(nodes[1].url + "/v1/state?keys=_")
+                out.setdefault("final", []).append({"eu-1_last_seq": st["audit_last_seq"],
+                                                    "us-1_holds": held["audit_replicas"]["held"].get("eu-1"),
+                                                    "replication": st["audit_replication"]})
+            for c in children:
+                procs.stop(c)
+    lags = sorted(out["lag_s_samples"])
+    out["ratio_on_off"] = [round(a / b, 3) for a, b in zip(out["on"], out["off"], strict=True)]
+    out["ratio_median"] = statistics.median(out["ratio_on_off"])
+    out["recovery_point_p50_s"] = lags[len(lags) // 2] if lags else None
+    out["recovery_point_p99_s"] = lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else None
+    out["recovery_point_max_s"] = lags[-1] if lags else None
+    return out
 
 
 def write_trail(audit_dir: Path, node: str, events: int, keys: int = 100_000) -> float:
@@ -217,6 +279,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=None, help="seconds of wrk (default 60, quick 8)")
     parser.add_argument("--lengths", default=None, help="trail lengths in events, comma-separated")
     parser.add_argument("--repeats", type=int, default=None, help="restarts per trail (default 3, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="replication: off/on rounds (default 3, quick 1)")
+    parser.add_argument("--replication", action="store_true",
+                        help="only replication: throughput on/off side by side and the recovery point")
     parser.add_argument("--soak", type=int, default=None, metavar="SECONDS",
                         help="only the memory soak, this long (the issue asks for 1800; quick default 40)")
     args = parser.parse_args()
@@ -227,6 +292,17 @@ def main() -> int:
         [20_000, 200_000, 600_000] if args.quick else [100_000, 1_000_000, 4_000_000, 12_000_000])
     repeats = args.repeats or (2 if args.quick else 3)
     folder = workdir("audit")
+    if args.replication:
+        with Procs(folder) as procs:
+            rep = bench_replication(procs, folder / "replication", duration, args.rounds or (1 if args.quick else 3))
+        print(f"replication: check route {rep['on']} req/s with, {rep['off']} without (ratio {rep['ratio_on_off']});"
+              f" recovery point p50 {rep['recovery_point_p50_s']} s, p99 {rep['recovery_point_p99_s']} s, max "
+              f"{rep['recovery_point_max_s']} s over {len(rep['lag_s_samples'])} samples; CPU ms per 1000 events "
+              f"off {rep['cpu_ms_per_1000_events_off']}, on {rep['cpu_ms_per_1000_events_on']}")
+        path = write_results("bench_audit_replication", rep, quick=args.quick, started=started, targets=[
+            target("check route with replication / without (median)", rep["ratio_median"], ">=", 0.9)])
+        print(f"results: {path}")
+        return 0
     if args.soak is not None:
         soak_s = args.soak
         with Procs(folder) as procs:
