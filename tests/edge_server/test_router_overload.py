@@ -87,9 +87,11 @@ async def test_a_blackholed_region_fails_over_on_the_check_route_with_no_client_
     assert state_counters["no_healthy"] == 0 and state_counters["failed"] == 0
     # The paused node's late tries carried a deadline: once resumed it refuses them without granting.
     await wait_for(lambda: router.nodes["eu-1"].usable(router.clock()), 10.0, "eu-1 back in rotation")
-    retried_ids = {r[5] for r in results if r[4] == "timeout"}
+    # (A try in flight at the fault may have been granted just before the stop, its answer lost: the
+    # documented double grant under one request id. A try sent after the fault reached a stopped node.)
+    retried_ids = {r[5] for r in after if r[4] == "timeout"}
     granted_by_victim = await audit_ids(f"http://127.0.0.1:{nodes.ports['eu-1']}")
-    assert not retried_ids & granted_by_victim, "a retried check was also granted by the paused node"
+    assert retried_ids and not retried_ids & granted_by_victim, "a late try was granted by the paused node"
     # Figures, not targets: fault -> first success elsewhere per client, and latency after the fault.
     firsts = []
     for me in range(8):
