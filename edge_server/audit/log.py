@@ -28,7 +28,7 @@ import orjson
 
 from edge_server.audit.chain import GENESIS, ChainKeys
 from edge_server.audit.recovery import Recovered, load_head, recover_trail
-from edge_server.audit.seal import Retention, SealSpec, apply_retention, seal_segment
+from edge_server.audit.seal import Retention, SealSpec, apply_retention, release_memory, seal_segment
 from edge_server.audit.segments import iter_lines, iter_lines_from, segment_path
 from edge_server.config import AuditConfig
 
@@ -298,10 +298,13 @@ class AuditLog:
                                                                  t.exception()))
 
     def _seal_job(self, spec: SealSpec) -> list[int]:
-        seal_segment(self.folder, self.node, self.region, self.keys, spec, self.settings.compress_level)
-        if spec.checkpoint is None:
-            return []
-        return apply_retention(self.folder, self.node, self.keys, self.retention, spec.first, time.time())
+        try:
+            seal_segment(self.folder, self.node, self.region, self.keys, spec, self.settings.compress_level)
+            if spec.checkpoint is None:
+                return []
+            return apply_retention(self.folder, self.node, self.keys, self.retention, spec.first, time.time())
+        finally:
+            release_memory()
 
     def _sealed(self, spec: SealSpec, removed: list[int] | None, error: BaseException | None) -> None:
         self._seal_task = None
