@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.browser import CHARTS_DRAWN_JS, launch, new_page, open_until  # noqa: E402
-from tests.support.lab import Lab, LabPage, notebook_copy  # noqa: E402
+from tests.support.lab import STATUS_JS, Lab, LabPage, notebook_copy  # noqa: E402
 from workbench.ui.report import write_report  # noqa: E402
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -46,9 +46,9 @@ def shoot(folder: Path, docs: Path, duration_s: float, width: int, height: int) 
             lp = LabPage(lab, page)
             lp.open(NOTEBOOK.name)
             t_run = lp.run_all()
-            # Mid-run: about half of the run has been drawn.
-            bins = int(duration_s * 0.5 / 0.5)
-            lp.wait(f"{LIVE} && +{LIVE}.dataset.points >= {bins}", timeout_s=duration_s + 60)
+            # Mid-run: about half of the run left (the status line says "N s left").
+            lp.wait(f"{LIVE} && (() => {{ const m = /([0-9.]+) s left/.exec({STATUS_JS}); "
+                    f"return m && parseFloat(m[1]) <= {duration_s * 0.5}; }})()", timeout_s=duration_s + 60)
             page.evaluate(f"() => {LIVE}.closest('.jp-Cell').scrollIntoView({{block: 'start'}})")
             time.sleep(0.8)  # the next bin lands after the scroll
             facts["live_at_s"] = round(time.monotonic() - t_run, 1)
