@@ -158,6 +158,10 @@ def passes(step: dict[str, Any]) -> bool:
 def limited_by(step: dict[str, Any]) -> str:
     """What stopped a failing step, from its own figures."""
     codes = " ".join(step["errors_by_code"])
+    cpu = (f"CPU (machine {step['machine_busy_pct']:.0f} % busy; edge {step['edge_cpu_pct_of_machine']:.0f} %, "
+           f"generators {step['generators_cpu_pct_of_machine']:.0f} %)")
+    if step["error_pct"] > ERROR_LIMIT_PCT and step["machine_busy_pct"] >= 85:
+        return f"{cpu}, seen as errors: {codes[:100]}"
     if step["error_pct"] > ERROR_LIMIT_PCT:
         if any(w in codes for w in ("Too many open files", "EMFILE", "ClientConnectorError", "ServerDisconnected")):
             return "sockets (connection errors: " + codes[:80] + ")"
@@ -165,8 +169,7 @@ def limited_by(step: dict[str, Any]) -> str:
             return "edge shedding (503 overloaded: max_inflight / queue)"
         return "errors: " + codes[:100]
     if step["machine_busy_pct"] >= 85:
-        return f"CPU (machine {step['machine_busy_pct']:.0f} % busy; edge {step['edge_cpu_pct_of_machine']:.0f} %, " \
-               f"generators {step['generators_cpu_pct_of_machine']:.0f} %)"
+        return cpu
     if step["edge_rss_peak_mb"] > 0.8 * psutil.virtual_memory().total / 2**20:
         return "memory"
     return "skill latency (P95 over 5 s without CPU saturation)"

@@ -60,3 +60,5 @@ def test_what_limited_a_step_is_named_from_its_figures() -> None:
     assert limited_by(_step(p95_ms=6000.0)).startswith("skill latency")
     assert limited_by(_step(error_pct=1.0, errors_by_code={"0 ClientConnectorError": 9})).startswith("sockets")
     assert limited_by(_step(error_pct=1.0, errors_by_code={"503 overloaded": 9})).startswith("edge shedding")
+    busy = limited_by(_step(error_pct=70.0, machine_busy_pct=99.0, errors_by_code={"502 upstream_unreachable": 9}))
+    assert busy.startswith("CPU") and "upstream_unreachable" in busy
