@@ -13,6 +13,7 @@ import time
 
 from edge_server.audit import AuditLog
 from edge_server.audit.replica import ReplicaStore, Replicator, replica_target
+from edge_server.boot import take_boot
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.gossip import Gossiper
 from edge_server.metrics import NodeMetrics
@@ -32,7 +33,7 @@ class Node:
         self.peers = [n for n in config.nodes if n.id != node_id]
         self.node_ids = frozenset(n.id for n in config.nodes)
         self.metrics = NodeMetrics()
-        self.boot = int(time.time() * 1000)
+        self.boot = take_boot(config.audit_dir, node_id, int(time.time() * 1000))
         self._request_ids = itertools.count(1)
         self._request_prefix = f"{self.spec.id}-{self.boot}-"  # ids are unique across restarts (boot)
         self.audit = AuditLog(config.audit_dir, node_id, self.spec.region, config.secret, config.audit,

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from edge_server.boot import next_boot
 from edge_server.token_bucket import BucketTable, CostExceedsBurst, KeyTableFull, NoLimitForKey
 from edge_server.wire import ReplayGuard, WireError, decode_ack, decode_delta, encode_ack, encode_delta
 from workbench.run.sim.clock import EPOCH
@@ -59,6 +60,7 @@ class SimNode:
         self.held: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self.refused: Counter[str] = Counter()
         self.boot = 0
+        self.boots_seen = False
         self.cold = False
         self.started = 0.0
         self.boots = 0
@@ -105,7 +107,9 @@ class SimNode:
         self.inc += 1
         self.boots += 1
         self.state = "up"
-        self.boot = int(now * 1000)
+        # the real node's rule (edge_server.boot): never below the last boot unless the data is lost
+        self.boot = next_boot(int(now * 1000), None if wiped or not self.boots_seen else self.boot)
+        self.boots_seen = True
         self._replay = ReplayGuard(set(self.peers))
         own: dict[str, tuple[int, int]] = {}
         for key, cost, gen in self.disk:  # edge_server.audit.AuditLog.open's recovery rule
