@@ -284,7 +284,11 @@ def export_html(notebook: str | os.PathLike[str], out: str | os.PathLike[str] | 
 
     src = Path(notebook)
     exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _resources = exporter.from_notebook_node(nbformat.read(src, as_version=4))
+    nb = nbformat.read(src, as_version=4)
+    # The live widgets are closed before a cell ends; the state nbclient saved of them would only make
+    # the page fetch a widget renderer from a CDN (nbconvert adds its loader when the state is there).
+    nb.metadata.pop("widgets", None)
+    body, _resources = exporter.from_notebook_node(nb)
     # The template links require.js, MathJax and a widget manager from CDNs; the figures carry their own
     # plotly.js and the live widgets are closed, so a page without those links is complete offline.
     body = _REMOTE_SCRIPT.sub("", body)
