@@ -274,7 +274,8 @@ class LiveDashboard:
         if keep_widgets:
             self.progress.value = 1.0
             self.stop_button.layout.display = "none"
-            self.status.value = header
+            self.status.value = f"<b>{html.escape(title)}</b>: finished"
+            self.health.value = header  # a full-width row above the chart
             return
         self._close_widgets(header)
         if self.show_charts:
