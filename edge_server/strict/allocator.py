@@ -86,7 +86,7 @@ class Voter:
     """One region's voter.  Addressed by ``voter_id``; talks to the other voters by messages."""
 
     def __init__(self, voter_id: str, voters: Sequence[str], nodes: Sequence[str], settings: StrictSettings,
-                 *, now: float) -> None:
+                 *, now: float, restarted: bool = False) -> None:
         if voter_id not in voters:
             raise ValueError(f"voter {voter_id!r} is not one of {list(voters)}")
         if len(set(voters)) != len(voters) or not voters:
@@ -97,7 +97,9 @@ class Voter:
         self.settings = settings
         self.epoch = 1
         self.members: tuple[str, ...] = self.all_voters
-        self.grants_from = now  # epoch 1 starts with nothing granted anywhere
+        # Epoch 1 of a new cluster starts with nothing granted anywhere.  A restarted voter has lost
+        # its ledger: it grants nothing until every grant it may have made has run out.
+        self.grants_from = now + settings.reclaim_s if restarted else now
         self.frozen_for: tuple[int, tuple[str, ...]] | None = None  # accepted, not yet committed
         self._accepts: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._proposing: tuple[int, tuple[str, ...]] | None = None

@@ -150,6 +150,12 @@ class MemCluster:
         self.tables[node] = table
         return table
 
+    def restart_voter(self, voter: str) -> Voter:
+        """A voter that lost its ledger and its epoch (the worst case)."""
+        self.voters[voter] = Voter(voter, self.voter_ids, self.node_ids, self.settings, now=self.local(voter),
+                                   restarted=True)
+        return self.voters[voter]
+
     # ------------------------------------------------------------------ requests
 
     def take(self, node: str, key: str, cost: int = 1, pause: float = 0.0) -> bool:
