@@ -182,6 +182,6 @@ class StrictCluster(RuleBasedStateMachine):
 
 
 StrictCluster.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=40, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestStrictCluster = StrictCluster.TestCase
