@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-BUDGET_S = 540  # the quick run takes < 3 minutes on 2 quiet cores; a busy CI machine gets slack
+BUDGET_S = 540  # the quick run takes about 4 minutes on 2 busy cores (253 s measured); a busy CI machine gets slack
 
 sys.path.insert(0, str(REPO))
 
