@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 import plotly.graph_objects as go
 import psutil
-from plotly.subplots import make_subplots
 
 from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import (
@@ -66,7 +65,6 @@ from benchmarks.bench_node import write_lua
 R = 100.0
 B = 100.0
 LOAD = 2 * R
-BIN_S = 0.1
 REDIS = "/usr/bin/redis-server"
 REDIS_TIMEOUT_MS = 250
 DESIGNS = ("redis fail-open", "redis fail-closed", "ours (3 nodes)")
@@ -188,21 +186,6 @@ async def drive(designs: list[Design], duration: float, events: list[tuple[float
     return wall0
 
 
-def series(d: Design, duration: float) -> dict[str, list]:
-    bins = round(duration / BIN_S)
-    out = {"t_s": [round(i * BIN_S, 2) for i in range(bins)], "admitted": [0] * bins, "denied": [0] * bins,
-           "errors": [0] * bins}
-    for r in d.records:
-        k = min(int(r.intended / BIN_S), bins - 1)
-        if r.allowed:
-            out["admitted"][k] += 1
-        elif r.status in (200, 429):
-            out["denied"][k] += 1
-        else:
-            out["errors"][k] += 1
-    return out
-
-
 def figures_of(d: Design, duration: float, window: tuple[float, float] | None = None) -> dict[str, Any]:
     recs = d.records
     admitted_ts = [r.sent for r in recs if r.allowed]
@@ -236,35 +219,6 @@ def figures_of(d: Design, duration: float, window: tuple[float, float] | None = 
                                / max(1, len(inside)), 1),
         }
     return out
-
-
-def outage_chart(title: str, data: dict[str, dict], duration: float, fault_at: float, back_at: float) -> go.Figure:
-    fig = make_subplots(rows=len(data) + 1, cols=1, shared_xaxes=True, vertical_spacing=0.04,
-                        subplot_titles=[*data, "cumulative admitted vs the limit B + R·t"])
-    colors = {"admitted": "#2563eb", "denied": "#9ca3af", "errors": "#dc2626"}
-    for row, s in enumerate(data.values(), start=1):
-        for kind, color in colors.items():
-            fig.add_scatter(x=s["t_s"], y=[v / BIN_S for v in s[kind]], name=kind, line={"color": color},
-                            legendgroup=kind, showlegend=row == 1, row=row, col=1)
-        fig.add_scatter(x=[0, duration], y=[R, R], name="limit R", line={"color": "#111827", "dash": "dash"},
-                        legendgroup="R", showlegend=row == 1, row=row, col=1)
-    palette = ["#d97706", "#7c3aed", "#16a34a"]
-    last = len(data) + 1
-    for (name, s), color in zip(data.items(), palette, strict=False):
-        acc, cum = 0, []
-        for v in s["admitted"]:
-            acc += v
-            cum.append(acc)
-        fig.add_scatter(x=[t + BIN_S for t in s["t_s"]], y=cum, name=f"{name} admitted", line={"color": color},
-                        row=last, col=1)
-    fig.add_scatter(x=[0, duration], y=[B, B + R * duration], name="B + R·t", line={"color": "#111827", "dash": "dash"},
-                    row=last, col=1)
-    for x, text in ((fault_at, "fault"), (back_at, "back")):
-        fig.add_vline(x=x, line_dash="dot", line_color="#dc2626", annotation_text=text)
-    fig.update_yaxes(title_text="req/s", row=1, col=1)
-    fig.update_xaxes(title_text="run time (s)", row=last, col=1)
-    fig.update_layout(title=title, height=220 * (len(data) + 1), template="plotly_white")
-    return fig
 
 
 def cpu_s(procs: list[psutil.Process]) -> float:
