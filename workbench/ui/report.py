@@ -29,8 +29,8 @@ from workbench.check.live import LiveStats
 from workbench.history import Recording, RecordingError
 from workbench.ui import charts
 
-__all__ = ["REGRESSION_RULES", "ReportError", "figures_for", "health_intervals", "objectives", "plotly_bundle",
-           "render_report", "write_report"]
+__all__ = ["REGRESSION_RULES", "ReportError", "bundle_kind", "figures_for", "health_intervals", "objectives",
+           "plotly_bundle", "render_report", "write_report"]
 
 _ASSETS = Path(__file__).with_name("assets")
 BASIC_BUNDLE = _ASSETS / "plotly-basic.min.js"
@@ -258,12 +258,17 @@ def _outages_table(summary: dict[str, Any]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def plotly_bundle(figures: Sequence[Any]) -> str:
-    """plotly.js for a page of ``figures``: the basic bundle when it can draw them all, else the full one."""
+def bundle_kind(figures: Sequence[Any]) -> str:
+    """``"basic"`` when plotly's basic bundle (shipped in ``ui/assets``) can draw every one of ``figures``."""
     types = {getattr(trace, "type", None) or "scatter" for fig in figures for trace in fig.data}
     if types <= BASIC_TRACES and BASIC_BUNDLE.exists() and get_plotlyjs_version() == BASIC_BUNDLE_VERSION:
-        return BASIC_BUNDLE.read_text(encoding="utf-8")
-    return get_plotlyjs()
+        return "basic"
+    return "full"
+
+
+def plotly_bundle(figures: Sequence[Any]) -> str:
+    """plotly.js for a page of ``figures``: the basic bundle when it can draw them all, else the full one."""
+    return BASIC_BUNDLE.read_text(encoding="utf-8") if bundle_kind(figures) == "basic" else get_plotlyjs()
 
 
 def render_report(folders: Sequence[str | Path], title: str = "Rating Edge drill report") -> str:

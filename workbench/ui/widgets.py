@@ -41,7 +41,7 @@ from workbench.history import Recording
 from workbench.spec.scenario import Scenario
 from workbench.ui import charts
 from workbench.ui.live_chart import LiveChart
-from workbench.ui.report import figures_for, health_intervals
+from workbench.ui.report import bundle_kind, figures_for, health_intervals, plotly_bundle
 
 __all__ = [
     "HEADLESS_ENV",
@@ -59,7 +59,7 @@ __all__ = [
 HEADLESS_ENV = "WORKBENCH_HEADLESS"  # "1": no live chart widget (papermill / CI)
 WALL_ENV = "WORKBENCH_WALL"  # "1": a wall screen (``workbench dashboard``): the run goes on after its cell
 _background: set[asyncio.Task[Any]] = set()  # wall-screen runs in progress (a reference keeps each alive)
-_state = {"plotlyjs_sent": False}  # per kernel: plotly.js goes into the first static figure only
+_state = {"plotlyjs": ""}  # per kernel: which plotly.js the static figures embedded so far ("", basic, full)
 
 
 def wall_screen() -> bool:
@@ -74,14 +74,21 @@ def headless() -> bool:
 
 # ----------------------------------------------------------------------------- static output
 def figure_bundle(fig: go.Figure) -> dict[str, Any]:
-    """A display bundle for one figure: plotly mimetype, offline HTML (plotly.js the first time), text."""
-    include = not _state["plotlyjs_sent"]
-    _state["plotlyjs_sent"] = True
-    div = pio.to_html(fig, include_plotlyjs=include, full_html=False,
-                      config={"displaylogo": False, "responsive": True})
+    """A display bundle for one figure: plotly mimetype, offline HTML, text.
+
+    The HTML embeds plotly.js in the first figure of the kernel session only: plotly's basic bundle
+    (1.2 MB) while every figure can use it, the full one (4.6 MB) once a figure needs more (a later
+    script replaces ``window.Plotly``; figures drawn before stay drawn).
+    """
+    need = bundle_kind([fig])
+    script = ""
+    if _state["plotlyjs"] == "" or (_state["plotlyjs"] == "basic" and need == "full"):
+        _state["plotlyjs"] = need
+        script = f"<script type='text/javascript'>{plotly_bundle([fig])}</script>"
+    div = pio.to_html(fig, include_plotlyjs=False, full_html=False, config={"displaylogo": False, "responsive": True})
     title = fig.layout.title.text or "figure"
     return {"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
-            "text/html": div, "text/plain": f"<plotly figure: {title}>"}
+            "text/html": script + div, "text/plain": f"<plotly figure: {title}>"}
 
 
 def show_figure(fig: go.Figure) -> None:
