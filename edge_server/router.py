@@ -71,6 +71,31 @@ _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Cont
                                               "Upgrade", "Server", "Date"))
 
 
+async def _first_done(loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[Any]],
+                      within_s: float) -> list[asyncio.Task[Any]]:
+    """The tasks done after at most ``within_s`` (``asyncio.wait(FIRST_COMPLETED)`` without its sets
+    and per-call wrapping: this is on every forwarded request)."""
+    done = [t for t in tasks if t.done()]
+    if done:
+        return done
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for t in tasks:
+        t.add_done_callback(wake)
+    timer = loop.call_later(within_s, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for t in tasks:
+            t.remove_done_callback(wake)
+    return [t for t in tasks if t.done()]
+
+
 def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
     """A try that lost (or ran on after the request ended): free its connection, keep no exception."""
     if not task.cancelled() and task.exception() is None:
@@ -208,7 +233,7 @@ class Router(RoutingTable):
             try later, paused or queued, must not grant it); for the last try, the rest of the request."""
             nonlocal tries, last
             tries, last = tries + 1, node
-            hdrs = CIMultiDict(headers)
+            hdrs = headers if tries == 1 else CIMultiDict(headers)  # the first try owns the request's copy
             budget_s = 2 * per_try if per_try is not None and tries == 1 else ends - loop.time()
             # The try is written on a later turn of our loop: when the loop lags, that is later still.
             hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s + self.current_lag()) * 1000))
@@ -224,8 +249,7 @@ class Router(RoutingTable):
                 hedge_due = per_try is not None and not hedged and tries == 1
                 if wait <= 0:
                     break
-                done, _ = await asyncio.wait(pending, timeout=min(wait, per_try) if hedge_due else wait,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done = await _first_done(loop, list(pending), min(wait, per_try) if hedge_due else wait)
                 if not done:
                     if not hedge_due:
                         break  # the whole request timed out
