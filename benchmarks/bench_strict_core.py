@@ -10,7 +10,8 @@ limit ``R`` (open loop, spread over the nodes that have demand).  Scenarios:
 * ``region_loss``    -- demand everywhere; region c's nodes crash and its voter goes silent at t0:
                         the survivors' rate, and the time until it is back to ``(1 - alpha*w_lost)*R``;
 * ``partition``      -- demand everywhere; region c is cut off at t0: c's rate after ``L`` (its
-                        pinned share ``alpha*w_c*R`` is what it may keep), the majority's, the total.
+                        pinned share ``alpha*w_c*R`` is what it may keep), the majority's, the total;
+* ``hot_path``       -- wall-clock cost of take+commit, strict vs eventual core, in one process.
 
 Every run also checks the envelope ``B + R*(t - s)`` over every window (no allowance) and reports
 the largest excess (<= 0 means it held).  Figures are virtual time: they measure the protocol, not
@@ -139,6 +140,42 @@ def partition(s: StrictSettings, warm: float, after: float) -> dict:
             "max_excess_over_envelope": r.c.max_excess()}
 
 
+def hot_path(n: int) -> dict:
+    """Wall-clock microseconds per take+commit over 1,000 keys: StrictTable (with a lease of 3 voters)
+    against BucketTable, same loop, same process (only the ratio means anything on a shared machine)."""
+    import time as _time
+
+    from edge_server.strict.allocator import Voter
+    from edge_server.strict.table import StrictTable
+    from edge_server.token_bucket import BucketTable
+
+    limit = Limit(1e6, 1e6)
+    s = StrictSettings(alpha=0.2, lease_ms=500, rho=1e-3)
+    names = ["va", "vb", "vc"]
+    voters = {v: Voter(v, names, ["a1", "b1"], s, now=0.0) for v in names}
+    strict = StrictTable("a1", 1, ["a1", "b1"], names, lambda _k: limit, s, now=0.0)
+    keys = [f"k{i % 1000}" for i in range(n)]
+    now, t0 = 0.0, _time.perf_counter()
+    for i, key in enumerate(keys):
+        now += 1e-6
+        if i % 20_000 == 0:
+            for req in strict.lease_requests(now):
+                strict.on_grant(voters[req.voter].on_request(req, now), now)
+        d = strict.take(key, 1, now)
+        if d.allowed and d.ticket is not None:
+            strict.commit(d.ticket, now)
+    strict_us = (_time.perf_counter() - t0) / n * 1e6
+    eventual = BucketTable("a1", ["b1"], lambda _k: limit, now=0.0)
+    now, t0 = 0.0, _time.perf_counter()
+    for key in keys:
+        now += 1e-6
+        if eventual.take(key, 1, now).allowed:
+            eventual.commit(key, 1)
+    eventual_us = (_time.perf_counter() - t0) / n * 1e6
+    return {"strict_us_per_take_commit": round(strict_us, 2), "eventual_us_per_take_commit": round(eventual_us, 2),
+            "ratio": round(strict_us / eventual_us, 2), "decisions": n}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, no sweep")
@@ -153,6 +190,7 @@ def main() -> int:
         "demand_moves": demand_moves(base, warm, after),
         "region_loss": region_loss(base, warm, after),
         "partition": partition(base, warm, after),
+        "hot_path": hot_path(50_000 if args.quick else 200_000),
     }
     if not args.quick:
         sweep = []

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from edge_server.strict.lease import Grant, LeaseRequest, NodeLease
@@ -51,9 +50,9 @@ class UnknownTransfer(LookupError):
     """A transfer or state entry names a key with no limit or a node outside the cluster."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """What one allowed take reserved; give it back to :meth:`StrictTable.commit`."""
+class Ticket(NamedTuple):
+    """What one allowed take reserved; give it back to :meth:`StrictTable.commit`.  (A tuple: a
+    frozen dataclass cost more than the whole decision.)"""
 
     key: str
     cost: int
