@@ -365,9 +365,9 @@ class StrictTable:
         if view is None:
             self._count("ack_unknown_node")
             return
-        if view.actor != peer_actor:
-            view.actor, view.acked = peer_actor, 0
-            return
+        switched = self._switch(view, peer_actor)
+        if switched is None or switched:
+            return  # a late ack of a dead incarnation, or the first of a new one (it starts from 0)
         view.acked = max(view.acked, min(upto, self._seq))
 
     def merge(self, sender: str, entries: Iterable[tuple[str, Mapping[str, ActorRights]]], now: float) -> int:
@@ -386,9 +386,7 @@ class StrictTable:
         if snode not in self._peers:
             self._count("unknown_node")
             return 1
-        view = self._peers[snode]
-        if view.actor != sender:
-            view.actor, view.acked = sender, 0
+        self._switch(self._peers[snode], sender)
         for key, actors in entries:
             if self._limit_for(key) is None:
                 self._count("unknown_key")
@@ -417,6 +415,17 @@ class StrictTable:
             refused += self._receive(st, now)
             self._acknowledged(st)
         return refused
+
+    @staticmethod
+    def _switch(view: _Peer, actor: str) -> bool | None:
+        """Track a peer's newest incarnation: True if ``actor`` is a new one (resend everything),
+        False if it is the current one, None if it is older (a late message of a dead process)."""
+        if view.actor == actor:
+            return False
+        if view.actor and split_actor(actor)[1] < split_actor(view.actor)[1]:
+            return None
+        view.actor, view.acked = actor, 0
+        return True
 
     def _check_actor(self, st: _Key, actor: str, rights: ActorRights) -> str:
         try:

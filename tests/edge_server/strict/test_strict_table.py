@@ -169,3 +169,18 @@ def test_transfer_for_a_dead_incarnation_is_never_credited_to_the_new_one() -> N
     b_new = table("b1", 2, now=1.02)
     b_new.merge(a.actor, gift, 1.03)
     assert b_new.rights("k")[b_new.actor].credited == 0
+
+
+def test_a_late_message_of_a_dead_incarnation_does_not_reset_what_its_successor_acknowledged() -> None:
+    a, b_new = table("a1"), table("b1", 2)
+    a.held("k", 1.0)
+    a.merge(b_new.actor, [], 1.0)
+    upto, entries = a.delta_for("b1")
+    assert entries
+    a.on_ack(b_new.actor, upto, 1.0)
+    assert a.delta_for("b1")[1] == []  # all acknowledged
+    a.on_ack("b1#1", 0, 1.01)  # a late ack of the old incarnation
+    a.merge("b1#1", [], 1.01)  # and a late delta of it
+    assert a.delta_for("b1")[1] == []  # nothing to resend: the successor already has it all
+    a.merge("b1#3", [], 1.02)  # a newer incarnation does start from scratch
+    assert a.delta_for("b1")[1]
