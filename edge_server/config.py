@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 SECRET_ENV = "EDGE_CLUSTER_SECRET"
-MODES = ("eventual",)
+MODES = ("eventual", "strict")
 SKILL_KINDS = ("simulated", "upstream")
 
 

@@ -224,10 +224,19 @@ def _consteq(a: str, b: str) -> bool:
 
 
 class SeqGuard:
-    """Refuses a message whose ``(incarnation, seq)`` does not grow for its sender node (replay)."""
+    """Refuses a message whose ``(incarnation, seq)`` it has already seen for its sender node (replay).
 
-    def __init__(self) -> None:
+    Reordering is normal (concurrent HTTP requests, jitter), so a message older than the newest is
+    accepted once, as long as it is within ``window`` of the newest seq and not seen before (the
+    anti-replay window of IPsec, RFC 4303).  Anything older than the window, from an older
+    incarnation, or seen before is refused.  Refusing a reordered message would cost availability
+    (a lost lease request), never safety: merge is idempotent either way.
+    """
+
+    def __init__(self, window: int = 256) -> None:
+        self.window = window
         self._last: dict[str, tuple[int, int]] = {}
+        self._seen: dict[str, set[int]] = {}  # node -> seqs within the window below the newest
         self.refused = 0
 
     def check(self, msg: StrictMessage) -> None:
@@ -235,10 +244,22 @@ class SeqGuard:
             node, inc = split_actor(msg.sender)
         except ValueError:
             node, inc = msg.sender, 0  # voters have no incarnation
-        stamp = (inc, msg.seq)
+        seq = msg.seq
         last = self._last.get(node)
-        if last is not None and stamp <= last:
-            self.refused += 1
-            raise WireError("replayed", f"(incarnation, seq) {stamp} is not newer than {last}", 409)
-        self._last[node] = stamp
-
+        if last is None or (inc, seq) > last:
+            if last is None or inc > last[0]:
+                self._seen[node] = {seq}
+            else:
+                seen = self._seen[node]
+                seen.add(seq)
+                if len(seen) > 2 * self.window:
+                    floor = seq - self.window
+                    self._seen[node] = {s for s in seen if s > floor}
+            self._last[node] = (inc, seq)
+            return
+        if inc == last[0] and seq > last[1] - self.window and seq not in self._seen[node]:
+            self._seen[node].add(seq)
+            return
+        self.refused += 1
+        raise WireError("replayed", f"(incarnation, seq) {(inc, seq)} was seen or is older than {last} "
+                        f"by more than the window of {self.window}", 409)

@@ -222,7 +222,7 @@ def test_bad_scenario_exits_2_with_one_line_naming_the_parameter(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("flags", "names"), [
-    (["--mode", "strict"], "--mode"), (["--schedules", "0"], "--schedules"), (["--duration-s", "0.5"], "--duration-s"),
+    (["--mode", "bogus"], "--mode"), (["--schedules", "0"], "--schedules"), (["--duration-s", "0.5"], "--duration-s"),
     (["--core", "no_such_module:Table"], "--core"), (["--core", "json:JSONDecoder"], "--core"),
     (["--scenario", "x.toml", "--schedules", "5"], "--schedules"),
 ])

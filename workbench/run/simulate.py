@@ -34,6 +34,7 @@ formula, ``R (g + delay) + sum (k-1) R P``, is reported beside it (``within_nomi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -46,10 +47,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_server.config import MODES
+from edge_server.strict.table import StrictTable
 from edge_server.token_bucket import BucketTable
 from workbench.check import Verdict, check_envelope, check_token_loss
 from workbench.history import Recording
-from workbench.run.sim.bound import Bound, eventual_bound
+from workbench.run.sim.bound import Bound, StrictBound, eventual_bound
 from workbench.run.sim.files import read_schedule, write_schedule
 from workbench.run.sim.node import TableFactory
 from workbench.run.sim.schedule import SimFault, random_schedule, sim_faults_of
@@ -57,8 +59,8 @@ from workbench.run.sim.shrink import shrink
 from workbench.run.sim.world import run_world
 from workbench.spec.scenario import Scenario, ScenarioError
 
-__all__ = ["SimResult", "SimulateError", "add_arguments", "judge", "load_core", "main", "run_schedules", "schedule_rng",
-           "simulate"]
+__all__ = ["SimResult", "SimulateError", "add_arguments", "draw_schedule", "judge", "load_core", "main",
+           "run_schedules", "schedule_rng", "simulate"]
 
 
 class SimulateError(ValueError):
@@ -102,7 +104,10 @@ class SimResult:
 
 
 def judge(scenario: Scenario, faults: Sequence[SimFault], rec: Recording) -> SimResult:
-    """Check the history with the drill's checker, each key against its own bound."""
+    """Check the history with the drill's checker, each key against its own bound (strict mode: the
+    plain envelope, no allowance at all)."""
+    if scenario.mode == "strict":
+        return _judge_strict(scenario, faults, rec)
     bound = eventual_bound(scenario, faults)
     limits = {(x.rate, x.burst) for x in scenario.limits}
     tolerance = min(bound.tokens(r, b) for r, b in limits)
@@ -118,11 +123,33 @@ def judge(scenario: Scenario, faults: Sequence[SimFault], rec: Recording) -> Sim
     return SimResult(scenario, list(faults), rec, bound, keys, verdict)
 
 
+def _judge_strict(scenario: Scenario, faults: Sequence[SimFault], rec: Recording) -> SimResult:
+    bound = StrictBound()
+    verdict = check_envelope(rec, tolerance_tokens=0.0, slack_s=0.0, source="audit")
+    keys: dict[str, dict[str, Any]] = {}
+    for key, fig in verdict.figures.get("keys", {}).items():
+        keys[key] = {"worst_excess": fig["worst_excess"], "window_s": fig["worst_window_s"], "bound": 0.0,
+                     "nominal": 0.0, "terms": {"strict": 0.0}}
+    return SimResult(scenario, list(faults), rec, bound, keys, verdict)
+
+
 def simulate(scenario: Scenario, extra_faults: Sequence[SimFault] = (), *,
-             table_factory: TableFactory = BucketTable) -> SimResult:
-    """Simulate ``scenario`` (plus simulator-only ``extra_faults``) and judge it."""
+             table_factory: TableFactory = BucketTable, strict_table: type[StrictTable] = StrictTable) -> SimResult:
+    """Simulate ``scenario`` (plus simulator-only ``extra_faults``) and judge it (``scenario.mode``
+    picks the core and the bound)."""
     faults = sim_faults_of(scenario, extra_faults)
-    return judge(scenario, faults, run_world(scenario, faults, table_factory=table_factory))
+    return judge(scenario, faults, run_world(scenario, faults, table_factory=table_factory,
+                                             strict_table=strict_table))
+
+
+def draw_schedule(seed: int, index: int, *, duration_s: float, max_faults: int,
+                  mode: str = "eventual") -> tuple[Scenario, list[SimFault]]:
+    """Schedule ``index`` of ``seed``; the same draw in every mode, so eventual and strict compare."""
+    scenario, faults = random_schedule(schedule_rng(seed, index), index=index, duration_s=duration_s,
+                                       max_faults=max_faults)
+    if mode != scenario.mode:
+        scenario = dataclasses.replace(scenario, mode=mode)
+    return scenario, faults
 
 
 def schedule_rng(seed: int, index: int) -> random.Random:
@@ -132,8 +159,8 @@ def schedule_rng(seed: int, index: int) -> random.Random:
 def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults: int = 6,
                   table_factory: TableFactory = BucketTable, out_dir: Path | None = None,
                   on_progress: Callable[[int, int, int, float], None] | None = None,
-                  shrink_runs: int = 200, command: str = "") -> dict[str, Any]:
-    """Draw and judge ``count`` schedules; shrink the first failure into ``out_dir``.
+                  shrink_runs: int = 200, command: str = "", mode: str = "eventual") -> dict[str, Any]:
+    """Draw and judge ``count`` schedules in ``mode``; shrink the first failure into ``out_dir``.
 
     Returns the summary (the ``--json`` document).
     """
@@ -145,8 +172,7 @@ def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults
     nominal_ok = 0
     samples: list[float] = []
     for i in range(count):
-        scenario, faults = random_schedule(schedule_rng(seed, i), index=i, duration_s=duration_s,
-                                           max_faults=max_faults)
+        scenario, faults = draw_schedule(seed, i, duration_s=duration_s, max_faults=max_faults, mode=mode)
         res = judge(scenario, faults, run_world(scenario, faults, table_factory=table_factory))
         over = res.excess_over_bound
         samples.append(round(over, 3))
@@ -169,8 +195,9 @@ def run_schedules(count: int, seed: int, *, duration_s: float = 30.0, max_faults
         "schedules": count, "failed": len(failed), "seconds": round(seconds, 3),
         "max_excess_over_bound_tokens": round(worst, 3) if count else None,
         "counterexample": counterexample, "invariants_ok": not failed,
-        "seed": seed, "duration_s": duration_s, "mode": "eventual",
-        "core": f"{table_factory.__module__}.{table_factory.__qualname__}",
+        "seed": seed, "duration_s": duration_s, "mode": mode,
+        "core": ("edge_server.strict.table.StrictTable" if mode == "strict"
+                 else f"{table_factory.__module__}.{table_factory.__qualname__}"),
         "cpu_seconds": round(cpu_seconds, 3),
         "schedules_per_s": round(count / seconds, 2) if seconds > 0 else None,
         "within_bound_share": round(1 - len(failed) / count, 4) if count else None,
@@ -186,7 +213,8 @@ def _write_counterexample(res: SimResult, index: int, seed: int, out_dir: Path, 
 
     small = shrink(res.scenario, res.faults, fails, max_runs=max_runs)
     final = judge(small.scenario, small.faults, run_world(small.scenario, small.faults, table_factory=factory))
-    core = f"{factory.__module__}.{factory.__qualname__}"
+    core = ("edge_server.strict.table.StrictTable" if res.scenario.mode == "strict"
+            else f"{factory.__module__}.{factory.__qualname__}")
     notes = [f"Counterexample from `{command or 'workbench simulate'}` (seed {seed}, schedule {index}), core {core}.",
              f"Shrunk from {small.original_faults} to {len(small.faults)} faults in {small.runs} simulations.",
              "Replay: workbench simulate --scenario <this file>",
@@ -235,7 +263,9 @@ def load_core(spec: str) -> TableFactory:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedules", type=int, help="random fault schedules to run (default 1000)")
     p.add_argument("--seed", type=int, default=1, help="seed of the schedule generator (default 1)")
-    p.add_argument("--mode", default="eventual", help="limiter mode (only 'eventual' exists)")
+    p.add_argument("--mode", default="eventual",
+                   help="limiter mode: 'eventual' (judged against its derived bound) or 'strict' (judged against "
+                   "the plain envelope B + R (t - s) with no allowance)")
     p.add_argument("--duration-s", type=float, default=30.0, help="virtual seconds per schedule (default 30)")
     p.add_argument("--max-faults", type=int, default=6, help="most fault steps drawn per schedule (default 6)")
     p.add_argument("--scenario", help="replay one scenario file (TOML/YAML/JSON) instead of random schedules")
@@ -309,9 +339,10 @@ def main(args: argparse.Namespace) -> int:
                   f"bound {k['bound']:g}, nominal {k['nominal']:g} -> {verdict}")
     else:
         out = Path(args.out) if args.out else Path("results") / f"simulate-seed{args.seed}"
-        command = f"workbench simulate --schedules {args.schedules} --seed {args.seed} --duration-s {args.duration_s:g}"
+        command = (f"workbench simulate --mode {args.mode} --schedules {args.schedules} --seed {args.seed} "
+                   f"--duration-s {args.duration_s:g}")
         summary = run_schedules(args.schedules, args.seed, duration_s=args.duration_s, max_faults=args.max_faults,
-                                table_factory=factory, out_dir=out,
+                                table_factory=factory, out_dir=out, mode=args.mode,
                                 on_progress=None if args.quiet else _Progress(), command=command)
         print(f"{summary['schedules']} schedules in {summary['seconds']:g} s ({summary['schedules_per_s']}/s): "
               f"{summary['failed']} over the bound, worst excess over bound "

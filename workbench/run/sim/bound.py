@@ -45,7 +45,7 @@ from workbench.run.sim.network import BASE_DELAY_S, BASE_JITTER_S
 from workbench.run.sim.schedule import UNDONE, SimFault
 from workbench.spec.scenario import ROUTER, Scenario
 
-__all__ = ["BACKOFF_S", "SKEW_MARGIN_S", "Bound", "eventual_bound"]
+__all__ = ["BACKOFF_S", "SKEW_MARGIN_S", "Bound", "StrictBound", "eventual_bound"]
 
 BACKOFF_S = 1.0  # edge_server.gossip: a peer that failed 10 times is retried at most every second
 SKEW_MARGIN_S = 1.0  # clocks this close to the replay guard's limit may already be refused (delay, jitter)
@@ -94,6 +94,20 @@ class Bound:
     def nominal(self, rate: float, burst: float) -> float:
         """The issue's formula: ``R (g + delay) + sum (k - 1) R P`` over real partitions."""
         return rate * (self.gossip_s + self.delay_s) + rate * self.partition_seconds
+
+
+class StrictBound(Bound):
+    """Strict mode's bound: zero.  No allowance over the plain envelope ``B + R (t - s)``, whatever the
+    schedule (``docs/strict-mode.md``, "Why it is safe")."""
+
+    def __init__(self) -> None:
+        super().__init__(nodes=1, gossip_s=0.0, delay_s=0.0, timeout_s=0.0)
+
+    def terms(self, rate: float, burst: float) -> dict[str, float]:
+        return {"strict": 0.0}
+
+    def nominal(self, rate: float, burst: float) -> float:
+        return 0.0
 
 
 def _components(nodes: Sequence[str], up: set[str], cut: set[tuple[str, str]]) -> int:

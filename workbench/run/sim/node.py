@@ -168,6 +168,14 @@ class SimNode:
             return True
         return all(self.table._peers[p].synced for p in self.peers)
 
+    def sample(self) -> tuple[dict[str, int], dict[str, dict[str, tuple[int, int]]]] | None:
+        """``/v1/state`` for the history: per key the global count, per node (generation, count)."""
+        if self.state != "up" or self.table is None:
+            return None
+        snap = self.table.snapshot(self.now())
+        return ({k: v["global"] for k, v in snap.items()},
+                {k: {n: (e["gen"], e["count"]) for n, e in v["nodes"].items()} for k, v in snap.items()})
+
     def _housekeeping(self, tick: int) -> None:
         table = self.table
         assert table is not None

@@ -20,12 +20,14 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from edge_server.strict.table import StrictTable
 from edge_server.token_bucket import BucketTable, Limit
 from workbench.history import AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
 from workbench.run.sim.clock import EPOCH, Clocks, Scheduler
 from workbench.run.sim.network import Network
 from workbench.run.sim.node import SimNode, TableFactory
 from workbench.run.sim.schedule import UNDONE, SimFault
+from workbench.run.sim.strict_node import StrictSimNode, strict_settings_for, voter_id
 from workbench.spec.scenario import ROUTER, Scenario
 
 __all__ = ["SECRET", "STATE_EVERY_S", "World", "run_world"]
@@ -39,7 +41,8 @@ class World:
     """Everything one run needs; :meth:`run` returns the :class:`Recording`."""
 
     def __init__(self, scenario: Scenario, faults: Sequence[SimFault], *,
-                 table_factory: TableFactory = BucketTable, secret: bytes = SECRET) -> None:
+                 table_factory: TableFactory = BucketTable, secret: bytes = SECRET,
+                 strict_table: type[StrictTable] = StrictTable) -> None:
         self.scenario = scenario
         self.faults = list(faults)
         self.secret = secret
@@ -55,8 +58,14 @@ class World:
         self.load_rng = random.Random(seed * 3 + 2)
         self._limits = {x.pattern: Limit(x.rate, x.burst) for x in scenario.limits}
         self._limit_cache: dict[str, Limit | None] = {}
-        self.nodes = {nid: SimNode(self, nid, topo.region_of(nid), [p for p in self.node_ids if p != nid],
-                                   table_factory) for nid in self.node_ids}
+        self.nodes: dict[str, Any] = {}
+        self.table_name = "StrictTable" if scenario.mode == "strict" else table_factory.__name__
+        if scenario.mode == "strict":
+            self.table_name = strict_table.__name__
+            self._strict_nodes(scenario, strict_table)
+        else:
+            self.nodes = {nid: SimNode(self, nid, topo.region_of(nid), [p for p in self.node_ids if p != nid],
+                                       table_factory) for nid in self.node_ids}
         self.healthy = dict.fromkeys(self.node_ids, False)
         regions = topo.regions
         self._order = {home: sorted(regions, key=lambda r, h=home: (topo.latency_ms[h].get(r, 0.0) if r != h else -1.0))
@@ -66,6 +75,21 @@ class World:
         self.audit: list[AuditEvent] = []
         self.fault_records: list[FaultRecord] = []
         self.states: list[StateSample] = []
+
+    def _strict_nodes(self, scenario: Scenario, table_cls: type[StrictTable]) -> None:
+        """Strict mode: one voter per region on its first node, a drift within rho per node."""
+        topo = self.topo
+        settings = strict_settings_for(topo.gossip_interval_ms)
+        self.strict_settings = settings
+        voters = {voter_id(r): topo.nodes_of(r)[0] for r in topo.regions}
+        rng = random.Random(scenario.seed * 3 + 3)
+        rho = settings.rho
+        for i, nid in enumerate(self.node_ids):
+            pick = rng.random()
+            drift = rho if pick < 0.125 else -rho if pick < 0.25 else rng.uniform(-rho, rho)
+            self.nodes[nid] = StrictSimNode(self, nid, topo.region_of(nid), [p for p in self.node_ids if p != nid],
+                                            settings=settings, voters=voters, drift=drift, table_cls=table_cls,
+                                            mono_base=1000.0 + 7.0 * i + rng.uniform(0, 5))
 
     # ------------------------------------------------------------------ the core's view
     def limit_for(self, key: str) -> Limit | None:
@@ -100,7 +124,7 @@ class World:
         refused = {nid: dict(n.refused) for nid, n in self.nodes.items() if n.refused}
         net = self.net
         extra: dict[str, Any] = {
-            "engine": "simulation", "table": type(next(iter(self.nodes.values())).table).__name__,
+            "engine": "simulation", "table": self.table_name,
             "network": {"sent": net.sent, "delivered": net.delivered, "dropped": net.dropped,
                         "duplicated": net.duplicated, "reordered": net.reordered},
             "gossip_refused": refused, "boots": {nid: n.boots for nid, n in self.nodes.items()},
@@ -121,12 +145,9 @@ class World:
     def _sample(self, final: bool = False) -> None:
         t = self.sched.now
         for nid, node in self.nodes.items():
-            if node.state != "up" or node.table is None:
-                continue
-            snap = node.table.snapshot(node.now())
-            self.states.append(StateSample(round(t, 6), nid, EPOCH + t, {k: v["global"] for k, v in snap.items()},
-                                           {k: {n: (e["gen"], e["count"]) for n, e in v["nodes"].items()}
-                                            for k, v in snap.items()}))
+            view = node.sample()
+            if view is not None:
+                self.states.append(StateSample(round(t, 6), nid, EPOCH + t, *view))
         if not final:
             self.sched.after(STATE_EVERY_S, self._sample)
 
@@ -305,7 +326,8 @@ class World:
 
 
 def run_world(scenario: Scenario, faults: Sequence[SimFault], *,
-              table_factory: TableFactory = BucketTable) -> Recording:
+              table_factory: TableFactory = BucketTable, strict_table: type[StrictTable] = StrictTable) -> Recording:
     """Simulate ``scenario`` with ``faults`` (already in :func:`~workbench.run.sim.schedule.normalize`
-    order) and return its history."""
-    return World(scenario, faults, table_factory=table_factory).run()
+    order) and return its history.  ``scenario.mode`` picks the core: ``table_factory`` (eventual) or
+    ``strict_table`` (strict)."""
+    return World(scenario, faults, table_factory=table_factory, strict_table=strict_table).run()
