@@ -13,6 +13,11 @@ derivation).  Figures:
   ``R (g + delay) + sum (k - 1) R P``, and which fault kinds the schedules beyond it held;
 * ``broken_core_caught_share`` -- the same schedules with a core that never subtracts its peers' spend
   (``tests/workbench/sim/broken_core.py``): the share the simulator flags;
+* ``strict_vs_eventual`` -- the same schedules (10 virtual s each) in both modes, each judged against the
+  plain envelope ``B + R (t - s)`` with no allowance: the share that stays inside it, the worst excess
+  over it, and the share of ``R * T`` admitted (what strict mode's safety costs); and one partition
+  (three regions cut apart from 3 s to 9 s, load 9 R) with admitted tokens/s per region in each mode
+  (the chart ``strict_vs_eventual`` in the results file);
 * ``findings`` -- hand-made scenarios for behaviour the random runs showed that is not over-admission
   (written as replayable scenario files under ``benchmarks/results/simulate-findings/``).
 
@@ -35,12 +40,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._plots import fig_json
 from benchmarks._procs import RESULTS, write_results
 from benchmarks._targets import target
 from workbench.run.sim.files import write_schedule
 from workbench.run.sim.schedule import SimFault, random_schedule, sim_faults_of
 from workbench.run.sim.world import run_world
-from workbench.run.simulate import judge, load_core, schedule_rng
+from workbench.run.simulate import draw_schedule, judge, load_core, schedule_rng, simulate
 from workbench.spec.scenario import FaultAction, LimitSpec, LoadSpec, Scenario, Topology
 
 BROKEN = str(Path(__file__).resolve().parents[1] / "tests" / "workbench" / "sim" / "broken_core.py")
@@ -98,6 +104,81 @@ def findings(out: Path) -> list[dict]:
     return rows
 
 
+SIDE_R = 50.0
+
+
+def _partition(mode: str) -> Scenario:
+    cut = FaultAction(3.0, "partition", groups=(("eu",), ("us",), ("ap",)), duration_s=6.0)
+    return Scenario(name=f"partition-{mode}", topology=Topology({"eu": 1, "us": 1, "ap": 1}, gossip_interval_ms=100.0),
+                    limits=(LimitSpec("*", SIDE_R, SIDE_R),),
+                    load=LoadSpec(rate_rps=9 * SIDE_R, arrival="constant", route="check"),
+                    faults=(cut,), duration_s=12.0, seed=7, mode=mode)
+
+
+def _series(rec, duration: float, bin_s: float = 0.5) -> dict[str, list[float]]:
+    """Admitted tokens/s per region (and in total) in bins of ``bin_s``, from the audit trail."""
+    out: dict[str, list[float]] = {}
+    n = round(duration / bin_s)
+    for ev in rec.audit:
+        i = min(n - 1, int((ev.ts - rec.started_wall) / bin_s))
+        for name in (ev.region, "total"):
+            out.setdefault(name, [0.0] * n)[i] += ev.cost / bin_s
+    return out
+
+
+CUT_BINS = slice(round(4.0 / 0.5), round(9.0 / 0.5))  # the cut, after its first second
+
+
+def _mean(ys: list[float]) -> float:
+    return round(sum(ys[CUT_BINS]) / len(ys[CUT_BINS]), 2)
+
+
+def strict_vs_eventual(count: int, seed: int) -> tuple[dict, dict, object]:
+    """Both modes on the same schedules and on one partition; figures, raw series and the chart."""
+    from plotly.subplots import make_subplots
+
+    per_mode: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    for mode in ("eventual", "strict"):
+        rows = []
+        cpu = time.process_time()
+        for i in range(count):
+            scenario, faults = draw_schedule(seed, i, duration_s=10.0, max_faults=6, mode=mode)
+            res = judge(scenario, faults, run_world(scenario, faults))
+            worst = max(k["worst_excess"] for k in res.keys.values())
+            cap = sum(x.burst + x.rate * scenario.duration_s for x in scenario.limits) * scenario.load.tenants
+            admitted = res.envelope.figures.get("admitted_tokens") or 0
+            rows.append({"i": i, "worst_excess_over_envelope": worst,
+                         "admitted_share_of_envelope": round(admitted / cap, 4)})
+        cpu = time.process_time() - cpu
+        samples[mode] = rows
+        per_mode[mode] = {
+            "schedules": count, "cpu_ms_per_schedule": round(cpu / count * 1000, 1),
+            "within_plain_envelope_share": round(sum(r["worst_excess_over_envelope"] <= 1e-6 for r in rows) / count, 4),
+            "max_excess_over_plain_envelope_tokens": round(max(r["worst_excess_over_envelope"] for r in rows), 3),
+            "mean_admitted_share_of_envelope": round(sum(r["admitted_share_of_envelope"] for r in rows) / count, 4)}
+    series = {}
+    partition = {}
+    for mode in ("eventual", "strict"):
+        res = simulate(_partition(mode))
+        ser = _series(res.recording, 12.0)
+        series[mode] = ser
+        partition[mode] = {"worst_excess_over_envelope": max(k["worst_excess"] for k in res.keys.values()),
+                           "admitted_per_s_during_cut": {r: _mean(ys) for r, ys in sorted(ser.items())},
+                           "total_share_of_R_during_cut": round(_mean(ser["total"]) / SIDE_R, 3)}
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=["eventual", "strict"])
+    for col, mode in enumerate(("eventual", "strict"), start=1):
+        for name, ys in sorted(series[mode].items()):
+            fig.add_scatter(x=[round(i * 0.5, 1) for i in range(len(ys))], y=ys, name=name, legendgroup=name,
+                            showlegend=col == 1, row=1, col=col)
+        fig.add_hline(y=SIDE_R, line_dash="dash", row=1, col=col)
+        fig.add_vrect(x0=3.0, x1=9.0, fillcolor="#dc2626", opacity=0.08, line_width=0, row=1, col=col)
+    fig.update_layout(title="Admitted tokens/s per region through a 3-way partition (3-9 s): eventual vs strict, "
+                      "limit R dashed", template="plotly_white", height=380)
+    figures = {"schedules": per_mode, "partition": partition}
+    return figures, {"samples": samples, "partition_series": series}, fig
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="100 schedules, 10 with the broken core")
@@ -138,13 +219,20 @@ def main() -> int:
         "broken_core_schedules": broken_count,
         "broken_core_caught_share": round(sum(not s["ok"] for s in broken) / broken_count, 4),
     }
+    side, side_raw, side_fig = strict_vs_eventual(20 if args.quick else 200, args.seed)
+    figures["strict_vs_eventual"] = side
     found = findings(RESULTS / "simulate-findings")
     targets = [target("1,000 schedules of 30 virtual s (wall, one core)", figures["wall_s_per_1000"], "<", 60.0, "s"),
                target("1,000 schedules of 30 virtual s (CPU)", figures["cpu_s_per_1000"], "<", 60.0, "s"),
                target("schedules within the eventual-mode bound", figures["within_bound_share"], ">=", 1.0),
-               target("broken core caught", figures["broken_core_caught_share"], ">=", 0.9)]
+               target("broken core caught", figures["broken_core_caught_share"], ">=", 0.9),
+               target("strict: schedules inside the plain envelope",
+                      side["schedules"]["strict"]["within_plain_envelope_share"], ">=", 1.0),
+               target("strict: partition total share of R", side["partition"]["strict"]["total_share_of_R_during_cut"],
+                      "<=", 1.0)]
     path = write_results("simulate", figures, quick=args.quick, started=started, targets=targets,
-                         extra={"findings": found, "samples": samples, "broken_core_samples": broken})
+                         extra={"findings": found, "samples": samples, "broken_core_samples": broken,
+                                "strict_vs_eventual": side_raw, "charts": {"strict_vs_eventual": fig_json(side_fig)}})
     for name, value in figures.items():
         print(f"{name:32} {value}")
     for row in found:
