@@ -10,28 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.support.echo import echo_handler
 from workbench.run.faults.proxy import FaultProxy, ProxyMesh
 
 pytestmark = pytest.mark.timeout(30)
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
-@pytest.fixture
-async def echo_port() -> AsyncIterator[int]:
-    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
 
 
 @pytest.fixture
@@ -157,7 +139,7 @@ async def test_a_dead_target_is_refused_like_a_direct_connect_until_it_comes_bac
         assert proxy.stats()["target_down"]
         with pytest.raises(ConnectionRefusedError):  # then a connect is refused, as the target's own port
             await _open(port)
-        server = await asyncio.start_server(_echo, "127.0.0.1", target_port)
+        server = await asyncio.start_server(echo_handler, "127.0.0.1", target_port)
         try:
             for _ in range(100):  # the proxy listens again, on the same port, once a probe gets through
                 if not proxy.stats()["target_down"]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.echo import echo_handler
 from workbench.run.faults.netns import BRIDGE, LAB_ADDR, NetnsError, NetnsLab, lab_namespaces, unavailable_reason
 
 _why = unavailable_reason()
@@ -236,7 +237,7 @@ async def test_a_proxied_link_lives_in_its_source_namespace_and_takes_the_kernel
         listening.bind((lab.addr("b"), 0))
         listening.listen()
         listening.setblocking(False)
-        server = await asyncio.start_server(_stream_echo, sock=listening)
+        server = await asyncio.start_server(echo_handler, sock=listening)
         proxy = FaultProxy("127.0.0.1", 0, lab.addr("b"), listening.getsockname()[1], "a->b",
                            make_socket=lambda: lab.socket_in("a"))
         await proxy.start()
@@ -268,12 +269,3 @@ async def test_a_proxied_link_lives_in_its_source_namespace_and_takes_the_kernel
     assert _ours() == []
 
 
-async def _stream_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
