@@ -35,7 +35,8 @@ from workbench.run.load.generator import LoadGenerator, LoadPlan
 from workbench.run.nemesis import Nemesis
 from workbench.spec.scenario import SKILL_NAME, Scenario
 
-__all__ = ["DrillResult", "load_plan_for", "run_drill", "state_sampling_windows"]
+__all__ = ["OVERLOAD_METRICS", "DrillResult", "keep_overload_sample", "load_plan_for", "run_drill",
+           "state_sampling_windows"]
 
 log = logging.getLogger("workbench.run.drill")
 
@@ -151,12 +152,14 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
             watch_task = asyncio.create_task(
                 _watch(cluster, t0, recording, live, on_progress, progress_interval_s), name="watch")
             states_task = asyncio.create_task(_sample_states(cluster, t0, recording, scenario), name="states")
+            metrics_task = asyncio.create_task(_sample_metrics(cluster, t0, recording), name="metrics")
+            side_tasks = (nemesis_task, watch_task, states_task, metrics_task)
             try:
                 result = await load_task
             finally:
-                for task in (nemesis_task, watch_task, states_task):
+                for task in side_tasks:
                     task.cancel()
-                for task in (nemesis_task, watch_task, states_task):
+                for task in side_tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 if not load_task.done():
@@ -252,16 +255,62 @@ async def _scrape_states(session: aiohttp.ClientSession, cluster: Cluster, t_s: 
     await asyncio.gather(*(_scrape_one(session, cluster, n, t_s, recording) for n in cluster.nodes))
 
 
+# While a run goes, the router's and every node's /metrics are scraped every _METRICS_S and only the
+# overload figures are kept (gauges, counters, and histograms' _sum / _count, never their buckets): a
+# 60 s run of 3 nodes and the router keeps a few thousand samples.  The final scrape keeps everything.
+_METRICS_S = 1.0
+OVERLOAD_METRICS = (
+    "router_inflight", "router_queue_depth", "router_overload_shed", "router_health_check_seconds",
+    "router_health_checks", "router_ejections", "router_panic", "router_nodes_in_rotation",
+    "router_loop_lag_seconds", "router_try_failures", "router_requests_total",
+    "edge_inflight", "edge_queue_depth", "edge_overload_shed",
+)
+ROUTER_SOURCE = "router"  # MetricSample.node of the router's samples
+
+
+def keep_overload_sample(name: str) -> bool:
+    """True for the samples the periodic scrape keeps: overload figures, no histogram buckets and no
+    ``_created`` timestamps."""
+    return name.startswith(OVERLOAD_METRICS) and not name.endswith(("_bucket", "_created"))
+
+
+def _metric_targets(cluster: Cluster) -> list[tuple[str, str]]:
+    """``(source, url)`` of every live process with a /metrics: the nodes and the router."""
+    procs = [(n, p) for n, p in cluster.nodes.items()]
+    if cluster.router is not None:
+        procs.append((ROUTER_SOURCE, cluster.router))
+    return [(n, p.url) for n, p in procs if p.state == "running" and p.alive()]
+
+
+async def _scrape_metrics(session: aiohttp.ClientSession, source: str, url: str, t_s: float,
+                          recording: Recording, *, overload_only: bool) -> None:
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        async with session.get(url + "/metrics") as resp:
+            if resp.status != 200:
+                return
+            samples = parse_metrics(await resp.text(), t_s, source)
+    if overload_only:
+        samples = [s for s in samples if keep_overload_sample(s.name)]
+    recording.metrics.extend(samples)
+
+
+async def _sample_metrics(cluster: Cluster, t0: float, recording: Recording) -> None:
+    """Scrape the router's and the nodes' overload figures every ``_METRICS_S`` (one timeout per
+    round, so a paused node delays nobody else's sample)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        while True:
+            t_s = time.monotonic() - t0
+            await asyncio.gather(*(_scrape_metrics(session, src, url, t_s, recording, overload_only=True)
+                                   for src, url in _metric_targets(cluster)))
+            await asyncio.sleep(max(0.0, t_s + _METRICS_S - (time.monotonic() - t0)))
+
+
 async def _final_scrape(cluster: Cluster, t0: float, recording: Recording) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         t_s = time.monotonic() - t0
         await _scrape_states(session, cluster, t_s, recording)
-        for node_id, proc in cluster.nodes.items():
-            if proc.state != "running" or not proc.alive():
-                continue
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                async with session.get(proc.url + "/metrics") as resp:
-                    recording.metrics.extend(parse_metrics(await resp.text(), t_s, node_id))
+        for source, url in _metric_targets(cluster):
+            await _scrape_metrics(session, source, url, t_s, recording, overload_only=False)
 
 
 def _read_audits(cluster: Cluster, recording: Recording) -> None:

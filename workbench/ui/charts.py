@@ -19,8 +19,11 @@ __all__ = [
     "envelope_figure",
     "excess_figure",
     "fault_timeline_figure",
+    "health_check_figure",
     "health_figure",
+    "inflight_figure",
     "latency_figure",
+    "overload_figure",
     "process_figure",
     "throughput_figure",
 ]
@@ -149,3 +152,54 @@ def process_figure(samples: Sequence[ProcessSample]) -> go.Figure:
                         line={"color": color, "dash": "dot"}, yaxis="y2")
     fig.update_layout(yaxis2={"overlaying": "y", "side": "right", "title": "RSS (MB)"})
     return _layout(fig, "CPU and memory per process", "CPU %")
+
+
+def overload_figure(series: Mapping[str, Any], faults: Sequence[FaultRecord] = ()) -> go.Figure:
+    """Offered vs served (2xx) vs shed (quick 503) vs limited (429) vs errors per second
+    (``workbench.check.overload.request_series``)."""
+    fig = go.Figure()
+    t = series["t_s"]
+    for key, name, style in (("offered_rps", "offered", {"color": "#6b7280", "dash": "dash"}),
+                             ("served_rps", "served (2xx)", {"color": "#16a34a", "width": 3}),
+                             ("shed_rps", "shed (quick 503)", {"color": "#d97706"}),
+                             ("limited_rps", "limited (429)", {"color": "#2563eb", "dash": "dot"}),
+                             ("errors_rps", "errors", {"color": "#dc2626", "dash": "dot", "width": 3})):
+        fig.add_scatter(x=t, y=series[key], name=name, line=style)
+    _fault_lines(fig, faults)
+    return _layout(fig, "Offered vs served vs shed", "requests / s")
+
+
+def inflight_figure(gauges: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]) -> go.Figure:
+    """In-flight (solid) and queue depth (dotted) per process, the router first
+    (``workbench.check.overload.inflight_series``)."""
+    fig = go.Figure()
+    procs = sorted(set(gauges.get("inflight", {})) | set(gauges.get("queue", {})),
+                   key=lambda p: (p != "router", p))
+    for i, proc in enumerate(procs):
+        color = "#111827" if proc == "router" else REGION_COLORS[i % len(REGION_COLORS)]
+        for kind, dash in (("inflight", "solid"), ("queue", "dot")):
+            row = gauges.get(kind, {}).get(proc)
+            if row:
+                fig.add_scatter(x=row["t_s"], y=row["value"], name=f"{proc} {kind}",
+                                line={"color": color, "dash": dash})
+    return _layout(fig, "In-flight and queued requests per process", "requests")
+
+
+def health_check_figure(latency: Mapping[str, Mapping[str, Sequence[float]]],
+                        ejections: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """The router's mean active-check latency per node, and every ejection (x) and refused
+    ejection (o) with its reason (``workbench.check.overload``)."""
+    fig = go.Figure()
+    nodes = sorted(set(latency) | {e["node"] for e in ejections})
+    color = {n: REGION_COLORS[i % len(REGION_COLORS)] for i, n in enumerate(nodes)}
+    for node in nodes:
+        row = latency.get(node)
+        if row:
+            fig.add_scatter(x=row["t_s"], y=row["mean_ms"], name=f"{node} check", line={"color": color[node]})
+    for e in ejections:
+        label = ("refused " if e["refused"] else "") + f"ejection {e['node']}: {e['reason']} x{e['count']}"
+        fig.add_scatter(x=[e["t_s"]], y=[0], mode="markers", showlegend=False,
+                        marker={"symbol": "circle-open" if e["refused"] else "x", "size": 11,
+                                "color": color.get(e["node"], "#dc2626")},
+                        hovertemplate=label + " at %{x:.1f} s<extra></extra>")
+    return _layout(fig, "Health-check latency and ejections", "ms (mean per scrape)")

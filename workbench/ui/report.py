@@ -23,14 +23,14 @@ from typing import Any
 import plotly.io as pio
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
-from workbench.check import checker
+from workbench.check import checker, overload
 from workbench.check.excess import excess_over_time
 from workbench.check.live import LiveStats
 from workbench.history import Recording, RecordingError
 from workbench.ui import charts
 
 __all__ = ["REGRESSION_RULES", "ReportError", "bundle_kind", "figures_for", "health_intervals", "objectives",
-           "plotly_bundle", "render_report", "write_report"]
+           "overload_figures", "overload_section", "plotly_bundle", "render_report", "write_report"]
 
 _ASSETS = Path(__file__).with_name("assets")
 BASIC_BUNDLE = _ASSETS / "plotly-basic.min.js"
@@ -123,6 +123,43 @@ def figures_for(rec: Recording, summary: dict[str, Any]) -> list[tuple[str, Any]
         ("faults", charts.fault_timeline_figure(rec.faults, per_target, end)),
         ("processes", charts.process_figure(rec.processes)),
     ]
+
+
+def overload_figures(rec: Recording) -> list[tuple[str, Any]]:
+    """The overload charts of one run: offered vs served vs shed; in-flight and queue per process;
+    health-check latency and ejections (figures from ``workbench.check.overload``)."""
+    return [
+        ("overload", charts.overload_figure(overload.request_series(rec), rec.faults)),
+        ("inflight", charts.inflight_figure(overload.inflight_series(rec))),
+        ("health_checks", charts.health_check_figure(overload.health_check_latency(rec), overload.ejections(rec))),
+    ]
+
+
+def overload_section(rec: Recording) -> str:
+    """HTML of a run's overload totals and its ejections table (the charts go in the grid)."""
+    s = overload.overload_summary(rec)
+    errors = ", ".join(f"{k}: {v}" for k, v in s["errors_by_status"].items()) or "none"
+    peak = ", ".join(f"{p} {v:g}" for p, v in sorted(s["peak_inflight"].items(), key=lambda kv: kv[0] != "router"))
+    queue = ", ".join(f"{p} {v:g}" for p, v in sorted(s["peak_queue"].items(), key=lambda kv: kv[0] != "router"))
+    sheds = ", ".join(f"{p} {v['total']}" for p, v in sorted(s["shed_counted"].items())) or "none"
+    rows = [("requests offered", s["requests"]), ("served (2xx)", s["served"]), ("shed (quick 503)", s["shed"]),
+            ("limited (429)", s["limited"]), ("other errors by status", errors),
+            ("no_healthy_region answers", s["no_healthy_region"]), ("P95 of served (ms)", s["served_p95_ms"]),
+            ("sheds counted by each gate", sheds), ("peak in-flight", peak or "not scraped"),
+            ("peak queue depth", queue or "not scraped"),
+            ("router in panic at some scrape", "yes" if s["panic_seen"] else "no")]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows)
+    parts = [f"<table class='overload'>{body}</table>"]
+    ej = overload.ejections(rec)
+    if ej:
+        head = "<tr><th>at (s)</th><th>node</th><th>reason</th><th>count</th><th>cap</th></tr>"
+        lines = "".join(f"<tr><td>{e['t_s']:.1f}</td><td>{html.escape(e['node'])}</td>"
+                        f"<td>{html.escape(e['reason'])}</td><td>{e['count']}</td>"
+                        f"<td>{'refused' if e['refused'] else 'ejected'}</td></tr>" for e in ej)
+        parts.append(f"<table class='ejections'>{head}{lines}</table>")
+    else:
+        parts.append("<p class='muted'>no ejection in this run</p>")
+    return "".join(parts)
 
 
 def _load(folder: str | Path) -> tuple[Recording, dict[str, Any]]:
@@ -297,11 +334,13 @@ def render_report(folders: Sequence[str | Path], title: str = "Rating Edge drill
     parts.append("<h2>Figures" + (" side by side" if len(loaded) > 1 else "") + "</h2>" + table)
     for name, (_rec, summary) in zip(names, loaded, strict=True):
         parts.append(f"<h2>Failover per outage — {html.escape(name)}</h2>" + _outages_table(summary))
+    for name, (rec, _summary) in zip(names, loaded, strict=True):
+        parts.append(f"<h2 id='overload'>Overload — {html.escape(name)}</h2>" + overload_section(rec))
     chart_id = 0
     every: list[Any] = []
     for name, (rec, summary) in zip(names, loaded, strict=True):
         parts.append(f"<h2>Charts — {html.escape(name)}</h2><div class='grid'>")
-        for _kind, fig in figures_for(rec, summary):
+        for _kind, fig in [*figures_for(rec, summary), *overload_figures(rec)]:
             chart_id += 1
             every.append(fig)
             div = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=f"chart-{chart_id}",
