@@ -343,7 +343,7 @@ async def limits_check(node: Node, request: web.BaseRequest) -> web.Response:
     key = _check_key(body["key"], node)
     cost = _cost(body, node)
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
-    if node.table is None:
+    if node.table is None and node.strict is None:
         raise STARTING
     try:
         d, written = node.decide(key, cost, request_id)
@@ -372,7 +372,7 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
     body = await _json_body(request, node)
     cost = _cost(body, node)
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
-    if node.table is None:
+    if node.table is None and node.strict is None:
         raise STARTING
     try:
         d, written = node.decide(tenant, cost, request_id)
@@ -413,6 +413,10 @@ def _int_param(request: web.BaseRequest, name: str, default: int, maximum: int |
 
 
 async def state(node: Node, request: web.BaseRequest) -> web.Response:
+    if node.strict is not None:  # strict mode: rights, lease and incarnation
+        return web.json_response({"node": node.spec.id, "region": node.spec.region, "time": time.time(),
+                                  "boot": node.boot, "mode": "strict", "audit_last_seq": node.audit.last_seq,
+                                  "audit_total_cost": node.audit.total_cost, "strict": node.strict.state()})
     table = node.table
     if table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")
@@ -462,7 +466,20 @@ async def audit_replica_read(node: Node, request: web.BaseRequest) -> web.Respon
                                             SIGNATURE_HEADER: sign(node.config.secret, body)})
 
 
+async def strict_messages(node: Node, request: web.BaseRequest) -> web.Response:
+    """Strict mode's signed messages (``edge_server.strict_gossip``): refused ones are counted, never merged."""
+    if node.strict is None:
+        raise ApiError(409, "wrong_mode", f"this node runs mode {node.config.mode!r}; /v1/strict is strict mode's")
+    raw = await _read_body_bytes(request, MAX_GOSSIP_BYTES)
+    if len(raw) > MAX_GOSSIP_BYTES:
+        raise ApiError(413, "body_too_large", f"strict message batch over {MAX_GOSSIP_BYTES} bytes")
+    status, answer = node.strict.handle_batch(raw)
+    return web.json_response(answer, status=status)
+
+
 async def gossip(node: Node, request: web.BaseRequest) -> web.Response:
+    if node.strict is not None:
+        raise ApiError(409, "wrong_mode", "this node runs mode 'strict': its messages go to /v1/strict")
     if node.table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")
     m = node.metrics
@@ -502,6 +519,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/audit/replica", audit_replica),
     ("GET", "/v1/audit/replica", audit_replica_read),
     ("POST", "/v1/gossip", gossip),
+    ("POST", "/v1/strict", strict_messages),
 ]
 
 

@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edge_server.strict.settings import StrictSettings, StrictSettingsError
 from edge_server.token_bucket import Limit
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "RouterConfig",
     "ServerConfig",
     "SkillConfig",
+    "StrictConfig",
     "dump_cluster",
     "load_cluster",
     "parse_cluster",
@@ -157,6 +159,27 @@ class RouterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StrictConfig:
+    """The ``[strict]`` table: strict mode's settings (``docs/strict-mode.md``); read in strict mode only."""
+
+    alpha: float = 0.2  # share of each node's weight pinned: minted with no lease, kept when cut off
+    lease_ms: float = 500.0  # L: a floating lease lasts this long from its request's send time
+    rho: float = 1e-3  # bound on any clock's drift rate against real time
+    transfer_window_ms: float = 0.0  # a transfer is credited only this soon after its want (0: 4 rounds)
+    renew_ms: float = 0.0  # leases are renewed this often (0: lease / 4)
+    voter_dead_ms: float = 0.0  # a voter silent this long is voted out (0: 3 leases)
+
+    def settings(self, gossip_interval_ms: float) -> StrictSettings:
+        """The core's settings; raises ``StrictSettingsError`` naming the key."""
+        return StrictSettings(alpha=self.alpha, lease_ms=self.lease_ms, rho=self.rho,
+                              gossip_interval_ms=gossip_interval_ms, transfer_window_ms=self.transfer_window_ms,
+                              renew_ms=self.renew_ms, voter_dead_ms=self.voter_dead_ms)
+
+
+STRICT_MIN_REGIONS = 3  # one voter per region; a majority must survive the loss of one region
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     source: str  # the file it came from, for error messages
     secret: bytes
@@ -173,6 +196,7 @@ class ClusterConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    strict: StrictConfig = field(default_factory=StrictConfig)  # used in mode "strict" only
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
@@ -271,7 +295,7 @@ class _Reader:
         return value
 
 
-_TOP = {"cluster", "regions", "limits", "api_keys", "skill", "server", "router", "audit"}
+_TOP = {"cluster", "regions", "limits", "api_keys", "skill", "server", "router", "audit", "strict"}
 _CLUSTER = {"secret", "gossip_interval_ms", "mode", "audit_dir", "max_keys", "key_idle_ttl_s", "peer_timeout_ms"}
 
 
@@ -350,10 +374,12 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         replicate=au.bool("replicate", da.replicate),
         replicate_interval_ms=au.num("replicate_interval_ms", da.replicate_interval_ms, positive=True),
     )
+    gossip_interval_ms = cl.num("gossip_interval_ms", 20.0, positive=True)
+    strict = _parse_strict(source, top.table_("strict"), mode, gossip_interval_ms, regions)
     return ClusterConfig(
         source=source,
         secret=secret.encode(),
-        gossip_interval_ms=cl.num("gossip_interval_ms", 20.0, positive=True),
+        gossip_interval_ms=gossip_interval_ms,
         mode=mode,
         regions=regions,
         limits=tuple(limits),
@@ -366,7 +392,26 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         server=server,
         router=router,
         audit=audit,
+        strict=strict,
     )
+
+
+def _parse_strict(source: str, raw: Mapping[str, Any], mode: str, gossip_interval_ms: float,
+                  regions: tuple[RegionSpec, ...]) -> StrictConfig:
+    """The ``[strict]`` table; in strict mode also the core's own checks and the quorum of regions."""
+    st = _Reader(source, raw, "strict.", {f.name for f in fields(StrictConfig)})
+    d = StrictConfig()
+    strict = StrictConfig(**{f.name: st.num(f.name, getattr(d, f.name)) for f in fields(StrictConfig)})
+    if mode != "strict":
+        return strict
+    try:
+        strict.settings(gossip_interval_ms)
+    except StrictSettingsError as exc:
+        raise ConfigError(source, f"strict.{exc.key}", exc.expected, exc.got) from None
+    if len(regions) < STRICT_MIN_REGIONS:
+        raise ConfigError(source, "regions", f"at least {STRICT_MIN_REGIONS} regions in strict mode (one voter "
+                          "each: a quorum of regions must survive the loss of one)", len(regions))
+    return strict
 
 
 def _parse_regions(source: str, items: list) -> tuple[RegionSpec, ...]:
@@ -488,7 +533,7 @@ def dump_cluster(config: ClusterConfig) -> str:
     if config.api_keys:
         out += ["", "[api_keys]"] + [f"{_toml_value(k)} = {_toml_value(t)}" for k, t in config.api_keys.items()]
     for table, value in (("skill", config.skill), ("server", config.server), ("router", config.router),
-                         ("audit", config.audit)):
+                         ("audit", config.audit), ("strict", config.strict)):
         lines = _toml_fields(value, tuple(f.name for f in fields(value)))
         if lines:
             out += ["", f"[{table}]", *lines]

@@ -18,6 +18,7 @@ from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.gossip import Gossiper
 from edge_server.metrics import NodeMetrics
 from edge_server.skill import Skill, make_skill
+from edge_server.strict_gossip import StrictGossiper
 from edge_server.token_bucket import BucketTable, Decision
 from edge_server.wire import ReplayGuard
 
@@ -45,7 +46,8 @@ class Node:
         self.table: BucketTable | None = None
         self.replay = ReplayGuard({p.id for p in self.peers})
         self.skill: Skill = make_skill(config.skill)
-        self.gossiper: Gossiper | None = None
+        self.gossiper: Gossiper | StrictGossiper | None = None
+        self.strict: StrictGossiper | None = None  # the strict limiter, in mode "strict"
         self.started = time.time()
         self.recovered_ready = False
         self.draining = False
@@ -66,6 +68,9 @@ class Node:
         most recent: a key forgotten here gets a newer generation when it comes back, so no count
         that peers hold for this node can shadow it.
         """
+        if self.config.mode == "strict":
+            self._recover_strict()
+            return
         started = time.perf_counter()
         now = time.time()
         peer_timeout = self.config.peer_timeout_ms / 1000 or None
@@ -101,6 +106,26 @@ class Node:
             log.warning("audit trail ended in a torn write (a crash mid-write); the partial line was cut off",
                         extra={"path": str(self.audit.path), "bytes": recovered.truncated_bytes})
 
+    def _recover_strict(self) -> None:
+        """Strict mode: the audit trail is opened for its sequence, but no count is recovered from it --
+        a restart is a new incarnation that starts empty (``docs/strict-mode.md``, Restart)."""
+        recovered = self.audit.open()
+        self.audit.on_durable = self._on_durable_strict
+        self.audit.on_lost = lambda grants: None  # spent rights stay spent: a lost write costs, never over-admits
+        self.audit.own_source = lambda: ([], 0)
+        self.audit.release_recovered()
+        self.strict = StrictGossiper(self.config, self.spec, self.boot, self.metrics)
+        self.gossiper = self.strict
+        self.recovered_ready = True
+        log.info("strict mode: started a new incarnation", extra={
+            "incarnation": self.boot, "actor": self.strict.table.actor, "audit_events": recovered.events,
+            "voter": self.strict.voter.voter_id if self.strict.voter is not None else None})
+
+    def _on_durable_strict(self, grants: list[tuple[str, int, int]]) -> None:
+        hot = self.metrics.hot
+        hot.allowed += len(grants)
+        hot.tokens += sum(cost for _key, cost, _gen in grants)
+
     def _own_entries(self) -> tuple[list[tuple[str, tuple[int, int]]], int]:
         """This node's own ``(key, (generation, count))`` for every live key (least recently active
         first) and the newest generation handed out: what a checkpoint holds.  The entries are the
@@ -122,6 +147,13 @@ class Node:
 
         Raises ``KeyTableFull``/``NoLimitForKey``/``CostExceedsBurst`` from the core.
         """
+        strict = self.strict
+        if strict is not None:  # rights held here, taken and committed at once; no network
+            decision = strict.decide(key, cost)
+            if not decision.allowed:
+                self.metrics.hot.denied += 1
+                return decision, None
+            return decision, self.audit.append(key, cost, self.boot, request_id, time.time())
         table = self.table
         assert table is not None
         now = time.time()
@@ -144,7 +176,9 @@ class Node:
             return False, "starting"
         if self.draining:
             return False, "draining"
-        if self.cold and not self._cold_synced():
+        if self.strict is not None:
+            pass  # a strict node serves at once: it admits only rights it holds (none until it mints)
+        elif self.cold and not self._cold_synced():
             return False, "starting"
         if self.inflight >= self.config.server.max_inflight:
             return False, "overloaded"
@@ -161,6 +195,11 @@ class Node:
 
     async def housekeeping(self) -> None:
         """Liveness, expiry and gauges, a few times a second."""
+        if self.strict is not None:
+            while True:  # the strict rounds run in the gossiper; only the shared gauges here
+                await asyncio.sleep(0.25)
+                self.metrics.inflight.set(self.inflight)
+                self.metrics.live_keys.set(len(self.strict.table.keys()))
         table = self.table
         assert table is not None
         m = self.metrics

@@ -1,0 +1,282 @@
+"""Strict mode at run time: one node's StrictTable, its region's voter (on the region's first node), and
+the signed strict messages between them over ``POST /v1/strict``.
+
+The request path never waits on the network: :meth:`StrictGossiper.decide` takes and commits rights
+the table already holds.  Everything else rides on a round every gossip interval: ``tick``, lease
+renewals to every voter, a delta to every peer and the voter's heartbeats.  Messages are
+fire-and-forget: each goes into the destination's outbox and one sender task per peer posts what is
+queued as a batch (a JSON array of ``[message, signature]``), one batch in flight per peer.  A lost
+batch costs nothing but time: deltas carry everything not yet acknowledged and merge is a max, lease
+requests are renewed.  The receiver checks every message's signature and version
+(``edge_server.strict.wire``) and its sequence (``SeqGuard``: a replay is refused with 409); what it
+refuses is counted in ``edge_strict_refused{reason}`` and never merged.
+
+Clocks: the core reads ``time.monotonic()`` only (a wall-clock step cannot stretch a lease); the
+incarnation is the node's boot id (``edge_server.boot``: wall-clock ms, always above the last one).
+A voter always starts as restarted (it keeps no ledger on disk): it grants nothing for
+``L (1 + rho) / (1 - rho)`` after it starts, which is safe whether or not it ran before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client import Counter, Gauge
+
+from edge_server.config import ClusterConfig, NodeSpec
+from edge_server.strict.allocator import Voter
+from edge_server.strict.rights import split_actor
+from edge_server.strict.table import StrictTable
+from edge_server.strict.wire import SeqGuard, decode, encode
+from edge_server.token_bucket import Decision
+from edge_server.wire import WireError
+
+__all__ = ["MAX_BATCH", "OUTBOX_MAX", "StrictGossiper", "voter_hosts", "voter_id"]
+
+log = logging.getLogger("edge_server.strict")
+
+OUTBOX_MAX = 256  # queued messages per peer; older ones are dropped (deltas are cumulative)
+MAX_BATCH = 64
+VOTER_SEQ_SPAN = 1_000_000  # a voter's seq is boot * span + count: it grows across restarts
+
+
+def voter_id(region: str) -> str:
+    return f"voter-{region}"
+
+
+def voter_hosts(config: ClusterConfig) -> dict[str, str]:
+    """Voter id -> the node that hosts it: the first node of each region."""
+    return {voter_id(r.name): r.nodes[0].id for r in config.regions}
+
+
+class StrictGossiper:
+    """The strict limiter of one node and the messages it exchanges; ``run()`` until cancelled."""
+
+    def __init__(self, config: ClusterConfig, me: NodeSpec, boot: int, metrics: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.me = me
+        self.boot = boot
+        self.clock = clock
+        self.settings = config.strict.settings(config.gossip_interval_ms)
+        self.node_ids = [n.id for n in config.nodes]
+        self.peers = [n for n in config.nodes if n.id != me.id]
+        self.by_id = {n.id: n for n in config.nodes}
+        self.hosts = voter_hosts(config)
+        self.voter_ids = sorted(self.hosts)
+        now = clock()
+        self.table = StrictTable(me.id, boot, self.node_ids, self.voter_ids, config.limit_for, self.settings,
+                                 now=now, max_keys=config.max_keys)
+        hosted = [v for v, host in self.hosts.items() if host == me.id]
+        self.voter: Voter | None = (Voter(hosted[0], self.voter_ids, self.node_ids, self.settings, now=now,
+                                          restarted=True) if hosted else None)
+        self.guard = SeqGuard()
+        self._seq = 0
+        self._voter_seq = 0
+        self._outbox: dict[str, deque[tuple[str, str]]] = {p.id: deque(maxlen=OUTBOX_MAX) for p in self.peers}
+        self._wake: dict[str, asyncio.Event] = {}
+        self.last_grant: float | None = None
+        self.fenced_s = 0.0
+        self._fenced_at: float | None = None
+        self.started = now
+        r = metrics.registry
+        self.m_messages = Counter("edge_strict_messages", "Strict messages", ["direction", "outcome"], registry=r)
+        self.m_refused = Counter("edge_strict_refused", "Strict messages or entries refused, by reason",
+                                 ["reason"], registry=r)
+        self.m_rights = Gauge("edge_strict_rights_held", "Rights this node holds, summed over keys", registry=r)
+        self.m_sent = Gauge("edge_strict_transfers_sent", "Rights this incarnation gave to peers (tokens)",
+                            registry=r)
+        self.m_credited = Gauge("edge_strict_transfers_credited", "Rights this incarnation was given (tokens)",
+                                registry=r)
+        self.m_phi = Gauge("edge_strict_lease_share", "This node's floating share phi (0: fenced)", registry=r)
+        self.m_lease_age = Gauge("edge_strict_lease_age_seconds", "Time since the last grant was taken",
+                                 registry=r)
+        self.m_fenced = Gauge("edge_strict_fenced_seconds", "Time spent with no valid lease (pinned share only)",
+                              registry=r)
+        self.m_revoked = Gauge("edge_strict_revoked", "Takes undone by the lease re-check after the spend",
+                               registry=r)
+        self._seen_refusals: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ the request path
+    def decide(self, key: str, cost: int) -> Decision:
+        """Take and commit ``cost`` rights of ``key`` held here; no network.  Raises the core's errors."""
+        table = self.table
+        now = self.clock()
+        d = table.take(key, cost, now)
+        if d.allowed and d.ticket is not None and table.commit(d.ticket, self.clock()):
+            return Decision(True, d.remaining, d.limit, 0.0)
+        return Decision(False, d.remaining, d.limit, d.retry_after_s or self.settings.gossip_s)
+
+    # ------------------------------------------------------------------ messages out
+    def _send(self, dst: str, kind: str, body: Any, *, as_voter: bool = False) -> None:
+        if as_voter:
+            assert self.voter is not None
+            self._voter_seq += 1
+            sender, seq = self.voter.voter_id, self.boot * VOTER_SEQ_SPAN + self._voter_seq
+        else:
+            self._seq += 1
+            sender, seq = self.table.actor, self._seq
+        data, signature = encode(self.config.secret, kind, sender, seq, body)
+        if dst == self.me.id:  # our own voter: the same checks, no socket
+            self._receive(data, signature)
+            return
+        box = self._outbox.get(dst)
+        if box is None:
+            return
+        box.append((data.decode(), signature))
+        wake = self._wake.get(dst)
+        if wake is not None:
+            wake.set()
+
+    def round(self) -> None:
+        """One gossip round (also the unit tests' entry point): tick, renew, deltas, heartbeats."""
+        now = self.clock()
+        table = self.table
+        table.tick(now)
+        for req in table.lease_requests(now):
+            self._send(self.hosts[req.voter], "lease_request", req)
+        for peer in self.peers:
+            self._send(peer.id, "strict_delta", table.delta_for(peer.id))
+        if self.voter is not None:
+            for dst, msg in self.voter.tick(now):
+                self._send(self.hosts[dst], type(msg).__name__.lower(), msg, as_voter=True)
+        self._gauges(now)
+
+    def _gauges(self, now: float) -> None:
+        table = self.table
+        phi = table.phi(now)
+        if phi <= 0 and self._fenced_at is None:
+            self._fenced_at = now
+        elif phi > 0 and self._fenced_at is not None:
+            self.fenced_s += now - self._fenced_at
+            self._fenced_at = None
+        self.m_phi.set(phi)
+        self.m_fenced.set(self.fenced_s + (now - self._fenced_at if self._fenced_at is not None else 0.0))
+        self.m_lease_age.set(now - self.last_grant if self.last_grant is not None else float("nan"))
+        held = sent = credited = 0.0
+        for key in table.keys():
+            held += table.held(key, now)
+            own = table.rights(key).get(table.actor)
+            if own is not None:
+                sent += sum(total for total, _echo in own.sent.values())
+                credited += own.credited
+        self.m_rights.set(held)
+        self.m_sent.set(sent)
+        self.m_credited.set(credited)
+        self.m_revoked.set(table.revoked)
+        refused = dict(table.refused)
+        if self.voter is not None:
+            refused.update({f"voter_{k}": v for k, v in self.voter.refused.items()})
+        for reason, count in refused.items():
+            grew = count - self._seen_refusals.get(reason, 0)
+            if grew > 0:
+                self.m_refused.labels(reason).inc(grew)
+        self._seen_refusals = refused
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=max(0.5, 10 * self.settings.gossip_s), connect=0.25)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+            self._wake = {p.id: asyncio.Event() for p in self.peers}
+            senders = [asyncio.create_task(self._sender(session, p)) for p in self.peers]
+            try:
+                while True:
+                    self.round()
+                    await asyncio.sleep(self.settings.gossip_s)
+            finally:
+                for task in senders:
+                    task.cancel()
+                await asyncio.gather(*senders, return_exceptions=True)
+
+    async def _sender(self, session: aiohttp.ClientSession, peer: NodeSpec) -> None:
+        box, wake, url = self._outbox[peer.id], self._wake[peer.id], peer.url + "/v1/strict"
+        while True:
+            if not box:
+                wake.clear()
+                await wake.wait()
+            batch = [box.popleft() for _ in range(min(MAX_BATCH, len(box)))]
+            body = orjson.dumps(batch)
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    outcome = "ok" if resp.status == 200 else f"refused_{resp.status}"
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                outcome = "unreachable"
+                await asyncio.sleep(self.settings.gossip_s)  # a dead peer: do not spin
+            self.m_messages.labels("sent", outcome).inc(len(batch))
+
+    # ------------------------------------------------------------------ messages in
+    def handle_batch(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """The ``POST /v1/strict`` body: ``(status, answer)``; refusals are counted and never merged."""
+        try:
+            batch = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            batch = None
+        if not isinstance(batch, list) or not all(
+                isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x) for x in batch):
+            self.m_refused.labels("malformed").inc()
+            return 400, {"error": "strict_malformed", "message": "expected a JSON array of [message, signature]"}
+        refused: dict[str, int] = {}
+        status = 200
+        for data, signature in batch:
+            reason, code = self._receive(data.encode(), signature)
+            if reason:
+                refused[reason] = refused.get(reason, 0) + 1
+                status = code if status == 200 else status
+        return status, {"accepted": len(batch) - sum(refused.values()), "refused": refused}
+
+    def _receive(self, data: bytes, signature: str) -> tuple[str, int]:
+        try:
+            msg = decode(self.config.secret, data, signature, nodes=self.node_ids, voters=self.voter_ids)
+            self.guard.check(msg)
+        except WireError as exc:
+            self.m_refused.labels(exc.reason).inc()
+            self.m_messages.labels("received", "refused").inc()
+            return exc.reason, exc.status
+        self.m_messages.labels("received", "ok").inc()
+        now = self.clock()
+        kind = msg.kind
+        if kind in ("strict_delta", "strict_ack", "grant"):
+            table = self.table
+            if kind == "strict_delta":
+                upto, entries = msg.body
+                table.merge(msg.sender, entries, now)
+                self._send(split_actor(msg.sender)[0], "strict_ack", upto)
+            elif kind == "strict_ack":
+                table.on_ack(msg.sender, msg.body, now)
+            elif not table.on_grant(msg.body, now) and msg.body.fraction > 0:
+                self.last_grant = now
+            return "", 200
+        voter = self.voter
+        if voter is None:
+            self.m_refused.labels("not_a_voter").inc()
+            return "not_a_voter", 409
+        if kind == "lease_request":
+            grant = voter.on_request(msg.body, now)
+            self._send(grant.node, "grant", grant, as_voter=True)
+        else:
+            for to, out in voter.on_message(msg.body, now):
+                self._send(self.hosts[to], type(out).__name__.lower(), out, as_voter=True)
+        return "", 200
+
+    # ------------------------------------------------------------------ views
+    def state(self) -> dict[str, Any]:
+        """``/v1/state`` in strict mode: rights per key, the lease and the incarnation."""
+        now = self.clock()
+        doc = self.table.state(now)
+        left = self.table.lease.expires(now) - now
+        valid = doc["lease_valid"]
+        doc["lease_expires_in_s"] = (None if math.isinf(left) else round(max(0.0, left), 3)) if valid else 0.0
+        doc["lease_age_s"] = None if self.last_grant is None else round(now - self.last_grant, 3)
+        doc["fenced_s"] = round(self.fenced_s + (now - self._fenced_at if self._fenced_at is not None else 0.0), 3)
+        if self.voter is not None:
+            doc["voter"] = {"id": self.voter.voter_id, "epoch": self.voter.epoch, "members": list(self.voter.members),
+                            "ledger": self.voter.ledger(now), "refused": dict(self.voter.refused)}
+        return doc
