@@ -413,10 +413,13 @@ def _int_param(request: web.BaseRequest, name: str, default: int, maximum: int |
 
 
 async def state(node: Node, request: web.BaseRequest) -> web.Response:
-    if node.strict is not None:  # strict mode: rights, lease and incarnation
+    if node.strict is not None:  # strict mode: rights, lease and incarnation (and the spend, as in eventual)
+        wanted = request.query.get("keys")
         return web.json_response({"node": node.spec.id, "region": node.spec.region, "time": time.time(),
                                   "boot": node.boot, "mode": "strict", "audit_last_seq": node.audit.last_seq,
-                                  "audit_total_cost": node.audit.total_cost, "strict": node.strict.state()})
+                                  "audit_total_cost": node.audit.total_cost, "strict": node.strict.state(),
+                                  "keys": node.strict.spend_views([k for k in wanted.split(",") if k]
+                                                                  if wanted else None)})
     table = node.table
     if table is None:
         raise ApiError(503, "starting", "the node is still recovering its audit trail")

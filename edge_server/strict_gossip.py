@@ -267,6 +267,25 @@ class StrictGossiper:
         return "", 200
 
     # ------------------------------------------------------------------ views
+    def spend_views(self, keys: list[str] | None = None) -> dict[str, Any]:
+        """Per key the spend this node knows of, in ``/v1/state``'s eventual shape (``global`` and per
+        node its newest incarnation as ``gen`` and that incarnation's ``count``), so the workbench's
+        token-loss and convergence checks read both modes alike."""
+        table = self.table
+        out: dict[str, Any] = {}
+        for key in keys if keys is not None else table.keys():
+            if key not in table.keys():
+                continue
+            per: dict[str, tuple[int, int]] = {}
+            total = 0
+            for actor, r in table.rights(key).items():
+                node, inc = split_actor(actor)
+                total += int(r.spent)
+                if node not in per or inc > per[node][0]:
+                    per[node] = (inc, int(r.spent))
+            out[key] = {"global": total, "nodes": {n: {"gen": g, "count": c} for n, (g, c) in per.items()}}
+        return out
+
     def state(self) -> dict[str, Any]:
         """``/v1/state`` in strict mode: rights per key, the lease and the incarnation."""
         now = self.clock()

@@ -39,7 +39,7 @@ GOSSIP_LAG_METRIC = "edge_gossip_lag_seconds"  # per peer: time since the last a
 def default_slack_s(scenario: Scenario | None) -> float:
     """Staleness eventual mode allows: what a node admits before its peers learn of it, about two
     gossip intervals plus one delivery, plus any latency the scenario adds to links."""
-    if scenario is None:
+    if scenario is None or scenario.mode == "strict":  # strict mode promises the plain envelope
         return 0.0
     return 2 * scenario.topology.gossip_interval_ms / 1000.0 + DELIVERY_ALLOWANCE_S + _added_latency_s(scenario)
 
