@@ -112,3 +112,21 @@ def test_a_replayed_message_is_refused_and_counted() -> None:
     guard.check(decode(SECRET, *encode(SECRET, "strict_ack", "b1#3", 1, 1)))  # a new incarnation restarts seq
     with pytest.raises(WireError):
         guard.check(decode(SECRET, *encode(SECRET, "strict_ack", "b1#2", 9, 1)))  # the old one is gone
+
+
+def test_a_reordered_message_is_accepted_once_within_the_window() -> None:
+    guard = SeqGuard(window=4)
+
+    def msg(seq: int, actor: str = "b1#2"):
+        return decode(SECRET, *encode(SECRET, "strict_ack", actor, seq, 1))
+
+    guard.check(msg(5))
+    guard.check(msg(3))  # overtaken by 5 in flight: still new
+    with pytest.raises(WireError):
+        guard.check(msg(3))  # ...but only once
+    with pytest.raises(WireError):
+        guard.check(msg(5))
+    with pytest.raises(WireError):
+        guard.check(msg(1))  # older than the window
+    guard.check(msg(4))
+    assert guard.refused == 3
