@@ -1,0 +1,245 @@
+"""Goodput under overload: the offered load stepped past capacity through the router.
+
+Every step is a whole workbench drill (``workbench.run.drill.run_drill``): 3 regions, one node each,
+the router in front, ``POST /v1/skills/rating/invoke`` with a simulated skill of median 1.5 s, p99 4 s
+and 0.5 ms of CPU per call; the limit is far above the load (nothing is refused with 429), so the
+steps measure the edge and its load shedding, not the limiter.
+
+1. **Capacity**: a closed-loop step (``--capacity-users`` users, no think time); its goodput is the
+   capacity ``C`` (or ``--capacity-rps`` when given).
+2. **Open loop** at 1x, 2x, 5x and 10x ``C`` (Poisson arrivals; 2 generator processes past 1,500
+   req/s).  A Python generator on this 2-core machine cannot always send what is asked: the *offered*
+   figure is what it recorded, and its scheduling lag is reported.
+3. **Closed loop** users up to 5,000.
+
+Per step: offered and goodput (2xx per second, by intended send time), shed (quick 503 with
+Retry-After from the router's or a node's admission gate), other errors by status, P95 of the served
+requests (from the intended send time), ``no_healthy_region`` answers, the router's and the nodes'
+peak RSS (psutil, the drill's samples), peak in-flight, ejections by reason, and the drill's verdict
+(which counts sheds against the error budget: an overloaded run does not pass, it is *reported*).
+Definitions of served / shed / errors: ``workbench.check.overload``.
+
+Targets (reported, never an exit code): goodput at 2x-10x >= 90 % of the peak goodput; zero
+``no_healthy_region`` (no node is ever down here); zero 5xx other than quick 503 sheds; P95 of served
+requests < 5 s; router and node RSS < 512 MB each.
+
+Usage: .venv/bin/python benchmarks/bench_overload.py [--quick] [--step-s S] [--capacity-rps R]
+Writes ``benchmarks/results/overload[-quick].json`` and (full runs) ``docs/img/overload.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import plotly.graph_objects as go
+
+from benchmarks._plots import fig_json, write_png
+from benchmarks._procs import install_signal_handlers, table, workdir, write_results
+from benchmarks._targets import target
+from workbench.check import overload
+from workbench.history import Recording
+from workbench.run.cluster import ClusterError
+from workbench.run.drill import run_drill
+from workbench.spec.scenario import Scenario
+
+SKILL_MEDIAN_MS = 1500.0
+SKILL_P99_MS = 4000.0
+SKILL_CPU_US = 500.0
+P95_LIMIT_MS = 5000.0
+RSS_LIMIT_MB = 512.0
+MULTIPLES = (1, 2, 5, 10)
+FULL_USERS = (1000, 2000, 3000, 5000)
+QUICK_USERS = (600,)
+TAIL_S = 4.0  # the skill's p99: requests scheduled in the last TAIL_S of a step are not measured
+CUT_OFF = "cancelled: run ended"  # the generator's error for a request still unanswered when the run ends
+TWO_PROCESSES_RPS = 1500.0
+TWO_PROCESSES_USERS = 200
+
+
+def step_scenario(kind: str, amount: float, duration: float, seed: int) -> Scenario:
+    """One step: ``kind`` "open" (``amount`` req/s) or "closed" (``amount`` users)."""
+    two = amount > (TWO_PROCESSES_RPS if kind == "open" else TWO_PROCESSES_USERS)
+    load: dict[str, Any] = ({"load_mode": "open", "load_rps": float(amount), "arrival": "poisson"} if kind == "open"
+                            else {"load_mode": "closed", "users": int(amount), "think_ms": 0.0})
+    return Scenario.build(
+        name=f"overload-{kind}-{int(amount)}", seed=seed, duration_s=duration, regions=3, nodes_per_region=1,
+        rate=1e9, burst=1e9, tenants=30, route="invoke", processes=2 if two else 1,
+        skill_median_ms=SKILL_MEDIAN_MS, skill_p99_ms=SKILL_P99_MS, skill_cpu_us=SKILL_CPU_US, **load)
+
+
+def _peak_rss(samples: list[Any], router: bool) -> float | None:
+    values = [s.rss_mb for s in samples if (s.name == "router") == router]
+    return round(max(values), 1) if values else None
+
+
+def run_step(folder: Path, kind: str, amount: float, duration: float, label: str) -> dict[str, Any]:
+    scenario = step_scenario(kind, amount, duration, seed=int(amount) + (0 if kind == "open" else 7))
+    for attempt in (1, 2):  # a free port taken by another program between pick and bind: one more try
+        try:
+            result = asyncio.run(run_drill(scenario, folder / f"{kind}-{int(amount)}-{attempt}"))
+            break
+        except ClusterError as exc:
+            if attempt == 2:
+                raise
+            print(f"  cluster did not start ({str(exc)[:100]}); once more", flush=True)
+    rec = result.recording
+    # figures over the requests whose schedule fell in [0, duration - TAIL_S]: each had the skill's p99
+    # plus the drain to be answered, so the end of the run does not cut them off
+    window = duration - TAIL_S
+    sent = [r for r in rec.requests if r.intended_s < window]
+    s = overload.overload_summary(Recording(requests=sent, metrics=rec.metrics))
+    no_healthy = sum(1 for r in rec.requests if r.error == "no_healthy_region")  # the whole run
+    served = sum(1 for r in sent if overload.outcome(r) == "served")
+    shed = sum(1 for r in sent if overload.outcome(r) == "shed")
+    errors = sum(1 for r in sent if overload.outcome(r) == "error")
+    cut_off = sum(1 for r in rec.requests if r.status == 0 and r.error.startswith(CUT_OFF))
+    other_5xx = sum(n for code, n in s["errors_by_status"].items() if code.startswith("5"))
+    gen = rec.extra.get("generator") or {}
+    series = overload.request_series(rec)
+    return {
+        "step": label, "kind": kind, "asked": amount, "duration_s": duration, "window_s": [0.0, window],
+        "offered_rps": round(len(sent) / window, 1), "goodput_rps": round(served / window, 1),
+        "shed_rps": round(shed / window, 1), "errors_rps": round(errors / window, 1),
+        "cut_off_at_end": cut_off,
+        "requests_measured": s["requests"], "requests_total": len(rec.requests), "served": s["served"],
+        "shed": s["shed"], "limited": s["limited"],
+        "errors": s["errors"], "errors_by_status": s["errors_by_status"], "other_5xx": other_5xx,
+        "served_p95_ms": s["served_p95_ms"], "no_healthy_region": no_healthy,
+        "router_rss_peak_mb": _peak_rss(rec.processes, True), "node_rss_peak_mb": _peak_rss(rec.processes, False),
+        "peak_inflight": s["peak_inflight"], "peak_queue": s["peak_queue"],
+        "ejections_by_reason": s["ejections_by_reason"], "ejections_refused": s["ejections_refused"],
+        "panic_seen": s["panic_seen"], "shed_counted": s["shed_counted"],
+        "generator_lag_p99_ms": (gen.get("lag_ms") or {}).get("p99"), "generator_valid": gen.get("valid"),
+        "generator_processes": scenario.load.processes, "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "verdict": "held" if result.ok else "FAILED", "reasons": (result.summary.get("reasons") or [])[:3],
+        "samples": {"per_second": series,
+                    "rss_mb": [[round(p.t_s, 2), p.name, round(p.rss_mb, 1)] for p in rec.processes]},
+    }
+
+
+def figure(rows: list[dict[str, Any]]) -> go.Figure:
+    """Goodput, shed and errors (req/s) and P95 of served requests (s, right axis) against offered load."""
+    fig = go.Figure()
+    for kind, symbol in (("open", "circle"), ("closed", "square")):
+        pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["offered_rps"])
+        if not pts:
+            continue
+        x = [r["offered_rps"] for r in pts]
+        for key, name, color in (("goodput_rps", "goodput (2xx/s)", "#16a34a"), ("shed_rps", "shed (503/s)", "#d97706"),
+                                 ("errors_rps", "other errors/s", "#dc2626")):
+            fig.add_scatter(x=x, y=[r[key] for r in pts], name=f"{name}, {kind} loop", mode="lines+markers",
+                            marker={"symbol": symbol, "size": 9}, line={"color": color,
+                                                                        "dash": "solid" if kind == "open" else "dot"})
+        fig.add_scatter(x=x, y=[(r["served_p95_ms"] or 0) / 1000 for r in pts], name=f"P95 served (s), {kind} loop",
+                        mode="lines+markers", yaxis="y2", marker={"symbol": symbol, "size": 9},
+                        line={"color": "#2563eb", "dash": "solid" if kind == "open" else "dot"})
+    fig.add_scatter(x=[0, max((r["offered_rps"] for r in rows), default=1)], y=[P95_LIMIT_MS / 1000] * 2,
+                    yaxis="y2", mode="lines", name="P95 target (5 s)",
+                    line={"color": "#2563eb", "dash": "dash", "width": 1})
+    fig.update_layout(title="Goodput, shed, errors and P95 against offered load (invoke, 3 regions, via the router)",
+                      xaxis_title="offered load (requests / s)", yaxis_title="requests / s", template="plotly_white",
+                      yaxis2={"overlaying": "y", "side": "right", "title": "P95 of served (s)", "rangemode": "tozero"},
+                      legend={"orientation": "h", "y": -0.2}, margin={"l": 60, "r": 60, "t": 50, "b": 120})
+    return fig
+
+
+def targets_for(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    peak = max((r["goodput_rps"] for r in rows), default=0.0)
+    over = [r for r in rows if r["kind"] == "open" and r["step"] != "open 1x"]
+    held = (round(100 * min(r["goodput_rps"] for r in over) / peak, 1) if over and peak > 0 else None)
+    p95s = [r["served_p95_ms"] for r in rows if r["served_p95_ms"] is not None]
+    rss_router = [r["router_rss_peak_mb"] for r in rows if r["router_rss_peak_mb"] is not None]
+    rss_node = [r["node_rss_peak_mb"] for r in rows if r["node_rss_peak_mb"] is not None]
+    return [
+        target("goodput at 2x-10x capacity, worst step, % of peak goodput", held, ">=", 90.0, "%"),
+        target("no_healthy_region answers while every node is alive (all steps)",
+               sum(r["no_healthy_region"] for r in rows), "==", 0),
+        target("5xx other than quick 503 sheds (all steps)", sum(r["other_5xx"] for r in rows), "==", 0),
+        target("P95 of served requests, worst step", max(p95s) if p95s else None, "<", P95_LIMIT_MS, "ms"),
+        target("router peak RSS, worst step", max(rss_router) if rss_router else None, "<", RSS_LIMIT_MB, "MB"),
+        target("node peak RSS, worst step", max(rss_node) if rss_node else None, "<", RSS_LIMIT_MB, "MB"),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short steps at small loads (a smoke test, ~1 min)")
+    parser.add_argument("--step-s", type=float, default=None, help="seconds per step (default 20; quick 6)")
+    parser.add_argument("--capacity-users", type=int, default=None,
+                        help="closed-loop users of the capacity step (default 3000; quick 150)")
+    parser.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity step: use this")
+    parser.add_argument("--users", default="", help="comma-separated closed-loop user counts (default 1000 ... 5000)")
+    args = parser.parse_args()
+    install_signal_handlers()
+    started = time.time()
+    step_s = args.step_s or (6.0 if args.quick else 20.0)
+    if step_s < TAIL_S + 1:
+        parser.error(f"--step-s must be >= {TAIL_S + 1:g} (the last {TAIL_S:g} s of a step are not measured), "
+                     f"got {step_s:g}")
+    try:
+        users = [int(x) for x in args.users.split(",") if x.strip()] or list(QUICK_USERS if args.quick else FULL_USERS)
+    except ValueError:
+        parser.error(f"--users must be comma-separated integers, got {args.users!r}")
+    load_before = os.getloadavg()
+    folder = workdir("overload")
+    rows: list[dict[str, Any]] = []
+
+    def step(kind: str, amount: float, label: str) -> dict[str, Any]:
+        print(f"step {label}: {kind} loop, {amount:g} {'req/s' if kind == 'open' else 'users'}, {step_s:g} s ...",
+              flush=True)
+        row = run_step(folder, kind, amount, step_s, label)
+        print(f"  offered {row['offered_rps']} req/s, goodput {row['goodput_rps']}, shed {row['shed_rps']}, "
+              f"errors {row['errors_by_status']}, P95 {row['served_p95_ms']} ms, "
+              f"no_healthy {row['no_healthy_region']}, cut off {row['cut_off_at_end']}, "
+              f"RSS router {row['router_rss_peak_mb']} MB / node {row['node_rss_peak_mb']} MB, {row['verdict']}",
+              flush=True)
+        rows.append(row)
+        return row
+
+    capacity = args.capacity_rps
+    if capacity is None:
+        cap_users = args.capacity_users or (150 if args.quick else 3000)
+        capacity = step("closed", cap_users, f"capacity ({cap_users} users)")["goodput_rps"]
+    if not capacity or capacity <= 0:
+        print("capacity step served nothing: no open-loop steps")
+    else:
+        for m in MULTIPLES:
+            step("open", round(capacity * m), f"open {m}x")
+        for u in users:
+            step("closed", u, f"closed {u} users")
+    print()
+    print(table([[r["step"], r["offered_rps"], r["goodput_rps"], r["shed_rps"], r["errors_rps"],
+                  r["served_p95_ms"], r["no_healthy_region"], r["router_rss_peak_mb"], r["node_rss_peak_mb"],
+                  r["verdict"]] for r in rows],
+                ["step", "offered/s", "goodput/s", "shed/s", "errors/s", "P95 ms", "no_healthy", "router MB",
+                 "node MB", "verdict"]))
+    fig = figure(rows)
+    png = write_png(fig, "overload", args.quick, width=1100, height=650)
+    tgts = targets_for(rows)
+    for t in tgts:
+        print(f"  target {t['name']}: {t['measured']} ({t['target']}) -> "
+              f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'not measured'}")
+    figures = {"capacity_rps": capacity, "peak_goodput_rps": max((r["goodput_rps"] for r in rows), default=None),
+               "steps": rows, "png": png}
+    params = {"step_s": step_s, "multiples": list(MULTIPLES), "users": users, "regions": 3, "nodes_per_region": 1,
+              "route": "invoke", "tenants": 30, "limit": "rate 1e9, burst 1e9 (nothing refused)",
+              "skill": {"median_ms": SKILL_MEDIAN_MS, "p99_ms": SKILL_P99_MS, "cpu_us": SKILL_CPU_US},
+              "generator_processes": f"2 past {TWO_PROCESSES_RPS:g} req/s or {TWO_PROCESSES_USERS} users, else 1",
+              "load_average_before": [round(x, 2) for x in load_before],
+              "definitions": "workbench.check.overload (served = 2xx, shed = 503 router_overloaded/overloaded)"}
+    path = write_results("overload", figures, quick=args.quick, started=started, targets=tgts,
+                         extra={"parameters": params, "charts": {"overload": fig_json(fig)}})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
