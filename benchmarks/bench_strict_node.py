@@ -1,0 +1,136 @@
+"""The hot path in strict mode: one node's POST /v1/limits/check, strict vs eventual, with wrk.
+
+Two 3-region clusters run side by side, one per mode; the node under test of each is pinned to cpu 0,
+wrk and the other nodes run on cpu 1.  Runs alternate between the modes (``--repeats`` rounds of
+``--duration`` s each), so drift on a shared machine hits both alike; the figure is the median of the
+rounds and the ratio strict / eventual (the issue's target: req/s >= 90 % of eventual, p99 within
+1.5x -- reported, never asserted).  Configurations, each over 1,000 keys:
+
+* ``allowed`` -- keys whose limit is far above the load (nearly every request admitted and audited);
+* ``denied``  -- keys limited to 1 token/s each (most requests denied).
+
+Strict mode's messages are counted too (``edge_strict_messages_total``): they grow with nodes and keys
+per round, not with requests.
+
+Usage: .venv/bin/python benchmarks/bench_strict_node.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
+
+from benchmarks._procs import (
+    Cluster,
+    Procs,
+    http_text,
+    install_signal_handlers,
+    metric_value,
+    run_wrk,
+    workdir,
+    write_cluster,
+    write_results,
+)
+from benchmarks._targets import target
+from benchmarks.bench_node import write_lua
+from edge_server.config import load_cluster
+from edge_server.config import write_cluster as write_cluster_config
+
+SERVER_CPU = {0}
+LOAD_CPU = {1}
+MODES = ("eventual", "strict")
+
+
+def _cluster_file(mode: str) -> tuple[Path, list]:
+    folder = workdir(f"strict-node-{mode}")
+    limits = [("allow-*", 1e9, 1e9), ("deny-*", 1.0, 1.0), ("*", 100.0, 100.0)]
+    path, nodes = write_cluster(folder, ["eu", "us", "ap"], limits=limits)
+    config = load_cluster(path)
+    write_cluster_config(path, dataclasses.replace(config, mode=mode))
+    return path, nodes
+
+
+def _strict_messages(url: str) -> float:
+    text = http_text(url + "/metrics")
+    return sum(metric_value(text, "edge_strict_messages_total", {"direction": d, "outcome": "ok"}) or 0.0
+               for d in ("sent", "received"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 round")
+    parser.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 6)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3)")
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    install_signal_handlers()
+    started = time.time()
+    duration = args.duration or (3 if args.quick else 6)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if len(psutil.Process().cpu_affinity()) < 2:
+        print("needs 2 cpus (server on one, wrk on the other)", file=sys.stderr)
+        return 2
+    files = {mode: _cluster_file(mode) for mode in MODES}
+    scripts_dir = workdir("strict-node-lua")
+    scripts = {"allowed": write_lua(scripts_dir, "allowed", "allow-", 1000),
+               "denied": write_lua(scripts_dir, "denied", "deny-", 1000)}
+    wrk_opts = {"threads": 1, "connections": args.connections, "cpus": LOAD_CPU}
+    runs: dict[str, list[dict]] = {f"{m} {c}": [] for m in MODES for c in scripts}
+    with Procs(scripts_dir) as procs:
+        clusters = {}
+        for mode, (path, nodes) in files.items():
+            cluster = Cluster(path, nodes, procs)
+            cluster.start_all({nodes[0].id: SERVER_CPU, nodes[1].id: LOAD_CPU, nodes[2].id: LOAD_CPU})
+            clusters[mode] = (cluster, nodes[0])
+        time.sleep(1.5)  # strict: the voters' first wait (L (1 + rho) / (1 - rho)) and the first leases
+        for _cluster, node in clusters.values():
+            for script in scripts.values():
+                run_wrk(node.url + "/v1/limits/check", duration_s=1, script=script, **wrk_opts)
+        for rep in range(repeats):
+            for case, script in scripts.items():
+                for mode, (cluster, node) in clusters.items():
+                    proc = psutil.Process(cluster.children[node.id].pid)
+                    msgs = _strict_messages(node.url) if mode == "strict" else 0.0
+                    cpu0 = proc.cpu_times()
+                    res = run_wrk(node.url + "/v1/limits/check", duration_s=duration, script=script, **wrk_opts)
+                    cpu1 = proc.cpu_times()
+                    row = res.as_dict() | {"round": rep + 1, "server_cpu_percent": round(
+                        100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / duration, 1)}
+                    if mode == "strict":
+                        row["strict_messages_per_s"] = round((_strict_messages(node.url) - msgs) / duration, 1)
+                    runs[f"{mode} {case}"].append(row)
+                    print(f"  round {rep + 1}/{repeats} {mode:8s} {case:8s} {res.requests_per_s:>10,.0f} req/s  "
+                          f"p99 {res.p99_ms:.2f} ms  non-2xx {res.non_2xx}", flush=True)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    figures: dict = {"duration_s": duration, "rounds": repeats, "connections": args.connections}
+    for case in scripts:
+        e_rps, s_rps = med(f"eventual {case}", "requests_per_s"), med(f"strict {case}", "requests_per_s")
+        e_p99, s_p99 = med(f"eventual {case}", "p99_ms"), med(f"strict {case}", "p99_ms")
+        figures[case] = {"eventual_rps": round(e_rps), "strict_rps": round(s_rps),
+                         "rps_ratio": round(s_rps / e_rps, 3) if e_rps else None,
+                         "eventual_p99_ms": e_p99, "strict_p99_ms": s_p99,
+                         "p99_ratio": round(s_p99 / e_p99, 3) if e_p99 else None,
+                         "strict_messages_per_s": med(f"strict {case}", "strict_messages_per_s")}
+    targets = [target(f"strict {case} req/s vs eventual", figures[case]["rps_ratio"], ">=", 0.9) for case in scripts]
+    targets += [target(f"strict {case} p99 vs eventual", figures[case]["p99_ratio"], "<=", 1.5) for case in scripts]
+    path = write_results("strict_node", figures, quick=args.quick, started=started, targets=targets,
+                         extra={"runs": runs})
+    for case in scripts:
+        print(f"{case:8s} {figures[case]}")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
