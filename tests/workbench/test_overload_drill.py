@@ -56,3 +56,30 @@ async def test_drill_over_capacity_records_sheds_and_reports_overload(tmp_path: 
     page = render_report([tmp_path / "run"])
     assert "Overload — run" in page and "Offered vs served vs shed" in page
     assert page.count("chart-") >= 9
+
+
+async def test_a_scrape_that_fails_adds_nothing_and_does_not_raise():
+    """A node that refuses or does not answer in time must not end the drill (it once did)."""
+    import asyncio
+    import socket
+
+    import aiohttp
+
+    from workbench.run.drill import _scrape_metrics
+
+    with socket.socket() as s:  # a port nobody listens on: refused
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    silent = socket.socket()  # listens, never answers: the session's timeout
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    rec = Recording()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as session:
+            await asyncio.wait_for(asyncio.gather(
+                _scrape_metrics(session, "eu-1", refused, 1.0, rec, overload_only=True),
+                _scrape_metrics(session, "router", f"http://127.0.0.1:{silent.getsockname()[1]}", 1.0, rec,
+                                overload_only=False)), timeout=5)
+    finally:
+        silent.close()
+    assert rec.metrics == []

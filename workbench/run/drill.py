@@ -25,6 +25,7 @@ from workbench.check.live import LiveStats
 from workbench.history import (
     AuditEvent,
     FaultRecord,
+    MetricSample,
     Recording,
     RequestRecord,
     StateSample,
@@ -69,6 +70,12 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
         # default pool those would take every connection and stall the other regions' clients too
         # (a client artefact).
         connector_limit = min(4096, max(256, int(load.rate_rps * timeout_s)))
+    elif load.mode == "open" and load.route == "invoke":
+        # The generator's default pool (100 ms of arrivals) suits a target answering in tens of ms; a
+        # skill of seconds would queue most requests in the client's own pool, so the edge never saw
+        # the offered load (measured: 268 req/s offered, 64 connections, the router never shed).
+        # Room for the skill's p99 worth of arrivals, capped well below the edge's connection limits.
+        connector_limit = min(8192, max(64, int(load.rate_rps * scenario.skill.p99_ms / 1000)))
     return LoadPlan(
         url=url, load=load, duration_s=scenario.duration_s, regions=scenario.topology.regions,
         api_keys=api_keys, skill=SKILL_NAME, timeout_s=timeout_s, drain_s=2.0, seed=scenario.seed,
@@ -284,11 +291,11 @@ def _metric_targets(cluster: Cluster) -> list[tuple[str, str]]:
 
 async def _scrape_metrics(session: aiohttp.ClientSession, source: str, url: str, t_s: float,
                           recording: Recording, *, overload_only: bool) -> None:
+    samples: list[MetricSample] = []
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
         async with session.get(url + "/metrics") as resp:
-            if resp.status != 200:
-                return
-            samples = parse_metrics(await resp.text(), t_s, source)
+            if resp.status == 200:
+                samples = parse_metrics(await resp.text(), t_s, source)
     if overload_only:
         samples = [s for s in samples if keep_overload_sample(s.name)]
     recording.metrics.extend(samples)
