@@ -7,7 +7,7 @@ steps measure the edge and its load shedding, not the limiter.
 
 1. **Capacity**: a closed-loop step (``--capacity-users`` users, no think time); its goodput is the
    capacity ``C`` (or ``--capacity-rps`` when given).
-2. **Open loop** at 1x, 2x, 5x and 10x ``C`` (Poisson arrivals; 2 generator processes past 1,500
+2. **Open loop** at 1x, 2x, 5x and 10x ``C`` (Poisson arrivals; 2 generator processes past 500
    req/s).  A Python generator on this 2-core machine cannot always send what is asked: the *offered*
    figure is what it recorded, and its scheduling lag is reported.
 3. **Closed loop** users up to 5,000.
@@ -57,10 +57,10 @@ P95_LIMIT_MS = 5000.0
 RSS_LIMIT_MB = 512.0
 MULTIPLES = (1, 2, 5, 10)
 FULL_USERS = (1000, 2000, 3000, 5000)
-QUICK_USERS = (600,)
+QUICK_USERS = ()  # quick: the capacity step (300 users) is the one closed-loop step
 TAIL_S = 4.0  # the skill's p99: requests scheduled in the last TAIL_S of a step are not measured
 CUT_OFF = "cancelled: run ended"  # the generator's error for a request still unanswered when the run ends
-TWO_PROCESSES_RPS = 1500.0
+TWO_PROCESSES_RPS = 500.0
 TWO_PROCESSES_USERS = 200
 
 
@@ -151,10 +151,24 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
+def goodput_held_pct(rows: list[dict[str, Any]]) -> float | None:
+    """Worst, over the open-loop steps at 2x or more, of its goodput as % of the peak goodput of every
+    step offered no more load than it.  With a true capacity step that peak is the capacity (the
+    issue's "goodput at 2x-10x >= 90 % of the peak"); when the capacity step was below the real
+    capacity (quick runs), goodput that still grows with the load is not counted as a fall."""
+    worst = None
+    for r in rows:
+        if r["kind"] != "open" or r.get("multiple", 1) < 2:
+            continue
+        peak = max((x["goodput_rps"] for x in rows if x["offered_rps"] <= r["offered_rps"]), default=0.0)
+        if peak > 0:
+            pct = 100 * r["goodput_rps"] / peak
+            worst = pct if worst is None else min(worst, pct)
+    return None if worst is None else round(worst, 1)
+
+
 def targets_for(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    peak = max((r["goodput_rps"] for r in rows), default=0.0)
-    over = [r for r in rows if r["kind"] == "open" and r["step"] != "open 1x"]
-    held = (round(100 * min(r["goodput_rps"] for r in over) / peak, 1) if over and peak > 0 else None)
+    held = goodput_held_pct(rows)
     p95s = [r["served_p95_ms"] for r in rows if r["served_p95_ms"] is not None]
     rss_router = [r["router_rss_peak_mb"] for r in rows if r["router_rss_peak_mb"] is not None]
     rss_node = [r["node_rss_peak_mb"] for r in rows if r["node_rss_peak_mb"] is not None]
@@ -174,8 +188,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short steps at small loads (a smoke test, ~1 min)")
     parser.add_argument("--step-s", type=float, default=None, help="seconds per step (default 20; quick 6)")
     parser.add_argument("--capacity-users", type=int, default=None,
-                        help="closed-loop users of the capacity step (default 3000; quick 150)")
+                        help="closed-loop users of the capacity step (default 3000; quick 300)")
     parser.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity step: use this")
+    parser.add_argument("--multiples", default=",".join(map(str, MULTIPLES)),
+                        help="open-loop steps as multiples of the capacity ('' for none)")
     parser.add_argument("--users", default="", help="comma-separated closed-loop user counts (default 1000 ... 5000)")
     args = parser.parse_args()
     install_signal_handlers()
@@ -186,8 +202,9 @@ def main() -> int:
                      f"got {step_s:g}")
     try:
         users = [int(x) for x in args.users.split(",") if x.strip()] or list(QUICK_USERS if args.quick else FULL_USERS)
+        multiples = [float(x) for x in args.multiples.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--users must be comma-separated integers, got {args.users!r}")
+        parser.error(f"--users / --multiples must be comma-separated numbers, got {args.users!r} / {args.multiples!r}")
     load_before = os.getloadavg()
     folder = workdir("overload")
     rows: list[dict[str, Any]] = []
@@ -205,15 +222,17 @@ def main() -> int:
         return row
 
     capacity = args.capacity_rps
+    cap_users = None
     if capacity is None:
-        cap_users = args.capacity_users or (150 if args.quick else 3000)
+        cap_users = args.capacity_users or (300 if args.quick else 3000)
         capacity = step("closed", cap_users, f"capacity ({cap_users} users)")["goodput_rps"]
     if not capacity or capacity <= 0:
         print("capacity step served nothing: no open-loop steps")
     else:
-        for m in MULTIPLES:
-            step("open", round(capacity * m), f"open {m}x")
-        for u in users:
+        for m in multiples:
+            step("open", round(capacity * m), f"open {m:g}x")["multiple"] = m
+    for u in users:
+        if u != cap_users:  # the capacity step already measured that many users
             step("closed", u, f"closed {u} users")
     print()
     print(table([[r["step"], r["offered_rps"], r["goodput_rps"], r["shed_rps"], r["errors_rps"],
@@ -229,7 +248,7 @@ def main() -> int:
               f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'not measured'}")
     figures = {"capacity_rps": capacity, "peak_goodput_rps": max((r["goodput_rps"] for r in rows), default=None),
                "steps": rows, "png": png}
-    params = {"step_s": step_s, "multiples": list(MULTIPLES), "users": users, "regions": 3, "nodes_per_region": 1,
+    params = {"step_s": step_s, "multiples": multiples, "users": users, "regions": 3, "nodes_per_region": 1,
               "route": "invoke", "tenants": 30, "limit": "rate 1e9, burst 1e9 (nothing refused)",
               "skill": {"median_ms": SKILL_MEDIAN_MS, "p99_ms": SKILL_P99_MS, "cpu_us": SKILL_CPU_US},
               "generator_processes": f"2 past {TWO_PROCESSES_RPS:g} req/s or {TWO_PROCESSES_USERS} users, else 1",
