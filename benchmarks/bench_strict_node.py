@@ -59,7 +59,11 @@ def _cluster_file(mode: str) -> tuple[Path, list]:
 
 
 def _strict_messages(url: str) -> float:
-    text = http_text(url + "/metrics")
+    """Strict messages sent + received so far (NaN when a saturated node does not answer the scrape)."""
+    try:
+        text = http_text(url + "/metrics")
+    except OSError:
+        return float("nan")
     return sum(metric_value(text, "edge_strict_messages_total", {"direction": d, "outcome": "ok"}) or 0.0
                for d in ("sent", "received"))
 
