@@ -112,7 +112,8 @@ def test_forged_replayed_and_wrong_mode_messages_are_refused_and_counted(tmp_pat
         assert wrong.status == 409 and wrong.error["code"] == "wrong_mode"
         text = c.metrics("eu-1")
         assert metric_value(text, "edge_strict_refused_total", reason="bad_signature") == 1
-        assert metric_value(text, "edge_strict_refused_total", reason="replayed") == 1
+        # >= 1: after the test's message from a newer us-1 incarnation, the real us-1's are refused too
+        assert metric_value(text, "edge_strict_refused_total", reason="replayed") >= 1
         assert metric_value(text, "edge_strict_refused_total", reason="malformed") == 1
 
 
