@@ -311,7 +311,11 @@ class StrictTable:
         if now >= self.ghost_until and need > have:
             room = max(0.0, pc - st.p - up - st.res_p) + max(0.0, fc - st.f - uf - st.res_f)
             amount = min(need - have, room)
-            if amount > 0:
+            last_at, last_amount = st.want
+            # A want is republished only when it is half a transfer window old or has grown by half:
+            # a key starving for many rounds must not ride in every delta to every peer (a node with
+            # thousands of such keys spent its cores on rounds).  A donor answers each stamp once.
+            if amount > 0 and (now - last_at >= self.settings.transfer_window_s / 2 or amount > 1.5 * last_amount):
                 st.want = (now, amount)
                 self._touch(st)
         surplus = st.p + st.f - st.fast * horizon
