@@ -43,6 +43,7 @@ from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, Limit, NoLi
 __all__ = ["StrictDecision", "StrictTable", "Ticket", "UnknownTransfer"]
 
 DEMAND_TAU_S = 0.5  # demand reported to the voters: an exponential average over about this long
+COLD_EVERY = 8  # a key with no traffic is still visited by tick every this many rounds
 FAST_TAU_S = 0.05  # demand behind wants and surplus: must follow a shift within a few rounds
 
 
@@ -86,6 +87,7 @@ class _Key:
         "demand",
         "f",
         "fast",
+        "hot",
         "limit",
         "minted",
         "p",
@@ -95,6 +97,7 @@ class _Key:
         "sent",
         "spent",
         "stamp",
+        "ticked",
         "unacked",
         "view",
         "want",
@@ -116,6 +119,8 @@ class _Key:
         self.demand = 0.0  # tokens per second asked for (allowed or not), averaged
         self.fast = 0.0  # the same over a much shorter time
         self.changed = 0
+        self.ticked = now  # the last tick that visited this key
+        self.hot = True  # asked for, or merged, since that tick
 
     def own(self) -> ActorRights:
         return ActorRights(self.minted, self.spent, self.burned, self.credited, dict(self.sent),
@@ -159,6 +164,7 @@ class StrictTable:
         self._current: dict[str, int] = {}  # node -> highest incarnation seen
         self._seq = 0
         self._last_tick = now
+        self._rounds = 0
         self.refused: dict[str, int] = {}
         self.revoked = 0  # takes undone by the re-check after the spend
 
@@ -222,6 +228,7 @@ class StrictTable:
             raise ValueError("cost must be > 0")
         self._settle(st, now)
         st.requested += cost
+        st.hot = True
         phi = self.lease.phi(now)
         if st.f + st.p >= cost:
             from_f = min(st.f, float(cost))
@@ -289,11 +296,20 @@ class StrictTable:
 
     def tick(self, now: float) -> None:
         """Once per gossip round: mint, measure demand, publish wants, and push surplus to wants."""
-        dt = now - self._last_tick
         self._last_tick = now
+        self._rounds += 1
+        full = self._rounds % COLD_EVERY == 0
         self.lease.prune(now, 4 * self.settings.lease_s)
         horizon = self.settings.transfer_window_s
+        # Only keys asked for or merged since their last visit, or with gifts in flight, every round;
+        # every key every COLD_EVERY rounds (demand decay, minting, wants of quiet keys).  A key not
+        # visited neither wants nor gives: liveness only -- its pots are settled on every take.
         for st in self._keys.values():
+            if not (full or st.hot or st.unacked):
+                continue
+            st.hot = False
+            dt = now - st.ticked
+            st.ticked = now
             self._settle(st, now)
             if dt > 0:
                 seen = st.requested / dt
@@ -403,6 +419,7 @@ class StrictTable:
                 refused += 1
                 continue
             self._settle(st, now)
+            st.hot = True
             for actor, rights in actors.items():
                 reason = self._check_actor(st, actor, rights)
                 if reason:
