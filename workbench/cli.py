@@ -27,6 +27,10 @@ DEMO = {"name": "demo", "duration_s": 30.0, "rate": 100.0, "burst": 100.0, "load
         "tenants": 1, "route": "invoke", "arrival": "poisson", "region_weights": "eu=3,us=2,ap=1",
         "kill_region_at_s": 10.0, "restart_region_at_s": 20.0, "skill_median_ms": 20.0, "skill_p99_ms": 120.0}
 DEMO_MAX_FAILOVER_MS = 800.0  # the reference case study's claim; our target is far below
+# The demo kills a region under load on the invoke route: the skill calls in flight on it fail (a skill
+# call is not idempotent, so the router does not run it twice), a handful in ~4,400 requests.  The demo
+# states a 0.5 % budget for them (printed in its summary); --error-budget overrides it.
+DEMO_ERROR_BUDGET_PCT = 0.5
 
 
 class Progress:
@@ -262,13 +266,15 @@ def _main(argv: list[str] | None = None) -> int:
         f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     report = Path(args.report) if args.report else out / "report.html"
     max_failover = args.max_failover_ms
-    if max_failover is None and args.command == "demo":
-        max_failover = DEMO_MAX_FAILOVER_MS
+    error_budget = args.error_budget
+    if args.command == "demo":
+        max_failover = DEMO_MAX_FAILOVER_MS if max_failover is None else max_failover
+        error_budget = DEMO_ERROR_BUDGET_PCT if error_budget is None else error_budget
     _use_uvloop()
     try:
         status = asyncio.run(_run(scenario, out, report, max_failover_ms=max_failover,
                                   max_client_errors=args.max_client_errors, quiet=args.quiet,
-                                  error_budget_pct=args.error_budget))
+                                  error_budget_pct=error_budget))
     except KeyboardInterrupt:
         print(f"\nworkbench: interrupted; every process was reaped, partial results in {out} (marked incomplete)",
               file=sys.stderr)
