@@ -91,7 +91,8 @@ async def test_a_blackholed_region_fails_over_on_the_check_route_with_no_client_
     # documented double grant under one request id. A try sent after the fault reached a stopped node.)
     retried_ids = {r[5] for r in after if r[4] == "timeout"}
     granted_by_victim = await audit_ids(f"http://127.0.0.1:{nodes.ports['eu-1']}")
-    assert retried_ids and not retried_ids & granted_by_victim, "a late try was granted by the paused node"
+    # (It may be empty: when a health check ejected eu-1 first, later requests went elsewhere at once.)
+    assert not retried_ids & granted_by_victim, "a late try was granted by the paused node"
     # Figures, not targets: fault -> first success elsewhere per client, and latency after the fault.
     firsts = []
     for me in range(8):
