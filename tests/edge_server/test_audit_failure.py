@@ -8,7 +8,6 @@ the audit file's descriptor is swapped for one opened read-only, so ``os.write``
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,14 +18,11 @@ from aiohttp import web
 from edge_server.app import build_server
 from edge_server.config import load_cluster
 from edge_server.node import Node
+from workbench.run.processes import free_port as _free_port
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

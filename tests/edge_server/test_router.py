@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from edge_server.config import load_cluster, parse_cluster
 from edge_server.router import Router, build_router_app
 from edge_server.shedding import SHED_CAP_S, Shedder
+from workbench.run.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "router-test-secret-0123456789"
@@ -43,10 +44,6 @@ class ManualClock:
         return self.now
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_doc(regions: dict[str, list[tuple[str, int]]], server: dict[str, Any] | None = None,

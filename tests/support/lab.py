@@ -29,6 +29,8 @@ from typing import Any
 import nbformat
 import psutil
 
+from workbench.run.processes import free_port
+
 __all__ = ["KERNEL", "Lab", "LabPage", "ServerProcess", "free_port", "notebook_copy"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,10 +69,6 @@ STOP_BUTTON = ".jp-OutputArea button:has-text('Stop')"
 FINISHED_JS = f"/every invariant held|FAILED|run failed/.test({OUTPUT_TEXT_JS})"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def notebook_copy(notebook: Path, folder: Path, *, dst_name: str | None = None, **values: Any) -> Path:

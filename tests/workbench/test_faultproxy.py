@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.echo import echo_handler
 from workbench.run.faults.proxy import FaultProxy, ProxyMesh
+from workbench.run.processes import free_port as _free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -208,10 +209,6 @@ async def test_stop_closes_everything(echo_port: int) -> None:
     assert p.stats()["active"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_mesh_partition_latency_and_events(echo_port: int) -> None:

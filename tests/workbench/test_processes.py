@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,20 @@ def test_children_die_with_a_launcher_killed_with_kill_9(tmp_path: Path) -> None
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_free_ports_lie_below_the_kernels_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    """A port from bind(0) could be taken by the next bind(0) (a fault proxy) before the child binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < low for p in ports)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ephemeral = [socket.create_connection(("127.0.0.1", taken.getsockname()[1])) for _ in range(50)]
+        try:
+            assert not {s.getsockname()[1] for s in ephemeral} & set(ports)
+        finally:
+            for s in ephemeral:
+                s.close()

@@ -166,8 +166,9 @@ class Cluster:
     async def _wait_ready(self, procs: list[ManagedProcess], path: str) -> None:
         """Until every one of ``procs`` answers ``path`` with 200; the first that exits fails it at once."""
         assert self._session is not None
-        tasks = {asyncio.ensure_future(p.wait_http_async(p.url + path, timeout_s=self.ready_timeout_s,
-                                                         session=self._session)): p for p in procs}
+        tasks = {asyncio.ensure_future(p.wait_http_async(
+            p.url + path, timeout_s=self.ready_timeout_s, session=self._session,
+            body_has=None if p.name == ROUTER else {"node": p.name})): p for p in procs}
         try:
             done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             failed = [t for t in done if t.exception() is not None]

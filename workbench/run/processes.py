@@ -19,7 +19,9 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -69,11 +71,52 @@ class NotReady(ProcessError, TimeoutError):
 # ------------------------------------------------------------------------------------ helpers
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for ``bind(0)`` and outgoing connects (Linux's default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out: set[int] = set()
+_port_lock = threading.Lock()
+_port_rng = random.Random(os.getpid() ^ time.monotonic_ns())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out for ``host`` (closed again, so it is free right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port that is free on ``host`` now and that nothing else this process starts will take.
+
+    The port lies below the kernel's ephemeral range: a port from ``bind(0)``, closed and handed to a child,
+    could be taken by the next ``bind(0)`` of a fault proxy or by an outgoing connection before the child
+    binds it, and then the wrong server answers the child's readiness check. No port is handed out twice
+    by one process; each is checked bindable (with ``SO_REUSEADDR``, as servers bind) before it is given.
+    """
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 12_000)
+    with _port_lock:
+        for _ in range(2_000):
+            port = _port_rng.randint(low, high)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    raise ProcessError(f"no free port on {host} in {low}-{high} after 2,000 tries")
+
+
+def _carries(body: bytes, fields: Mapping[str, Any]) -> bool:
+    """Whether the JSON object ``body`` has every one of ``fields`` with its value."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and all(doc.get(k) == v for k, v in fields.items())
 
 
 def lifeline_env() -> dict[str, str]:
@@ -327,8 +370,12 @@ class Child:
         return wait_http(url, timeout_s=timeout_s, child=self, status=status)
 
     async def wait_http_async(self, url: str, *, timeout_s: float, status: int = 200,
-                              session: Any = None) -> float:
-        """:meth:`wait_http` on an event loop (an ``aiohttp.ClientSession`` may be passed to reuse)."""
+                              session: Any = None, body_has: Mapping[str, Any] | None = None) -> float:
+        """:meth:`wait_http` on an event loop (an ``aiohttp.ClientSession`` may be passed to reuse).
+
+        ``body_has``: fields the JSON answer must carry too (a node's own id), so that no other server on
+        the port can pass for the child.
+        """
         import aiohttp
 
         started = time.monotonic()
@@ -340,7 +387,7 @@ class Child:
                 self._check_alive(f"{url} answered")
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                     async with session.get(url) as resp:
-                        if resp.status == status:
+                        if resp.status == status and (not body_has or _carries(await resp.read(), body_has)):
                             return time.monotonic() - started
                 if time.monotonic() - started >= timeout_s:
                     raise NotReady(f"{self.name}: {url} not ready after {timeout_s:g} s; last log lines:\n"
