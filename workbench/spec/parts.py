@@ -25,6 +25,7 @@ __all__ = [
     "SkillSpec",
     "Topology",
     "default_latency_ms",
+    "fault_fields",
 ]
 
 DEFAULT_REGIONS = ("eu", "us", "ap", "sa", "af", "oc")
@@ -323,17 +324,23 @@ class FaultAction:
 
     def to_dict(self) -> dict[str, Any]:
         """Only what is set, so timelines stay readable in files and notebooks."""
-        out: dict[str, Any] = {"at_s": self.at_s, "action": self.action}
-        if self.target:
-            out["target"] = self.target
-        if self.groups:
-            out["groups"] = [list(g) for g in self.groups]
-        if self.link:
-            out["link"] = list(self.link)
-        for key in ("ms", "jitter_ms", "pct", "duration_s"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        return out
+        return fault_fields(self)
+
+
+def fault_fields(fault: Any) -> dict[str, Any]:
+    """The set fields of a fault step (a drill's :class:`FaultAction` or a simulator's fault, which share
+    these field names) as a plain dict: ``at_s`` and ``action`` always, the rest only when set."""
+    out: dict[str, Any] = {"at_s": fault.at_s, "action": fault.action}
+    if fault.target:
+        out["target"] = fault.target
+    if fault.groups:
+        out["groups"] = [list(g) for g in fault.groups]
+    if fault.link:
+        out["link"] = list(fault.link)
+    for key in ("ms", "jitter_ms", "pct", "duration_s"):
+        if getattr(fault, key):
+            out[key] = getattr(fault, key)
+    return out
 
 
 _FAULT_KEYS = ("at_s", "action", "target", "groups", "link", "ms", "jitter_ms", "pct", "duration_s")

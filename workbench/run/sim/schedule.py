@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from workbench.spec.parts import fault_fields
 from workbench.spec.scenario import (
     ACTIONS,
     DEFAULT_REGIONS,
@@ -107,17 +108,7 @@ class SimFault:
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"at_s": self.at_s, "action": self.action}
-        if self.target:
-            out["target"] = self.target
-        if self.groups:
-            out["groups"] = [list(g) for g in self.groups]
-        if self.link:
-            out["link"] = list(self.link)
-        for key in ("ms", "jitter_ms", "pct", "duration_s"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        return out
+        return fault_fields(self)
 
     def to_action(self) -> FaultAction:
         """The drill's form (only for actions a drill can apply)."""
