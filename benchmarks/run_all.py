@@ -249,13 +249,18 @@ def main() -> int:
 def write_targets(runs: dict[str, dict[str, Any]], quick: bool, started: float) -> Path:
     """Every script's status and targets of this run, in one results file."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"targets{'-quick' if quick else ''}.json"
+    for run in runs.values():
+        run.setdefault("date", dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"))
+    if len(runs) < len(BENCHMARKS):  # an --only run updates its scripts' rows and keeps the others' (dated)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            runs = {**json.loads(path.read_text(encoding="utf-8")).get("runs", {}), **runs}
     doc = {"benchmark": "targets", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
            "command": " ".join([".venv/bin/python", "benchmarks/run_all.py", *sys.argv[1:]]), "quick": quick,
            "elapsed_s": round(time.time() - started, 1),
            "met": sum(1 for r in runs.values() for t in r["targets"] if t.get("met") is True),
            "missed": sum(1 for r in runs.values() for t in r["targets"] if t.get("met") is False),
            "failed": [s for s, r in runs.items() if r["status"] == "failed"], "runs": runs}
-    path = RESULTS / f"targets{'-quick' if quick else ''}.json"
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
     return path
 
