@@ -129,6 +129,7 @@ class RouterConfig:
     port: int = 0
     health_interval_ms: float = 100.0  # active /readyz checks of every node
     health_timeout_ms: float = 250.0
+    health_suspect_ms: float = 50.0  # a check unanswered this long demotes its node until an answer (0: off)
     connect_timeout_ms: float = 250.0
     request_timeout_ms: float = 10_000.0
     eject_ms: float = 1000.0  # a passively ejected node stays out at least this long
@@ -441,7 +442,7 @@ def _parse_regions(source: str, items: list) -> tuple[RegionSpec, ...]:
 
 def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str]) -> RouterConfig:
     r = _Reader(source, table, "router.", {"host", "port", "health_interval_ms", "health_timeout_ms",
-                                           "connect_timeout_ms", "request_timeout_ms", "eject_ms",
+                                           "health_suspect_ms", "connect_timeout_ms", "request_timeout_ms", "eject_ms",
                                            "rise", "latency_ms", *_ROUTER_OVERLOAD})
     d = RouterConfig()
     latency: dict[str, dict[str, float]] = {}
@@ -462,6 +463,7 @@ def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str])
         port=r.int("port", d.port, maximum=65535),
         health_interval_ms=r.num("health_interval_ms", d.health_interval_ms, positive=True),
         health_timeout_ms=r.num("health_timeout_ms", d.health_timeout_ms, positive=True),
+        health_suspect_ms=r.num("health_suspect_ms", d.health_suspect_ms),
         connect_timeout_ms=r.num("connect_timeout_ms", d.connect_timeout_ms, positive=True),
         request_timeout_ms=r.num("request_timeout_ms", d.request_timeout_ms, positive=True),
         eject_ms=r.num("eject_ms", d.eject_ms),

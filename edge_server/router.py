@@ -65,7 +65,8 @@ DEADLINE_HEADER = "X-Edge-Deadline-Ms"  # unix ms after which the node must not 
 LOOP_LAG_SHED = "loop_lag"  # shed reason: a connect timed out while the router's own loop lagged
 SHED_HEADER = "X-Edge-Shed"  # on a node's 503: it shed the request before deciding (safe to retry)
 CHECK_ROUTE, INVOKE_ROUTE = "/v1/limits/check", "/v1/skills/{skill}/invoke"
-_NOT_REACHED = frozenset({"refused", "unreachable", "connect_timeout"})
+# Tries that certainly never reached a node: retried on every route, invoke too (nothing ran).
+_NOT_REACHED = frozenset({"refused", "unreachable", "connect_timeout", "not_written"})
 _DROP_REQUEST = frozenset(h.lower() for h in ("Host", "Connection", "Keep-Alive", "Content-Length",
                                              "Transfer-Encoding", "Upgrade", "TE", "Proxy-Connection"))
 _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Content-Length", "Transfer-Encoding",
@@ -515,6 +516,7 @@ def build_router_app(router: Router) -> web.Application:
 
         checker = HealthChecker(list(router.config.nodes), rc, deliver)
         checker.start()
+        router.probe = checker.check_soon
         # One round of checks before serving, so the first requests already have somewhere to go.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(rc.health_timeout_ms / 1000 + rc.health_interval_ms / 1000 + 1):

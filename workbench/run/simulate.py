@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_server.config import MODES
+from edge_server.strict.settings import StrictSettings
 from edge_server.strict.table import StrictTable
 from edge_server.token_bucket import BucketTable
 from workbench.check import Verdict, check_envelope, check_token_loss
@@ -134,12 +135,13 @@ def _judge_strict(scenario: Scenario, faults: Sequence[SimFault], rec: Recording
 
 
 def simulate(scenario: Scenario, extra_faults: Sequence[SimFault] = (), *,
-             table_factory: TableFactory = BucketTable, strict_table: type[StrictTable] = StrictTable) -> SimResult:
+             table_factory: TableFactory = BucketTable, strict_table: type[StrictTable] = StrictTable,
+             strict_settings: StrictSettings | None = None) -> SimResult:
     """Simulate ``scenario`` (plus simulator-only ``extra_faults``) and judge it (``scenario.mode``
-    picks the core and the bound)."""
+    picks the core and the bound; ``strict_settings`` overrides the simulator's strict defaults)."""
     faults = sim_faults_of(scenario, extra_faults)
     return judge(scenario, faults, run_world(scenario, faults, table_factory=table_factory,
-                                             strict_table=strict_table))
+                                             strict_table=strict_table, strict_settings=strict_settings))
 
 
 def draw_schedule(seed: int, index: int, *, duration_s: float, max_faults: int,

@@ -34,12 +34,13 @@ CAPACITY_REFERENCE = {"max_users": 40, "throughput_rps": 12.0, "cpu_headroom_pct
 
 
 def partition_findings(scenario: Scenario, summary: Mapping[str, Any], margin: float = 1.0) -> dict[str, Any]:
-    """Measured over-admission of a split against the design's bound for eventual mode.
+    """Measured over-admission of a split against the bound the scenario's mode promises.
 
-    Each of k sides enforces alone, so a key may get up to (k-1)·R·split_s tokens more than
-    B + R·t, plus the staleness every run has (2 gossip intervals of rate).  Keys: the limit is per
-    key, so the bound is per key; ``measured_excess_tokens`` is the checker's worst window excess.
-    ``within_bound``: measured <= margin · bound + staleness.
+    Eventual mode: each of k sides enforces alone, so a key may get up to (k-1)·R·split_s tokens
+    more than B + R·t, plus the staleness every run has (2 gossip intervals of rate).  Strict mode
+    promises the plain envelope: bound and staleness are 0 and ``margin`` does not apply.  Keys: the
+    limit is per key, so the bound is per key; ``measured_excess_tokens`` is the checker's worst
+    window excess.  ``within_bound``: measured <= margin · bound + staleness.
     """
     split = next((f for f in scenario.faults if f.action == "partition"), None)
     if split is None:
@@ -51,10 +52,12 @@ def partition_findings(scenario: Scenario, summary: Mapping[str, Any], margin: f
     grouped = {m for g in groups for m in g}
     sides = len(groups) + (1 if set(scenario.topology.regions) - grouped else 0)
     limit = scenario.limits[0]
-    staleness = 2 * scenario.topology.gossip_interval_ms / 1000 * limit.rate
-    bound = (sides - 1) * limit.rate * split_s
+    strict = scenario.mode == "strict"
+    staleness = 0.0 if strict else 2 * scenario.topology.gossip_interval_ms / 1000 * limit.rate
+    bound = 0.0 if strict else (sides - 1) * limit.rate * split_s
     measured = summary.get("worst_window_excess_tokens")
-    return {"sides": sides, "split_s": split_s, "rate": limit.rate, "burst": limit.burst,
+    return {"mode": scenario.mode, "promise": "B + R·t" if strict else "B + R·t + (k-1)·R·split",
+            "sides": sides, "split_s": split_s, "rate": limit.rate, "burst": limit.burst,
             "bound_tokens": round(bound, 3), "staleness_tokens": round(staleness, 3),
             "measured_excess_tokens": measured,
             "measured_vs_bound": None if measured is None or bound <= 0 else round(max(0.0, measured) / bound, 3),

@@ -20,6 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from edge_server.strict.settings import StrictSettings
 from edge_server.strict.table import StrictTable
 from edge_server.token_bucket import BucketTable, Limit
 from workbench.history import AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
@@ -42,7 +43,8 @@ class World:
 
     def __init__(self, scenario: Scenario, faults: Sequence[SimFault], *,
                  table_factory: TableFactory = BucketTable, secret: bytes = SECRET,
-                 strict_table: type[StrictTable] = StrictTable) -> None:
+                 strict_table: type[StrictTable] = StrictTable,
+                 strict_settings: StrictSettings | None = None) -> None:
         self.scenario = scenario
         self.faults = list(faults)
         self.secret = secret
@@ -62,7 +64,7 @@ class World:
         self.table_name = "StrictTable" if scenario.mode == "strict" else table_factory.__name__
         if scenario.mode == "strict":
             self.table_name = strict_table.__name__
-            self._strict_nodes(scenario, strict_table)
+            self._strict_nodes(scenario, strict_table, strict_settings)
         else:
             self.nodes = {nid: SimNode(self, nid, topo.region_of(nid), [p for p in self.node_ids if p != nid],
                                        table_factory) for nid in self.node_ids}
@@ -76,10 +78,18 @@ class World:
         self.fault_records: list[FaultRecord] = []
         self.states: list[StateSample] = []
 
-    def _strict_nodes(self, scenario: Scenario, table_cls: type[StrictTable]) -> None:
-        """Strict mode: one voter per region on its first node, a drift within rho per node."""
+    def _strict_nodes(self, scenario: Scenario, table_cls: type[StrictTable],
+                      settings: StrictSettings | None) -> None:
+        """Strict mode: one voter per region on its first node, a drift within rho per node.
+
+        ``settings`` (default :func:`strict_settings_for` the topology) lets a study sweep alpha and
+        the lease; its gossip interval must be the topology's, which sets the simulated rounds.
+        """
         topo = self.topo
-        settings = strict_settings_for(topo.gossip_interval_ms)
+        settings = settings or strict_settings_for(topo.gossip_interval_ms)
+        if settings.gossip_interval_ms != topo.gossip_interval_ms:
+            raise ValueError(f"strict settings' gossip_interval_ms {settings.gossip_interval_ms:g} is not the "
+                             f"topology's {topo.gossip_interval_ms:g}")
         self.strict_settings = settings
         voters = {voter_id(r): topo.nodes_of(r)[0] for r in topo.regions}
         rng = random.Random(scenario.seed * 3 + 3)
@@ -326,8 +336,10 @@ class World:
 
 
 def run_world(scenario: Scenario, faults: Sequence[SimFault], *,
-              table_factory: TableFactory = BucketTable, strict_table: type[StrictTable] = StrictTable) -> Recording:
+              table_factory: TableFactory = BucketTable, strict_table: type[StrictTable] = StrictTable,
+              strict_settings: StrictSettings | None = None) -> Recording:
     """Simulate ``scenario`` with ``faults`` (already in :func:`~workbench.run.sim.schedule.normalize`
     order) and return its history.  ``scenario.mode`` picks the core: ``table_factory`` (eventual) or
-    ``strict_table`` (strict)."""
-    return World(scenario, faults, table_factory=table_factory, strict_table=strict_table).run()
+    ``strict_table`` (strict, with ``strict_settings`` or the simulator's defaults)."""
+    return World(scenario, faults, table_factory=table_factory, strict_table=strict_table,
+                 strict_settings=strict_settings).run()
