@@ -12,11 +12,19 @@ Evidence (see ``docs/router.md``): a refused, unreachable or reset connection is
 process is not serving: out at once); a timeout is *soft* (out after ``fall`` in a row, never because
 of one slow connect); 503 ``starting``/``draining`` takes a node out, 503 ``exhausted`` and
 ``overloaded`` keep it (the node is alive; the request path sheds around an overloaded node).
+
+A check still unanswered after ``health_suspect_ms`` (50 ms; a node answers ``/readyz`` in about a
+millisecond), or after 4 x the slowest of the node's last 8 answers when that is longer (a node busy
+under load is not suspected for being busy), is reported at once as ``slow``: the router demotes the
+node until its next answer, so a paused or blackholed node stops getting new requests ~200 ms before
+its check times out.  That matters for skill calls, which are not retried once written: every invoke
+sent to a silent node before it is demoted waits for the client's timeout.  ``slow`` never counts towards an ejection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -29,7 +37,7 @@ import aiohttp
 
 from edge_server.config import NodeSpec, RouterConfig
 
-__all__ = ["HARD", "CheckResult", "HealthChecker", "NodeHealth", "classify"]
+__all__ = ["HARD", "NOT_WRITTEN", "CheckResult", "HealthChecker", "NodeHealth", "classify"]
 
 log = logging.getLogger("edge_server.router")
 
@@ -75,14 +83,23 @@ class CheckResult:
     def __init__(self, good: bool, kind: str, reason: str, latency_ms: float | None, started: float,
                  error: str | None = None) -> None:
         self.good, self.kind, self.reason, self.latency_ms = good, kind, reason, latency_ms
-        self.started, self.error = started, error  # kind: ok, down, refused, unreachable, reset, timeout
+        self.started, self.error = started, error  # kind: ok, down, refused, unreachable, reset, timeout,
+        # slow (no answer yet after health_suspect_ms), late (no verdict: the checker's loop lagged)
 
     def __repr__(self) -> str:
         return f"<CheckResult {self.kind} {self.reason} {self.latency_ms} ms>"
 
 
+NOT_WRITTEN = "Cannot write to closing transport"  # aiohttp raises this before handing any byte over
+
+
 def classify(exc: BaseException) -> str:
-    """A client error as evidence: refused, unreachable, reset (hard), connect_timeout, timeout (soft)."""
+    """A client error as evidence: refused, unreachable, reset (hard), connect_timeout, timeout (soft),
+    or not_written: a pooled connection the node had already closed, found closed before the request
+    was written (aiohttp sends a small request's headers and body in one write, so nothing went out;
+    no evidence against the node either, which may just have closed an idle connection)."""
+    if isinstance(exc, aiohttp.ClientConnectionResetError) and NOT_WRITTEN in str(exc):
+        return "not_written"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect_timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -114,6 +131,10 @@ class HealthChecker:
         self.nodes, self.rc, self.deliver = nodes, rc, deliver
         self.interval = rc.health_interval_ms / 1000
         self.timeout = rc.health_timeout_ms / 1000
+        self.suspect = rc.health_suspect_ms / 1000 if 0 < rc.health_suspect_ms < rc.health_timeout_ms else 0.0
+        self._session: aiohttp.ClientSession | None = None
+        self._probing: set[str] = set()  # nodes with an out-of-turn check in flight
+        self._recent: dict[str, collections.deque[float]] = {}  # node -> its last good check latencies (s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -145,6 +166,7 @@ class HealthChecker:
         self._stop = asyncio.Event()
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._MAX_OUTSTANDING + 1, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
+            self._session = session
             self._started.set()
             tasks = [asyncio.create_task(self._node_loop(session, n)) for n in self.nodes]
             tasks.append(asyncio.create_task(self._lag_loop()))
@@ -179,9 +201,27 @@ class HealthChecker:
                 task.cancel()
             await asyncio.gather(*outstanding, return_exceptions=True)
 
-    async def check_now(self, session: aiohttp.ClientSession, node: NodeSpec) -> CheckResult:
+    def check_soon(self, node: NodeSpec) -> None:
+        """Check ``node`` now, out of turn (callable from any thread; at most one such check per node at
+        a time): the request path saw something that may mean the node died, and the next scheduled
+        check may be a whole interval away."""
+        loop, session = self._loop, self._session
+        if loop is None or session is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the checker is stopping
+            loop.call_soon_threadsafe(self._probe, session, node)
+
+    def _probe(self, session: aiohttp.ClientSession, node: NodeSpec) -> None:
+        if node.id in self._probing:
+            return
+        self._probing.add(node.id)
+        task = asyncio.get_running_loop().create_task(self._check(session, node))
+        task.add_done_callback(lambda _: self._probing.discard(node.id))
+
+    async def check_now(self, session: aiohttp.ClientSession, node: NodeSpec,
+                        started: float | None = None) -> CheckResult:
         """One check, timed from just before the request is written to the end of the answer."""
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         try:
             async with asyncio.timeout(self.timeout):
                 async with session.get(node.url + "/readyz") as resp:
@@ -207,5 +247,23 @@ class HealthChecker:
                            None if good else f"readyz {resp.status} {reason}")
 
     async def _check(self, session: aiohttp.ClientSession, node: NodeSpec) -> None:
-        result = await self.check_now(session, node)
+        started = time.monotonic()
+        recent = self._recent.setdefault(node.id, collections.deque(maxlen=8))
+        after = min(max(self.suspect, 4 * max(recent, default=0.0)), 0.8 * self.timeout) if self.suspect else 0.0
+        timer = asyncio.get_running_loop().call_later(after, self._slow, node, started, after) if after else None
+        try:
+            result = await self.check_now(session, node, started)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if result.good and result.latency_ms is not None:
+            recent.append(result.latency_ms / 1000)
         self.deliver(node, result)
+
+    def _slow(self, node: NodeSpec, started: float, after: float) -> None:
+        """The check is still unanswered after ``after`` seconds: say so now (unless our own loop was
+        late, when the silence may be ours)."""
+        if self.lag_s > after / 2 or time.monotonic() - started > 1.5 * after:
+            return
+        self.deliver(node, CheckResult(False, "slow", "slow", None, started,
+                                       f"no answer within {after * 1000:.0f} ms"))

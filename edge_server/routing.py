@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_server.config import ClusterConfig
+from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.router_health import HARD, CheckResult, NodeHealth
 from edge_server.router_metrics import RouterMetrics
 
@@ -38,7 +38,7 @@ log = logging.getLogger("edge_server.router")
 COUNTERS = ("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused", "ejections_swapped",
             "no_healthy",
             "overload_shed", "panic_picks", "last_resort_picks", "checks_late", "retry_budget_exhausted",
-            "lagged_timeouts")
+            "lagged_timeouts", "checks_slow", "not_written")
 
 
 class RoutingTable:
@@ -60,6 +60,8 @@ class RoutingTable:
         self._refusal_logged: dict[str, float] = {}
         self.loop_lag_s = 0.0  # recent lag of our own loop (set by the router's lag watch)
         self._lag_due = math.inf  # when the lag watch should wake up next
+        # Out-of-turn health check of a node (set by the router to its checker's check_soon).
+        self.probe: Callable[[NodeSpec], None] | None = None
 
     def _order(self, home: str) -> tuple[str, ...]:
         """Regions nearest first from ``home``; a missing entry falls back to the reverse direction."""
@@ -188,8 +190,14 @@ class RoutingTable:
 
     def apply_check(self, node: NodeHealth, result: CheckResult) -> None:
         """One active check result: hysteresis, the rules of evidence and the cap."""
-        node.checks += 1
         m = self.metrics
+        if result.kind == "slow":  # unanswered for health_suspect_ms: demoted until an answer, no more
+            m.health_results.labels(node.spec.id, "slow").inc()
+            if result.started >= node.last_good_started and node.evidence is None:
+                node.evidence = "check_slow"
+                self.counters["checks_slow"] += 1
+            return
+        node.checks += 1
         m.health_results.labels(node.spec.id, result.kind).inc()
         if result.latency_ms is not None:
             m.health.labels(node.spec.id).observe(result.latency_ms / 1000)
@@ -239,6 +247,13 @@ class RoutingTable:
     def try_failed(self, node: NodeHealth, kind: str, error: str) -> None:
         """What one failed forwarding try (its :func:`~edge_server.router_health.classify` kind) says."""
         self.metrics.try_failures.labels(node.spec.id, kind).inc()
+        if kind == "not_written":
+            # A pooled connection the node had closed: an idle close or the node's death.  No evidence;
+            # a check right away tells the two apart well before the next scheduled one.
+            self.counters["not_written"] += 1
+            if self.probe is not None:
+                self.probe(node.spec)
+            return
         if kind in HARD:
             self.take_out(node, kind, self.rc.eject_ms / 1000, error)
             return
