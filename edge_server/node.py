@@ -126,15 +126,22 @@ class Node:
         hot.allowed += len(grants)
         hot.tokens += sum(cost for _key, cost, _gen in grants)
 
-    def _own_entries(self) -> tuple[list[tuple[str, tuple[int, int]]], int]:
-        """This node's own ``(key, (generation, count))`` for every live key (least recently active
-        first) and the newest generation handed out: what a checkpoint holds.  The entries are the
-        table's own immutable tuples, shared, not copied: a snapshot of 100,000 keys costs one list."""
+    def _own_entries(self) -> tuple[tuple[list[str], list[tuple[int, int]]], int]:
+        """This node's own ``(generation, count)`` for every live key (least recently active first),
+        as two lists (keys, entries), and the newest generation handed out: what a checkpoint holds.
+        The keys and entries are the table's own immutable objects, shared, not copied: a snapshot of
+        100,000 keys costs two lists, not a tuple per key (~7 MB more at every seal)."""
         table = self.table
         assert table is not None
         me = self.spec.id
-        own = [(key, entry) for key, st in table._keys.items() if (entry := st.counts.get(me)) is not None]
-        return own, getattr(table, "_last_gen", 0)
+        keys: list[str] = []
+        entries: list[tuple[int, int]] = []
+        for key, st in table._keys.items():
+            entry = st.counts.get(me)
+            if entry is not None:
+                keys.append(key)
+                entries.append(entry)
+        return (keys, entries), getattr(table, "_last_gen", 0)
 
     def new_request_id(self) -> str:
         return self._request_prefix + str(next(self._request_ids))

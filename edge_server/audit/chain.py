@@ -65,6 +65,12 @@ class ChainKeys:
         out["mac"] = hmac.new(self._sign, canonical(out), hashlib.sha256).hexdigest()
         return out
 
+    def signer(self) -> hmac.HMAC:
+        """A running HMAC with the signing key: sign a document written in pieces (a checkpoint is
+        streamed to disk rather than held in memory twice); its ``mac`` is ``hexdigest()`` of the
+        document's canonical bytes, as :meth:`sign` computes it."""
+        return hmac.new(self._sign, digestmod=hashlib.sha256)
+
     def check(self, doc: dict[str, Any]) -> str | None:
         """None when ``doc``'s signature is good; else what is wrong with it, in words."""
         mac = doc.get("mac")

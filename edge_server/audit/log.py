@@ -28,7 +28,7 @@ import orjson
 
 from edge_server.audit.chain import GENESIS, ChainKeys
 from edge_server.audit.recovery import Recovered, load_head, recover_trail
-from edge_server.audit.seal import Retention, SealSpec, apply_retention, release_memory, seal_segment
+from edge_server.audit.seal import Own, Retention, SealSpec, apply_retention, release_memory, seal_segment
 from edge_server.audit.segments import iter_lines, iter_lines_from, segment_path
 from edge_server.config import AuditConfig
 
@@ -43,7 +43,7 @@ class AuditUnavailable(OSError):
 
 Grant = tuple[str, int, int]  # key, cost, generation
 BatchCallback = Callable[[list[Grant]], None]
-OwnSource = Callable[[], tuple[list[tuple[str, tuple[int, int]]], int]]  # -> ([(key, (gen, count))], max gen)
+OwnSource = Callable[[], tuple[Own, int]]  # -> (own counts, as a checkpoint takes them; max gen)
 
 
 class AuditLog:
@@ -266,7 +266,7 @@ class AuditLog:
         if self.own_source is not None:
             own, max_gen = self.own_source()
         else:
-            own, max_gen = list(self._own.items()), 0
+            own, max_gen = (list(self._own), list(self._own.values())), 0
         running = self._sealing[0] if self._seal_task is not None and self._sealing else None
         for older in self._sealing:
             if older is not running:

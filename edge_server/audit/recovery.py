@@ -173,7 +173,7 @@ def recover_trail(audit_dir: Path, node: str, keys: ChainKeys) -> Recovered:
         pending.append(SealSpec(first, state.next_seq - 1, before[0], state.last_hash.decode(), first_ts,
                                 state.last_ts, state.events - before[1], state.total_cost - before[2]))
     if pending:  # a crash during a seal: the newest segment gets the checkpoint it lacks
-        pending[-1].checkpoint = {"own": list(state.own.items()), "events": state.events,
+        pending[-1].checkpoint = {"own": (list(state.own), list(state.own.values())), "events": state.events,
                                   "total_cost": state.total_cost, "max_gen": state.max_gen}
     active_first = state.next_seq
     offsets = array("q")

@@ -250,3 +250,22 @@ def test_a_failed_write_leaves_no_trace_and_numbering_continues(tmp_path: Path) 
         assert [e["request_id"] for e in log.read(0, 10)] == ["ok-1", "ok-2"]
     finally:
         log.close()
+
+
+@pytest.mark.parametrize("columns", [False, True])
+@pytest.mark.parametrize("count", [0, 1, 4096, 9000])
+def test_a_streamed_checkpoint_is_the_document_sign_would_give(tmp_path: Path, count: int, columns: bool) -> None:
+    from edge_server.audit.seal import write_checkpoint
+
+    keys = ChainKeys(SECRET)
+    pairs = [(f'k"{i}\\', (1_700_000_000_000 + i, i % 7)) for i in range(count)]  # quotes escaped in keys
+    own = ([k for k, _ in pairs], [e for _, e in pairs]) if columns else pairs
+    doc = {"v": 1, "kind": "edge-audit-checkpoint", "node": "eu-1", "segment": 'seg-"own":[]', "last_seq": 9,
+           "own": own, "events": 9, "total_cost": 12, "max_gen": 3}
+    path = tmp_path / "c.ckpt.json"
+    write_checkpoint(path, keys, doc)
+    got = orjson.loads(path.read_bytes())
+    assert keys.check(got) is None
+    assert got == orjson.loads(orjson.dumps(keys.sign({**doc, "own": pairs})))
+    got["own"][0:1] = [["k", [1, 99]]] if count else [["k", [1, 1]]]  # an edit is caught
+    assert keys.check(got) is not None
