@@ -1,10 +1,16 @@
-"""Token loss, from three sources that do not derive from each other.
+"""Token loss, from sources that do not derive from each other.
 
 1. the grants the clients saw: every admitted reply, by its request id;
 2. the union of the nodes' audit trails;
 3. every peer's final view of every node's count (``StateSample.counts`` of OTHER nodes: what the
    cluster charges for that node's grants), never a node's own counter, which it rebuilt from the
-   very audit trail it would be compared with.
+   very audit trail it would be compared with;
+4. the replicas of the trails held in other regions (``[audit] replicate``): what the holders
+   wrote of each origin's lines, on their own disks.  A replica event the origin's own trail does
+   not have (its disk was lost) still accounts for its grant; a replica event that differs from the
+   origin's, or a grant answered before the replica's newest event of that node but absent from
+   it, is a disagreement.  Events the replica had not received by the end are the recovery point,
+   counted, not loss.
 
 Separate counts: double grants of one request id, grants audited but never answered as a grant,
 answers with no audit event, audited costs that differ from the request's, and peer views that
@@ -15,12 +21,15 @@ does not.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from workbench.check.outages import OutageLog, build_log
 from workbench.check.verdict import NOTHING_MEASURED, Verdict, scenario_of
 from workbench.history import AuditEvent, Recording, StateSample
 
-__all__ = ["check_token_loss"]
+__all__ = ["check_token_loss", "read_replicas", "replica_folder"]
 
 # faults around which one request id may be granted on two nodes without a double grant
 _ORPHANING = ("kill", "pause", "resume", "blackhole", "heal", "end_blackhole")
@@ -38,21 +47,102 @@ def _final_views(rec: Recording, log: OutageLog | None) -> dict[str, StateSample
     return last
 
 
-def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
-    """Every grant is in all three sources exactly once.
+def replica_folder(rec: Recording) -> Path | None:
+    """Where the run's replicas are: ``extra["audit_replicas_dir"]``, else the ``audit/replicas``
+    folder of the cluster's run folder (the drill's nodes write their trails there); None when the
+    run has none (replication off, or the folder is gone)."""
+    extra = rec.extra or {}
+    cluster = extra.get("cluster") if isinstance(extra.get("cluster"), dict) else {}
+    candidates = [extra.get("audit_replicas_dir"),
+                  cluster.get("run_dir") and Path(cluster["run_dir"]) / "audit" / "replicas",
+                  extra.get("results_dir") and Path(extra["results_dir"]) / "cluster" / "audit" / "replicas"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def read_replicas(folder: Path) -> list[AuditEvent]:
+    """Every event of every replica trail in ``folder`` (sealed segments and the open one); a line
+    that is not an event raises ``ValueError`` naming its file and line."""
+    from edge_server.audit.export import iter_events
+
+    return [AuditEvent.from_json(ev) for _line, ev in iter_events([folder])]
+
+
+def _same(a: AuditEvent, b: AuditEvent) -> bool:
+    return (a.key, a.cost, a.request_id, a.gen, a.ts, a.region) == (b.key, b.cost, b.request_id, b.gen, b.ts,
+                                                                     b.region)
+
+
+def _replica_source(rec: Recording, replicas: Sequence[AuditEvent], started_wall: float,
+                    ended_s: float | None) -> tuple[list[AuditEvent], dict[str, Any], list[str]]:
+    """Source 4 against sources 1 and 2: the replica-only events (to add to the audit), the figures,
+    and the reasons.  Nodes without a replica are listed, not judged (a single region has none)."""
+    own = {(ev.node, ev.seq): ev for ev in rec.audit}
+    held: dict[str, dict[int, AuditEvent]] = defaultdict(dict)
+    for ev in replicas:
+        held[ev.node][ev.seq] = ev
+    only = [ev for node in sorted(held) for seq, ev in sorted(held[node].items()) if (node, seq) not in own]
+    differ = [f"{node}:{seq}" for node in sorted(held) for seq, ev in sorted(held[node].items())
+              if (node, seq) in own and not _same(own[(node, seq)], ev)]
+    newest_ts = {node: max(ev.ts for ev in evs.values()) for node, evs in held.items()}
+    ids = {node: {ev.request_id for ev in evs.values()} for node, evs in held.items()}
+    absent = [r.request_id for r in rec.requests if r.admitted and r.request_id and r.node in held
+              and r.request_id not in ids[r.node] and started_wall + r.end_s <= newest_ts[r.node]]
+    last_seq = {node: max(evs) for node, evs in held.items()}
+    behind: Counter[str] = Counter(ev.node for ev in rec.audit if ev.node in held and ev.seq > last_seq[ev.node])
+    end = started_wall + (ended_s or 0.0)
+    oldest_behind = {}
+    for ev in rec.audit:
+        if ev.node in held and ev.seq > last_seq[ev.node]:
+            oldest_behind[ev.node] = round(max(oldest_behind.get(ev.node, 0.0), end - ev.ts), 3)
+    reasons = []
+    if differ:
+        reasons.append(f"{len(differ)} replica events differ from their origin's own trail (e.g. {differ[:3]})")
+    if absent:
+        reasons.append(f"{len(absent)} admitted replies are missing from their node's replica although it holds "
+                       f"later events of that node (e.g. {absent[:3]})")
+    figures = {"replica_events": len(replicas), "replica_nodes": sorted(held),
+               "nodes_without_replica": sorted({ev.node for ev in rec.audit} - set(held)),
+               "accounted_by_replica_only": len(only), "replica_mismatch": len(differ),
+               "replica_missing_grants": len(absent), "not_replicated_at_end": dict(sorted(behind.items())),
+               "not_replicated_oldest_age_s": dict(sorted(oldest_behind.items()))}
+    return only, figures, reasons
+
+
+def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
+                     replicas: Sequence[AuditEvent] | None = None) -> Verdict:
+    """Every grant is in all sources exactly once.
 
     A node killed or paused (and not back at the end) may die with grants it audited but had not
     gossiped yet: those within ``inflight_s`` before its death are counted as
     ``unpropagated_at_death``, not as loss; anything older is loss.  While a partition or blackhole
     is still in force at the end, peers that lag are ``unverified``.
+
+    ``replicas``: the replica trails' events; by default read from :func:`replica_folder` (the one
+    thing this check reads from disk: the replicas stay where the cluster's holders wrote them).
     """
     scenario = scenario_of(rec)
     log = build_log(rec.faults, scenario.topology) if scenario is not None else None
     reasons: list[str] = []
+    replica_figures: dict[str, Any] = {"replicas": "none (replication off, or no replica folder)"}
+    audit = list(rec.audit)
+    if replicas is None:
+        folder = replica_folder(rec)
+        try:
+            replicas = read_replicas(folder) if folder is not None else []
+        except (OSError, ValueError) as exc:
+            reasons.append(f"the replica trails could not be read: {exc}")
+            replicas = []
+    if replicas:
+        only, replica_figures, replica_reasons = _replica_source(rec, replicas, rec.started_wall, rec.ended_s)
+        audit += only
+        reasons += replica_reasons
 
     # -- source 1 against source 2: request ids
-    audit_ids = Counter(ev.request_id for ev in rec.audit if ev.request_id)
-    audit_cost = {ev.request_id: ev.cost for ev in rec.audit if ev.request_id}
+    audit_ids = Counter(ev.request_id for ev in audit if ev.request_id)
+    audit_cost = {ev.request_id: ev.cost for ev in audit if ev.request_id}
     admitted = [r for r in rec.requests if r.admitted]
     with_id = [r for r in admitted if r.request_id]
     no_id = len(admitted) - len(with_id)
@@ -67,7 +157,7 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
     # orphaned grant at a fault, reported, not a double grant.  A heal has no target: every node.
     deaths = [(f.t_s, f.target) for f in rec.faults if f.action in _ORPHANING]
     by_rid: dict[str, list[AuditEvent]] = defaultdict(list)
-    for ev in rec.audit:
+    for ev in audit:
         if ev.request_id and audit_ids[ev.request_id] > 1:
             by_rid[ev.request_id].append(ev)
     orphaned: list[str] = []
@@ -93,10 +183,10 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
 
     # -- source 3 against source 2: every peer's final view of every node's count
     audited: dict[tuple[str, str], dict[int, list[AuditEvent]]] = defaultdict(lambda: defaultdict(list))
-    for ev in rec.audit:
+    for ev in audit:
         audited[(ev.node, ev.key)][ev.gen].append(ev)
     views = _final_views(rec, log)
-    nodes = sorted({ev.node for ev in rec.audit} | {n for s in views.values() for e in s.counts.values() for n in e})
+    nodes = sorted({ev.node for ev in audit} | {n for s in views.values() for e in s.counts.values() for n in e})
     ahead: list[str] = []
     behind: list[str] = []
     unpropagated: list[str] = []
@@ -142,11 +232,11 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
     peers_note = None
     if len(views) < 2 and scenario is not None and len(scenario.topology.node_ids) < 2:
         peers_note = "single node: no peer view to compare (not applicable)"
-    elif not views and (rec.audit or admitted):
+    elif not views and (audit or admitted):
         reasons.append(f"{NOTHING_MEASURED}: no node's final state was recorded (no peer view to compare)")
-    if not rec.requests and not rec.audit:
+    if not rec.requests and not audit:
         reasons.append(f"{NOTHING_MEASURED}: no request and no audit event recorded")
-    silent = sorted({ev.node for ev in rec.audit} - set(views))
+    silent = sorted({ev.node for ev in audit} - set(views))
     figures = {
         "admitted_replies": len(admitted), "audit_events": len(rec.audit), "peer_views_compared": compared,
         "missing": len(missing), "answered_without_audit": len(missing),
@@ -155,9 +245,12 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25) -> Verdict:
         "cost_mismatch": len(cost_mismatch), "peer_view_ahead": len(ahead), "peer_view_behind": len(behind),
         "mismatched": len(ahead) + len(behind), "unpropagated_at_death": unpropagated, "unverified": unverified,
         "replies_without_request_id": no_id, "nodes_without_final_state": silent,
-        "token_loss": len(missing) + len(duplicated) + len(cost_mismatch) + len(ahead) + len(behind),
-        "looked_at": (f"{len(with_id)} admitted replies with request ids, {len(rec.audit)} audit events, "
-                      f"{compared} peer views (of {len(views)} nodes' final states)"),
+        "token_loss": (len(missing) + len(duplicated) + len(cost_mismatch) + len(ahead) + len(behind)
+                       + replica_figures.get("replica_mismatch", 0) + replica_figures.get("replica_missing_grants", 0)),
+        "looked_at": (f"{len(with_id)} admitted replies with request ids, {len(audit)} audit events, "
+                      f"{compared} peer views (of {len(views)} nodes' final states), "
+                      f"{len(replicas)} replica events"),
+        **replica_figures,
     }
     if peers_note:
         figures["note"] = peers_note
