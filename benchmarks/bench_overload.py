@@ -19,9 +19,13 @@ peak RSS (psutil, the drill's samples), peak in-flight, ejections by reason, and
 (which counts sheds against the error budget: an overloaded run does not pass, it is *reported*).
 Definitions of served / shed / errors: ``workbench.check.overload``.
 
+Also per step: how fast sheds were answered (client-side, from the actual send to the answer, p50 / p95
+/ p99: it includes the generator's own loop and any wait in the kernel before the router read the
+request), the adaptive limit's cuts per process and the lowest router limit seen.
+
 Targets (reported, never an exit code): goodput at 2x-10x >= 90 % of the peak goodput; zero
 ``no_healthy_region`` (no node is ever down here); zero 5xx other than quick 503 sheds; P95 of served
-requests < 5 s; router and node RSS < 512 MB each.
+requests < 5 s; sheds answered in < 10 ms (p95, client-side); router and node RSS < 512 MB each.
 
 Usage: .venv/bin/python benchmarks/bench_overload.py [--quick] [--step-s S] [--capacity-rps R]
 Writes ``benchmarks/results/overload[-quick].json`` and (full runs) ``docs/img/overload.png``.
@@ -45,7 +49,7 @@ from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import install_signal_handlers, table, workdir, write_results
 from benchmarks._targets import target
 from workbench.check import overload
-from workbench.history import Recording
+from workbench.history import CUT_AT_END, Recording
 from workbench.run.cluster import ClusterError
 from workbench.run.drill import run_drill
 from workbench.spec.scenario import Scenario
@@ -54,13 +58,15 @@ SKILL_MEDIAN_MS = 1500.0
 SKILL_P99_MS = 4000.0
 SKILL_CPU_US = 500.0
 P95_LIMIT_MS = 5000.0
+CUTS_METRICS = ("router_inflight_limit_cuts_total", "edge_inflight_limit_cuts_total")
+SHED_LIMIT_MS = 10.0  # a shed is a quick 503: answered within this long
 RSS_LIMIT_MB = 512.0
 MULTIPLES = (1, 2, 5, 10)
 FULL_USERS = (1000, 2000, 3000, 5000)
 QUICK_USERS = ()  # quick: the capacity step (300 users) is the one closed-loop step
 TAIL_S = 3.0  # requests scheduled in the last TAIL_S of a step are not measured: with the drill's 2 s drain each
 # measured one had 5 s (> the skill's 4 s p99) to be answered
-CUT_OFF = "cancelled: run ended"  # the generator's error for a request still unanswered when the run ends
+CUT_OFF = CUT_AT_END  # the generator's error for a request still unanswered when its drain ended
 TWO_PROCESSES_RPS = 500.0
 TWO_PROCESSES_USERS = 200
 
@@ -79,6 +85,25 @@ def step_scenario(kind: str, amount: float, duration: float, seed: int) -> Scena
 def _peak_rss(samples: list[Any], router: bool) -> float | None:
     values = [s.rss_mb for s in samples if (s.name == "router") == router]
     return round(max(values), 1) if values else None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of sorted ``values`` (nearest rank), in the unit given; None when empty."""
+    return round(values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
+
+
+def _counter_total(metrics: list[Any], names: tuple[str, ...]) -> dict[str, float]:
+    """The last value of each process's counter among ``names`` (counters only grow within a step)."""
+    last: dict[str, float] = {}
+    for m in metrics:
+        if m.name in names:
+            last[m.node or "router"] = m.value
+    return last
+
+
+def _gauge_min(metrics: list[Any], name: str) -> float | None:
+    values = [m.value for m in metrics if m.name == name]
+    return min(values) if values else None
 
 
 def run_step(folder: Path, kind: str, amount: float, duration: float, label: str) -> dict[str, Any]:
@@ -104,6 +129,7 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
     cut_off = sum(1 for r in rec.requests if r.status == 0 and r.error.startswith(CUT_OFF))
     other_5xx = sum(n for code, n in s["errors_by_status"].items() if code.startswith("5"))
     gen = rec.extra.get("generator") or {}
+    shed_ms = sorted((r.end_s - r.start_s) * 1000 for r in sent if overload.outcome(r) == "shed")
     series = overload.request_series(rec)
     return {
         "step": label, "kind": kind, "asked": amount, "duration_s": duration, "window_s": [0.0, window],
@@ -114,6 +140,9 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "shed": s["shed"], "limited": s["limited"],
         "errors": s["errors"], "errors_by_status": s["errors_by_status"], "other_5xx": other_5xx,
         "served_p95_ms": s["served_p95_ms"], "no_healthy_region": no_healthy,
+        "shed_answer_ms": {q: _pct(shed_ms, f) for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "adaptive_cuts": _counter_total(rec.metrics, CUTS_METRICS),
+        "router_limit_min": _gauge_min(rec.metrics, "router_inflight_limit"),
         "router_rss_peak_mb": _peak_rss(rec.processes, True), "node_rss_peak_mb": _peak_rss(rec.processes, False),
         "peak_inflight": s["peak_inflight"], "peak_queue": s["peak_queue"],
         "ejections_by_reason": s["ejections_by_reason"], "ejections_refused": s["ejections_refused"],
@@ -171,6 +200,7 @@ def goodput_held_pct(rows: list[dict[str, Any]]) -> float | None:
 def targets_for(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     held = goodput_held_pct(rows)
     p95s = [r["served_p95_ms"] for r in rows if r["served_p95_ms"] is not None]
+    sheds = [r["shed_answer_ms"]["p95"] for r in rows if r["shed_answer_ms"]["p95"] is not None]
     rss_router = [r["router_rss_peak_mb"] for r in rows if r["router_rss_peak_mb"] is not None]
     rss_node = [r["node_rss_peak_mb"] for r in rows if r["node_rss_peak_mb"] is not None]
     return [
@@ -179,6 +209,8 @@ def targets_for(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                sum(r["no_healthy_region"] for r in rows), "==", 0),
         target("5xx other than quick 503 sheds (all steps)", sum(r["other_5xx"] for r in rows), "==", 0),
         target("P95 of served requests, worst step", max(p95s) if p95s else None, "<", P95_LIMIT_MS, "ms"),
+        target("shed answered (client-side, send to answer), worst step's p95", max(sheds) if sheds else None, "<",
+               SHED_LIMIT_MS, "ms"),
         target("router peak RSS, worst step", max(rss_router) if rss_router else None, "<", RSS_LIMIT_MB, "MB"),
         target("node peak RSS, worst step", max(rss_node) if rss_node else None, "<", RSS_LIMIT_MB, "MB"),
     ]
@@ -215,7 +247,8 @@ def main() -> int:
               flush=True)
         row = run_step(folder, kind, amount, step_s, label)
         print(f"  offered {row['offered_rps']} req/s, goodput {row['goodput_rps']}, shed {row['shed_rps']}, "
-              f"errors {row['errors_by_status']}, P95 {row['served_p95_ms']} ms, "
+              f"errors {row['errors_by_status']}, P95 {row['served_p95_ms']} ms, shed answered "
+              f"{row['shed_answer_ms']} ms, cuts {row['adaptive_cuts']}, router limit min {row['router_limit_min']}, "
               f"no_healthy {row['no_healthy_region']}, cut off {row['cut_off_at_end']}, "
               f"RSS router {row['router_rss_peak_mb']} MB / node {row['node_rss_peak_mb']} MB, {row['verdict']}",
               flush=True)

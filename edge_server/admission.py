@@ -11,6 +11,14 @@ token -- so the excess is answered in well under a millisecond instead of hangin
 :class:`RetryBudget` is Finagle's: retries may add at most ``ratio`` of the recent requests (over a
 sliding 10 s) plus ``min_per_s`` a second, so a fault that makes every try time out cannot turn into
 a retry storm that doubles the load on the regions that are left.
+
+:class:`AdaptiveLimit` moves a gate's limit with the process's own event-loop lag (AIMD, in the spirit
+of Netflix's concurrency-limits, with CoDel's rule for what counts as a standing queue).  Why the lag
+and not the requests' latency: here a request's latency is mostly the skill's (a lognormal of seconds),
+which says nothing about this process; what grows without bound when a process takes in more than it
+can serve is the time every request waits for the loop to get to it, before any gate or timer sees it.
+That wait is the lag.  Requests in flight that wait on the skill cost no CPU; each *admission* does,
+so lowering the limit stops admissions at once and frees the loop, and the excess gets a quick 503.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["QUEUE_FULL", "QUEUE_TIMEOUT", "Gate", "RetryBudget"]
+__all__ = ["QUEUE_FULL", "QUEUE_TIMEOUT", "AdaptiveLimit", "Gate", "RetryBudget"]
 
 QUEUE_FULL = "queue_full"  # shed reason: the queue was full on arrival
 QUEUE_TIMEOUT = "queue_timeout"  # shed reason: waited queue_timeout_s without a free slot
@@ -33,10 +41,11 @@ class Gate:
     :meth:`enter` for the reasons a request is refused.  Only the event loop's thread may call it.
     """
 
-    __slots__ = ("_waiters", "inflight", "limit", "queue_max", "queue_timeout_s", "queued", "shed")
+    __slots__ = ("_waiters", "inflight", "limit", "pressed", "queue_max", "queue_timeout_s", "queued", "shed")
 
     def __init__(self, limit: int, queue_max: int, queue_timeout_s: float) -> None:
         self.limit = limit
+        self.pressed = 0  # arrivals that found no free slot (queued or shed): the limit is binding
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
@@ -58,6 +67,7 @@ class Gate:
         """Wait for a slot; None once holding one, else the shed reason (the caller answers 503)."""
         if self.try_enter():
             return None
+        self.pressed += 1
         if self.queued >= self.queue_max or self.queue_timeout_s <= 0:
             self.shed[QUEUE_FULL] += 1
             return QUEUE_FULL
@@ -87,14 +97,112 @@ class Gate:
             fut.set_result(False)
 
     def leave(self) -> None:
-        """Give the slot back, or hand it straight to the oldest live waiter."""
-        while self._waiters:
+        """Give the slot back, or hand it straight to the oldest live waiter (unless the limit was
+        lowered below the slots held: then the slot is given back)."""
+        while self._waiters and self.inflight <= self.limit:
             fut = self._waiters.popleft()
             if not fut.done():
                 self.queued -= 1
                 fut.set_result(True)  # the slot changes hands: inflight stays the same
                 return
         self.inflight -= 1
+
+    def set_limit(self, limit: int) -> None:
+        """A new limit; slots it frees go to the oldest waiters at once.  A lower limit cuts nobody
+        off: requests holding slots finish, and no new one enters until fewer than ``limit`` are held."""
+        self.limit = limit
+        while self._waiters and self.inflight < limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.queued -= 1
+                self.inflight += 1
+                fut.set_result(True)
+
+
+class AdaptiveLimit:
+    """AIMD on a :class:`Gate`'s limit from the event loop's lag.
+
+    Every ``tick_s`` a task sleeps and measures how late it woke (the lag).  The lag counts as a
+    standing queue once it has stayed above ``target_s`` for ``interval_s`` (a lag sample of L says the
+    loop was late for the last L seconds, so one long stall counts at once) -- CoDel's rule: a burst that
+    drains within an interval is no reason to shed.  Then, at most once per interval, the limit drops to
+    ``backoff`` x the slots held: admissions stop until enough requests have finished, the loop catches
+    up, and the excess is answered with a quick 503.
+
+    Two guards keep a lag that is not ours from starving the service.  Nothing is cut while at most
+    ``min_limit`` slots are held (a lag at start-up or at low load is not caused by admissions).  And
+    one episode of lag (from the first sample above the target to the next one below it) cuts the limit
+    to no less than ``max_drop`` x the slots held when it began: on a machine that is saturated by other
+    work, or by the cost of answering the excess itself, shedding everything would not bring the lag
+    down, only the goodput.
+
+    While the lag is below the target and the limit is binding (an arrival found no free slot, or nine
+    tenths of the slots are held) the limit grows once per interval: by ``growth`` x itself, or by a
+    quarter while it is below half the slots held before the last cut (a quick return after a brief
+    stall).  Without pressure it stays where it is: a limit nobody presses against says nothing.
+
+    :meth:`observe` is the whole control law (pure, driven by the caller's clock); :meth:`run` feeds it.
+    """
+
+    __slots__ = ("_above_since", "_ceiling", "_floor", "_last_change", "_pressed", "backoff", "cuts", "gate",
+                 "growth", "interval_s", "lag_s", "max_drop", "max_limit", "min_limit", "target_s", "tick_s")
+
+    def __init__(self, gate: Gate, target_s: float, interval_s: float, min_limit: int, *,
+                 max_limit: int | None = None, backoff: float = 0.9, growth: float = 0.1, max_drop: float = 0.5,
+                 tick_s: float = 0.01) -> None:
+        self.gate, self.target_s, self.interval_s = gate, target_s, interval_s
+        self.max_limit = gate.limit if max_limit is None else max_limit
+        self.min_limit = min(min_limit, self.max_limit)
+        self.backoff, self.growth, self.max_drop, self.tick_s = backoff, growth, max_drop, tick_s
+        self.lag_s = 0.0  # the last lag sample
+        self.cuts = 0  # multiplicative decreases so far
+        self._above_since: float | None = None  # when the current episode of lag began
+        self._floor: int | None = None  # the lowest limit the current episode may cut to
+        self._ceiling = 0  # slots held before the last cut
+        self._last_change = -1e18
+        self._pressed = gate.pressed
+
+    def __repr__(self) -> str:
+        return (f"<AdaptiveLimit limit={self.gate.limit} [{self.min_limit}, {self.max_limit}] "
+                f"lag={self.lag_s * 1000:.1f}ms target={self.target_s * 1000:g}ms cuts={self.cuts}>")
+
+    def observe(self, now: float, lag_s: float) -> None:
+        """One lag sample taken at ``now`` (seconds on any monotonic clock)."""
+        gate = self.gate
+        self.lag_s = lag_s
+        pressed = gate.pressed != self._pressed
+        self._pressed = gate.pressed
+        held = min(gate.limit, gate.inflight)
+        if lag_s > self.target_s:
+            if self._above_since is None:
+                self._above_since = now - lag_s
+            if (now - self._above_since >= self.interval_s and now - self._last_change >= self.interval_s
+                    and held > self.min_limit):
+                if self._floor is None:
+                    self._floor = max(self.min_limit, int(held * self.max_drop))
+                new = max(self._floor, int(held * self.backoff))
+                if new < gate.limit:
+                    self._ceiling = held
+                    gate.set_limit(new)
+                    self.cuts += 1
+                self._last_change = now
+            return
+        self._above_since = self._floor = None
+        if now - self._last_change < self.interval_s or gate.limit >= self.max_limit:
+            return
+        if pressed or gate.inflight >= 0.9 * gate.limit:
+            step = 0.25 if gate.limit < self._ceiling / 2 else self.growth
+            gate.set_limit(min(self.max_limit, gate.limit + max(1, int(gate.limit * step))))
+            self._last_change = now
+
+    async def run(self) -> None:
+        """Sample the loop's lag every ``tick_s`` for ever (cancel to stop)."""
+        mono = time.monotonic
+        while True:
+            t0 = mono()
+            await asyncio.sleep(self.tick_s)
+            now = mono()
+            self.observe(now, max(0.0, now - t0 - self.tick_s))
 
 
 class RetryBudget:

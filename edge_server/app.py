@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from edge_server.admission import Gate
+from edge_server.admission import AdaptiveLimit, Gate
 from edge_server.audit import AuditUnavailable
 from edge_server.conn_guard import ConnectionGuard
 from edge_server.node import Node
@@ -99,6 +99,9 @@ class EdgeServer:
         self.ident = node.ident
         sv = node.config.server
         self.gate = Gate(sv.max_inflight, sv.queue_max, sv.queue_timeout_ms / 1000)
+        self.adaptive = (AdaptiveLimit(self.gate, sv.lag_target_ms / 1000, sv.lag_interval_ms / 1000, sv.min_inflight)
+                         if sv.lag_target_ms > 0 else None)
+        self._adaptive_task: asyncio.Task[None] | None = None  # started by the first gated request (a loop runs)
         self.guard: ConnectionGuard | None = None
 
     async def _admit(self) -> None:
@@ -130,6 +133,8 @@ class EdgeServer:
         try:
             route, handler = self._resolve(request)
             if route in GATED:
+                if self._adaptive_task is None and self.adaptive is not None:
+                    self._adaptive_task = asyncio.get_running_loop().create_task(self.adaptive.run())
                 deadline = request.headers.get(DEADLINE_HEADER)
                 if deadline is not None and deadline.isdigit() and time.time() * 1000 > int(deadline):
                     self.gate.shed["deadline"] = self.gate.shed.get("deadline", 0) + 1
@@ -547,5 +552,5 @@ def build_server(node: Node) -> web.Server:
     sv = node.config.server
     server.guard = edge.guard = ConnectionGuard(lambda: web.Server.__call__(server), sv.header_timeout_ms / 1000,
                                                 sv.max_connections)
-    node.metrics.registry.register(OverloadCollector("edge", lambda: (edge.gate, edge.guard)))
+    node.metrics.registry.register(OverloadCollector("edge", lambda: (edge.gate, edge.guard), edge.adaptive))
     return server

@@ -103,7 +103,13 @@ class ServerConfig:
     # Admission (see docs/router.md, "Load shedding"): /v1 requests past max_inflight wait in a FIFO
     # queue of at most queue_max for at most queue_timeout_ms, then get a quick 503 with Retry-After.
     queue_max: int = 1000
-    queue_timeout_ms: float = 100.0
+    queue_timeout_ms: float = 5.0
+    # Adaptive limit (docs/router.md, "Load shedding"): while the event loop lags by more than
+    # lag_target_ms for lag_interval_ms, the in-flight limit drops (never below min_inflight, never
+    # above max_inflight); 0 turns it off.  Higher than the router's, so the router sheds first.
+    lag_target_ms: float = 150.0
+    lag_interval_ms: float = 100.0
+    min_inflight: int = 32
     # Slow clients: complete request headers within header_timeout_ms of connecting (or of their
     # first byte on a kept-alive connection), else the connection is closed and counted; past
     # max_connections the longest-idle connection is closed to make room.
@@ -153,7 +159,10 @@ class RouterConfig:
     # queue_timeout_ms), then get a quick 503 router_overloaded with Retry-After.
     max_inflight: int = 8192
     queue_max: int = 1024
-    queue_timeout_ms: float = 50.0
+    queue_timeout_ms: float = 5.0
+    lag_target_ms: float = 100.0  # adaptive limit, as for the nodes (0: off)
+    lag_interval_ms: float = 100.0
+    min_inflight: int = 32
     connections_per_node: int = 8192  # forwarding pool bound per node
     header_timeout_ms: float = 5000.0  # slow clients, as for the nodes
     max_connections: int = 16_384
@@ -351,7 +360,7 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
 
     sv = _Reader(source, top.table_("server"), "server.",
                  {"max_body_bytes", "max_key_bytes", "max_cost", "max_inflight", "audit_fsync", "queue_max",
-                  "queue_timeout_ms", "header_timeout_ms", "max_connections"})
+                  "queue_timeout_ms", "header_timeout_ms", "max_connections", *_ADAPTIVE})
     ds = ServerConfig()
     server = ServerConfig(
         max_body_bytes=sv.int("max_body_bytes", ds.max_body_bytes, minimum=64),
@@ -363,6 +372,7 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         queue_timeout_ms=sv.num("queue_timeout_ms", ds.queue_timeout_ms),
         header_timeout_ms=sv.num("header_timeout_ms", ds.header_timeout_ms, positive=True),
         max_connections=sv.int("max_connections", ds.max_connections, minimum=1),
+        **_adaptive(sv, ds),
     )
     router = _parse_router(source, top.table_("router"), {r.name for r in regions})
     au = _Reader(source, top.table_("audit"), "audit.", {f.name for f in fields(AuditConfig)})
@@ -484,13 +494,27 @@ def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str])
         connections_per_node=r.int("connections_per_node", d.connections_per_node, minimum=1),
         header_timeout_ms=r.num("header_timeout_ms", d.header_timeout_ms, positive=True),
         max_connections=r.int("max_connections", d.max_connections, minimum=1),
+        **_adaptive(r, d),
     )
 
 
+_ADAPTIVE = ("lag_target_ms", "lag_interval_ms", "min_inflight")  # [server] and [router] alike
 _ROUTER_OVERLOAD = ("fall", "timeout_eject_count", "check_try_timeout_ms", "retry_inflight_invoke",
                     "invoke_try_timeout_ms", "max_ejected_share", "panic_threshold", "retry_budget_ratio",
                     "retry_budget_min_per_s", "max_inflight", "queue_max", "queue_timeout_ms",
-                    "connections_per_node", "header_timeout_ms", "max_connections")
+                    "connections_per_node", "header_timeout_ms", "max_connections", *_ADAPTIVE)
+
+
+def _adaptive(r: _Reader, d: ServerConfig | RouterConfig) -> dict[str, Any]:
+    """The adaptive-limit keys of ``[server]`` or ``[router]``.  A min_inflight set above max_inflight is
+    an error; the default one is lowered to a smaller max_inflight."""
+    most = r.int("max_inflight", d.max_inflight, minimum=1)
+    floor = r.int("min_inflight", d.min_inflight, minimum=1) if "min_inflight" in r.table else min(d.min_inflight, most)
+    if floor > most:
+        raise ConfigError(r.source, r.prefix + "min_inflight", f"an integer between 1 and max_inflight ({most})",
+                          floor)
+    return {"lag_target_ms": r.num("lag_target_ms", d.lag_target_ms),
+            "lag_interval_ms": r.num("lag_interval_ms", d.lag_interval_ms, positive=True), "min_inflight": floor}
 
 
 def _share(r: _Reader, key: str, default: float) -> float:

@@ -19,15 +19,21 @@ class OverloadCollector(Collector):
     """Admission gate and connection guard figures, read at scrape time (nothing on the hot path).
 
     Shared by the router (``prefix="router"``) and the nodes (``prefix="edge"``); ``source`` returns
-    the gate and the guard (either may be None) when scraped.
+    the gate and the guard (either may be None) when scraped; ``adaptive`` is the gate's
+    :class:`~edge_server.admission.AdaptiveLimit` when it has one.
     """
 
-    def __init__(self, prefix: str, source: Callable[[], tuple[Any, Any]]) -> None:
-        self.prefix, self.source = prefix, source
+    def __init__(self, prefix: str, source: Callable[[], tuple[Any, Any]], adaptive: Any = None) -> None:
+        self.prefix, self.source, self.adaptive = prefix, source, adaptive
 
     def collect(self) -> Iterator[Metric]:
         gate, guard = self.source()
         p = self.prefix
+        if self.adaptive is not None:
+            yield GaugeMetricFamily(f"{p}_inflight_limit_lag_seconds", "Event-loop lag seen by the adaptive limit",
+                                    value=self.adaptive.lag_s)
+            yield CounterMetricFamily(f"{p}_inflight_limit_cuts", "Times the adaptive limit was lowered for lag",
+                                      value=self.adaptive.cuts)
         if gate is not None:
             yield GaugeMetricFamily(f"{p}_inflight", "Requests holding an admission slot", value=gate.inflight)
             yield GaugeMetricFamily(f"{p}_inflight_limit", "Admission slots", value=gate.limit)

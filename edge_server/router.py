@@ -44,7 +44,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from edge_server.admission import Gate, RetryBudget
+from edge_server.admission import AdaptiveLimit, Gate, RetryBudget
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.router_health import CheckResult, HealthChecker, NodeHealth, classify
@@ -140,9 +140,11 @@ class Router(RoutingTable):
         rc = self.rc
         self.shedder = Shedder(clock, self._window_cap)
         self.gate = Gate(rc.max_inflight, rc.queue_max, rc.queue_timeout_ms / 1000)
+        self.adaptive = (AdaptiveLimit(self.gate, rc.lag_target_ms / 1000, rc.lag_interval_ms / 1000, rc.min_inflight)
+                         if rc.lag_target_ms > 0 else None)
         self.budget = RetryBudget(rc.retry_budget_ratio, rc.retry_budget_min_per_s, clock)
         self.guard: Any = None  # the ConnectionGuard when served by router_main (slow clients)
-        self.metrics.registry.register(OverloadCollector("router", lambda: (self.gate, self.guard)))
+        self.metrics.registry.register(OverloadCollector("router", lambda: (self.gate, self.guard), self.adaptive))
         self.session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=rc.request_timeout_ms / 1000,
                                               sock_connect=rc.connect_timeout_ms / 1000)
@@ -435,7 +437,7 @@ class Router(RoutingTable):
         return {"clock": now, "default_region": self.default_region, "nodes": self.node_states(now),
                 "regions": regions, "routing": self.routing(), "counters": dict(self.counters),
                 "shedding_keys": len(self.shedder), "panic": self.in_panic(now), "max_out": self.max_out,
-                "inflight": self.gate.inflight, "queued": self.gate.queued,
+                "inflight": self.gate.inflight, "inflight_limit": self.gate.limit, "queued": self.gate.queued,
                 "loop_lag_ms": round(self.loop_lag_s * 1000, 3), "retry_budget_left": round(self.budget.left(), 1)}
 
     async def watch_loop_lag(self, tick_s: float = 0.02) -> None:
@@ -522,12 +524,15 @@ def build_router_app(router: Router) -> web.Application:
             async with asyncio.timeout(rc.health_timeout_ms / 1000 + rc.health_interval_ms / 1000 + 1):
                 await first_round.wait()
         lag = asyncio.create_task(router.watch_loop_lag(), name="router-loop-lag")
+        adaptive = router.adaptive and asyncio.create_task(router.adaptive.run(), name="router-adaptive-limit")
         try:
             yield
         finally:
-            lag.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag
+            for task in (lag, adaptive):
+                if task:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await loop.run_in_executor(None, checker.stop)
             await router.session.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -46,6 +47,12 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
         await runner.cleanup()
         return _fail(3, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     bound = listener.sockets[0].getsockname()[1] if listener.sockets else port
+    # As on the nodes (edge_server.__main__): what lives as long as the process stays out of the
+    # collector, and collections are rarer.  Thousands of requests in flight hold many objects, and
+    # with the default gen-0 threshold a full collection stalled the loop for hundreds of ms under load.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     log.info("router serving", extra={"host": host, "port": bound, "regions": list(router.regions),
                                       "routing": router.routing()})
     stop = asyncio.Event()

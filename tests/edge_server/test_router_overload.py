@@ -315,7 +315,8 @@ def test_the_router_cannot_be_exhausted_by_idle_or_trickling_clients(tmp_path: P
 
 
 def test_a_bad_overload_setting_exits_2_naming_the_key(tmp_path: Path) -> None:
-    for table, key, value in (("router", "panic_threshold", 2), ("server", "queue_max", -1)):
+    for table, key, value in (("router", "panic_threshold", 2), ("server", "queue_max", -1),
+                              ("server", "lag_interval_ms", 0)):
         doc = cluster_doc({"eu": [("eu-1", 9001)]})
         doc[table][key] = value
         bad = tmp_path / f"{table}.toml"

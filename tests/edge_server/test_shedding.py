@@ -129,6 +129,12 @@ def _doc(**tables: dict[str, Any]) -> dict[str, Any]:
     ("server", "queue_timeout_ms", "soon", "a number"),
     ("server", "header_timeout_ms", 0, "a number > 0"),
     ("server", "max_connections", 0, "an integer >= 1"),
+    ("router", "lag_target_ms", -1, "a number >= 0"),
+    ("router", "lag_interval_ms", 0, "a number > 0"),
+    ("router", "min_inflight", 0, "an integer >= 1"),
+    ("router", "min_inflight", 9000, "an integer between 1 and max_inflight (8192)"),
+    ("server", "lag_target_ms", "fast", "a number"),
+    ("server", "min_inflight", 1.5, "an integer"),
 ])
 def test_overload_settings_are_validated_naming_file_key_and_expected_value(table: str, key: str, value: Any,
                                                                             expected: str) -> None:
@@ -144,3 +150,7 @@ def test_overload_settings_have_documented_defaults() -> None:
     assert (rc.max_ejected_share, rc.panic_threshold, rc.check_try_timeout_ms, rc.retry_inflight_invoke) == (
         0.5, 0.5, 150.0, False)
     assert rc.max_inflight >= 1 and rc.queue_max >= 0 and sv.queue_max >= 0 and sv.header_timeout_ms > 0
+    assert (rc.lag_target_ms, rc.lag_interval_ms, sv.lag_target_ms, sv.lag_interval_ms) == (100.0, 100.0, 150.0, 100.0)
+    assert rc.min_inflight == sv.min_inflight == 32
+    small = parse_cluster(_doc(server={"max_inflight": 4}))  # a default floor above a small limit follows it
+    assert small.server.min_inflight == 4
