@@ -51,6 +51,10 @@ EXTRA_PARAMETERS: dict[str, str] = {
     "over_admission_budget_pct": "tuning: over-admission the recommended setting may cause (%)",
     "user_steps": "capacity: closed-loop user counts to try, in order",
     "p95_target_ms": "capacity: the latency target (P95, ms)",
+    "modes": "partition: limiter modes run one after the other, comma-separated ('eventual,strict')",
+    "sweep_lease_ms": "strict_vs_eventual: strict-mode leases to try (ms; each >= 3 gossip intervals)",
+    "sweep_alpha": "strict_vs_eventual: pinned shares alpha to try (each in [0, 1])",
+    "schedules_per_point": "strict_vs_eventual: random fault schedules simulated per setting (safety)",
 }
 
 
@@ -169,7 +173,39 @@ def check_parameters(path: str | os.PathLike[str], parameters: Mapping[str, Any]
         Scenario.build(**scenario_params)
     except ScenarioError as exc:
         raise NotebookParameterError(exc.field, str(exc)) from None
+    _check_strict_extras(merged)
     return out
+
+
+def _check_strict_extras(merged: Mapping[str, Any]) -> None:
+    """The values of the strict-mode extras (modes, the lease and alpha sweeps), checked as the node
+    and the strict core would check them, so a bad one is refused before a kernel starts."""
+    from edge_server.config import MODES, STRICT_MIN_REGIONS
+    from edge_server.strict.settings import StrictSettings, StrictSettingsError
+
+    if "modes" in merged:
+        modes = [m.strip() for m in str(merged["modes"]).split(",") if m.strip()]
+        if not modes or any(m not in MODES for m in modes):
+            raise NotebookParameterError("modes", f"expected a comma-separated list of {', '.join(MODES)}, "
+                                         f"got {merged['modes']!r}")
+        if "strict" in modes and merged.get("regions", STRICT_MIN_REGIONS) < STRICT_MIN_REGIONS:
+            raise NotebookParameterError("regions", f"strict mode needs at least {STRICT_MIN_REGIONS} regions "
+                                         f"(one voter each), got {merged['regions']!r}")
+    gossip = merged.get("gossip_interval_ms", Scenario.parameter_defaults()["gossip_interval_ms"])
+    for name, key in (("sweep_lease_ms", "lease_ms"), ("sweep_alpha", "alpha")):
+        values = merged.get(name)
+        if values is None:
+            continue
+        if not values:
+            raise NotebookParameterError(name, "expected at least one value")
+        for value in values:
+            try:
+                StrictSettings(gossip_interval_ms=float(gossip), **{key: value})
+            except (StrictSettingsError, TypeError, ValueError) as exc:
+                raise NotebookParameterError(name, f"{value!r}: {exc}") from None
+    count = merged.get("schedules_per_point")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise NotebookParameterError("schedules_per_point", f"expected an integer >= 0, got {count!r}")
 
 
 # ----------------------------------------------------------------------------- running

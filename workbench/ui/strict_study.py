@@ -17,8 +17,11 @@ compute nothing themselves.  :func:`modes_figure` is also the partition notebook
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
@@ -45,6 +48,7 @@ __all__ = [
     "modes_figure",
     "point_settings",
     "safety_availability_figure",
+    "save_study",
     "strict_sweep",
 ]
 
@@ -127,8 +131,10 @@ def _loss_row(scenario: Scenario, res: Any, settings: StrictSettings | None) -> 
 
 def _schedules(count: int, seed: int, mode: str, lease_ms: float, alpha: float) -> dict[str, Any]:
     """Worst excess over the plain envelope on ``count`` random fault schedules (10 virtual s each).
-    A schedule's lease is the point's, at least 3 of that schedule's gossip intervals."""
-    worst, clamped = None, 0
+    A schedule's lease is the point's, at least 3 of that schedule's gossip intervals.  Some schedules
+    have a burst smaller than a strict node can use (strict mode then admits nothing: docs/strict-mode.md,
+    "Small bursts"); ``schedules_admitting`` counts the others."""
+    worst, clamped, admitting = None, 0, 0
     for i in range(count):
         scenario, faults = draw_schedule(seed, i, duration_s=10.0, max_faults=6, mode=mode)
         settings = None
@@ -138,7 +144,9 @@ def _schedules(count: int, seed: int, mode: str, lease_ms: float, alpha: float) 
             settings = point_settings(g, max(lease_ms, 3 * g), alpha)
         res = judge(scenario, faults, run_world(scenario, faults, strict_settings=settings))
         worst = _worst(res) if worst is None else max(worst, _worst(res))
-    return {"schedules": count, "schedules_excess_tokens": worst, "schedules_lease_clamped": clamped}
+        admitting += (res.envelope.figures.get("admitted_tokens") or 0) > 0
+    return {"schedules": count, "schedules_excess_tokens": worst, "schedules_admitting": admitting,
+            "schedules_lease_clamped": clamped}
 
 
 def _point(partition: Scenario, loss: Scenario, mode: str, lease_ms: float | None, alpha: float | None,
@@ -202,6 +210,19 @@ def strict_sweep(partition: Scenario, loss: Scenario, leases_ms: Sequence[float]
         raise ValueError(f"show={show!r} is not a point of the grid")
     return {"rows": rows, "eventual": eventual, "series": series, "shown": shown,
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+def save_study(study: Mapping[str, Any], results_dir: str | os.PathLike[str], scenarios: Sequence[Scenario] = (),
+               ) -> Path:
+    """Write the sweep's rows (not its time series) to ``<results_dir>/study.json``, with the scenarios."""
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"rows": study["rows"], "eventual": study["eventual"], "shown": study["shown"],
+           "seconds": study["seconds"], "within_envelope": all(r["within_envelope"] for r in study["rows"]),
+           "scenarios": [s.to_dict() for s in scenarios]}
+    path = out / "study.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 # ----------------------------------------------------------------------------- figures (draw only)
