@@ -48,8 +48,8 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
         return _fail(3, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     bound = listener.sockets[0].getsockname()[1] if listener.sockets else port
     # As on the nodes (edge_server.__main__): what lives as long as the process stays out of the
-    # collector, and collections are rarer.  Thousands of requests in flight hold many objects, and
-    # with the default gen-0 threshold a full collection stalled the loop for hundreds of ms under load.
+    # collector, and collections are rarer: thousands of requests in flight hold many objects, and
+    # collections of them at the default thresholds stall the loop (a lag the adaptive limit would shed for).
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
