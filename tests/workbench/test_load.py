@@ -259,3 +259,43 @@ async def test_processes_hand_every_record_to_on_record_when_the_plan_keeps_none
     res = await asyncio.wait_for(run_load(spec, on_record=seen.append), 40)
     assert res.sent == 100 and len(seen) == 100 and res.records == []
     assert all(isinstance(r, RequestRecord) and r.route == "check" for r in seen)
+
+
+async def test_open_loop_drains_and_marks_what_the_end_cut_off(target: Target) -> None:
+    """Requests sent shortly before the end are waited for; only those the drain gave up on are
+    recorded as cut at the end, which the error budget does not count and the counter check keeps."""
+    from workbench.check import check_error_budget, unknown_outcome
+    from workbench.history import CUT_AT_END, Recording
+
+    target.stall, target.stall_s = (time.monotonic() + 0.7, float("inf")), 0.8  # the last ~0.3 s are slow
+    short = await run_load(plan(url=target.url, rate_rps=40, duration_s=1.0, timeout_s=5, drain_s=0.2))
+    slow = [r for r in short.records if r.start_s >= 0.75]
+    cut = [r for r in short.records if r.cut_at_end]
+    assert short.complete and short.sent == 40 and len(short.records) == 40
+    assert slow and set(map(id, slow)) <= set(map(id, cut)), "a request slower than the drain was not cut"
+    assert short.cut_at_end == len(cut) and short.summary()["cut_at_end"] == len(cut)
+    assert all(r.status == 0 and r.error.startswith(f"{CUT_AT_END}: no answer within the 0.2 s drain")
+               for r in cut)
+    assert all(r.status == 200 for r in short.records if not r.cut_at_end)
+    rec = Recording(requests=short.records, complete=True)
+    v = check_error_budget(rec)
+    assert v.ok and v.figures["cut_at_end"] == len(cut) and v.figures["total"] == 0
+    assert sum(1 for r in rec.requests if unknown_outcome(r)) == len(cut)
+
+    # the default drain waits up to the request timeout: the same slow tail is answered, nothing is cut
+    target.stall = (time.monotonic() + 0.7, float("inf"))
+    full = await run_load(plan(url=target.url, rate_rps=40, duration_s=1.0, timeout_s=2))
+    assert full.sent == 40 and full.cut_at_end == 0
+    assert all(r.status == 200 for r in full.records)
+    assert max(r.end_s for r in full.records) > 1.0 + 0.5  # answers came after the window closed
+
+
+async def test_a_stop_cuts_what_is_in_flight_with_its_own_reason(target: Target) -> None:
+    from workbench.check import is_error
+
+    target.stall, target.stall_s = (0.0, float("inf")), 5
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    res = await run_load(plan(url=target.url, rate_rps=50, duration_s=20), stop=stop)
+    assert not res.complete and res.sent >= 10 and res.cut_at_end == res.sent
+    assert all(r.error == "cut at end: the run was stopped" and not is_error(r) for r in res.records)

@@ -1,10 +1,18 @@
 """Client-visible errors, the error budget, and whether the history holds every request that was sent.
 
 An *error* is a request the system did not answer as designed: no HTTP answer (status 0: refused,
-reset, timed out, cancelled at the run's end, or never sent because the generator was full) or any
-status other than 2xx and 429.  A 429, and a 200 that says ``allowed: false``, are the limiter
-answering: not errors.  The budget is a share of all requests (default 0.1 %), a setting of the
-verdict and not of the scenario, so one scenario can be judged against several budgets.
+reset, timed out, or never sent because the generator was full) or any status other than 2xx and 429.
+A 429, and a 200 that says ``allowed: false``, are the limiter answering: not errors.
+
+A request *cut at the end* (:data:`~workbench.history.records.CUT_AT_END`: still in flight when the
+generator stopped waiting, after its drain or on a stop) is neither: the run's end cut it off before
+its own timeout, so it says nothing about the system.  It is counted apart (``cut_at_end``), left out
+of the budget's requests, and kept as an unknown outcome for the counter check (it may have been
+granted).  The generator drains up to the request timeout, so a run that ends normally cuts none
+unless its drain was set shorter.
+
+The budget is a share of the requests judged (default 0.1 %), a setting of the verdict and not of the
+scenario, so one scenario can be judged against several budgets.
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ _UNKNOWN_STATUSES = (502, 504)  # the router's "upstream broken / timed out": th
 
 
 def is_error(r: RequestRecord) -> bool:
-    """Counted against the error budget: no answer, or a status other than 2xx and 429."""
-    return not served(r)
+    """Counted against the error budget: no answer, or a status other than 2xx and 429 (a request cut
+    at the run's end is not: see the module docstring)."""
+    return not served(r) and not r.cut_at_end
 
 
 def never_sent(r: RequestRecord) -> bool:
@@ -50,8 +59,8 @@ def never_sent(r: RequestRecord) -> bool:
 def unknown_outcome(r: RequestRecord) -> bool:
     """Sent, but the client cannot know whether tokens were granted (Jepsen's indeterminate op).
 
-    Status 0 after the request may have been delivered (timeout, reset, disconnect, cancelled while
-    waiting), and the router's 502 / 504 (it lost the node mid-request).
+    Status 0 after the request may have been delivered (timeout, reset, disconnect, cut at the run's
+    end while waiting), and the router's 502 / 504 (it lost the node mid-request).
     """
     return (r.status == 0 and not never_sent(r)) or r.status in _UNKNOWN_STATUSES
 
@@ -67,15 +76,17 @@ def error_budget_state(errors: int, requests: int, budget_pct: float) -> tuple[b
 
 
 def client_errors(rec: Recording | Iterable[RequestRecord]) -> dict[str, Any]:
-    """Every error, by status and by error code (or exception), with the retried requests beside."""
+    """Every error, by status and by error code (or exception), with the retried requests beside;
+    ``judged`` = requests not cut at the end (the budget's denominator)."""
     requests = list(rec.requests if isinstance(rec, Recording) else rec)
     errors = [r for r in requests if is_error(r)]
     retried = [r for r in requests if r.retried_from]
-    return {"total": len(errors), "requests": len(requests),
+    cut = sum(1 for r in requests if r.cut_at_end)
+    return {"total": len(errors), "requests": len(requests), "judged": len(requests) - cut, "cut_at_end": cut,
             "retried": len(retried), "retried_errors": sum(1 for r in retried if is_error(r)),
             "timeouts": sum(1 for r in errors if r.status == 0 and r.error.startswith("timeout")),
             "unknown_outcome": sum(1 for r in requests if unknown_outcome(r)),
-            "rate": round(len(errors) / len(requests), 6) if requests else 0.0,
+            "rate": round(len(errors) / (len(requests) - cut), 6) if len(requests) > cut else 0.0,
             "by_status": {str(k): v for k, v in sorted(Counter(r.status for r in errors).items())},
             "by_error": dict(Counter(_error_label(r) for r in errors).most_common(10)),
             "first_s": min((r.intended_s for r in errors), default=None)}
@@ -89,18 +100,21 @@ def _error_label(r: RequestRecord) -> str:
 
 
 def check_error_budget(rec: Recording, *, budget_pct: float = DEFAULT_ERROR_BUDGET_PCT) -> Verdict:
-    """At most ``budget_pct`` % of all requests are errors; over budget names the counts."""
+    """At most ``budget_pct`` % of the judged requests are errors; over budget names the counts."""
     if budget_pct < 0:
         raise ValueError(f"error budget must be a percentage >= 0, not {budget_pct!r}")
     errs = client_errors(rec)
-    within, rate, allowed = error_budget_state(errs["total"], errs["requests"], budget_pct)
+    within, rate, allowed = error_budget_state(errs["total"], errs["judged"], budget_pct)
+    cut = errs["cut_at_end"]
     figures = {**errs, "budget_pct": budget_pct, "allowed_errors": allowed, "rate_pct": rate,
-               "looked_at": f"{errs['requests']} requests"}
-    if not errs["requests"]:
-        return Verdict(False, [f"{NOTHING_MEASURED}: no request recorded"], figures)
+               "looked_at": f"{errs['judged']} requests" + (f" ({cut} more cut at the run's end, not judged)"
+                                                            if cut else "")}
+    if not errs["judged"]:
+        return Verdict(False, [f"{NOTHING_MEASURED}: no request recorded"
+                               + (f" that the run's end did not cut off ({cut} cut)" if cut else "")], figures)
     if within:
         return Verdict(True, [], figures)
-    return Verdict(False, [f"{errs['total']} errors in {errs['requests']} requests ({rate:g} %) > budget "
+    return Verdict(False, [f"{errs['total']} errors in {errs['judged']} requests ({rate:g} %) > budget "
                            f"{budget_pct:g} % ({allowed} allowed); by status {errs['by_status']}, "
                            f"by error {errs['by_error']}"], figures)
 

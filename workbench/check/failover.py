@@ -72,7 +72,7 @@ class FailoverTracker:
             success = next((r for r in reqs if served(r) and self._healthy(r)), None)
             stop = success.end_s if success is not None else math.inf
             for r in reqs:
-                if r.intended_s > stop:
+                if r.intended_s > stop or r.cut_at_end:  # cut off by the run's end: neither failed nor stalled
                     continue
                 if is_error(r):
                     failed += 1

@@ -91,7 +91,7 @@ def summarize(rec: Recording, *, envelope_slack_s: float | None = None, toleranc
                     | {"outages": [_outage_brief(o) for o in fo.get("outages", [])], "stall_s": stall_s},
         "client_errors": errs["total"],
         "errors": {k: errs[k] for k in ("total", "requests", "rate_pct", "budget_pct", "allowed_errors", "by_status",
-                                        "by_error", "timeouts", "unknown_outcome")},
+                                        "by_error", "timeouts", "unknown_outcome", "judged", "cut_at_end")},
         "error_budget_pct": error_budget_pct,
         "retried_requests": errs["retried"],
         "retried_errors": errs["retried_errors"],

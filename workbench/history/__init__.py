@@ -2,16 +2,19 @@
 
 from workbench.history.recording import FORMAT_VERSION, Recording, RecordingError
 from workbench.history.records import (
+    CUT_AT_END,
     AuditEvent,
     FaultRecord,
     MetricSample,
     ProcessSample,
     RequestRecord,
+    RouterSample,
     StateSample,
     parse_metrics,
 )
 
 __all__ = [
+    "CUT_AT_END",
     "FORMAT_VERSION",
     "AuditEvent",
     "FaultRecord",
@@ -20,6 +23,7 @@ __all__ = [
     "Recording",
     "RecordingError",
     "RequestRecord",
+    "RouterSample",
     "StateSample",
     "parse_metrics",
 ]

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
+    "CUT_AT_END",
     "AuditEvent",
     "FaultRecord",
     "MetricSample",
     "ProcessSample",
     "RequestRecord",
+    "RouterSample",
     "StateSample",
     "field_names",
     "parse_metrics",
@@ -50,6 +52,12 @@ def rows_from_wire(cls: type, wire: Mapping[str, Any]) -> list[Any]:
     return [cls(*row) for row in wire.get("rows") or []]
 
 
+# The error of a request still unanswered when the generator gave up on it at the run's end (the drain
+# after the sending window ran out, or the run was stopped): no verdict on the system, the outcome is
+# unknown.  The error budget does not count it; the counter check counts it as possibly admitted.
+CUT_AT_END = "cut at end"
+
+
 @dataclass(slots=True)
 class RequestRecord:
     """One client request as the load generator saw it.
@@ -67,7 +75,7 @@ class RequestRecord:
     key: str  # the limiter key: the tenant for invoke, the key for check
     cost: int = 1
     status: int = 0  # HTTP status; 0 = connection error or timeout
-    error: str = ""  # error code from the body, or the exception for status 0
+    error: str = ""  # error code from the body, the exception for status 0, or CUT_AT_END + why
     request_id: str = ""  # the request id the node audited it under
     route: str = "invoke"  # "invoke" or "check"
     allowed: bool | None = None  # check route: the "allowed" field of a 200; None for invoke
@@ -86,6 +94,11 @@ class RequestRecord:
     def admitted(self) -> bool:
         """Tokens were granted and answered: a 200 (that said allowed, on the check route)."""
         return self.status == 200 and self.allowed is not False
+
+    @property
+    def cut_at_end(self) -> bool:
+        """Still in flight when the generator stopped waiting at the run's end: no answer, no error."""
+        return self.status == 0 and self.error.startswith(CUT_AT_END)
 
 
 @dataclass(slots=True)
@@ -127,6 +140,28 @@ class StateSample:
                    {k: int(v["global"]) for k, v in keys.items()},
                    {k: {n: (int(e["gen"]), int(e["count"])) for n, e in v["nodes"].items()}
                     for k, v in keys.items()})
+
+
+@dataclass(slots=True)
+class RouterSample:
+    """The router's routing table from GET /v1/router/state: per node, whether it sends to it and why not.
+
+    Only what the router's metrics do not hold (those are :class:`MetricSample`: in-flight, queue depth,
+    sheds, ejections counted by node and reason, health-check latency, panic): which nodes are in
+    rotation at the sample, with the evidence or the last check's reason for those that are not.
+    """
+
+    t_s: float
+    nodes: dict[str, dict[str, Any]]  # node id -> {"usable": bool, "healthy": bool, "evidence": str, "reason": str}
+
+    @classmethod
+    def from_state(cls, t_s: float, payload: Mapping[str, Any]) -> RouterSample:
+        """Build from the JSON body of GET /v1/router/state (fields it does not know are ignored)."""
+        nodes = {}
+        for n in payload.get("nodes") or []:
+            nodes[str(n["id"])] = {"usable": bool(n.get("usable")), "healthy": bool(n.get("healthy")),
+                                   "evidence": str(n.get("evidence") or ""), "reason": str(n.get("reason") or "")}
+        return cls(t_s, nodes)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,13 @@ run is marked invalid, because the figures would then describe the generator, no
 Time: every record holds seconds relative to the run start, and :attr:`LoadResult.t0` is that start
 on ``time.monotonic()``, the clock the fault proxies stamp their events with.
 
+The end: the generator stops sending when the window closes, then drains: it waits for the requests
+still in flight, each up to its own timeout (``drain_s``, default ``timeout_s`` + 0.5 s, so aiohttp's
+timeout answers first), and records those still unanswered when it gives up (or when the run is
+stopped or cancelled) as status 0 with the error ``cut at end: ...``
+(:data:`~workbench.history.records.CUT_AT_END`): the run's end cut them off, which says nothing about
+the system, so the error budget does not count them; the counter check counts them as unknown outcomes.
+
 Connections: one shared ``aiohttp.ClientSession`` whose ``TCPConnector`` limit defaults to
 ``max(64, min(1024, rate_rps / 10))`` for open loop (100 ms of arrivals in flight at once, which covers
 a target answering in tens of ms) and to ``users`` for closed loop. Past the limit, requests wait in the
@@ -33,12 +40,13 @@ from typing import Any
 
 import aiohttp
 
-from workbench.history.records import RequestRecord
+from workbench.history.records import CUT_AT_END, RequestRecord
 from workbench.run.load.model import HIST_MAX_US, LoadPlan, LoadResult, status_class
 
 __all__ = ["LoadGenerator", "LoadPlan", "LoadResult", "run_load", "status_class"]
 
-_STOP_GRACE_S = 0.25  # on stop, in-flight requests get this long to answer before being cancelled
+_STOP_GRACE_S = 0.25  # on stop, in-flight requests get this long to answer before being cut
+_DRAIN_MARGIN_S = 0.5  # the default drain outlasts the request timeout by this much
 
 
 def _allowed(body: bytes) -> bool | None:
@@ -104,6 +112,7 @@ class LoadGenerator:
         base = plan.url.rstrip("/")
         self._url = f"{base}/v1/skills/{plan.skill}/invoke" if load.route == "invoke" else f"{base}/v1/limits/check"
         self._bodies: dict[str, bytes] = {}
+        self._cut_reason = "the run ended before the answer"  # why a request cancelled now was cut
         self.result = LoadResult(plan, t0=0.0)
 
     async def run(self, stop: asyncio.Event | None = None) -> LoadResult:
@@ -131,16 +140,22 @@ class LoadGenerator:
             await asyncio.wait({sender, *([watcher] if watcher else [])}, return_when=asyncio.FIRST_COMPLETED)
             if not sender.done():
                 stopped = True
+                self._cut_reason = "the run was stopped"
                 sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             # At the end, aiohttp's own timeout fires first; on stop, answers get a short grace.
-            await self._drain(_STOP_GRACE_S if stopped else (plan.drain_s or plan.timeout_s + 0.5))
+            if stopped:
+                await self._drain(_STOP_GRACE_S, "the run was stopped")
+            else:
+                drain = plan.drain_s or plan.timeout_s + _DRAIN_MARGIN_S
+                await self._drain(drain, f"no answer within the {drain:g} s drain after the sending window")
         except asyncio.CancelledError:
             stopped = True
+            self._cut_reason = "the run was cancelled"
             if sender is not None:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
-            await self._drain(0.0)
+            await self._drain(0.0, "the run was cancelled")
             raise
         finally:
             if watcher is not None:
@@ -150,10 +165,12 @@ class LoadGenerator:
             await session.close()
         return self.result
 
-    async def _drain(self, grace_s: float) -> None:
-        """Give in-flight requests ``grace_s``, then cancel them (they are recorded as unfinished)."""
+    async def _drain(self, grace_s: float, why: str) -> None:
+        """Give in-flight requests ``grace_s``, then cancel them: each is recorded as cut at the end,
+        ``why`` saying how (see the module docstring)."""
         if self._inflight and grace_s > 0:
             await asyncio.wait(set(self._inflight), timeout=grace_s)
+        self._cut_reason = why
         pending = set(self._inflight)
         for t in pending:
             t.cancel()
@@ -243,7 +260,8 @@ class LoadGenerator:
                 elif status >= 300:
                     error = _error_code(data)
         except asyncio.CancelledError:
-            self._finish(intended, start, home, region, node, tenant, 0, "cancelled: run ended before the answer")
+            self.result.cut_at_end += 1
+            self._finish(intended, start, home, region, node, tenant, 0, f"{CUT_AT_END}: {self._cut_reason}")
             raise
         except TimeoutError:
             error = f"timeout after {plan.timeout_s} s"

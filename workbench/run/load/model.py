@@ -49,7 +49,7 @@ class LoadPlan:
     offset_s: float = 0.0  # open loop: first arrival time (staggers the processes of one run)
     max_requests: int = 0  # 0 = unbounded; otherwise stop after this many
     timeout_s: float = 5.0  # per request, total
-    drain_s: float = 0.0  # after the window, wait for in-flight answers; 0 = timeout_s
+    drain_s: float = 0.0  # after the window, wait this long for in-flight answers; 0 = timeout_s + 0.5 s
     connector_limit: int = 0  # 0 = automatic (see the generator's module docstring)
     max_inflight: int = 100_000  # open loop: past this, arrivals are recorded as errors, not sent
     lag_threshold_ms: float = 5.0  # scheduling lag p99 above this marks the run invalid
@@ -117,6 +117,7 @@ class LoadResult:
     lag: HdrHistogram = field(default_factory=_hist)
     complete: bool = True  # False when stopped or cancelled before the end
     overflow: int = 0  # open-loop arrivals not sent because max_inflight was reached
+    cut_at_end: int = 0  # sent, still unanswered when the generator stopped waiting (records say why)
 
     @property
     def lag_p99_ms(self) -> float:
@@ -157,6 +158,7 @@ class LoadResult:
                 "p99": self.lag_p99_ms,
                 "max": self.lag.get_max_value() / 1e3,
             },
+            "cut_at_end": self.cut_at_end,
             "complete": self.complete,
             "valid": self.valid,
             "invalid_reasons": self.invalid_reasons,
@@ -177,6 +179,7 @@ class LoadResult:
         self.records.extend(other.records)
         self.sent += other.sent
         self.overflow += other.overflow
+        self.cut_at_end += other.cut_at_end
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.complete = self.complete and other.complete
 
@@ -184,7 +187,8 @@ class LoadResult:
         """A compact picklable form for crossing a process boundary."""
         return {
             "t0": self.t0, "elapsed_s": self.elapsed_s, "sent": self.sent, "complete": self.complete,
-            "overflow": self.overflow, "records": rows_to_wire(RequestRecord, self.records),
+            "overflow": self.overflow, "cut_at_end": self.cut_at_end,
+            "records": rows_to_wire(RequestRecord, self.records),
             "latency": {c: h.encode() for c, h in self.latency.items()}, "lag": self.lag.encode(),
         }  # fmt: skip
 
@@ -193,6 +197,6 @@ class LoadResult:
         res = cls(plan, w["t0"], w["elapsed_s"], w["sent"], rows_from_wire(RequestRecord, w["records"]))
         res.latency = {c: HdrHistogram.decode(e) for c, e in w["latency"].items()}
         res.lag = HdrHistogram.decode(w["lag"])
-        res.complete, res.overflow = w["complete"], w["overflow"]
+        res.complete, res.overflow, res.cut_at_end = w["complete"], w["overflow"], w["cut_at_end"]
         return res
 
