@@ -43,6 +43,16 @@ async def test_drill_over_capacity_records_sheds_and_reports_overload(tmp_path: 
     assert all(r.error == "router_overloaded" for r in sheds)
     # the verdict counts the sheds against the error budget
     assert not result.summary["invariants_ok"]
+    # the generator waited for the requests in flight at the end (up to their timeout): none was cut
+    assert result.summary["errors"]["cut_at_end"] == 0 and s["cut_at_end"] == 0
+    # the live view had the sheds and the router's gauges while the run went
+    live = result.live.series(scenario.duration_s)
+    assert max(live["shed_rps"]) > 0 and max(live["served_rps"]) > 0 and max(live["offered_rps"]) > 0
+    assert any(v for v in live["processes"]["inflight"]["router"] if v)
+    # the router's routing table was sampled while the load ran, every node in it
+    tables = [x for x in rec.routers if x.t_s < scenario.duration_s]
+    assert len(tables) >= 2 and set(tables[-1].nodes) == set(scenario.topology.node_ids)
+    assert s["most_out_of_rotation"] is not None
     # the router's and every node's overload metrics were scraped while the load ran, not only at the end
     during = [m for m in rec.metrics if m.t_s < scenario.duration_s]
     assert {m.node for m in during} >= {"router", *scenario.topology.node_ids}

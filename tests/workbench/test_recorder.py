@@ -17,6 +17,7 @@ from workbench.history import (
     Recording,
     RecordingError,
     RequestRecord,
+    RouterSample,
     StateSample,
     parse_metrics,
 )
@@ -26,6 +27,10 @@ STATE = {"node": "eu-1", "region": "eu", "time": 1000.5, "change_seq": 3, "live_
          "keys": {"tenant-0000": {"global": 7, "nodes": {"eu-1": {"gen": 2, "count": 5},
                                                           "us-1": {"gen": 1, "count": 2}},
                                   "level": 3.0, "rate": 10.0, "burst": 10.0}}}
+ROUTER_STATE = {"clock": 5.0, "panic": False, "inflight": 3, "nodes": [
+    {"id": "eu-1", "region": "eu", "healthy": True, "usable": True, "evidence": None, "reason": "ok",
+     "last_check_ms": 1.2},
+    {"id": "us-1", "region": "us", "healthy": False, "usable": False, "evidence": "refused", "reason": "down"}]}
 AUDIT = {"seq": 4, "id": "eu-1:4", "key": "tenant-0000", "cost": 1, "node": "eu-1", "region": "eu",
          "ts": 1000.25, "request_id": "r-1", "gen": 2, "extra_field_from_later_server": True}
 
@@ -41,6 +46,7 @@ def sample_recording() -> Recording:
     rec.states.append(StateSample.from_state(1.0, STATE))
     rec.audit.append(AuditEvent.from_json(AUDIT))
     rec.processes.append(ProcessSample(1.0, "eu-1", 12.5, 40.2))
+    rec.routers.append(RouterSample.from_state(1.0, ROUTER_STATE))
     return rec
 
 
@@ -54,6 +60,9 @@ def test_records_compute_what_callers_need() -> None:
     assert s.global_counts == {"tenant-0000": 7}
     assert s.counts["tenant-0000"]["eu-1"] == (2, 5) and s.wall == 1000.5
     assert AuditEvent.from_json(AUDIT).request_id == "r-1"
+    router = RouterSample.from_state(2.0, ROUTER_STATE)  # the routing table, nothing the metrics hold
+    assert router.nodes == {"eu-1": {"usable": True, "healthy": True, "evidence": "", "reason": "ok"},
+                            "us-1": {"usable": False, "healthy": False, "evidence": "refused", "reason": "down"}}
     assert Recording(started_wall=1000.0).wall_to_run(1000.25) == 0.25
 
 
@@ -62,7 +71,7 @@ def test_save_load_round_trip(tmp_path) -> None:
     rec.save(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "audit.jsonl", "faults.jsonl", "meta.json", "metrics.jsonl", "processes.jsonl", "requests.jsonl",
-        "states.jsonl"]
+        "routers.jsonl", "states.jsonl"]
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["format_version"] == FORMAT_VERSION and meta["complete"] is True
     back = Recording.load(tmp_path / "run")

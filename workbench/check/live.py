@@ -1,4 +1,4 @@
-"""Running aggregates of a drill for live displays: per-bin throughput, latency, errors, failover.
+"""Running aggregates of a drill for live displays: per-bin throughput, latency, errors, failover, overload.
 
 The terminal progress line, the notebook widgets and the final report all draw from these series;
 they never compute anything themselves.  The figures that the verdict also reports come from the
@@ -6,6 +6,14 @@ verdict's own code, fed incrementally: failover from the same :class:`FailoverTr
 the same :func:`is_error` and :func:`error_budget_state`, latency over every request, errors included.
 So the progress line cannot contradict the final verdict.  Feeding a record is O(1) (O(outages) while
 an outage holds); a snapshot is O(bins) plus the failover figures.
+
+Overload: every answer is also binned by its outcome (``workbench.check.overload.outcome``: served,
+shed, limited, error, cut), the generator's count of sent requests gives the offered rate
+(:meth:`LiveStats.sent`, by the time they were sent, not answered), and each metrics scrape of the
+router and the nodes goes to the same :class:`~workbench.check.overload.OverloadTracker` the report
+uses (:meth:`LiveStats.metrics`): in-flight and queue depth per process, health-check latency per
+node, ejections with their reasons, the router's panic; and the router's sampled routing table
+(:meth:`LiveStats.router_state`) says which nodes are out of its rotation and why.
 """
 
 from __future__ import annotations
@@ -18,13 +26,16 @@ from hdrh.histogram import HdrHistogram
 
 from workbench.check.errors import DEFAULT_ERROR_BUDGET_PCT, error_budget_state, is_error
 from workbench.check.failover import DEFAULT_STALL_S, FailoverTracker
-from workbench.history import FaultRecord, RequestRecord
+from workbench.check.overload import ROUTER, OverloadTracker, outcome, rotation_state
+from workbench.history import FaultRecord, MetricSample, RequestRecord, RouterSample
 from workbench.spec.scenario import Topology
 
 __all__ = ["Bin", "LiveStats"]
 
 _MAX_LATENCY_US = 120_000_000
 FAILOVER_REFRESH_S = 1.0  # a snapshot's failover figures are at most this old (run clock)
+GAUGE_STALE_S = 2.5  # a process gauge is drawn this long after its last scrape, then left as a gap
+OUTCOMES = ("served", "shed", "limited", "error", "cut")
 
 
 @dataclass
@@ -36,6 +47,8 @@ class Bin:
     denied: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     latency: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, _MAX_LATENCY_US, 2))
+    outcomes: dict[str, int] = field(default_factory=dict)  # every region, by overload.outcome
+    offered: int = 0  # requests the generator sent (or dropped at max_inflight) during the bin
 
 
 class LiveStats:
@@ -58,6 +71,10 @@ class LiveStats:
         self.keys: set[str] = set()
         self.total = 0
         self.error_count = 0
+        self.cut_count = 0  # cut off by the run's end: not judged (see workbench.check.errors)
+        self.overload = OverloadTracker()
+        self._sent = 0  # the generator's count at the last sent() call
+        self.rotation: dict[str, str] = {}  # node -> rotation_state() in the router's latest routing table
         self.admitted_tokens = 0
         self.faults: list[FaultRecord] = []
         self.node_states: dict[str, str] = {}
@@ -79,10 +96,14 @@ class LiveStats:
         self.total += 1
         self.keys.add(rec.key)
         region = rec.home_region
+        kind = outcome(rec)
+        b.outcomes[kind] = b.outcomes.get(kind, 0) + 1
         if rec.admitted:
             b.admitted[region] = b.admitted.get(region, 0) + 1
             b.admitted_tokens += rec.cost
             self.admitted_tokens += rec.cost
+        elif kind == "cut":
+            self.cut_count += 1
         elif not is_error(rec):
             b.denied[region] = b.denied.get(region, 0) + 1
         else:
@@ -91,6 +112,26 @@ class LiveStats:
         # every request, errors and timeouts included, at the time it took (as the verdict counts it)
         b.latency.record_value(max(1, min(_MAX_LATENCY_US - 1, int(rec.latency_ms * 1000))))
         self.tracker.request(rec)
+
+    def sent(self, t_s: float, total: int) -> None:
+        """The generator's running count of requests sent (and arrivals dropped) at ``t_s``: what was
+        offered since the previous call goes to the bin of ``t_s``."""
+        if total > self._sent:
+            self._bin(t_s).offered += total - self._sent
+            self._sent = total
+
+    def metrics(self, samples: list[MetricSample]) -> None:
+        """One scrape of a process's /metrics (the router's or a node's), in time order."""
+        self.overload.extend(samples)
+
+    def router_state(self, sample: RouterSample) -> None:
+        """The router's routing table as just sampled."""
+        self.rotation = {node: rotation_state(view) for node, view in sample.nodes.items()}
+
+    @property
+    def ejections(self) -> list[dict[str, Any]]:
+        """Every ejection (and refused ejection) the router counted so far, with its reason."""
+        return self.overload.ejections
 
     def fault(self, rec: FaultRecord, regions: set[str] | None = None) -> None:
         """Record an applied fault (``regions`` is accepted for older callers and not needed)."""
@@ -113,9 +154,10 @@ class LiveStats:
         return self._failover
 
     def error_figures(self) -> dict[str, Any]:
-        within, rate, allowed = error_budget_state(self.error_count, self.total, self.error_budget_pct)
-        return {"total": self.error_count, "requests": self.total, "rate_pct": rate, "allowed": allowed,
-                "budget_pct": self.error_budget_pct, "within_budget": within}
+        judged = self.total - self.cut_count
+        within, rate, allowed = error_budget_state(self.error_count, judged, self.error_budget_pct)
+        return {"total": self.error_count, "requests": self.total, "judged": judged, "cut_at_end": self.cut_count,
+                "rate_pct": rate, "allowed": allowed, "budget_pct": self.error_budget_pct, "within_budget": within}
 
     def envelope_tokens(self, t_s: float) -> float:
         """What the limit allows up to ``t_s`` over every key seen: Σ (B + R·t)."""
@@ -141,6 +183,26 @@ class LiveStats:
             out[f"p{pct}_ms"] = [
                 (self.bins[i].latency.get_value_at_percentile(pct) / 1000
                  if self.bins[i].latency.get_total_count() else None) for i in range(n)]
+        out.update(self.overload_series(n))
+        return out
+
+    def overload_series(self, n: int) -> dict[str, Any]:
+        """The first ``n`` bins of the overload figures: ``offered_rps`` (by send time), ``served_rps``,
+        ``shed_rps``, ``limited_rps``, ``other_errors_rps`` (errors that are not sheds), ``cut_rps``
+        (by answer time), and per process the last ``inflight`` / ``queue`` gauge and per node the
+        ``health_check_ms`` scraped by each bin's end (None when not scraped for ``GAUGE_STALE_S``)."""
+        per = 1.0 / self.bin_s
+        bins = self.bins[:n]
+        out: dict[str, Any] = {"offered_rps": [b.offered * per for b in bins]}
+        for kind in OUTCOMES:
+            name = "other_errors_rps" if kind == "error" else f"{kind}_rps"
+            out[name] = [b.outcomes.get(kind, 0) * per for b in bins]
+        ends = [(i + 1) * self.bin_s for i in range(n)]
+        gauges = self.overload.gauges
+        out["processes"] = {kind: {p: _at_bin_ends(row["t_s"], row["value"], ends) for p, row in rows.items()}
+                            for kind, rows in gauges.items()}
+        out["health_check_ms"] = {node: _at_bin_ends(row["t_s"], row["mean_ms"], ends)
+                                  for node, row in self.overload.health.items()}
         return out
 
     def snapshot(self, t_s: float, window_s: float = 1.0) -> dict[str, Any]:
@@ -157,6 +219,13 @@ class LiveStats:
             return sum(sum(getattr(b, attr).values()) for b in window) / span
 
         fo = self._failover_at(t_s)
+
+        def outcomes(kind: str) -> float:
+            return round(sum(b.outcomes.get(kind, 0) for b in window) / span, 1)
+
+        gauges = self.overload.gauges
+        router = {kind: (gauges[kind][ROUTER]["value"][-1] if ROUTER in gauges[kind] else None)
+                  for kind in ("inflight", "queue")}
         return {
             "t_s": round(t_s, 2), "progress": min(1.0, t_s / self.duration_s) if self.duration_s else 1.0,
             "admitted_rps": round(rate("admitted"), 1), "denied_rps": round(rate("denied"), 1),
@@ -169,4 +238,22 @@ class LiveStats:
             "failover": {k: fo[k] for k in ("p50", "p99", "max", "clients", "unserved_clients",
                                             "failed_requests", "stalled_requests")},
             "errors": self.error_figures(),
+            "offered_rps": round(sum(b.offered for b in window) / span, 1), "served_rps": outcomes("served"),
+            "shed_rps": outcomes("shed"), "other_errors_rps": outcomes("error"),
+            "router": {**router, "panic": self.overload.panic},
+            "ejections": sum(e["count"] for e in self.overload.ejections if not e["refused"]),
+            "out_of_rotation": {n: st for n, st in self.rotation.items() if st != "in rotation"},
         }
+
+
+def _at_bin_ends(t_s: list[float], values: list[float], ends: list[float]) -> list[float | None]:
+    """Per bin end, the last value sampled at or before it, or None when none was sampled within
+    ``GAUGE_STALE_S`` (a killed or paused process is not scraped: its last value must not linger)."""
+    out: list[float | None] = []
+    j, last, last_t = 0, None, -math.inf
+    for end in ends:
+        while j < len(t_s) and t_s[j] <= end + 1e-9:
+            last, last_t = values[j], t_s[j]
+            j += 1
+        out.append(last if end - last_t <= GAUGE_STALE_S else None)
+    return out

@@ -19,13 +19,14 @@ from workbench.history.records import (
     MetricSample,
     ProcessSample,
     RequestRecord,
+    RouterSample,
     StateSample,
     field_names,
 )
 
 __all__ = ["FORMAT_VERSION", "Recording", "RecordingError"]
 
-FORMAT_VERSION = 2  # bump when records change (2: RequestRecord.retried_from); load refuses anything else
+FORMAT_VERSION = 3  # bump when records change (2: RequestRecord.retried_from, 3: RouterSample); load refuses others
 
 
 class RecordingError(ValueError):
@@ -34,7 +35,7 @@ class RecordingError(ValueError):
 
 _FILES: dict[str, type] = {
     "requests": RequestRecord, "faults": FaultRecord, "metrics": MetricSample, "states": StateSample,
-    "audit": AuditEvent, "processes": ProcessSample,
+    "audit": AuditEvent, "processes": ProcessSample, "routers": RouterSample,
 }
 
 
@@ -49,6 +50,7 @@ class Recording:
     states: list[StateSample] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
     processes: list[ProcessSample] = field(default_factory=list)
+    routers: list[RouterSample] = field(default_factory=list)  # the router's routing table, sampled
     version: str = __version__  # of the workbench that recorded it
     started_wall: float = field(default_factory=time.time)  # time.time() at the run clock's zero
     ended_s: float | None = None  # run clock when the run stopped (None: not known)

@@ -28,6 +28,7 @@ from workbench.history import (
     MetricSample,
     Recording,
     RequestRecord,
+    RouterSample,
     StateSample,
     parse_metrics,
 )
@@ -76,9 +77,12 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
         # the offered load (measured: 268 req/s offered, 64 connections, the router never shed).
         # Room for the skill's p99 worth of arrivals, capped well below the edge's connection limits.
         connector_limit = min(8192, max(64, int(load.rate_rps * scenario.skill.p99_ms / 1000)))
+    # No drain_s: after the sending window the generator waits for every request in flight up to its
+    # own timeout (a fixed 2 s drain cut off every request slower than that, and the cut-off requests
+    # failed the error budget of runs that had served them all).
     return LoadPlan(
         url=url, load=load, duration_s=scenario.duration_s, regions=scenario.topology.regions,
-        api_keys=api_keys, skill=SKILL_NAME, timeout_s=timeout_s, drain_s=2.0, seed=scenario.seed,
+        api_keys=api_keys, skill=SKILL_NAME, timeout_s=timeout_s, seed=scenario.seed,
         connector_limit=connector_limit, keep_records=keep_records,
     )
 
@@ -157,9 +161,11 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
             nemesis = Nemesis(cluster, t0, on_fault)
             nemesis_task = asyncio.create_task(nemesis.run(scenario.faults), name="nemesis")
             watch_task = asyncio.create_task(
-                _watch(cluster, t0, recording, live, on_progress, progress_interval_s), name="watch")
+                _watch(cluster, t0, recording, live, on_progress, progress_interval_s,
+                       lambda: generator.result.sent + generator.result.overflow), name="watch")
             states_task = asyncio.create_task(_sample_states(cluster, t0, recording, scenario), name="states")
-            metrics_task = asyncio.create_task(_sample_metrics(cluster, t0, recording), name="metrics")
+            metrics_task = asyncio.create_task(
+                _sample_metrics(cluster, t0, recording, live.metrics, live.router_state), name="metrics")
             side_tasks = (nemesis_task, watch_task, states_task, metrics_task)
             try:
                 result = await load_task
@@ -203,13 +209,14 @@ def _finish(recording: Recording, out: Path, info: dict[str, Any], **thresholds:
 
 
 async def _watch(cluster: Cluster, t0: float, recording: Recording, live: LiveStats,
-                 on_progress: ProgressCallback | None, interval_s: float) -> None:
-    """Sample processes while the run goes; report progress."""
+                 on_progress: ProgressCallback | None, interval_s: float, offered: Callable[[], int]) -> None:
+    """Sample processes while the run goes; tell the live view what was offered; report progress."""
     while True:
         await asyncio.sleep(interval_s)
         t_s = time.monotonic() - t0
         recording.processes.extend(cluster.sample_processes(t_s))
         live.node_states = cluster.states()
+        live.sent(t_s, offered())
         if on_progress is not None:
             try:
                 on_progress(live.snapshot(t_s), live)
@@ -262,9 +269,10 @@ async def _scrape_states(session: aiohttp.ClientSession, cluster: Cluster, t_s: 
     await asyncio.gather(*(_scrape_one(session, cluster, n, t_s, recording) for n in cluster.nodes))
 
 
-# While a run goes, the router's and every node's /metrics are scraped every _METRICS_S and only the
-# overload figures are kept (gauges, counters, and histograms' _sum / _count, never their buckets): a
-# 60 s run of 3 nodes and the router keeps a few thousand samples.  The final scrape keeps everything.
+# While a run goes, the router's routing table (/v1/router/state) and the router's and every node's
+# /metrics are scraped every _METRICS_S; of the metrics only the overload figures are kept (gauges,
+# counters, and histograms' _sum / _count, never their buckets): a 60 s run of 3 nodes and the router
+# keeps a few thousand samples.  The final scrape keeps everything.
 _METRICS_S = 1.0
 OVERLOAD_METRICS = (
     "router_inflight", "router_queue_depth", "router_overload_shed", "router_health_check_seconds",
@@ -290,7 +298,9 @@ def _metric_targets(cluster: Cluster) -> list[tuple[str, str]]:
 
 
 async def _scrape_metrics(session: aiohttp.ClientSession, source: str, url: str, t_s: float,
-                          recording: Recording, *, overload_only: bool) -> None:
+                          recording: Recording, *, overload_only: bool,
+                          on_samples: Callable[[list[MetricSample]], None] | None = None) -> None:
+    """One scrape into the recording (and to ``on_samples``: the live view); a failed scrape adds nothing."""
     samples: list[MetricSample] = []
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
         async with session.get(url + "/metrics") as resp:
@@ -299,15 +309,38 @@ async def _scrape_metrics(session: aiohttp.ClientSession, source: str, url: str,
     if overload_only:
         samples = [s for s in samples if keep_overload_sample(s.name)]
     recording.metrics.extend(samples)
+    if on_samples is not None and samples:
+        on_samples(samples)
 
 
-async def _sample_metrics(cluster: Cluster, t0: float, recording: Recording) -> None:
-    """Scrape the router's and the nodes' overload figures every ``_METRICS_S`` (one timeout per
-    round, so a paused node delays nobody else's sample)."""
+async def _scrape_router_state(session: aiohttp.ClientSession, cluster: Cluster, t_s: float, recording: Recording,
+                               on_sample: Callable[[RouterSample], None] | None = None) -> None:
+    """The router's routing table (GET /v1/router/state) as a :class:`RouterSample`; a failed scrape
+    (refused, shed, timed out, an answer of another shape) adds nothing."""
+    router = cluster.router
+    if router is None or router.state != "running" or not router.alive():
+        return
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError):
+        async with session.get(router.url + "/v1/router/state") as resp:
+            if resp.status == 200:
+                sample = RouterSample.from_state(t_s, await resp.json())
+                recording.routers.append(sample)
+                if on_sample is not None:
+                    on_sample(sample)
+
+
+async def _sample_metrics(cluster: Cluster, t0: float, recording: Recording,
+                          on_samples: Callable[[list[MetricSample]], None] | None = None,
+                          on_router: Callable[[RouterSample], None] | None = None) -> None:
+    """Scrape the router's and the nodes' overload figures and the router's routing table every
+    ``_METRICS_S`` (one timeout per round, so a paused node delays nobody else's sample); each scrape
+    also goes to ``on_samples`` / ``on_router`` (the live view)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
         while True:
             t_s = time.monotonic() - t0
-            await asyncio.gather(*(_scrape_metrics(session, src, url, t_s, recording, overload_only=True)
+            await asyncio.gather(_scrape_router_state(session, cluster, t_s, recording, on_router),
+                                 *(_scrape_metrics(session, src, url, t_s, recording, overload_only=True,
+                                                   on_samples=on_samples)
                                    for src, url in _metric_targets(cluster)))
             await asyncio.sleep(max(0.0, t_s + _METRICS_S - (time.monotonic() - t0)))
 

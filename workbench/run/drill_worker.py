@@ -4,7 +4,7 @@ In a Jupyter kernel, redrawing the live charts holds the interpreter for tens of
 time; on the same interpreter (even on another thread, because of the GIL) that stalls the load
 generator and the fault proxies and distorts the very figures being drawn.  So the drill gets a
 process of its own (spawned, uvloop when available) and sends, every progress tick, a picklable
-:class:`LiveView`: the snapshot line, the chart series, the faults and the failovers.  The parent
+:class:`LiveView`: the snapshot line, the chart series, the faults, the failovers and the ejections.  The parent
 rebuilds the :class:`~workbench.run.drill.DrillResult` from the results folder when the child is done.
 """
 
@@ -32,6 +32,7 @@ class LiveView:
     series_data: dict[str, Any]
     faults: list[FaultRecord] = field(default_factory=list)
     failovers: dict[str, float] = field(default_factory=dict)
+    ejections: list[dict[str, Any]] = field(default_factory=list)  # LiveStats.ejections: node, reason, ...
 
     def series(self, _upto_s: float) -> dict[str, Any]:
         return self.series_data
@@ -53,7 +54,7 @@ def _child(scenario_dict: dict[str, Any], results_dir: str | None, thresholds: d
 
         def progress(snapshot: dict[str, Any], live: Any) -> None:
             view = LiveView(live.bin_s, live.series(max(snapshot["t_s"], live.bin_s)), list(live.faults),
-                            dict(live.failovers))
+                            dict(live.failovers), list(live.ejections))
             conn.send(("progress", snapshot, view))
 
         watcher = asyncio.create_task(watch_stop())

@@ -105,20 +105,22 @@ def excess_figure(excess: Mapping[str, Any], faults: Sequence[FaultRecord] = ())
 
 
 def health_figure(nodes: Sequence[str], intervals: Mapping[str, Sequence[tuple[float, float, str]]],
-                  duration_s: float) -> go.Figure:
-    """One row per node: coloured spans of its state (up, paused, killed, partitioned)."""
+                  duration_s: float, *, title: str = "Node health") -> go.Figure:
+    """One row per node: coloured spans of its state (up, paused, killed, partitioned; or the router's
+    view: in rotation, out: <evidence>)."""
     colors = {"up": "#16a34a", "running": "#16a34a", "paused": "#d97706", "killed": "#dc2626",
-              "partitioned": "#9333ea", "stopped": "#6b7280", "exited": "#dc2626"}
+              "partitioned": "#9333ea", "stopped": "#6b7280", "exited": "#dc2626", "in rotation": "#16a34a"}
     fig = go.Figure()
     seen: set[str] = set()
     for node in nodes:
         for start, end, state in intervals.get(node, [(0.0, duration_s, "up")]):
+            color = colors.get(state, "#dc2626" if state.startswith("out") else "#6b7280")
             fig.add_bar(x=[max(0.001, end - start)], y=[node], base=[start], orientation="h",
-                        marker_color=colors.get(state, "#6b7280"), name=state, showlegend=state not in seen,
+                        marker_color=color, name=state, showlegend=state not in seen,
                         hovertemplate=f"{node}: {state} %{{base:.2f}}-%{{x:.2f}} s<extra></extra>")
             seen.add(state)
     fig.update_layout(barmode="overlay")
-    return _layout(fig, "Node health", "", height=max(180, 60 + 30 * len(nodes)))
+    return _layout(fig, title, "", height=max(180, 60 + 30 * len(nodes)))
 
 
 def fault_timeline_figure(faults: Sequence[FaultRecord], failover_ms: Mapping[str, float],
@@ -165,6 +167,9 @@ def overload_figure(series: Mapping[str, Any], faults: Sequence[FaultRecord] = (
                              ("limited_rps", "limited (429)", {"color": "#2563eb", "dash": "dot"}),
                              ("errors_rps", "errors", {"color": "#dc2626", "dash": "dot", "width": 3})):
         fig.add_scatter(x=t, y=series[key], name=name, line=style)
+    if any(series.get("cut_rps") or ()):  # only when the run's end cut requests off
+        fig.add_scatter(x=t, y=series["cut_rps"], name="cut at the end (not judged)",
+                        line={"color": "#9ca3af", "dash": "dot"})
     _fault_lines(fig, faults)
     return _layout(fig, "Offered vs served vs shed", "requests / s")
 

@@ -70,7 +70,7 @@ function render({ model, el }) {
     for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9; v += step) out.push(+v.toFixed(6));
     return out;
   }
-  function drawPanel({p, canvas}, markers, xMax) {
+  function drawPanel({p, canvas}, markers, xMax, index) {
     const dpr = window.devicePixelRatio || 1;
     const w = Math.max(200, canvas.clientWidth), h = p.height || 150;
     if (canvas.width !== Math.round(w * dpr)) canvas.width = Math.round(w * dpr);
@@ -97,7 +97,8 @@ function render({ model, el }) {
     if (lo < 0 && hi > 0) {
       g.strokeStyle = '#9ca3af'; g.beginPath(); g.moveTo(L, Y(0)); g.lineTo(L + pw, Y(0)); g.stroke();
     }
-    for (const [mt, label, color] of markers) {
+    for (const [mt, label, color, only] of markers) {
+      if (only !== undefined && only !== null && only !== index) continue;
       g.strokeStyle = color; g.setLineDash([2, 3]);
       g.beginPath(); g.moveTo(X(mt), T); g.lineTo(X(mt), T + ph); g.stroke();
       g.fillStyle = color; g.textAlign = 'left'; g.fillText(label, X(mt) + 3, T + 9);
@@ -120,7 +121,7 @@ function render({ model, el }) {
     pending = false;
     const markers = model.get('markers'), xMax = Math.max(model.get('x_max'), t.length ? t[t.length - 1] : 0) || 1;
     let points = 0;
-    for (const v of views) points += drawPanel(v, markers, xMax);
+    views.forEach((v, i) => { points += drawPanel(v, markers, xMax, i); });
     draws += 1;
     root.dataset.draws = String(draws);
     root.dataset.points = String(points);
@@ -160,7 +161,8 @@ class LiveChart(anywidget.AnyWidget):
     """Panels of lines over the run clock; :meth:`extend` appends new points and sends only those.
 
     ``panels``: ``[{"title", "series": [Series, ...], "note"?, "height"?, "ymin"?}]`` (fixed at creation);
-    ``markers``: ``[[t_s, label, color], ...]`` drawn as dotted vertical lines on every panel.
+    ``markers``: ``[[t_s, label, color, panel?], ...]`` drawn as dotted vertical lines on every panel,
+    or only on panel number ``panel`` (0-based) when given.
     """
 
     _esm = _ESM

@@ -127,12 +127,20 @@ def figures_for(rec: Recording, summary: dict[str, Any]) -> list[tuple[str, Any]
 
 def overload_figures(rec: Recording) -> list[tuple[str, Any]]:
     """The overload charts of one run: offered vs served vs shed; in-flight and queue per process;
-    health-check latency and ejections (figures from ``workbench.check.overload``)."""
-    return [
+    health-check latency and ejections; the router's rotation when its routing table was sampled
+    (figures from ``workbench.check.overload``)."""
+    tracker = overload.tracker_for(rec)
+    out = [
         ("overload", charts.overload_figure(overload.request_series(rec), rec.faults)),
-        ("inflight", charts.inflight_figure(overload.inflight_series(rec))),
-        ("health_checks", charts.health_check_figure(overload.health_check_latency(rec), overload.ejections(rec))),
+        ("inflight", charts.inflight_figure(tracker.gauges)),
+        ("health_checks", charts.health_check_figure(tracker.health, tracker.sorted_ejections())),
     ]
+    if rec.routers:
+        end = rec.ended_s or max(x.t_s for x in rec.routers)
+        spans = overload.rotation_intervals(rec.routers, end)
+        out.append(("rotation", charts.health_figure(sorted(spans), spans, end,
+                                                     title="The router's rotation (why a node is out)")))
+    return out
 
 
 def overload_section(rec: Recording) -> str:
@@ -144,10 +152,13 @@ def overload_section(rec: Recording) -> str:
     sheds = ", ".join(f"{p} {v['total']}" for p, v in sorted(s["shed_counted"].items())) or "none"
     rows = [("requests offered", s["requests"]), ("served (2xx)", s["served"]), ("shed (quick 503)", s["shed"]),
             ("limited (429)", s["limited"]), ("other errors by status", errors),
+            ("cut at the run's end (not judged)", s["cut_at_end"]),
             ("no_healthy_region answers", s["no_healthy_region"]), ("P95 of served (ms)", s["served_p95_ms"]),
             ("sheds counted by each gate", sheds), ("peak in-flight", peak or "not scraped"),
             ("peak queue depth", queue or "not scraped"),
-            ("router in panic at some scrape", "yes" if s["panic_seen"] else "no")]
+            ("router in panic at some scrape", "yes" if s["panic_seen"] else "no"),
+            ("most nodes out of the router's rotation at once",
+             "not sampled" if s["most_out_of_rotation"] is None else s["most_out_of_rotation"])]
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows)
     parts = [f"<table class='overload'>{body}</table>"]
     ej = overload.ejections(rec)
@@ -260,7 +271,10 @@ def objectives(rec: Recording, summary: dict[str, Any]) -> list[dict[str, Any]]:
         "convergence": ("convergence after a heal or restart", f"<= {_fmt(conv.get('allowed_ms'))} ms",
                         f"max {_fmt(conv.get('convergence_max_ms'))} ms"),
         "error_budget": ("client errors within the error budget", f"<= {_fmt(errs.get('budget_pct'))} % of requests",
-                         f"{_fmt(errs.get('rate_pct'))} % ({_fmt(errs.get('total'))} of {_fmt(errs.get('requests'))})"),
+                         f"{_fmt(errs.get('rate_pct'))} % ({_fmt(errs.get('total'))} of "
+                         f"{_fmt(errs.get('judged', errs.get('requests')))})"
+                         + (f"; {_fmt(errs['cut_at_end'])} cut at the run's end, not judged"
+                            if errs.get("cut_at_end") else "")),
         "client_errors": ("client errors at most the maximum given", "", _fmt(summary.get("client_errors"))),
         "complete": ("the run completed", "every request sent is recorded",
                      "yes" if rec.complete else f"no: {rec.incomplete_reason or 'stopped early'}"),

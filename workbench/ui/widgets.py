@@ -2,8 +2,10 @@
 
 While a drill runs, :class:`LiveDashboard` shows a progress bar with the time left, a Stop button
 that sets the drill's stop event, a node table, and one light :class:`~workbench.ui.live_chart.LiveChart`
-(throughput, latency, excess over the limit envelope, faults as markers) to which each new bin of
-the run clock is sent once.  :meth:`LiveDashboard.finish` then closes every widget and replaces the
+(throughput, latency, excess over the limit envelope, faults as markers; and overload: offered vs
+served vs shed vs other errors, in-flight and queue depth at the router and every node, the router's
+health-check latency per node with its ejections and their reasons as markers) to which each new bin
+of the run clock is sent once.  :meth:`LiveDashboard.finish` then closes every widget and replaces the
 live view with static plotly figures and the summary table, because a saved notebook keeps neither
 the widgets' incremental updates nor anything sent after a cell ends.
 
@@ -37,6 +39,7 @@ import plotly.io as pio
 from workbench.check import checker
 from workbench.check.excess import BinnedExcess
 from workbench.check.live import LiveStats
+from workbench.check.overload import ROUTER
 from workbench.history import Recording
 from workbench.spec.scenario import Scenario
 from workbench.ui import charts
@@ -154,6 +157,7 @@ def summary_html(summary: Mapping[str, Any], *, complete: bool = True, incomplet
         ("failover p50 / p99 / max", f"{_fmt(fo.get('p50'))} / {_fmt(fo.get('p99'))} / {_fmt(fo.get('max'))} ms"),
         ("token loss", _fmt(summary.get("token_loss"))),
         ("client errors", _fmt(summary.get("client_errors"))),
+        ("cut at the run's end (not judged)", _fmt((summary.get("errors") or {}).get("cut_at_end"))),
         ("convergence after heal", _fmt(summary.get("convergence_ms"), " ms")),
         ("requests", _fmt(summary.get("requests"))),
     ]
@@ -185,6 +189,7 @@ class LiveDashboard:
         self.scenario = scenario
         self.title = title or scenario.name
         self.nodes = list(scenario.topology.node_ids)
+        self.processes = [ROUTER, *self.nodes]  # where the drill scrapes in-flight and queue depth
         self.node_region = {n: scenario.topology.region_of(n) for n in self.nodes}
         self.duration_s = scenario.duration_s
         self.live = (not headless()) if live is None else live
@@ -208,12 +213,12 @@ class LiveDashboard:
         self.status.add_class("wb-status")
         self.chart: LiveChart | None = None
         self._sent_bins = 0  # complete bins of the run clock already sent to the chart
-        self._markers = 0
+        self._markers = (0, 0)  # faults, ejections drawn as markers so far
         limit = scenario.limits[0]
         self._excess = BinnedExcess(limit.rate, limit.burst)
         self.allowance_tokens = limit.rate * checker.default_slack_s(scenario)
         if self.live and charts:
-            self.chart = LiveChart(self._panels(list(scenario.topology.regions)), x_max=self.duration_s)
+            self.chart = LiveChart(self._panels(list(scenario.topology.regions), self.nodes), x_max=self.duration_s)
         rows = [w.HBox([self.progress, self.stop_button, self.status]), self.health]
         if self.chart is not None:
             rows.append(self.chart)
@@ -248,10 +253,15 @@ class LiveDashboard:
         left = max(0.0, self.duration_s - t_s)
         self.progress.description = f"{t_s:.1f} s"
         p99 = snapshot.get("p99_ms")
+        router = snapshot.get("router") or {}
         line = (f"{left:.1f} s left · ok {snapshot.get('admitted_rps', 0):.0f}/s · 429 "
-                f"{snapshot.get('denied_rps', 0):.0f}/s · err {snapshot.get('errors_rps', 0):.0f}/s · p99 "
+                f"{snapshot.get('denied_rps', 0):.0f}/s · shed {snapshot.get('shed_rps', 0):.0f}/s · other err "
+                f"{snapshot.get('other_errors_rps', 0):.0f}/s · p99 "
                 f"{'-' if p99 is None else f'{p99:.0f} ms'} · tokens {snapshot.get('admitted_tokens', 0)}"
                 f"/{snapshot.get('envelope_tokens', 0):.0f}"
+                + (f" · router in-flight {router['inflight']:.0f}" if router.get("inflight") is not None else "")
+                + (" · ROUTER IN PANIC" if router.get("panic") else "")
+                + (f" · ejections {snapshot['ejections']}" if snapshot.get("ejections") else "")
                 + "".join(f" · failover {k} {v:.0f} ms" for k, v in (snapshot.get("failover_ms") or {}).items()))
         self.status.value = f"<b>{html.escape(self.title)}</b>: {html.escape(line)}"
         now = time.monotonic()
@@ -262,7 +272,8 @@ class LiveDashboard:
             return
         self._last_chart = now
         self.health.value = self._health_html(snapshot.get("node_states") or {},
-                                              self._network_states(live, t_s))
+                                              self._network_states(live, t_s),
+                                              snapshot.get("out_of_rotation") or {})
         if self.chart is not None:
             self._extend_chart(live, t_s)
 
@@ -310,7 +321,10 @@ class LiveDashboard:
         spans = health_intervals(Recording(faults=list(live.faults)), self.nodes, self.node_region, t_s)
         return {n: (s[-1][2] if s else "up") for n, s in spans.items()}
 
-    def _health_html(self, processes: Mapping[str, str], network: Mapping[str, str]) -> str:
+    def _health_html(self, processes: Mapping[str, str], network: Mapping[str, str],
+                     out_of_rotation: Mapping[str, str] | None = None) -> str:
+        """One cell per node: its process and network state, and the router's view when it took the
+        node out of rotation (``out: <evidence>``)."""
         colors = {"up": "#16a34a", "running": "#16a34a", "paused": "#d97706", "killed": "#dc2626",
                   "partitioned": "#9333ea", "stopped": "#6b7280", "exited": "#dc2626"}
         cells = []
@@ -319,12 +333,14 @@ class LiveDashboard:
             net = network.get(node, "up")
             state = net if net != "up" else ("up" if proc in ("running", "-") else proc)
             color = colors.get(state, "#6b7280")
+            router = (out_of_rotation or {}).get(node)
+            view = f" <small style='color:#b91c1c'>router: {html.escape(router)}</small>" if router else ""
             cells.append(f"<td style='padding:2px 8px'><span style='color:{color}'>&#9679;</span> "
-                         f"{html.escape(node)} <small>{html.escape(state)}</small></td>")
+                         f"{html.escape(node)} <small>{html.escape(state)}</small>{view}</td>")
         return "<table><tr>" + "".join(cells) + "</tr></table>"
 
     @staticmethod
-    def _panels(regions: Sequence[str]) -> list[dict[str, Any]]:
+    def _panels(regions: Sequence[str], nodes: Sequence[str] = ()) -> list[dict[str, Any]]:
         throughput = []
         for i, region in enumerate(regions):
             color = charts.REGION_COLORS[i % len(charts.REGION_COLORS)]
@@ -343,16 +359,18 @@ class LiveDashboard:
             {"title": "Excess over the limit envelope (tokens; > 0 is over-admission)", "series": [
                 {"id": "excess", "name": "worst window ending here", "color": "#2563eb", "dash": "solid", "width": 2},
                 {"id": "allowance", "name": "checker's allowance", "color": "#dc2626", "dash": "dash"}]},
+            *_overload_panels(nodes),
         ]
 
     def _extend_chart(self, live: LiveStats, t_s: float) -> None:
         """Send the bins completed since the last update (the current bin is still filling)."""
         assert self.chart is not None
-        if len(live.faults) != self._markers:
-            self._markers = len(live.faults)
+        ejections = getattr(live, "ejections", [])
+        if (len(live.faults), len(ejections)) != self._markers:
+            self._markers = (len(live.faults), len(ejections))
             colors = charts.FAULT_COLORS
             self.chart.markers = [[f.t_s, f"{f.action} {f.target}".strip(), colors.get(f.action, "#6b7280")]
-                                  for f in live.faults]
+                                  for f in live.faults] + _ejection_markers(ejections)
         series = live.series(max(t_s, live.bin_s))
         done = min(len(series["t_s"]), int(t_s / live.bin_s))
         first = self._sent_bins
@@ -369,8 +387,55 @@ class LiveDashboard:
         values["excess"] = self._excess.extend(series["t_s"][cut], series["admitted_tokens"][cut],
                                                series["envelope_tokens"][cut])
         values["allowance"] = [self.allowance_tokens] * (done - first)
+        for key in ("offered", "served", "shed", "limited", "other_errors"):
+            values[key] = series[f"{key}_rps"][cut]
+        blank = [None] * (done - first)
+        for kind, rows in series["processes"].items():
+            for proc in self.processes:
+                values[f"{kind}:{proc}"] = rows[proc][cut] if proc in rows else blank
+        for node in self.nodes:
+            row = series["health_check_ms"].get(node)
+            values[f"check:{node}"] = row[cut] if row else blank
         self.chart.extend(series["t_s"][cut], values)
         self.chart_updates += 1
+
+
+OVERLOAD_PANEL = 5  # the index of the health-check panel, where ejections are drawn as markers
+_MAX_EJECTION_MARKERS = 60  # the latest ones: a flapping node must not bury the chart in labels
+
+
+def _overload_panels(nodes: Sequence[str]) -> list[dict[str, Any]]:
+    """The three overload panels: outcomes per second, in-flight and queue per process, health checks."""
+    colors = {n: charts.REGION_COLORS[i % len(charts.REGION_COLORS)] for i, n in enumerate(nodes)}
+    colors[ROUTER] = "#111827"
+    procs = []
+    for proc in [ROUTER, *nodes]:
+        procs += [{"id": f"inflight:{proc}", "name": proc, "color": colors[proc], "dash": "solid"},
+                  {"id": f"queue:{proc}", "name": "queue", "color": colors[proc], "dash": "dot", "legend": False}]
+    return [
+        {"title": "Offered vs served vs shed (req/s)", "ymin": 0,
+         "note": "offered by send time, the others by answer time", "series": [
+             {"id": "offered", "name": "offered", "color": "#6b7280", "dash": "dash"},
+             {"id": "served", "name": "served (2xx)", "color": "#16a34a", "dash": "solid", "width": 2},
+             {"id": "shed", "name": "shed (quick 503)", "color": "#d97706", "dash": "solid"},
+             {"id": "limited", "name": "limited (429)", "color": "#2563eb", "dash": "dot"},
+             {"id": "other_errors", "name": "other errors", "color": "#dc2626", "dash": "dot", "width": 2.5}]},
+        {"title": "In-flight and queued requests per process", "ymin": 0, "series": procs,
+         "note": "solid in-flight · dotted queue"},
+        {"title": "Router's health checks (mean ms per scrape)", "ymin": 0,
+         "note": "markers: ejections and their reasons",
+         "series": [{"id": f"check:{n}", "name": n, "color": colors[n], "dash": "solid"} for n in nodes]},
+    ]
+
+
+def _ejection_markers(ejections: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """The latest ejections as markers on the health-check panel: who, why, and whether the cap refused."""
+    out = []
+    for e in list(ejections)[-_MAX_EJECTION_MARKERS:]:
+        times = f" x{e['count']}" if e["count"] > 1 else ""
+        label = (f"kept {e['node']} (cap): {e['reason']}" if e["refused"] else f"ejected {e['node']}: {e['reason']}")
+        out.append([e["t_s"], label + times, "#9ca3af" if e["refused"] else "#dc2626", OVERLOAD_PANEL])
+    return out
 
 
 def _descendants(widget: Any) -> list[Any]:

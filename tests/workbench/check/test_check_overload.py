@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workbench.check import overload
-from workbench.history import MetricSample, Recording, RequestRecord
+from workbench.history import MetricSample, Recording, RequestRecord, RouterSample
 from workbench.run.drill import keep_overload_sample
 from workbench.ui import charts
 from workbench.ui.report import overload_figures, overload_section
@@ -18,6 +18,12 @@ def _req(t: float, status: int, error: str = "", latency_s: float = 0.1) -> Requ
 
 def _m(t: float, source: str, name: str, value: float, **labels: str) -> MetricSample:
     return MetricSample(t, source, name, dict(labels), value)
+
+
+def _table(t: float, **out: str) -> RouterSample:
+    """The router's routing table at ``t``: every node in rotation except ``out`` (node -> evidence)."""
+    return RouterSample(t, {n: {"usable": n not in out, "healthy": n not in out, "evidence": out.get(n, ""),
+                                "reason": "ok"} for n in ("eu-1", "us-1", "ap-1")})
 
 
 def _recording() -> Recording:
@@ -133,3 +139,47 @@ def test_charts_and_report_section_draw_the_figures():
     empty = Recording()
     assert "no ejection" in overload_section(empty)
     assert charts.inflight_figure(overload.inflight_series(empty)).data == ()
+
+
+def test_the_report_of_a_recorded_run_with_sheds_shows_the_shed_series_and_ejection_reasons(tmp_path):
+    import json
+    import re
+
+    from workbench.spec.scenario import Scenario
+    from workbench.ui.report import render_report
+
+    rec = _recording()
+    rec.routers += [_table(0.0), _table(1.0, **{"us-1": "refused"}),
+                    _table(2.0, **{"us-1": "refused", "ap-1": "timeouts"})]
+    rec.scenario = Scenario.build(name="t-sheds", duration_s=3.0, nodes_per_region=1).to_dict()
+    rec.complete, rec.ended_s = True, 3.0
+    rec.save(tmp_path / "run")
+    page = render_report([tmp_path / "run"])
+    # the ejections table: when, who, why, ejected or kept by the cap
+    table = page[page.index("<table class='ejections'>"):]
+    table = table[:table.index("</table>")]
+    assert "<td>us-1</td><td>refused</td><td>1</td><td>ejected</td>" in table
+    assert "<td>ap-1</td><td>timeouts</td><td>3</td><td>refused</td>" in table
+    assert "shed (quick 503)</td><td>3</td>" in page
+    # the chart's shed series is the per-second series of the check, drawn as given
+    figures = [json.loads(m) for m in re.findall(r'Plotly\.newPlot\(\s*"chart-\d+",\s*(\[.*?\]),\s*\{', page)]
+    traces = {t.get("name"): t for fig in figures for t in fig}
+    assert traces["shed (quick 503)"]["y"] == [0, 3, 0]
+    assert traces["served (2xx)"]["y"] == [3, 1, 0]
+    assert "router inflight" in traces and "eu-1 check" in traces
+    assert "The router's rotation" in page and "out: timeouts" in page
+    assert "most nodes out of the router&#x27;s rotation at once</td><td>2</td>" in page
+
+
+def test_rotation_spans_say_why_a_node_is_out():
+    samples = [_table(0.0), _table(1.0, **{"us-1": "refused"}), _table(2.0, **{"us-1": "refused"}),
+               _table(3.0)]
+    spans = overload.rotation_intervals(samples, 4.0)
+    assert spans["us-1"] == [(0.0, 1.0, "in rotation"), (1.0, 3.0, "out: refused"), (3.0, 4.0, "in rotation")]
+    assert spans["eu-1"] == [(0.0, 4.0, "in rotation")]
+    assert overload.rotation_state({"usable": False, "evidence": "", "reason": "draining"}) == "out: draining"
+    assert overload.rotation_intervals([], 4.0) == {}
+    rec = _recording()
+    assert overload.overload_summary(rec)["most_out_of_rotation"] is None  # never sampled: not "0"
+    rec.routers += samples
+    assert overload.overload_summary(rec)["most_out_of_rotation"] == 1
