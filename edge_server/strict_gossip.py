@@ -13,8 +13,18 @@ refuses is counted in ``edge_strict_refused{reason}`` and never merged.
 
 Clocks: the core reads ``time.monotonic()`` only (a wall-clock step cannot stretch a lease); the
 incarnation is the node's boot id (``edge_server.boot``: wall-clock ms, always above the last one).
-A voter always starts as restarted (it keeps no ledger on disk): it grants nothing for
-``L (1 + rho) / (1 - rho)`` after it starts, which is safe whether or not it ran before.
+The wall clock is read for one more thing: an incarnation more than a day ahead of it is refused
+(``future_incarnation``; see ``edge_server.strict.wire``).
+
+The voter's ledger (``<audit_dir>/<voter id>.ledger.json``) is saved write-ahead: after the voter
+handled a message or a tick, and before any message of that step is queued, the document from
+``Voter.pending_ledger`` (if any) is written to a temporary file, fsynced and renamed over the old
+one.  Writes happen only when something a restart must remember grew (a share above the saved
+bound, an incarnation, an epoch, an accepted proposal), so steady renewals cost none.  If the write
+fails, the step's grant goes out as a refusal (``ledger_unwritable``) and an accept is not sent: a
+grant nobody holds costs headroom, an unsaved one could be granted twice.  At start the voter is
+restored from that file (every saved grant counts again for ``L (1 + rho) / (1 - rho)``, so it can
+grant the rest at once); with no file, or one it cannot use, it grants nothing for that long.
 """
 
 from __future__ import annotations
@@ -25,21 +35,23 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from prometheus_client import Counter, Gauge
 
+from edge_server.audit.segments import fsync_dir, read_json, write_json_atomic
 from edge_server.config import ClusterConfig, NodeSpec
-from edge_server.strict.allocator import Voter
+from edge_server.strict.allocator import Accept, LedgerError, Voter
 from edge_server.strict.rights import split_actor
 from edge_server.strict.table import StrictTable
-from edge_server.strict.wire import SeqGuard, decode, encode
+from edge_server.strict.wire import INCARNATION_AHEAD_MS, SeqGuard, decode, encode
 from edge_server.token_bucket import Decision
 from edge_server.wire import WireError
 
-__all__ = ["MAX_BATCH", "OUTBOX_MAX", "StrictGossiper", "voter_hosts", "voter_id"]
+__all__ = ["MAX_BATCH", "OUTBOX_MAX", "StrictGossiper", "ledger_path", "voter_hosts", "voter_id"]
 
 log = logging.getLogger("edge_server.strict")
 
@@ -50,6 +62,11 @@ VOTER_SEQ_SPAN = 1_000_000  # a voter's seq is boot * span + count: it grows acr
 
 def voter_id(region: str) -> str:
     return f"voter-{region}"
+
+
+def ledger_path(config: ClusterConfig, voter: str) -> Path:
+    """Where a voter's saved ledger lives: beside its host's audit trail and boot id."""
+    return Path(config.audit_dir) / f"{voter}.ledger.json"
 
 
 def voter_hosts(config: ClusterConfig) -> dict[str, str]:
@@ -76,8 +93,9 @@ class StrictGossiper:
         self.table = StrictTable(me.id, boot, self.node_ids, self.voter_ids, config.limit_for, self.settings,
                                  now=now, max_keys=config.max_keys)
         hosted = [v for v, host in self.hosts.items() if host == me.id]
-        self.voter: Voter | None = (Voter(hosted[0], self.voter_ids, self.node_ids, self.settings, now=now,
-                                          restarted=True) if hosted else None)
+        self.ledger_file: Path | None = ledger_path(config, hosted[0]) if hosted else None
+        self.ledger_start = ""  # "restored", "none" (first start or data directory lost), "unusable"
+        self.voter: Voter | None = self._start_voter(hosted[0], now) if hosted else None
         self.guard = SeqGuard()
         self._seq = 0
         self._voter_seq = 0
@@ -103,7 +121,46 @@ class StrictGossiper:
                               registry=r)
         self.m_revoked = Gauge("edge_strict_revoked", "Takes undone by the lease re-check after the spend",
                                registry=r)
+        self.m_ledger_writes = Counter("edge_strict_voter_ledger_writes", "Saves of the hosted voter's ledger",
+                                       ["outcome"], registry=r)
         self._seen_refusals: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ the voter's ledger
+    def _start_voter(self, vid: str, now: float) -> Voter:
+        """The hosted voter, from its saved ledger if there is a usable one (else it waits)."""
+        assert self.ledger_file is not None
+        try:
+            doc = read_json(self.ledger_file)
+            voter = Voter.restore(doc, vid, self.voter_ids, self.node_ids, self.settings, now=now)
+        except FileNotFoundError:
+            self.ledger_start = "none"
+        except (OSError, ValueError, LedgerError) as exc:  # garbled JSON, another version or cluster
+            self.ledger_start = "unusable"
+            log.warning("strict voter: saved ledger not usable; granting nothing for one reclaim time",
+                        extra={"path": str(self.ledger_file), "error": str(exc)})
+        else:
+            self.ledger_start = "restored"
+            return voter
+        return Voter(vid, self.voter_ids, self.node_ids, self.settings, now=now, restarted=True)
+
+    def _save_ledger(self, now: float) -> bool:
+        """Write-ahead save of what the voter must remember; False if it could not be made durable."""
+        voter, path = self.voter, self.ledger_file
+        assert voter is not None and path is not None
+        doc = voter.pending_ledger(now)
+        if doc is None:
+            return True
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, doc)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            self.m_ledger_writes.labels("failed").inc()
+            log.error("strict voter: ledger not saved", extra={"path": str(path), "error": str(exc)})
+            return False
+        voter.saved(doc)
+        self.m_ledger_writes.labels("ok").inc()
+        return True
 
     # ------------------------------------------------------------------ the request path
     def decide(self, key: str, cost: int) -> Decision:
@@ -146,7 +203,9 @@ class StrictGossiper:
         for peer in self.peers:
             self._send(peer.id, "strict_delta", table.delta_for(peer.id))
         if self.voter is not None:
-            for dst, msg in self.voter.tick(now):
+            out = self.voter.tick(now)
+            self._save_ledger(now)  # nothing of a tick needs it first; it only catches up
+            for dst, msg in out:
                 self._send(self.hosts[dst], type(msg).__name__.lower(), msg, as_voter=True)
         self._gauges(now)
 
@@ -234,7 +293,8 @@ class StrictGossiper:
 
     def _receive(self, data: bytes, signature: str) -> tuple[str, int]:
         try:
-            msg = decode(self.config.secret, data, signature, nodes=self.node_ids, voters=self.voter_ids)
+            msg = decode(self.config.secret, data, signature, nodes=self.node_ids, voters=self.voter_ids,
+                         max_incarnation=int(time.time() * 1000) + INCARNATION_AHEAD_MS)
             self.guard.check(msg)
         except WireError as exc:
             self.m_refused.labels(exc.reason).inc()
@@ -260,9 +320,14 @@ class StrictGossiper:
             return "not_a_voter", 409
         if kind == "lease_request":
             grant = voter.on_request(msg.body, now)
+            if not self._save_ledger(now) and grant.fraction > 0:
+                grant = voter.withdraw(grant, "ledger_unwritable")
             self._send(grant.node, "grant", grant, as_voter=True)
         else:
-            for to, out in voter.on_message(msg.body, now):
+            outs = voter.on_message(msg.body, now)
+            if not self._save_ledger(now):
+                outs = [(to, out) for to, out in outs if not isinstance(out, Accept)]  # stays frozen: safe
+            for to, out in outs:
                 self._send(self.hosts[to], type(out).__name__.lower(), out, as_voter=True)
         return "", 200
 
@@ -296,6 +361,9 @@ class StrictGossiper:
         doc["lease_age_s"] = None if self.last_grant is None else round(now - self.last_grant, 3)
         doc["fenced_s"] = round(self.fenced_s + (now - self._fenced_at if self._fenced_at is not None else 0.0), 3)
         if self.voter is not None:
-            doc["voter"] = {"id": self.voter.voter_id, "epoch": self.voter.epoch, "members": list(self.voter.members),
-                            "ledger": self.voter.ledger(now), "refused": dict(self.voter.refused)}
+            v = self.voter
+            doc["voter"] = {"id": v.voter_id, "epoch": v.epoch, "members": list(v.members),
+                            "ledger": v.ledger(now), "refused": dict(v.refused), "started_from": self.ledger_start,
+                            "grants_in_s": round(max(0.0, v.grants_from - now), 3),
+                            "incarnations": dict(v.incarnations)}
         return doc

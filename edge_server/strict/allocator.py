@@ -12,8 +12,23 @@ moment it granted it -- longer than the node, which measures ``L`` from the earl
 left, can use it.  A dead or cut-off node simply stops renewing; its ledger entries run out and the
 headroom goes to the nodes that still ask.  Shares follow measured demand, and a decrease takes
 effect before the matching increase because the old, larger grant stays in the ledger until it runs
-out.  A restarted node (higher incarnation) gets nothing until every grant of its old incarnation
-has run out.
+out.
+
+**Incarnations.**  A newer incarnation of a node is *adopted* only once the current one has been
+silent for ``L * (1 + rho) / (1 - rho)``: no request of it heard and no grant of it counted.  Until
+then a request of the newer one is refused (``old_incarnation_lease``) and changes nothing -- so a
+message that merely *claims* a newer incarnation cannot fence a live node, and a really restarted
+node gets nothing until every grant of its old incarnation has run out.  Once adopted, the old
+incarnation is refused (``old_incarnation``).
+
+**What survives a restart.**  :meth:`Voter.pending_ledger` hands the caller a JSON document of what
+a restarted voter must remember -- epoch, members, the proposal it accepted, the adopted incarnation
+of every node, and for every node with a live grant an upper bound of its share -- whenever one of
+those grew; the caller makes it durable *before* the messages of that step leave (write-ahead).
+:meth:`Voter.restore` starts from it: every saved grant counts again for a whole
+``L * (1 + rho) / (1 - rho)`` from the restart (the time spent down is unknown), so the voter may
+grant the rest of its capacity at once and never overlaps a grant it made before.  A voter with no
+document (first start, or its data directory lost) grants nothing for that long instead.
 
 **Membership.**  A voter silent for ``voter_dead`` is voted out (and a returning one voted back in)
 by a new epoch: the lowest-named live member proposes ``(epoch + 1, members)``; every member of the
@@ -29,13 +44,24 @@ Pure: every method takes ``now`` (the voter's own monotonic clock) and returns m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edge_server.strict.lease import Grant, LeaseRequest
 from edge_server.strict.settings import StrictSettings
 
-__all__ = ["Accept", "Commit", "Hello", "Propose", "Voter", "VoterMessage", "quorum_of"]
+__all__ = ["LEDGER_VERSION", "Accept", "Commit", "Hello", "LedgerError", "Propose", "Voter", "VoterMessage",
+           "quorum_of"]
+
+LEDGER_VERSION = 1  # the "v" of a saved voter ledger; another value is refused (the voter then waits)
+BOUND_STEPS = 32  # a saved share is rounded up to 1/32: a small rise needs no new write
+
+
+class LedgerError(ValueError):
+    """A saved voter ledger that cannot be used (garbled, another version, another cluster)."""
 
 
 def quorum_of(members: int) -> int:
@@ -106,14 +132,23 @@ class Voter:
         self._ledger: dict[str, list[_Entry]] = {}
         self._incarnation: dict[str, int] = {}
         self._demand: dict[str, tuple[float, float]] = {}  # node -> (demand, heard at)
+        self._inc_heard: dict[str, float] = {}  # node -> when a request of its adopted incarnation came
         self._heard: dict[str, float] = {v: now for v in self.all_voters}
         self.refused: dict[str, int] = {}
+        self.restored = False  # started from a saved ledger
+        self._saved_bounds: dict[str, tuple[int, float]] = {}  # node -> (incarnation, share) on disk
+        self._dirty = True  # something a restart must remember changed since the last save
 
     # ------------------------------------------------------------------ grants
 
     @property
     def quorum(self) -> int:
         return quorum_of(len(self.members))
+
+    @property
+    def incarnations(self) -> dict[str, int]:
+        """Node -> the incarnation this voter adopted (for state views and tests)."""
+        return dict(self._incarnation)
 
     @property
     def capacity(self) -> float:
@@ -144,7 +179,16 @@ class Voter:
         known = self._incarnation.get(req.node, -1)
         if req.incarnation < known:
             return self._refuse(req, "old_incarnation")
-        self._incarnation[req.node] = req.incarnation
+        if req.incarnation > known:
+            # Adopt a newer incarnation only once the current one is silent and holds no grant here:
+            # a claim alone must not fence a live node, and the old lease may still be in use.
+            heard = self._inc_heard.get(req.node, -math.inf)
+            if now - heard < self.settings.reclaim_s or any(
+                    e.until > now for e in self._ledger.get(req.node, [])):
+                return self._refuse(req, "old_incarnation_lease")
+            self._incarnation[req.node] = req.incarnation
+            self._dirty = True
+        self._inc_heard[req.node] = now
         self._demand[req.node] = (req.demand, now)
         if self.voter_id not in self.members:
             return self._refuse(req, "not_a_member")
@@ -153,9 +197,6 @@ class Voter:
         if now < self.grants_from:
             return self._refuse(req, "epoch_settling")
         entries = [e for e in self._ledger.get(req.node, []) if e.until > now]
-        if any(e.incarnation < req.incarnation for e in entries):
-            # The old incarnation's lease may still be in use: the new one waits until it ran out.
-            return self._refuse(req, "old_incarnation_lease")
         target = self.capacity * self._weight(req.node, now)
         headroom = self.capacity - self._usage(now, skip=req.node)
         fraction = max(0.0, min(target, headroom, 1.0))
@@ -163,8 +204,17 @@ class Voter:
             return self._refuse(req, "no_headroom")
         entries.append(_Entry(req.incarnation, fraction, now + self.settings.reclaim_s))
         self._ledger[req.node] = entries
+        saved_inc, saved = self._saved_bounds.get(req.node, (-1, 0.0))
+        if saved_inc != req.incarnation or fraction > saved:
+            self._dirty = True  # the saved bound no longer covers this grant: save before it leaves
         return Grant(self.voter_id, req.node, req.incarnation, req.req_id, self.epoch, self.quorum,
                      len(self.members), fraction)
+
+    def withdraw(self, grant: Grant, reason: str) -> Grant:
+        """Turn a grant that must not leave (its ledger could not be saved) into a refusal.  Its entry
+        stays in the ledger: counting a grant nobody holds costs headroom, never safety."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return dataclasses.replace(grant, fraction=0.0, reason=reason)
 
     def _weight(self, node: str, now: float) -> float:
         """The node's share of recent demand; every asking node keeps a small floor so that an idle
@@ -214,6 +264,7 @@ class Voter:
                 return []
             if self.frozen_for is None:
                 self.frozen_for = (msg.epoch, msg.members)  # from now on: no grant for this epoch
+                self._dirty = True  # saved before the accept leaves
             if self.frozen_for == (msg.epoch, msg.members):
                 return [(msg.sender, Accept(self.voter_id, msg.epoch, msg.members))]
             return []
@@ -242,7 +293,87 @@ class Voter:
         self._accepts = {}
         self._ledger = {}
         self.grants_from = now + self.settings.reclaim_s
+        self._dirty = True
+
+    # ------------------------------------------------------------------ what survives a restart
+
+    def pending_ledger(self, now: float) -> dict[str, Any] | None:
+        """The document to make durable before this step's messages leave, or None if the last one
+        saved still covers everything a restart must remember.  Call :meth:`saved` once it is."""
+        if not self._dirty:
+            return None
+        held: dict[str, tuple[int, float]] = {}
+        for node, entries in self._ledger.items():
+            live = [e for e in entries if e.until > now]
+            if live:
+                held[node] = (max(e.incarnation for e in live), max(e.fraction for e in live))
+        # Each saved share is rounded up (so a small rise needs no write), but the roundings share
+        # only the free capacity: the saved shares never add up to more than the voter may grant.
+        spare = max(0.0, self.capacity - sum(f for _i, f in held.values())) / max(1, len(held))
+        granted = {node: [inc, f + min(spare, math.ceil(f * BOUND_STEPS) / BOUND_STEPS - f)]
+                   for node, (inc, f) in held.items()}
+        return {"v": LEDGER_VERSION, "voter": self.voter_id, "voters": list(self.all_voters),
+                "epoch": self.epoch, "members": list(self.members),
+                "frozen_for": None if self.frozen_for is None else [self.frozen_for[0], list(self.frozen_for[1])],
+                "settling": now < self.grants_from, "incarnations": dict(self._incarnation), "granted": granted}
+
+    def saved(self, doc: Mapping[str, Any]) -> None:
+        """``doc`` (from :meth:`pending_ledger`) is durable."""
+        self._saved_bounds = {n: (int(g[0]), float(g[1])) for n, g in doc["granted"].items()}
+        self._dirty = False
+
+    @classmethod
+    def restore(cls, doc: Any, voter_id: str, voters: Sequence[str], nodes: Sequence[str],
+                settings: StrictSettings, *, now: float) -> Voter:
+        """A voter restarted from its saved ledger.  Every saved grant counts again for
+        ``L (1 + rho) / (1 - rho)`` from ``now``; raises :class:`LedgerError` naming what is wrong."""
+        v = cls(voter_id, voters, nodes, settings, now=now)
+        try:
+            _check_ledger(doc, v)
+            v.epoch = doc["epoch"]
+            v.members = tuple(sorted(doc["members"]))
+            frozen = doc["frozen_for"]
+            v.frozen_for = None if frozen is None else (frozen[0], tuple(frozen[1]))
+            v._incarnation = {n: i for n, i in doc["incarnations"].items() if n in v.nodes}
+            for node, (inc, share) in doc["granted"].items():
+                v._ledger[node] = [_Entry(inc, float(share), now + settings.reclaim_s)]
+                v._inc_heard[node] = now
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LedgerError(f"saved voter ledger: {exc}") from None
+        v.grants_from = now + settings.reclaim_s if doc["settling"] else now
+        v.restored = True
+        v.saved(doc)
+        return v
 
     def __repr__(self) -> str:
         return (f"<Voter {self.voter_id} epoch={self.epoch} members={list(self.members)} "
                 f"frozen={self.frozen_for is not None}>")
+
+
+def _check_ledger(doc: Any, v: Voter) -> None:
+    """Raise ``ValueError`` unless ``doc`` is a saved ledger of voter ``v`` in this cluster."""
+    def _int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(doc, dict) or doc.get("v") != LEDGER_VERSION:
+        raise ValueError(f"'v' is not {LEDGER_VERSION}")
+    if doc.get("voter") != v.voter_id or doc.get("voters") != list(v.all_voters):
+        raise ValueError(f"written by voter {doc.get('voter')!r} of voters {doc.get('voters')!r}, "
+                         f"not {v.voter_id!r} of {list(v.all_voters)}")
+    members = doc.get("members")
+    if not _int(doc.get("epoch")) or not isinstance(members, list) or not members \
+            or not set(members) <= set(v.all_voters):
+        raise ValueError("'epoch' or 'members' is not an epoch of this cluster's voters")
+    frozen = doc.get("frozen_for")
+    if frozen is not None and not (isinstance(frozen, list) and len(frozen) == 2 and _int(frozen[0])
+                                   and isinstance(frozen[1], list) and set(frozen[1]) <= set(v.all_voters)):
+        raise ValueError("'frozen_for' is not null or [epoch, members]")
+    if not isinstance(doc.get("settling"), bool):
+        raise ValueError("'settling' is not a boolean")
+    incs, granted = doc.get("incarnations"), doc.get("granted")
+    if not isinstance(incs, dict) or not all(_int(i) for i in incs.values()):
+        raise ValueError("'incarnations' is not {node: incarnation}")
+    if not isinstance(granted, dict) or not all(
+            isinstance(g, list) and len(g) == 2 and _int(g[0]) and isinstance(g[1], int | float)
+            and not isinstance(g[1], bool) and 0.0 <= g[1] <= 1.0 for g in granted.values()):
+        raise ValueError("'granted' is not {node: [incarnation, share in [0, 1]]}")

@@ -95,6 +95,7 @@ class MemCluster:
         self.tables: dict[str, StrictTable | None] = {n: self._new_table(n) for n in self.node_ids}
         self.voters = {v: Voter(v, self.voter_ids, self.node_ids, self.settings, now=self.local(v))
                        for v in self.voter_ids}
+        self.ledgers: dict[str, dict[str, Any]] = {}  # voter -> its last saved ledger (its "disk")
         self.envelopes: dict[str, Envelope] = {}
         self.admitted: dict[str, float] = {n: 0.0 for n in self.node_ids}
         self.denied = 0
@@ -150,11 +151,25 @@ class MemCluster:
         self.tables[node] = table
         return table
 
-    def restart_voter(self, voter: str) -> Voter:
-        """A voter that lost its ledger and its epoch (the worst case)."""
-        self.voters[voter] = Voter(voter, self.voter_ids, self.node_ids, self.settings, now=self.local(voter),
-                                   restarted=True)
+    def restart_voter(self, voter: str, keep_ledger: bool = False) -> Voter:
+        """A restarted voter: from its last saved ledger, or (the data directory lost) with none."""
+        saved = self.ledgers.get(voter) if keep_ledger else None
+        if saved is not None:
+            self.voters[voter] = Voter.restore(saved, voter, self.voter_ids, self.node_ids, self.settings,
+                                               now=self.local(voter))
+        else:
+            self.ledgers.pop(voter, None)
+            self.voters[voter] = Voter(voter, self.voter_ids, self.node_ids, self.settings,
+                                       now=self.local(voter), restarted=True)
         return self.voters[voter]
+
+    def _save(self, vid: str) -> None:
+        """Write-ahead, as the node does: the ledger is saved before the step's messages leave."""
+        voter = self.voters[vid]
+        doc = voter.pending_ledger(self.local(vid))
+        if doc is not None:
+            self.ledgers[vid] = doc
+            voter.saved(doc)
 
     # ------------------------------------------------------------------ requests
 
@@ -236,7 +251,9 @@ class MemCluster:
                     upto, entries = table.delta_for(peer)
                     self._send(node, peer, "strict_delta", table.actor, (upto, entries))
         for vid, voter in self.voters.items():
-            for dst, msg in voter.tick(self.local(vid)):
+            out = voter.tick(self.local(vid))
+            self._save(vid)
+            for dst, msg in out:
                 self._send(vid, dst, type(msg).__name__.lower(), vid, msg)
 
     def blocked(self, msg: Message) -> bool:
@@ -256,9 +273,12 @@ class MemCluster:
             voter, now = self.voters[dst], self.local(dst)
             if decoded.kind == "lease_request":
                 grant = voter.on_request(decoded.body, now)
+                self._save(dst)
                 self._send(dst, msg.src, "grant", dst, grant)
             else:
-                for to, out in voter.on_message(decoded.body, now):
+                outs = voter.on_message(decoded.body, now)
+                self._save(dst)
+                for to, out in outs:
                     self._send(dst, to, type(out).__name__.lower(), dst, out)
             return
         table = self.tables.get(dst)

@@ -4,9 +4,20 @@ Kinds: ``strict_delta`` (rights state, per key per actor), ``strict_ack``, ``lea
 ``grant`` and the voters' ``hello`` / ``propose`` / ``accept`` / ``commit``.  A message is refused
 (never merged) with a :class:`edge_server.wire.WireError` naming the reason, for metrics: unsigned,
 forged signature, not JSON, unknown version (the field ``"sv"``), unknown kind, a field of the wrong
-type, a negative or non-finite number, a node outside the cluster, or -- through
-:class:`SeqGuard` -- a ``(incarnation, seq)`` that does not grow per sender (replayed).
-Replays are harmless to the state (merge is idempotent) but are refused and counted all the same.
+type, a negative or non-finite number, a node outside the cluster, a message whose sender is not who
+its body speaks for (``wrong_sender``: a lease request for another incarnation, a grant in another
+voter's name), an incarnation too far ahead of the receiver's wall clock (``future_incarnation``), or
+-- through :class:`SeqGuard` -- a seq already seen from that sender (replayed).  Replays are harmless
+to the state (merge is idempotent) but are refused and counted all the same.
+
+**Forged and replayed incarnations.**  Every message is signed with the cluster's one secret, so a
+signature says "a member of this cluster", not which one; what a message may do is therefore
+limited by what it *claims*.  An incarnation is a boot id (wall-clock milliseconds), so a claim
+more than :data:`INCARNATION_AHEAD_MS` (a day) ahead of the receiver's wall clock can only be forged
+or come from a broken clock, and is refused whole, wherever in the message it appears.  A merely
+*newer* incarnation fences nobody here: :class:`SeqGuard` keeps its sequence per incarnation, so
+the messages of the node's live incarnation are still accepted (the voters adopt a newer
+incarnation only once the old one is silent, see ``allocator.py``).
 
 An entry is a positional list ``[minted, spent, burned, credited, {receiver: [total, echo]},
 {giver: accepted}, [want_stamp, want_amount]]``: the field order is part of version 1.
@@ -14,6 +25,7 @@ An entry is a positional list ``[minted, spent, burned, credited, {receiver: [to
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import math
 from collections.abc import Collection
@@ -28,6 +40,7 @@ from edge_server.strict.rights import ActorRights, KeyRights, split_actor
 from edge_server.wire import WireError, sign
 
 __all__ = [
+    "INCARNATION_AHEAD_MS",
     "STRICT_WIRE_VERSION",
     "SeqGuard",
     "StrictMessage",
@@ -36,6 +49,7 @@ __all__ = [
 ]
 
 STRICT_WIRE_VERSION = 1
+INCARNATION_AHEAD_MS = 86_400_000  # a day: wider than any time-zone mistake, far below a forged 10**14
 _VOTER_KINDS: dict[str, type] = {"hello": Hello, "propose": Propose, "accept": Accept, "commit": Commit}
 _KINDS = frozenset({"strict_delta", "strict_ack", "lease_request", "grant", *_VOTER_KINDS})
 
@@ -109,18 +123,25 @@ def _str(value: Any, what: str, limit: int = 256) -> str:
     return value
 
 
-def _actor(value: Any, what: str, nodes: Collection[str] | None) -> str:
+def _actor(value: Any, what: str, nodes: Collection[str] | None, max_inc: int | None = None) -> str:
     actor = _str(value, what)
     try:
-        node, _inc = split_actor(actor)
+        node, inc = split_actor(actor)
     except ValueError:
         raise _fail(f"{what} {actor!r} is not '<node>#<incarnation>'") from None
     if nodes is not None and node not in nodes:
         raise WireError("unknown_node", f"{what} {actor!r} names a node outside the cluster")
+    if max_inc is not None and inc > max_inc:
+        raise _future(what, actor)
     return actor
 
 
-def _rights(raw: Any, where: str, nodes: Collection[str] | None) -> ActorRights:
+def _future(what: str, actor: str) -> WireError:
+    return WireError("future_incarnation", f"{what} {actor!r}: an incarnation (boot id, wall-clock ms) more "
+                     f"than {INCARNATION_AHEAD_MS} ms ahead of this node's clock")
+
+
+def _rights(raw: Any, where: str, nodes: Collection[str] | None, max_inc: int | None = None) -> ActorRights:
     if not (isinstance(raw, list) and len(raw) == 7 and isinstance(raw[4], dict) and isinstance(raw[5], dict)
             and isinstance(raw[6], list) and len(raw[6]) == 2):
         raise _fail(f"{where} is not [minted, spent, burned, credited, sent, accepted, want]")
@@ -128,18 +149,22 @@ def _rights(raw: Any, where: str, nodes: Collection[str] | None) -> ActorRights:
     for receiver, pair in raw[4].items():
         if not (isinstance(pair, list) and len(pair) == 2):
             raise _fail(f"{where} sent[{receiver!r}] is not [total, echo]")
-        sent[_actor(receiver, f"{where} receiver", nodes)] = (_num(pair[0], "total"), _num(pair[1], "echo"))
-    accepted = {_actor(g, f"{where} giver", nodes): _num(v, "accepted") for g, v in raw[5].items()}
+        sent[_actor(receiver, f"{where} receiver", nodes, max_inc)] = (_num(pair[0], "total"),
+                                                                       _num(pair[1], "echo"))
+    accepted = {_actor(g, f"{where} giver", nodes, max_inc): _num(v, "accepted") for g, v in raw[5].items()}
     return ActorRights(_num(raw[0], "minted"), _num(raw[1], "spent"), _num(raw[2], "burned"),
                        _num(raw[3], "credited"), sent, accepted,
                        (_num(raw[6][0], "want stamp"), _num(raw[6][1], "want amount")))
 
 
 def decode(secret: bytes, data: bytes, signature: str | None, *, nodes: Collection[str] | None = None,
-           voters: Collection[str] | None = None, max_key_bytes: int = 256) -> StrictMessage:
+           voters: Collection[str] | None = None, max_key_bytes: int = 256,
+           max_incarnation: int | None = None) -> StrictMessage:
     """Verify and parse one message; raise ``WireError`` for anything not exactly right.
 
-    With ``nodes`` (and ``voters``), any actor or voter outside the cluster is refused.
+    With ``nodes`` (and ``voters``), any actor or voter outside the cluster is refused.  With
+    ``max_incarnation`` (the receiver's wall clock in ms plus :data:`INCARNATION_AHEAD_MS`), any
+    incarnation beyond it -- the sender's, an entry's, a receiver's or giver's, a grant's -- is.
     """
     if not signature:
         raise WireError("unsigned", "missing signature", 401)
@@ -188,23 +213,28 @@ def decode(secret: bytes, data: bytes, signature: str | None, *, nodes: Collecti
         node = _str(body.get("node"), "'node'")
         if nodes is not None and node not in nodes:
             raise WireError("unknown_node", f"grant for {node!r}, a node outside the cluster")
-        grant = Grant(_str(body.get("voter"), "'voter'"), node, _int(body.get("inc"), "'inc'"),
-                      _int(body.get("req"), "'req'"), _int(body.get("epoch"), "'epoch'"),
+        voter = _str(body.get("voter"), "'voter'")
+        if voter != sender:
+            raise WireError("wrong_sender", f"a grant in the name of {voter!r} sent by {sender!r}")
+        inc = _int(body.get("inc"), "'inc'")
+        if max_incarnation is not None and inc > max_incarnation:
+            raise _future("grant for", f"{node}#{inc}")
+        grant = Grant(voter, node, inc, _int(body.get("req"), "'req'"), _int(body.get("epoch"), "'epoch'"),
                       _int(body.get("quorum"), "'quorum'"), _int(body.get("members"), "'members'"),
                       fraction, reason)
         return StrictMessage(kind, sender, seq, grant)
-    sender = _actor(doc.get("from"), "'from'", nodes)
+    sender = _actor(doc.get("from"), "'from'", nodes, max_incarnation)
     if kind == "strict_ack":
         return StrictMessage(kind, sender, seq, _int(body.get("upto"), "'upto'"))
     if kind == "lease_request":
         node = _str(body.get("node"), "'node'")
-        if node != split_actor(sender)[0]:
-            raise WireError("wrong_sender", f"a lease request for {node!r} sent by {sender!r}")
+        inc = _int(body.get("inc"), "'inc'")
+        if (node, inc) != split_actor(sender):
+            raise WireError("wrong_sender", f"a lease request for {node}#{inc} sent by {sender!r}")
         voter = _str(body.get("voter"), "'voter'")
         if voters is not None and voter not in voters:
             raise WireError("unknown_voter", f"{voter!r} is not a voter of the cluster")
-        req = LeaseRequest(voter, node, _int(body.get("inc"), "'inc'"), _int(body.get("req"), "'req'"),
-                           _num(body.get("demand"), "'demand'"))
+        req = LeaseRequest(voter, node, inc, _int(body.get("req"), "'req'"), _num(body.get("demand"), "'demand'"))
         return StrictMessage(kind, sender, seq, req)
     raw_entries = body.get("entries")
     if not isinstance(raw_entries, list):
@@ -214,8 +244,8 @@ def decode(secret: bytes, data: bytes, signature: str | None, *, nodes: Collecti
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)):
             raise _fail("an entry is not [key, {actor: rights}]")
         key = _str(item[0], "a key", max_key_bytes)
-        entries.append((key, {_actor(a, f"entry {key!r} actor", nodes): _rights(r, f"entry {key!r}", nodes)
-                              for a, r in item[1].items()}))
+        entries.append((key, {_actor(a, f"entry {key!r} actor", nodes, max_incarnation):
+                              _rights(r, f"entry {key!r}", nodes, max_incarnation) for a, r in item[1].items()}))
     return StrictMessage(kind, sender, seq, (_int(body.get("upto"), "'upto'"), entries))
 
 
@@ -224,42 +254,62 @@ def _consteq(a: str, b: str) -> bool:
 
 
 class SeqGuard:
-    """Refuses a message whose ``(incarnation, seq)`` it has already seen for its sender node (replay).
+    """Refuses a message whose seq it has already seen from its sender (a replay).
+
+    Sequences are kept per *sender* -- an actor ``node#incarnation``, or a voter id -- not per node:
+    a message claiming a newer incarnation of a node (forged, or a replay reaching a receiver that
+    restarted) must not make the messages of that node's live incarnation look replayed.  The
+    newest ``incarnations`` incarnations of each node are kept; a message of an incarnation older
+    than all of them is refused.
 
     Reordering is normal (concurrent HTTP requests, jitter), so a message older than the newest is
     accepted once, as long as it is within ``window`` of the newest seq and not seen before (the
-    anti-replay window of IPsec, RFC 4303).  Anything older than the window, from an older
-    incarnation, or seen before is refused.  Refusing a reordered message would cost availability
-    (a lost lease request), never safety: merge is idempotent either way.
+    anti-replay window of IPsec, RFC 4303).  Anything older than the window or seen before is
+    refused.  Refusing a reordered message would cost availability (a lost lease request), never
+    safety: merge is idempotent either way.
     """
 
-    def __init__(self, window: int = 256) -> None:
+    def __init__(self, window: int = 256, incarnations: int = 4) -> None:
         self.window = window
-        self._last: dict[str, tuple[int, int]] = {}
-        self._seen: dict[str, set[int]] = {}  # node -> seqs within the window below the newest
+        self.incarnations = incarnations
+        self._last: dict[str, int] = {}  # sender -> newest seq
+        self._seen: dict[str, set[int]] = {}  # sender -> seqs within the window below the newest
+        self._kept: dict[str, list[int]] = {}  # node -> incarnations tracked, ascending
         self.refused = 0
 
-    def check(self, msg: StrictMessage) -> None:
-        try:
-            node, inc = split_actor(msg.sender)
-        except ValueError:
-            node, inc = msg.sender, 0  # voters have no incarnation
-        seq = msg.seq
-        last = self._last.get(node)
-        if last is None or (inc, seq) > last:
-            if last is None or inc > last[0]:
-                self._seen[node] = {seq}
-            else:
-                seen = self._seen[node]
-                seen.add(seq)
-                if len(seen) > 2 * self.window:
-                    floor = seq - self.window
-                    self._seen[node] = {s for s in seen if s > floor}
-            self._last[node] = (inc, seq)
-            return
-        if inc == last[0] and seq > last[1] - self.window and seq not in self._seen[node]:
-            self._seen[node].add(seq)
-            return
+    def _refuse(self, msg: StrictMessage, why: str) -> WireError:
         self.refused += 1
-        raise WireError("replayed", f"(incarnation, seq) {(inc, seq)} was seen or is older than {last} "
-                        f"by more than the window of {self.window}", 409)
+        return WireError("replayed", f"{msg.sender!r} seq {msg.seq}: {why}", 409)
+
+    def check(self, msg: StrictMessage) -> None:
+        sender, seq = msg.sender, msg.seq
+        last = self._last.get(sender)
+        if last is None:
+            try:
+                node, inc = split_actor(sender)
+            except ValueError:
+                node, inc = sender, 0  # voters have no incarnation
+            kept = self._kept.setdefault(node, [])
+            if len(kept) >= self.incarnations and inc < kept[0]:
+                raise self._refuse(msg, f"incarnation {inc} is older than every one tracked for {node!r}")
+            bisect.insort(kept, inc)
+            if len(kept) > self.incarnations:
+                gone = f"{node}#{kept.pop(0)}"
+                self._last.pop(gone, None)
+                self._seen.pop(gone, None)
+            self._last[sender] = seq
+            self._seen[sender] = {seq}
+            return
+        seen = self._seen[sender]
+        if seq > last:
+            seen.add(seq)
+            if len(seen) > 2 * self.window:
+                floor = seq - self.window
+                self._seen[sender] = {s for s in seen if s > floor}
+            self._last[sender] = seq
+            return
+        if seq > last - self.window and seq not in seen:
+            seen.add(seq)
+            return
+        raise self._refuse(msg, f"seen before, or older than the newest ({last}) by more than the window "
+                           f"of {self.window}")

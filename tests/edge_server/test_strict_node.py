@@ -99,7 +99,11 @@ def test_a_strict_cluster_serves_inside_the_envelope_and_shows_its_rights(tmp_pa
 def test_forged_replayed_and_wrong_mode_messages_are_refused_and_counted(tmp_path: Path) -> None:
     with StrictProcs(tmp_path, rate=100, burst=100) as c:
         url = c.url("eu-1")
-        data, sig = encode(SECRET.encode(), "strict_ack", "us-1#99999999999999", 7, 0)  # a newer incarnation
+        far, far_sig = encode(SECRET.encode(), "strict_ack", "us-1#99999999999999", 7, 0)  # boot in year 5138
+        future = request(url, "POST", "/v1/strict", json=[[far.decode(), far_sig]])
+        assert future.status == 400 and future.json()["refused"] == {"future_incarnation": 1}
+        newer = f"us-1#{c.state('us-1')['boot'] + 1000}"  # a plausible newer incarnation
+        data, sig = encode(SECRET.encode(), "strict_ack", newer, 7, 0)
         forged = request(url, "POST", "/v1/strict", json=[[data.decode(), "0" * 64]])
         assert forged.status == 401, forged.body
         assert forged.json()["refused"] == {"bad_signature": 1}
@@ -112,8 +116,9 @@ def test_forged_replayed_and_wrong_mode_messages_are_refused_and_counted(tmp_pat
         assert wrong.status == 409 and wrong.error["code"] == "wrong_mode"
         text = c.metrics("eu-1")
         assert metric_value(text, "edge_strict_refused_total", reason="bad_signature") == 1
-        # >= 1: after the test's message from a newer us-1 incarnation, the real us-1's are refused too
-        assert metric_value(text, "edge_strict_refused_total", reason="replayed") >= 1
+        # exactly the test's replay: the claim of a newer us-1 incarnation did not fence the real us-1
+        assert metric_value(text, "edge_strict_refused_total", reason="replayed") == 1
+        assert metric_value(text, "edge_strict_refused_total", reason="future_incarnation") == 1
         assert metric_value(text, "edge_strict_refused_total", reason="malformed") == 1
 
 

@@ -89,8 +89,10 @@ def test_a_new_incarnation_waits_for_the_old_lease_and_the_old_one_is_refused() 
     v = Voter("va", VOTERS, NODES, S, now=0.0)
     assert v.on_request(LeaseRequest("va", "a1", 1, 1, 1.0), 0.0).fraction > 0
     assert v.on_request(LeaseRequest("va", "a1", 2, 2, 1.0), 0.1).reason == "old_incarnation_lease"
-    assert v.on_request(LeaseRequest("va", "a1", 1, 3, 1.0), 0.1).reason == "old_incarnation"
+    # the old one is silent from 0.0 on: the new one is adopted once its grant ran out ...
     assert v.on_request(LeaseRequest("va", "a1", 2, 4, 1.0), S.reclaim_s + 0.01).fraction > 0
+    # ... and from then on the old one is refused
+    assert v.on_request(LeaseRequest("va", "a1", 1, 3, 1.0), S.reclaim_s + 0.02).reason == "old_incarnation"
 
 
 def test_bad_lease_requests_are_refused_with_a_reason() -> None:

@@ -2,7 +2,8 @@
 
 Rules: take (also with a pause between take and answer), gossip rounds, delivery in any order,
 loss, duplication, long delays, partitions of any shape, heal, crash, restart with or without the
-data directory, a voter restart that loses its ledger, clock drift within rho, and time passing.  After every step:
+data directory, a voter restart from its saved ledger or with none, clock drift within rho, and time
+passing.  After every step:
 
 * the envelope: the tokens the cluster admitted in every window ``[s, t]`` of true time never exceed
   ``B + R * (t - s)`` -- no allowance (1e-6 is float rounding);
@@ -129,9 +130,9 @@ class StrictCluster(RuleBasedStateMachine):
     def restart(self, node: str, keep_data: bool) -> None:
         self.c.restart(node, keep_data)
 
-    @rule(region=st.sampled_from(sorted(REGIONS)))
-    def restart_voter(self, region: str) -> None:
-        self.c.restart_voter(MemCluster.voter_of(region))
+    @rule(region=st.sampled_from(sorted(REGIONS)), keep_ledger=st.booleans())
+    def restart_voter(self, region: str, keep_ledger: bool) -> None:
+        self.c.restart_voter(MemCluster.voter_of(region), keep_ledger)
 
     # ------------------------------------------------------------- invariants
 

@@ -109,9 +109,11 @@ def test_a_replayed_message_is_refused_and_counted() -> None:
     with pytest.raises(WireError) as err:
         guard.check(first)
     assert err.value.reason == "replayed" and guard.refused == 1
-    guard.check(decode(SECRET, *encode(SECRET, "strict_ack", "b1#3", 1, 1)))  # a new incarnation restarts seq
+    guard.check(decode(SECRET, *encode(SECRET, "strict_ack", "b1#3", 1, 1)))  # a new incarnation has its own seq
+    # a claim of a newer incarnation fences nobody: b1#2's next message still passes, its replay does not
+    guard.check(decode(SECRET, *encode(SECRET, "strict_ack", "b1#2", 9, 1)))
     with pytest.raises(WireError):
-        guard.check(decode(SECRET, *encode(SECRET, "strict_ack", "b1#2", 9, 1)))  # the old one is gone
+        guard.check(first)
 
 
 def test_a_reordered_message_is_accepted_once_within_the_window() -> None:

@@ -17,10 +17,12 @@ Mirrored from the design (``docs/strict-mode.md``): a gossip round every interva
 ``lease_requests`` to every voter, ``delta_for`` to every peer, the voter's heartbeats -- every
 message encoded, signed and decoded through the wire format and checked by a ``SeqGuard`` (a
 duplicate is refused as replayed and counted); a decision is ``take`` then ``commit`` at once (the
-simulated audit write is durable at once).  A voter lives and dies with its host process; a restarted
-voter has lost its ledger (the worst case: it grants nothing for ``L (1 + rho) / (1 - rho)``).  With
-its data directory a restarted node also burns its predecessor's unspent rights; without it, it
-simply starts as a new incarnation.
+simulated audit write is durable at once).  A voter lives and dies with its host process and saves
+its ledger as the node does: write-ahead, before the messages of a step leave (``disk_ledger``).  A
+restart starts the voter from that ledger; a wiped restart has lost it (the voter then grants
+nothing for ``L (1 + rho) / (1 - rho)``).  With its data directory a restarted node also burns its
+predecessor's unspent rights; without it, it simply starts as a new incarnation.  Incarnations more
+than ``INCARNATION_AHEAD_MS`` ahead of the receiver's wall clock are refused, as in the node.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from edge_server.strict.allocator import Voter
 from edge_server.strict.rights import ActorRights, split_actor
 from edge_server.strict.settings import StrictSettings
 from edge_server.strict.table import StrictTable
-from edge_server.strict.wire import SeqGuard, decode, encode
+from edge_server.strict.wire import INCARNATION_AHEAD_MS, SeqGuard, decode, encode
 from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, NoLimitForKey
 from edge_server.wire import WireError
 from workbench.run.sim.clock import EPOCH
@@ -87,6 +89,7 @@ class StrictSimNode:
         self.boots = 0
         self.audit_seq = 0
         self.disk: dict[str, tuple[str, ActorRights]] = {}  # key -> (actor, its own rights) when it stopped
+        self.disk_ledger: dict[str, Any] | None = None  # the hosted voter's last saved ledger
         self._seq = 0
         self._voter_seq = 0
         self._req = 0
@@ -117,6 +120,7 @@ class StrictSimNode:
             self.kill()
         if wiped:
             self.disk = {}
+            self.disk_ledger = None
             self.audit_seq = 0
         self.inc += 1
         self.boots += 1
@@ -133,8 +137,12 @@ class StrictSimNode:
                 self.refused["burn_not_predecessor"] += 1  # the wall clock went back: incarnation did not grow
         self.table = table
         if self.voter_name is not None:
-            self.voter = Voter(self.voter_name, self.voter_ids, w.node_ids, self.settings, now=m,
-                               restarted=self.boots > 1)
+            if self.disk_ledger is not None:
+                self.voter = Voter.restore(self.disk_ledger, self.voter_name, self.voter_ids, w.node_ids,
+                                           self.settings, now=m)
+            else:
+                self.voter = Voter(self.voter_name, self.voter_ids, w.node_ids, self.settings, now=m,
+                                   restarted=self.boots > 1)
         self._guard = SeqGuard()
         self._seq = 0
         self._voter_seq = 0
@@ -228,6 +236,14 @@ class StrictSimNode:
         dst = w.nodes[dst_node]
         w.net.send(self.id, dst_node, dst.run, dst.inc, dst._deliver, (data, signature))
 
+    def _save_ledger(self, m: float) -> None:
+        """The voter's write-ahead save (the simulated disk write is durable at once)."""
+        assert self.voter is not None
+        doc = self.voter.pending_ledger(m)
+        if doc is not None:
+            self.disk_ledger = doc
+            self.voter.saved(doc)
+
     def _round(self) -> None:
         table = self.table
         assert table is not None
@@ -238,14 +254,17 @@ class StrictSimNode:
         for peer in self.peers:
             self._send(peer, "strict_delta", table.delta_for(peer))
         if self.voter is not None:
-            for dst, msg in self.voter.tick(m):
+            out = self.voter.tick(m)
+            self._save_ledger(m)
+            for dst, msg in out:
                 self._send(self.voter_hosts[dst], type(msg).__name__.lower(), msg, as_voter=True)
         self.w.sched.after(self.w.gossip_s, self.run, self.inc, self._round, ())
 
     def _deliver(self, data: bytes, signature: str) -> None:
         w = self.w
         try:
-            msg = decode(w.secret, data, signature, nodes=w.node_ids, voters=self.voter_ids)
+            msg = decode(w.secret, data, signature, nodes=w.node_ids, voters=self.voter_ids,
+                         max_incarnation=int(self.now() * 1000) + INCARNATION_AHEAD_MS)
             self._guard.check(msg)
         except WireError as exc:
             self.refused[exc.reason] += 1
@@ -259,9 +278,12 @@ class StrictSimNode:
                 return
             if kind == "lease_request":
                 grant = voter.on_request(msg.body, m)
+                self._save_ledger(m)
                 self._send(grant.node, "grant", grant, as_voter=True)
             else:
-                for to, out in voter.on_message(msg.body, m):
+                outs = voter.on_message(msg.body, m)
+                self._save_ledger(m)
+                for to, out in outs:
                     self._send(self.voter_hosts[to], type(out).__name__.lower(), out, as_voter=True)
             return
         table = self.table
