@@ -27,17 +27,22 @@ from workbench.run.notebooks import (
 )
 from workbench.spec.scenario import PARAMETERS, Scenario
 
-pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(600)]  # the first test runs all five
+pytestmark = [pytest.mark.notebooks, pytest.mark.timeout(600)]  # the first test runs all six
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["quickstart", "failover_drill", "partition", "tuning", "capacity"]
+NAMES = ["quickstart", "failover_drill", "partition", "tuning", "capacity", "strict_vs_eventual"]
+SIMULATED = {"strict_vs_eventual"}  # runs the simulator, not a cluster: no drill summaries
 # A test never fails on a timing target (it flakes by machine): the drills' convergence bound, two
 # gossip intervals + one delivery by default, is stated explicitly for the shared 2-core test host,
 # where three nodes, the router, the generator and the kernel share the cores.  The checker's tests
 # prove the bound itself on hand-built histories.
 CI_PARAMETERS: dict[str, dict[str, Any]] = {"failover_drill": {"max_convergence_ms": 1000.0},
-                                            "partition": {"max_convergence_ms": 1000.0}}
+                                            "partition": {"max_convergence_ms": 1000.0},
+                                            # two settings, one random schedule each: a few seconds
+                                            "strict_vs_eventual": {"sweep_lease_ms": [200.0, 1000.0],
+                                                                   "sweep_alpha": [0.2], "schedules_per_point": 1,
+                                                                   "duration_s": 8.0}}
 PLOTLY = "application/vnd.plotly.v1+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
@@ -84,6 +89,25 @@ def test_wrong_type_is_refused_naming_the_parameter(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_strict_parameters_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(NotebookParameterError, match="'modes'"):
+        run_notebook(NOTEBOOKS / "partition.ipynb", {"modes": "eventual,strictest"}, tmp_path / "p.ipynb")
+    with pytest.raises(NotebookParameterError, match=r"'regions'.*at least 3"):
+        check_parameters(NOTEBOOKS / "partition.ipynb", {"regions": 2})
+    assert check_parameters(NOTEBOOKS / "partition.ipynb", {"regions": 2, "modes": "eventual"}) == {
+        "regions": 2, "modes": "eventual"}
+    study = NOTEBOOKS / "strict_vs_eventual.ipynb"
+    with pytest.raises(NotebookParameterError, match=r"'sweep_lease_ms'.*3 gossip intervals"):
+        check_parameters(study, {"sweep_lease_ms": [500.0, 40.0]})
+    with pytest.raises(NotebookParameterError, match=r"'sweep_alpha'.*\[0, 1\]"):
+        check_parameters(study, {"sweep_alpha": [0.2, 1.5]})
+    with pytest.raises(NotebookParameterError, match=r"'sweep_alpha'.*at least one"):
+        check_parameters(study, {"sweep_alpha": []})
+    with pytest.raises(NotebookParameterError, match="'schedules_per_point'"):
+        check_parameters(study, {"schedules_per_point": -1})
+    assert not list(tmp_path.iterdir())
+
+
 def test_command_line_strings_are_converted_to_the_default_type() -> None:
     got = check_parameters(NOTEBOOKS / "tuning.ipynb", {"duration_s": "5", "regions": "2",
                                                         "sweep_burst": "[10, 50]", "route": "invoke"},
@@ -119,7 +143,7 @@ def test_notebook_runs_with_ci_defaults(executed: dict[str, Any], name: str) -> 
     run = executed["runs"][name]
     assert run.ok, f"{name} failed at cell {run.failed_cell}: {run.error}"
     record = json.loads(Path(run.record).read_text(encoding="utf-8"))
-    assert record["ok"] and record["verdict"].startswith("pass") and record["runs"], record
+    assert record["ok"] and record["verdict"].startswith("pass") and (record["runs"] or name in SIMULATED), record
     nb = nbformat.read(run.output, as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     figures = [o for o in outputs if PLOTLY in o.get("data", {})]
@@ -129,6 +153,39 @@ def test_notebook_runs_with_ci_defaults(executed: dict[str, Any], name: str) -> 
     assert len(with_js) == 1, f"{name}: plotly.js must be embedded exactly once, found {len(with_js)}"
     assert not [o for o in outputs if WIDGET_VIEW in o.get("data", {})], "live widget views left in the notebook"
     assert run.size_bytes < 7_000_000, f"{name}: executed notebook is {run.size_bytes / 1e6:.1f} MB"
+
+
+def _outputs(run: Any) -> list[dict[str, Any]]:
+    nb = nbformat.read(run.output, as_version=4)
+    return [o for c in nb.cells for o in c.get("outputs", [])]
+
+
+def _text(outputs: list[dict[str, Any]]) -> str:
+    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+
+
+def test_partition_runs_both_modes_side_by_side(executed: dict[str, Any]) -> None:
+    run = executed["runs"]["partition"]
+    folders = sorted(Path(r["folder"]).name for r in run.runs)
+    assert [f.rsplit("-", 2)[0] for f in folders] == ["partition-eventual", "partition-strict"], folders
+    outputs = _outputs(run)
+    titles = [o["data"]["text/plain"] for o in outputs if PLOTLY in o.get("data", {})]
+    assert any("eventual vs strict, per side" in t for t in titles), titles
+    verdict = _text(outputs)
+    assert "verdict: pass: eventual:" in verdict and "; strict: worst excess" in verdict, verdict[-500:]
+
+
+def test_strict_vs_eventual_sweep_leaves_its_verdict_figures_and_rows(executed: dict[str, Any]) -> None:
+    run = executed["runs"]["strict_vs_eventual"]
+    outputs = _outputs(run)
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert "verdict: pass: strict stayed within B + R·(t-s) at all 2 settings" in _text(outputs)
+    titles = [o["data"]["text/plain"] for o in outputs if PLOTLY in o.get("data", {})]
+    assert len(titles) == 4 and any("Safety vs availability" in t for t in titles), titles
+    study = json.loads((Path(run.results_dir) / "study.json").read_text(encoding="utf-8"))
+    assert study["within_envelope"] and [(r["lease_ms"], r["alpha"]) for r in study["rows"]] == [
+        (200.0, 0.2), (1000.0, 0.2)]
+    assert study["eventual"]["partition_excess_tokens"] > 0  # eventual mode passes the plain envelope
 
 
 def test_html_export_is_offline_with_figures(executed: dict[str, Any]) -> None:

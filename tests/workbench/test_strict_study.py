@@ -44,7 +44,7 @@ def test_alpha_is_what_a_cut_off_side_keeps(study: dict) -> None:
 
 def test_figures_draw_the_rows(study: dict) -> None:
     rows, eventual = study["rows"], study["eventual"]
-    assert len(strict_study.safety_availability_figure(rows, eventual).data) == 2 * (2 + 1)
+    assert len(strict_study.safety_availability_figure(rows, eventual).data) == 2 * (len(rows) + 1)
     assert strict_study.cost_figure(rows, eventual).data
     series = study["series"]
     modes = strict_study.modes_figure({m: series[m]["partition"] for m in ("eventual", "strict")})

@@ -56,6 +56,7 @@ BIN_S = 0.1  # availability figures are binned on 100 ms of the run clock
 WINDOW_S = 0.2  # a recovery is a 200 ms window at the goal rate (as benchmarks/bench_strict_core.py)
 FENCE_WINDOW_S = 0.5  # the cut-off side's fall is judged over 500 ms (its pinned rate is a few tokens/s)
 MODE_COLORS = {"eventual": "#dc2626", "strict": "#2563eb"}
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "star", "hexagon")
 
 
 def point_settings(gossip_interval_ms: float, lease_ms: float, alpha: float) -> StrictSettings:
@@ -239,16 +240,15 @@ def safety_availability_figure(rows: Sequence[Mapping[str, Any]], eventual: Mapp
                         subplot_titles=("during the partition: total share of R",
                                         "after a region loss: survivors' share of R"))
     alphas = sorted({r["alpha"] for r in rows})
+    leases = sorted({r["lease_ms"] for r in rows})
     for col, x in ((1, "cut_total_share"), (2, "loss_share_after")):
-        for i, alpha in enumerate(alphas):
-            pts = [r for r in rows if r["alpha"] == alpha]
-            fig.add_scatter(x=[r[x] for r in pts], y=[r["drills_excess_tokens"] for r in pts], mode="markers+text",
-                            text=[f"{r['lease_ms']:g}" for r in pts], textposition="top center",
-                            marker={"size": 11, "color": REGION_COLORS[i % len(REGION_COLORS)]},
-                            name=f"strict alpha {alpha:g} (label: lease ms)", legendgroup=f"a{alpha}",
-                            showlegend=col == 1, row=1, col=col,
-                            hovertemplate=[f"{_label(r)}: excess %{{y:.1f}} tokens, share %{{x:.3f}}<extra></extra>"
-                                           for r in pts])
+        for r in rows:  # colour: alpha; symbol: lease (the points of one alpha sit close together)
+            fig.add_scatter(x=[r[x]], y=[r["drills_excess_tokens"]], mode="markers", name=_label(r),
+                            legendgroup=_label(r), showlegend=col == 1, row=1, col=col,
+                            marker={"size": 11, "opacity": 0.85,
+                                    "color": REGION_COLORS[alphas.index(r["alpha"]) % len(REGION_COLORS)],
+                                    "symbol": SYMBOLS[leases.index(r["lease_ms"]) % len(SYMBOLS)]},
+                            hovertemplate=f"{_label(r)}: excess %{{y:.1f}} tokens, share %{{x:.3f}}<extra></extra>")
         fig.add_scatter(x=[eventual[x]], y=[eventual["drills_excess_tokens"]], mode="markers+text", text=["eventual"],
                         textposition="bottom center", name="eventual", legendgroup="eventual",
                         marker={"size": 13, "symbol": "x", "color": MODE_COLORS["eventual"]},
@@ -257,8 +257,8 @@ def safety_availability_figure(rows: Sequence[Mapping[str, Any]], eventual: Mapp
                       annotation_text="envelope B + R·(t-s)", annotation_font_size=9)
         fig.update_xaxes(title_text="share of R admitted", row=1, col=col)
     fig.update_yaxes(title_text="worst excess over B + R·(t-s) in the drills (tokens)", row=1, col=1)
-    fig.update_layout(title="Safety vs availability: strict per (lease, alpha) against eventual", height=420,
-                      template="plotly_white", legend={"orientation": "h", "y": -0.25},
+    fig.update_layout(title="Safety vs availability: strict per (lease, alpha) against eventual", height=460,
+                      template="plotly_white", legend={"orientation": "h", "y": -0.25, "font": {"size": 10}},
                       margin={"l": 60, "r": 20, "t": 60, "b": 40})
     return fig
 
@@ -296,7 +296,7 @@ def modes_figure(by_mode: Mapping[str, Mapping[str, Any]], title: str = "") -> g
     in total against the envelope and the mode's promised bound (top), tokens/s per side against R
     (bottom; eventual's sides may each reach R, k x R in total, strict's stay under R together)."""
     modes = list(by_mode)
-    fig = make_subplots(rows=2, cols=len(modes), shared_xaxes=True, vertical_spacing=0.1,
+    fig = make_subplots(rows=2, cols=len(modes), shared_xaxes=True, shared_yaxes=True, vertical_spacing=0.1,
                         subplot_titles=[f"{m}: admitted vs the envelope" for m in modes]
                         + [f"{m}: tokens/s per side" for m in modes])
     for col, mode in enumerate(modes, start=1):
