@@ -38,12 +38,26 @@ def test_a_lag_that_lasts_an_interval_cuts_the_limit_below_the_slots_held() -> N
     assert gate.limit == 36
     ctl.observe(10.16, 0.5)
     assert gate.limit == 32
-    for t in (10.27, 10.38, 10.49, 10.60, 10.71, 10.82):  # the lag lasts; the episode cuts no lower than 40 / 2
+    for t in (10.27, 10.38, 10.49, 10.60):  # the lag lasts and nothing was ever seen working well: cut on
         ctl.observe(t, 0.5)
-    assert gate.limit == 20 and ctl.cuts == 6
-    ctl.observe(10.90, 0.0)  # the episode is over: a new one may cut below 20 again
-    ctl.observe(11.10, 0.5)
-    assert gate.limit == 18
+    assert gate.limit == 19 and ctl.cuts == 6
+
+
+def test_no_cut_goes_below_nine_tenths_of_what_recently_worked_and_that_figure_fades() -> None:
+    gate = Gate(limit=100, queue_max=0, queue_timeout_s=0.0)
+    ctl = AdaptiveLimit(gate, target_s=0.05, interval_s=0.1, min_limit=4, good_half_life_s=5.0)
+    _held(gate, 40)
+    ctl.observe(9.0, 0.0)  # 40 held while the loop kept up
+    for t in (10.0, 10.11, 10.22, 10.33):  # then a lag that cutting does not cure (the machine is busy)
+        ctl.observe(t, 0.5)
+    assert gate.limit == 36 and ctl.cuts == 1  # 0.9 x 40, and no lower
+    for _ in range(30):
+        gate.leave()  # 10 held
+    ctl.observe(10.4, 0.0)  # the lag is gone: what worked fades, but only while the loop keeps up
+    ctl.observe(15.4, 0.0)
+    _held(gate, 25)  # 35 held
+    ctl.observe(16.0, 0.5)
+    assert gate.limit == 31  # 0.9 x 35 held; the floor, 0.9 x ~20, is below it
 
 
 def test_no_cut_without_held_slots_and_growth_only_under_pressure() -> None:
