@@ -25,6 +25,7 @@ from edge_server.conn_guard import ConnectionGuard
 from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.skill import SkillError
+from edge_server.strict.table import CostExceedsNodeCap
 from edge_server.token_bucket import CostExceedsBurst, Decision, KeyTableFull, NoLimitForKey
 from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack, sign
 
@@ -312,6 +313,9 @@ def _decision_error(exc: Exception, cost: int, node: Node) -> ApiError:
     """What a refused decision (or a failed audit write) means for the caller."""
     if isinstance(exc, NoLimitForKey):
         return ApiError(400, "no_limit", "no configured limit matches this key", "key")
+    if isinstance(exc, CostExceedsNodeCap):
+        return ApiError(400, "invalid_field", f"cost {cost} exceeds {exc.cap:.4g}, the most rights of this key "
+                        f"(burst {exc.burst:g}) one node can hold in strict mode; it could never be allowed", "cost")
     if isinstance(exc, CostExceedsBurst):
         return ApiError(400, "invalid_field", f"cost {cost} exceeds the burst {exc.burst:g} of this key; "
                         "it could never be allowed", "cost")

@@ -36,6 +36,13 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
     runner = web.AppRunner(build_router_app(router), access_log=None, handle_signals=False)
     await runner.setup()  # runs the cleanup context: sessions, first health round, check thread
     assert runner.server is not None
+    # As on the nodes (edge_server.__main__): what lives as long as the process stays out of the
+    # collector, and collections are rarer: thousands of requests in flight hold many objects, and
+    # collections of them at the default thresholds stall the loop (a lag the adaptive limit would shed
+    # for).  Done before listening: a SIGTERM is handled only from the listener on.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     rc = config.router
     # Our own listening socket with a protocol factory that wraps aiohttp's handler: slow or idle
     # clients are cut off (edge_server.conn_guard); runner.cleanup() still closes every connection.
@@ -47,12 +54,6 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
         await runner.cleanup()
         return _fail(3, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     bound = listener.sockets[0].getsockname()[1] if listener.sockets else port
-    # As on the nodes (edge_server.__main__): what lives as long as the process stays out of the
-    # collector, and collections are rarer: thousands of requests in flight hold many objects, and
-    # collections of them at the default thresholds stall the loop (a lag the adaptive limit would shed for).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
     log.info("router serving", extra={"host": host, "port": bound, "regions": list(router.regions),
                                       "routing": router.routing()})
     stop = asyncio.Event()

@@ -150,6 +150,14 @@ class NodeLease:
         self._cuts = cuts
         self._phis = [self._phi_at(t) for t in cuts]
 
+    def steps(self) -> tuple[list[float], list[float]]:
+        """``phi`` as a step function: ``phis[i]`` on ``[cuts[i], cuts[i + 1])``, 0 before ``cuts[0]``.
+
+        Read-only.  The lists are replaced, never changed in place, when a grant comes in or is
+        pruned: the table's hot path walks them itself instead of allocating :meth:`segments`.
+        """
+        return self._cuts, self._phis
+
     def phi(self, t: float) -> float:
         i = bisect.bisect_right(self._cuts, t) - 1
         return self._phis[i] if i >= 0 else 0.0

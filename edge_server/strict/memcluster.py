@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_server.strict.allocator import Voter
 from edge_server.strict.settings import StrictSettings
-from edge_server.strict.table import StrictTable
+from edge_server.strict.table import CostExceedsNodeCap, StrictTable
 from edge_server.strict.wire import decode, encode
 from edge_server.token_bucket import Limit
 from edge_server.wire import WireError
@@ -178,7 +178,11 @@ class MemCluster:
         table = self.tables[node]
         if table is None:
             return False
-        decision = table.take(key, cost, self.local(node))
+        try:
+            decision = table.take(key, cost, self.local(node))
+        except CostExceedsNodeCap:  # more than this node can ever hold: a 400 in the node, never admitted
+            self.denied += 1
+            return False
         if not decision.allowed:
             self.denied += 1
             return False
