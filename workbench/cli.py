@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workbench.spec.parameters import PARAMETERS
+from workbench.spec.parameters import PARAMETERS, check_strict
 from workbench.spec.scenario import Scenario, ScenarioError
 
 __all__ = ["main"]
@@ -126,7 +126,8 @@ async def _run(scenario: Scenario, out: Path, report: Path | None, *, max_failov
 
     progress = None if quiet else Progress()
     print(f"workbench: {scenario.name}: {len(scenario.topology.node_ids)} nodes in "
-          f"{len(scenario.topology.regions)} regions, {scenario.duration_s:g} s, results in {out}", file=sys.stderr)
+          f"{len(scenario.topology.regions)} regions, {scenario.mode} mode, {scenario.duration_s:g} s, "
+          f"results in {out}", file=sys.stderr)
     try:
         result = await run_drill(scenario, out, on_progress=progress, max_failover_ms=max_failover_ms,
                                  max_client_errors=max_client_errors,
@@ -181,6 +182,7 @@ def _scenario_from(args: argparse.Namespace, base: dict[str, Any]) -> Scenario:
         file_scenario = Scenario.from_file(args.scenario)
         overrides = {k[2:]: _parse_value(v) for k, v in vars(args).items() if k.startswith("p_") and v is not None}
         if not overrides:
+            check_strict(file_scenario)  # a nested file skips Scenario.build's checks
             return file_scenario
         raise ScenarioError("--scenario", "either a scenario file or parameter flags, not both")
     for key, value in vars(args).items():

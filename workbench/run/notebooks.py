@@ -169,28 +169,59 @@ def check_parameters(path: str | os.PathLike[str], parameters: Mapping[str, Any]
         out[name] = value
     merged = {n: d["default"] for n, d in declared.items()} | out
     scenario_params = {n: v for n, v in merged.items() if n in Scenario.parameter_names()}
-    try:
-        Scenario.build(**scenario_params)
-    except ScenarioError as exc:
-        raise NotebookParameterError(exc.field, str(exc)) from None
+    for mode in _modes_run(merged):
+        for swept, values in _swept(merged):
+            for value in values:
+                try:
+                    Scenario.build(**scenario_params | ({} if mode is None else {"mode": mode})
+                                   | ({} if swept is None else {swept: value}))
+                except ScenarioError as exc:
+                    name = exc.field if swept is None or exc.field != swept else _SWEEPS[swept]
+                    raise NotebookParameterError(name, str(exc) + ("" if mode is None else f" (in {mode} mode)")
+                                                 ) from None
     _check_strict_extras(merged)
     return out
 
 
-def _check_strict_extras(merged: Mapping[str, Any]) -> None:
-    """The values of the strict-mode extras (modes, the lease and alpha sweeps), checked as the node
-    and the strict core would check them, so a bad one is refused before a kernel starts."""
-    from edge_server.config import MODES, STRICT_MIN_REGIONS
-    from edge_server.strict.settings import StrictSettings, StrictSettingsError
+# Sweep parameters of the notebooks -> the scenario field each value goes to (each value is checked).
+_SWEEPS = {"gossip_interval_ms": "sweep_gossip_ms", "burst": "sweep_burst",
+           "nodes_per_region": "sweep_nodes_per_region"}
+
+
+def _swept(merged: Mapping[str, Any]) -> list[tuple[str | None, list[Any]]]:
+    """``(scenario field, values)`` of every sweep the notebook declares, after ``(None, [None])``: the
+    notebook's scenario as it stands.  A value of the wrong kind is left to :meth:`Scenario.build`."""
+    out: list[tuple[str | None, list[Any]]] = [(None, [None])]
+    for field_name, sweep in _SWEEPS.items():
+        values = merged.get(sweep)
+        if isinstance(values, list | tuple):
+            out.append((field_name, list(values)))
+        elif sweep in merged and values is not None:
+            raise NotebookParameterError(sweep, f"expected a list of values, got {values!r}")
+    return out
+
+
+def _modes_run(merged: Mapping[str, Any]) -> list[str | None]:
+    """The limiter modes the notebook runs its scenario in (None: the scenario's own ``mode``), so each is
+    checked: ``modes`` (the partition notebook), strict and eventual for the strict study, else ``mode``."""
+    from edge_server.config import MODES
 
     if "modes" in merged:
         modes = [m.strip() for m in str(merged["modes"]).split(",") if m.strip()]
         if not modes or any(m not in MODES for m in modes):
             raise NotebookParameterError("modes", f"expected a comma-separated list of {', '.join(MODES)}, "
                                          f"got {merged['modes']!r}")
-        if "strict" in modes and merged.get("regions", STRICT_MIN_REGIONS) < STRICT_MIN_REGIONS:
-            raise NotebookParameterError("regions", f"strict mode needs at least {STRICT_MIN_REGIONS} regions "
-                                         f"(one voter each), got {merged['regions']!r}")
+        return list(modes)
+    if "sweep_lease_ms" in merged:  # strict_vs_eventual runs its drills in both modes
+        return list(MODES)
+    return [None]
+
+
+def _check_strict_extras(merged: Mapping[str, Any]) -> None:
+    """The values of the strict study's extras (the lease and alpha sweeps, the schedules), checked as
+    the strict core would check them, so a bad one is refused before a kernel starts."""
+    from edge_server.strict.settings import StrictSettings, StrictSettingsError
+
     gossip = merged.get("gossip_interval_ms", Scenario.parameter_defaults()["gossip_interval_ms"])
     for name, key in (("sweep_lease_ms", "lease_ms"), ("sweep_alpha", "alpha")):
         values = merged.get(name)

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from edge_server.config import STRICT_MIN_REGIONS, StrictConfig
+from edge_server.strict.settings import MIN_LEASE_GOSSIPS, StrictSettingsError
 from workbench.spec.parts import (
     DEFAULT_REGIONS,
     FaultAction,
@@ -27,7 +29,7 @@ from workbench.spec.parts import (
 if TYPE_CHECKING:
     from workbench.spec.scenario import Scenario
 
-__all__ = ["PARAMETERS", "build_scenario"]
+__all__ = ["PARAMETERS", "build_scenario", "check_strict"]
 
 # Flat parameters of Scenario.build: name -> (default, meaning).  Notebooks' papermill parameter
 # cells and the CLI's flags use exactly these names (tests compare them), so keep them flat scalars.
@@ -35,7 +37,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "name": ("drill", "label of the run, used in results folder names"),
     "seed": (1, "seed of every random choice (arrivals, keys, skill latency, jitter)"),
     "duration_s": (30.0, "length of the run, seconds; every fault must happen by then"),
-    "mode": ("eventual", "limiter mode of the nodes"),
+    "mode": ("eventual", "limiter mode of the nodes: 'eventual' or 'strict' (needs at least 3 regions)"),
     "regions": (3, "number of regions, named from region_names or eu, us, ap, sa, af, oc, r7, ..."),
     "region_names": ("", "comma-separated region names (overrides the defaults; count must match regions)"),
     "nodes_per_region": (1, "edge nodes in each region"),
@@ -127,6 +129,30 @@ def _flat_name(nested: str) -> str | None:
     return None
 
 
+def check_strict(scenario: Scenario) -> None:
+    """A strict scenario the nodes would refuse raises :class:`ScenarioError` (for a scenario file in the
+    nested form, which :meth:`Scenario.build` did not see).  Not part of the scenario's own checks: the
+    simulator also runs strict mode on 2-region schedules, which real nodes refuse."""
+    if scenario.mode == "strict":
+        _strict_refusals(len(scenario.topology.regions), scenario.topology.gossip_interval_ms)
+
+
+def _strict_refusals(regions: int, gossip_interval_ms: Any) -> None:
+    """What the nodes' config parser refuses in strict mode, refused here already: a drill or notebook
+    stops at its parameters instead of at a node that will not start (exit 2, not 1)."""
+    if regions < STRICT_MIN_REGIONS:
+        raise ScenarioError("regions", f"at least {STRICT_MIN_REGIONS} regions in strict mode (one voter each: "
+                            "a quorum of regions must survive the loss of one)", regions)
+    gossip = _num("gossip_interval_ms", gossip_interval_ms, positive=True)
+    lease_ms = StrictConfig().lease_ms  # the nodes' default [strict] table
+    try:
+        StrictConfig().settings(gossip)
+    except StrictSettingsError:
+        raise ScenarioError("gossip_interval_ms", f"at most {lease_ms / MIN_LEASE_GOSSIPS:g} ms in strict mode (the "
+                            f"nodes' lease of {lease_ms:g} ms must outlive {MIN_LEASE_GOSSIPS} gossip intervals)",
+                            gossip) from None
+
+
 def build_scenario(cls: type[Scenario], params: Mapping[str, Any]) -> Scenario:
     """``Scenario.build``: flat parameters to a validated scenario; errors name the flat parameter."""
     try:
@@ -150,6 +176,8 @@ def _build(cls: type[Scenario], params: dict[str, Any]) -> Scenario:
     if len(names) != count or len(set(names)) != count:
         raise ScenarioError("region_names", f"{count} distinct names (regions = {count})", p["region_names"])
     per_region = _int("nodes_per_region", p["nodes_per_region"], minimum=1, maximum=64)
+    if p["mode"] == "strict":
+        _strict_refusals(count, p["gossip_interval_ms"])
     flat_ms = p["region_latency_ms"]
     matrix = {} if flat_ms is None else {
         a: {b: _num("region_latency_ms", flat_ms) for b in names if b != a} for a in names}

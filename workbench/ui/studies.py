@@ -20,11 +20,14 @@ __all__ = [
     "CAPACITY_REFERENCE",
     "capacity_figure",
     "capacity_row",
+    "envelope_figures",
+    "envelope_verdict",
     "find_capacity",
     "gossip_bytes",
     "partition_findings",
     "phase_rates",
     "recommend",
+    "strict_messages",
     "sweep",
     "sweep_heatmap",
 ]
@@ -66,6 +69,39 @@ def partition_findings(scenario: Scenario, summary: Mapping[str, Any], margin: f
             "convergence_ms": summary.get("convergence_ms"), "token_loss": summary.get("token_loss")}
 
 
+def envelope_figures(result: Any) -> dict[str, Any]:
+    """What the checker judged a run's admissions against: its mode, the staleness it allowed (strict
+    mode: none, the plain envelope B + R·t), the worst window excess and whether the envelope held."""
+    s = result.summary
+    return {"mode": result.scenario.mode, "rate": result.scenario.limits[0].rate,
+            "envelope_slack_s": s.get("envelope_slack_s"), "excess_tokens": s.get("worst_window_excess_tokens"),
+            "envelope_ok": bool((s.get("checks") or {}).get("envelope"))}
+
+
+def envelope_verdict(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A notebook's verdict phrase from :func:`envelope_figures` rows (one run, or every run of a sweep):
+    the mode, the envelope judged against, the worst window excess over it and whether it held.
+
+    Strict mode is judged against B + R·t itself; eventual mode against B + R·t plus R times the
+    staleness it allows (two gossip intervals and one delivery: ``checker.default_slack_s``), so a pass
+    always says which promise it kept.
+    """
+    if not rows:
+        return "no run to judge"
+    modes = sorted({r["mode"] for r in rows})
+    allowance = sorted({round(r["rate"] * (r.get("envelope_slack_s") or 0.0), 1) for r in rows})
+    if modes == ["strict"]:
+        against = "the plain envelope B + R·t (no allowance)"
+    else:
+        span = f"{allowance[0]:g}" if len(allowance) == 1 else f"{allowance[0]:g}-{allowance[-1]:g}"
+        against = f"B + R·t + R x gossip staleness ({span} tokens)"
+    excess = [r["excess_tokens"] for r in rows if r.get("excess_tokens") is not None]
+    broken = sum(1 for r in rows if not r["envelope_ok"])
+    return (f"{'/'.join(modes)} mode, judged against {against}: worst window excess "
+            + ("-" if not excess else f"{max(excess):+.1f} tokens")
+            + (", envelope held" if not broken else f", envelope BROKEN in {broken} of {len(rows)} runs"))
+
+
 def phase_rates(rec: Recording) -> list[dict[str, Any]]:
     """Admitted requests per second by answering region between consecutive faults (capacity failover)."""
     edges = sorted({0.0, *(f.t_s for f in rec.faults), float(rec.ended_s or 0.0)})
@@ -93,21 +129,35 @@ def gossip_bytes(rec: Recording, direction: str = "sent") -> float:
 
     Nodes that were killed before the final scrape are missing, so this is a lower bound then.
     """
-    last: dict[str, tuple[float, float]] = {}
+    return _last_totals(rec, "edge_gossip_bytes_total", direction)
+
+
+def strict_messages(rec: Recording, direction: str = "sent") -> float:
+    """Strict mode's signed messages (leases, grants, rights, transfers) over the run, every outcome: the
+    last ``edge_strict_messages_total`` of every node, summed.  Strict nodes send no delta gossip and do
+    not count their messages' bytes, so a strict sweep compares its replication traffic by this count."""
+    return _last_totals(rec, "edge_strict_messages_total", direction)
+
+
+def _last_totals(rec: Recording, name: str, direction: str) -> float:
+    """The last sample of counter ``name`` per node and label set with this ``direction``, summed."""
+    last: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, float]] = {}
     for m in rec.metrics:
-        if m.name == "edge_gossip_bytes_total" and m.labels.get("direction") == direction:
-            if m.node not in last or m.t_s >= last[m.node][0]:
-                last[m.node] = (m.t_s, m.value)
+        if m.name == name and m.labels.get("direction") == direction:
+            key = (m.node, tuple(sorted(m.labels.items())))
+            if key not in last or m.t_s >= last[key][0]:
+                last[key] = (m.t_s, m.value)
     return sum(v for _t, v in last.values())
 
 
 def _row(params: Mapping[str, Any], result: Any) -> dict[str, Any]:
     s, rec = result.summary, result.recording
     span = max(1e-9, rec.ended_s or result.scenario.duration_s)
-    return {**params, "over_admission_pct": s.get("over_admission_pct"),
+    return {**params, **envelope_figures(result), "over_admission_pct": s.get("over_admission_pct"),
             "excess_tokens": s.get("worst_window_excess_tokens"),
             "p50_ms": (s.get("latency_ms") or {}).get("p50"), "p99_ms": (s.get("latency_ms") or {}).get("p99"),
             "gossip_bytes": gossip_bytes(rec), "gossip_bytes_per_s": round(gossip_bytes(rec) / span, 1),
+            "strict_messages": strict_messages(rec), "strict_messages_per_s": round(strict_messages(rec) / span, 1),
             "throughput_rps": s.get("throughput_rps"), "token_loss": s.get("token_loss"),
             "invariants_ok": s.get("invariants_ok"), "complete": rec.complete, "results": str(result.results_dir)}
 
@@ -135,7 +185,8 @@ async def sweep(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], *,
 
 def recommend(rows: Sequence[Mapping[str, Any]], error_budget_pct: float, *,
               max_p99_ms: float | None = None) -> dict[str, Any] | None:
-    """The cheapest setting (least gossip bytes/s) whose over-admission fits the error budget.
+    """The cheapest setting (least gossip bytes/s; strict mode: least strict messages/s) whose
+    over-admission fits the error budget.
 
     Ties go to the lower p99.  ``None`` when no row fits (the budget is too tight for the grid).
     """
@@ -144,7 +195,8 @@ def recommend(rows: Sequence[Mapping[str, Any]], error_budget_pct: float, *,
             and (max_p99_ms is None or (r.get("p99_ms") is not None and r["p99_ms"] <= max_p99_ms))]
     if not fits:
         return None
-    return dict(min(fits, key=lambda r: (r["gossip_bytes_per_s"], r.get("p99_ms") or 0.0)))
+    return dict(min(fits, key=lambda r: (r["gossip_bytes_per_s"], r.get("strict_messages_per_s") or 0.0,
+                                         r.get("p99_ms") or 0.0)))
 
 
 def sweep_heatmap(rows: Sequence[Mapping[str, Any]], x: str, y: str, z: str, title: str = "") -> go.Figure:
@@ -178,7 +230,8 @@ def capacity_row(users: int, result: Any, p95_target_ms: float) -> dict[str, Any
     cores = os.cpu_count() or 1
     mean_cpu = sum(busy) / len(busy) if busy else 0.0
     p95 = (s.get("latency_ms") or {}).get("p95")
-    return {"users": users, "p95_ms": p95, "p99_ms": (s.get("latency_ms") or {}).get("p99"),
+    return {"users": users, **envelope_figures(result), "p95_ms": p95,
+            "p99_ms": (s.get("latency_ms") or {}).get("p99"),
             "throughput_rps": s.get("throughput_rps"), "client_errors": s.get("client_errors"),
             "cpu_pct_of_machine": round(mean_cpu / cores, 1),
             "cpu_headroom_pct": round(max(0.0, 100.0 - mean_cpu / cores), 1),
