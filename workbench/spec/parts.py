@@ -209,9 +209,12 @@ class LoadSpec:
     cost: int = 1  # tokens per request
     route: str = "invoke"  # "invoke" (/v1/skills/{skill}/invoke) or "check" (/v1/limits/check)
     processes: int = 1  # generator processes (one per core helps past ~4k req/s)
+    honor_retry_after: bool = True  # closed loop: after a 503 / 429 with Retry-After, wait that long
 
     def __post_init__(self) -> None:
         _choice("load.mode", self.mode, ("open", "closed"))
+        if not isinstance(self.honor_retry_after, bool):
+            raise ScenarioError("load.honor_retry_after", "true or false", self.honor_retry_after)
         _choice("load.arrival", self.arrival, ("constant", "poisson"))
         _choice("load.key_dist", self.key_dist, ("uniform", "zipf"))
         _choice("load.route", self.route, ("invoke", "check"))

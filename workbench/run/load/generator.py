@@ -16,6 +16,14 @@ stopped or cancelled) as status 0 with the error ``cut at end: ...``
 (:data:`~workbench.history.records.CUT_AT_END`): the run's end cut them off, which says nothing about
 the system, so the error budget does not count them; the counter check counts them as unknown outcomes.
 
+Sheds: a closed-loop user that gets a 503 or a 429 with ``Retry-After`` (seconds, or an HTTP date)
+waits that long, at most :data:`RETRY_AFTER_CAP_S` and at least its think time, before its next request,
+as RFC 9110 asks of a client and as real clients do (``load.honor_retry_after``, default on; off, it
+sends again after its think time, which with no think time means at once: a herd that turns each shed
+into the next request and measures the generator's resend loop more than the system).  The answer is
+recorded as it came (a shed stays a 503).  Open loop does not wait: its arrivals are fixed in advance and
+do not depend on answers (that is what open loop means), so ``honor_retry_after`` does not apply there.
+
 Connections: one shared ``aiohttp.ClientSession`` whose ``TCPConnector`` limit defaults to
 ``max(64, min(1024, rate_rps / 10))`` for open loop (100 ms of arrivals in flight at once, which covers
 a target answering in tens of ms) and to ``users`` for closed loop. Past the limit, requests wait in the
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import email.utils
 import itertools
 import json
 import multiprocessing
@@ -43,10 +52,29 @@ import aiohttp
 from workbench.history.records import CUT_AT_END, RequestRecord
 from workbench.run.load.model import HIST_MAX_US, LoadPlan, LoadResult, status_class
 
-__all__ = ["LoadGenerator", "LoadPlan", "LoadResult", "run_load", "status_class"]
+__all__ = ["RETRY_AFTER_CAP_S", "LoadGenerator", "LoadPlan", "LoadResult", "retry_after_s", "run_load", "status_class"]
 
 _STOP_GRACE_S = 0.25  # on stop, in-flight requests get this long to answer before being cut
 _DRAIN_MARGIN_S = 0.5  # the default drain outlasts the request timeout by this much
+RETRY_AFTER_CAP_S = 5.0  # a closed-loop user waits at most this long on a Retry-After
+_RETRY_STATUSES = (429, 503)  # the answers whose Retry-After a closed-loop user honours
+
+
+def retry_after_s(value: str | None) -> float:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date); 0 when absent or
+    unreadable (a client that cannot read the header has nothing to honour)."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        return 0.0
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 def _allowed(body: bytes) -> bool | None:
@@ -107,7 +135,7 @@ class LoadGenerator:
         self._rng = rng
         self._t0 = 0.0
         self._count = 0
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[float]] = set()
         self._session: aiohttp.ClientSession | None = None
         base = plan.url.rstrip("/")
         self._url = f"{base}/v1/skills/{plan.skill}/invoke" if load.route == "invoke" else f"{base}/v1/limits/check"
@@ -223,12 +251,14 @@ class LoadGenerator:
         async def user() -> None:
             mono, t0, end = time.monotonic, self._t0, self.plan.duration_s
             think = self.load.think_ms / 1000.0
+            honor = self.load.honor_retry_after
             intended = mono() - t0
             while intended < end and self._budget():
-                await self._request(intended, self._region(), self._tenant())
-                intended = mono() - t0 + think
-                if think > 0:
-                    await asyncio.sleep(think)
+                retry = await self._request(intended, self._region(), self._tenant())
+                pause = max(think, min(retry, RETRY_AFTER_CAP_S)) if honor else think
+                intended = mono() - t0 + pause
+                if pause > 0 and intended < end:
+                    await asyncio.sleep(pause)
 
         tasks = [asyncio.create_task(user()) for _ in range(self.load.users)]
         try:
@@ -238,7 +268,9 @@ class LoadGenerator:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _request(self, intended: float, home: str, tenant: str) -> None:
+    async def _request(self, intended: float, home: str, tenant: str) -> float:
+        """Send one request and record it; return the seconds its ``Retry-After`` asks to wait (0 when
+        the answer was not a 503 / 429 or had none)."""
         plan, route, t0 = self.plan, self.load.route, self._t0
         start = time.monotonic() - t0
         self.result.sent += 1
@@ -247,6 +279,7 @@ class LoadGenerator:
         if route == "invoke":
             headers["Authorization"] = f"Bearer {plan.api_keys[tenant]}"  # type: ignore[index]
         status, region, node, error, request_id, allowed, retried = 0, "", "", "", "", None, ""
+        wait = 0.0
         try:
             async with self._session.post(self._url, data=self._body(tenant), headers=headers) as resp:  # type: ignore[union-attr]
                 data = await resp.read()
@@ -255,6 +288,8 @@ class LoadGenerator:
                 node = resp.headers.get("X-Edge-Node", "")
                 request_id = resp.headers.get("X-Request-Id", "")
                 retried = resp.headers.get("X-Router-Retried", "")
+                if status in _RETRY_STATUSES:
+                    wait = retry_after_s(resp.headers.get("Retry-After"))
                 if status == 200 and route == "check":
                     allowed = _allowed(data)
                 elif status >= 300:
@@ -268,6 +303,7 @@ class LoadGenerator:
         except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed, retried)
+        return wait
 
     def _finish(
         self, intended: float, start: float, home: str, region: str, node: str, key: str, status: int, error: str,
