@@ -10,13 +10,23 @@ steps measure the edge and its load shedding, not the limiter.
 2. **Open loop** at 1x, 2x, 5x and 10x ``C`` (Poisson arrivals; 2 generator processes past 500
    req/s).  A Python generator on this 2-core machine cannot always send what is asked: the *offered*
    figure is what it recorded, and its scheduling lag is reported.
-3. **Closed loop** users up to 5,000.
+3. **Closed loop** users up to 5,000, with no think time.  A user that gets a shed waits its
+   ``Retry-After`` (1 s from the edge, capped at 5 s) before it sends again, as real clients and RFC 9110
+   do (``load.honor_retry_after``, the default).  The run of 14:09 UTC had users resend at once: the
+   capacity step (3,000 users) then served 575 req/s amid 1,766 sheds/s, a resend loop that measured the
+   generator more than the edge.  Open-loop arrivals never wait: they do not depend on answers.
 
 Per step: offered and goodput (2xx per second, by intended send time), shed (quick 503 with
 Retry-After from the router's or a node's admission gate), other errors by status, P95 of the served
 requests (from the intended send time), ``no_healthy_region`` answers, the router's and the nodes'
-peak RSS (psutil, the drill's samples), peak in-flight, ejections by reason, and the drill's verdict
-(which counts sheds against the error budget: an overloaded run does not pass, it is *reported*).
+peak RSS (psutil, the drill's samples), peak in-flight, ejections by reason, and the drill's verdict.
+
+The verdict is the default one on purpose: it counts every 503 against the error budget, because to a
+client a 503 is an error, and the error budget (``workbench.check.errors``) has no setting that exempts
+sheds (its one setting is the budget's share, and raising it would also hide real errors).  So every
+step that sheds more than the budget FAILS by design: past capacity, a quick shed is the designed
+answer.  For those steps read goodput and shed, and ``other_errors_within_budget``: the same budget
+(0.1 %) applied to the errors other than sheds (``verdict_note`` says so in each failed step).
 Definitions of served / shed / errors: ``workbench.check.overload``.
 
 Also per step: how fast sheds were answered (client-side, from the actual send to the answer, p50 / p95
@@ -49,6 +59,7 @@ from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import install_signal_handlers, table, workdir, write_results
 from benchmarks._targets import target
 from workbench.check import overload
+from workbench.check.errors import DEFAULT_ERROR_BUDGET_PCT, error_budget_state
 from workbench.history import CUT_AT_END, Recording
 from workbench.run.cluster import ClusterError
 from workbench.run.drill import run_drill
@@ -69,6 +80,9 @@ TAIL_S = 3.0  # requests scheduled in the last TAIL_S of a step are not measured
 CUT_OFF = CUT_AT_END  # the generator's error for a request still unanswered when its drain ended
 TWO_PROCESSES_RPS = 500.0
 TWO_PROCESSES_USERS = 200
+VERDICT_NOTE = ("the drill's verdict counts quick 503 sheds against the error budget (a 503 is an error to a "
+                "client; no setting exempts sheds): this step shed past the budget, as designed past capacity. "
+                "Judge it by goodput, shed and other_errors_within_budget")
 
 
 def step_scenario(kind: str, amount: float, duration: float, seed: int) -> Scenario:
@@ -131,6 +145,8 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
     gen = rec.extra.get("generator") or {}
     shed_ms = sorted((r.end_s - r.start_s) * 1000 for r in sent if overload.outcome(r) == "shed")
     series = overload.request_series(rec)
+    others_ok, others_pct, _ = error_budget_state(s["errors"], s["requests"] - s["cut_at_end"],
+                                                  DEFAULT_ERROR_BUDGET_PCT)
     return {
         "step": label, "kind": kind, "asked": amount, "duration_s": duration, "window_s": [0.0, window],
         "offered_rps": round(len(sent) / window, 1), "goodput_rps": round(served / window, 1),
@@ -150,6 +166,8 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "generator_lag_p99_ms": (gen.get("lag_ms") or {}).get("p99"), "generator_valid": gen.get("valid"),
         "generator_processes": scenario.load.processes, "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "verdict": "held" if result.ok else "FAILED", "reasons": (result.summary.get("reasons") or [])[:3],
+        "other_errors_within_budget": others_ok, "other_errors_pct": others_pct,
+        "verdict_note": VERDICT_NOTE if not result.ok and s["shed"] else "",
         "samples": {"per_second": series,
                     "rss_mb": [[round(p.t_s, 2), p.name, round(p.rss_mb, 1)] for p in rec.processes]},
     }
@@ -270,10 +288,13 @@ def main() -> int:
             step("closed", u, f"closed {u} users")
     print()
     print(table([[r["step"], r["offered_rps"], r["goodput_rps"], r["shed_rps"], r["errors_rps"],
-                  r["served_p95_ms"], r["no_healthy_region"], r["router_rss_peak_mb"], r["node_rss_peak_mb"],
-                  r["verdict"]] for r in rows],
-                ["step", "offered/s", "goodput/s", "shed/s", "errors/s", "P95 ms", "no_healthy", "router MB",
-                 "node MB", "verdict"]))
+                  r["errors_by_status"] or "-", r["served_p95_ms"], r["no_healthy_region"], r["router_rss_peak_mb"],
+                  r["node_rss_peak_mb"], r["verdict"], "yes" if r["other_errors_within_budget"] else "NO"]
+                 for r in rows],
+                ["step", "offered/s", "goodput/s", "shed/s", "errors/s", "errors by status", "P95 ms", "no_healthy",
+                 "router MB", "node MB", "verdict", "other errors in budget"]))
+    if any(r["verdict_note"] for r in rows):
+        print(f"verdict FAILED where sheds passed the budget: {VERDICT_NOTE}.")
     fig = figure(rows)
     png = write_png(fig, "overload", args.quick, width=1100, height=650)
     tgts = targets_for(rows)
@@ -287,6 +308,9 @@ def main() -> int:
               "skill": {"median_ms": SKILL_MEDIAN_MS, "p99_ms": SKILL_P99_MS, "cpu_us": SKILL_CPU_US},
               "generator_processes": f"2 past {TWO_PROCESSES_RPS:g} req/s or {TWO_PROCESSES_USERS} users, else 1",
               "load_average_before": [round(x, 2) for x in load_before],
+              "closed_loop_users": "no think time; honour Retry-After after a shed (load.honor_retry_after), "
+                                   "at most 5 s",
+              "verdict": "the drill's default: sheds count against the 0.1 % error budget (see verdict_note)",
               "definitions": "workbench.check.overload (served = 2xx, shed = 503 router_overloaded/overloaded)"}
     path = write_results("overload", figures, quick=args.quick, started=started, targets=tgts,
                          extra={"parameters": params, "charts": {"overload": fig_json(fig)}})
