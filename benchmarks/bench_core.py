@@ -167,7 +167,7 @@ def main() -> int:
         run(t, seq[: min(len(seq), 300_000)], now, dt, "take+commit+gossip", gossip_every)
         prof.disable()
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(12)
         profile_text = buf.getvalue()
 
     rows = [
