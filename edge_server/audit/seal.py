@@ -20,7 +20,15 @@ from pathlib import Path
 import orjson
 
 from edge_server.audit.chain import ChainKeys, canonical
-from edge_server.audit.segments import fsync_dir, read_json, scan, segment_path, write_json_atomic, write_sealed
+from edge_server.audit.segments import (
+    atomic_file,
+    fsync_dir,
+    read_json,
+    scan,
+    segment_path,
+    write_json_atomic,
+    write_sealed,
+)
 
 __all__ = ["KEEP_CHECKPOINTS", "Own", "Retention", "SealSpec", "apply_retention", "release_memory", "seal_segment",
            "write_checkpoint"]
@@ -113,26 +121,18 @@ def write_checkpoint(path: Path, keys: ChainKeys, doc: dict) -> None:
     marker = b'"own":[]'  # unique: a quote inside a string value is escaped
     cut = head.index(marker) + len(marker) - 1
     mac = keys.signer()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            def out(data: bytes) -> None:
-                mac.update(data)
-                fh.write(data)
+    with atomic_file(path) as fh:
+        def out(data: bytes) -> None:
+            mac.update(data)
+            fh.write(data)
 
-            out(head[:cut])
-            for i, chunk in enumerate(_chunks(own)):
-                piece = orjson.dumps(chunk)[1:-1]
-                out(b"," + piece if i else piece)
-            out(head[cut:-1])
-            mac.update(head[-1:])  # the canonical form's closing brace; the file's comes after the mac
-            fh.write(b',"mac":"' + mac.hexdigest().encode() + b'"}')
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        out(head[:cut])
+        for i, chunk in enumerate(_chunks(own)):
+            piece = orjson.dumps(chunk)[1:-1]
+            out(b"," + piece if i else piece)
+        out(head[cut:-1])
+        mac.update(head[-1:])  # the canonical form's closing brace; the file's comes after the mac
+        fh.write(b',"mac":"' + mac.hexdigest().encode() + b'"}')
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -17,6 +17,7 @@ a reader can start at any block instead of decompressing the whole segment.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import os
@@ -24,13 +25,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 __all__ = [
     "BLOCK_EVENTS",
     "NodeFiles",
+    "atomic_file",
     "fsync_dir",
     "iter_lines",
     "iter_lines_from",
@@ -130,18 +132,27 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` so that a crash leaves the old file or the new one, never half of it."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file to write that appears as ``path`` only once complete and on disk: written as
+    ``<name>.tmp``, fsynced and renamed over ``path``, so a crash leaves the old file or the new one,
+    never half of it.  On an error the temporary file is removed and ``path`` is untouched."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(orjson.dumps(doc))
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as fh:
+        fh.write(orjson.dumps(doc))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -162,24 +173,16 @@ def write_sealed(plain: Path, target: Path, level: int,
     Returns ``(blocks, compressed_bytes, plain_bytes)`` where ``blocks`` is ``[[first_seq, offset]]``.
     The file appears under its name only once complete and on disk.
     """
-    tmp = target.with_name(target.name + ".tmp")
     blocks: list[list[int]] = []
     offset = plain_bytes = 0
-    try:
-        with open(plain, "rb") as src, open(tmp, "wb") as fh:
-            # A block at a time: a seal holds one block in memory, not the whole segment.
-            while chunk := list(itertools.islice(src, block_events)):
-                first = orjson.loads(chunk[0])["seq"]
-                data = b"".join(chunk)
-                member = gzip.compress(data, compresslevel=level, mtime=0)
-                fh.write(member)
-                blocks.append([first, offset])
-                offset += len(member)
-                plain_bytes += len(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(plain, "rb") as src, atomic_file(target) as fh:
+        # A block at a time: a seal holds one block in memory, not the whole segment.
+        while chunk := list(itertools.islice(src, block_events)):
+            first = orjson.loads(chunk[0])["seq"]
+            data = b"".join(chunk)
+            member = gzip.compress(data, compresslevel=level, mtime=0)
+            fh.write(member)
+            blocks.append([first, offset])
+            offset += len(member)
+            plain_bytes += len(data)
     return blocks, offset, plain_bytes

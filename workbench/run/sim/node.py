@@ -33,6 +33,7 @@ from edge_server.boot import next_boot
 from edge_server.token_bucket import BucketTable, CostExceedsBurst, KeyTableFull, NoLimitForKey
 from edge_server.wire import ReplayGuard, WireError, decode_ack, decode_delta, encode_ack, encode_delta
 from workbench.run.sim.clock import EPOCH
+from workbench.run.sim.process import PausableProcess
 
 if TYPE_CHECKING:
     from workbench.run.sim.world import World
@@ -43,7 +44,7 @@ HOUSEKEEPING_S = 0.25  # edge_server.node.Node.housekeeping's period
 TableFactory = Callable[..., BucketTable]
 
 
-class SimNode:
+class SimNode(PausableProcess):
     """A node's process state across kills and restarts; its audit trail is its data directory."""
 
     def __init__(self, world: World, node_id: str, region: str, peers: list[str], factory: TableFactory) -> None:
@@ -142,21 +143,6 @@ class SimNode:
         self.table = None
         self.held = []
         self._waiting = {}
-
-    def pause(self) -> None:
-        if self.state == "up":
-            self.state = "paused"
-
-    def resume(self) -> None:
-        if self.state != "paused":
-            return
-        self.state = "up"
-        held, self.held = self.held, []
-        inc = self.inc
-        for fn, args in held:
-            if inc != self.inc or self.state != "up":
-                break
-            fn(*args)
 
     def ready(self) -> bool:
         """edge_server.node.Node.readiness for the states the simulator has: up, recovered, synced."""

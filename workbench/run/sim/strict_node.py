@@ -40,6 +40,7 @@ from edge_server.strict.wire import INCARNATION_AHEAD_MS, SeqGuard, decode, enco
 from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, NoLimitForKey
 from edge_server.wire import WireError
 from workbench.run.sim.clock import EPOCH
+from workbench.run.sim.process import PausableProcess
 
 if TYPE_CHECKING:
     from workbench.run.sim.world import World
@@ -58,7 +59,7 @@ def strict_settings_for(gossip_interval_ms: float) -> StrictSettings:
     return StrictSettings(gossip_interval_ms=gossip_interval_ms, lease_ms=max(500.0, 4 * gossip_interval_ms))
 
 
-class StrictSimNode:
+class StrictSimNode(PausableProcess):
     """A strict node's process across kills and restarts (and the voter it hosts, if any)."""
 
     def __init__(self, world: World, node_id: str, region: str, peers: list[str], *, settings: StrictSettings,
@@ -160,21 +161,6 @@ class StrictSimNode:
         self.table = None
         self.voter = None
         self.held = []
-
-    def pause(self) -> None:
-        if self.state == "up":
-            self.state = "paused"
-
-    def resume(self) -> None:
-        if self.state != "paused":
-            return
-        self.state = "up"
-        held, self.held = self.held, []
-        inc = self.inc
-        for fn, args in held:
-            if inc != self.inc or self.state != "up":
-                break
-            fn(*args)
 
     def ready(self) -> bool:
         return self.state == "up" and self.table is not None
