@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edge_server.admission import AdaptiveLimit, Gate
 from edge_server.audit import AuditUnavailable
+from edge_server.commit import client_gone, send_continue
 from edge_server.conn_guard import ConnectionGuard
 from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
@@ -367,6 +368,16 @@ async def limits_check(node: Node, request: web.BaseRequest) -> web.Response:
 
 
 async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
+    """A skill call.  With ``Expect: 100-continue`` (the router's commit protocol, :mod:`edge_server.commit`)
+    the node answers ``100 Continue`` first and decides only once the body came, so a try the router sent
+    elsewhere instead spent no token here and called no skill.  Any caller: a request whose connection
+    closed is dropped before the decision and before the skill call (``edge_invoke_dropped_total``)."""
+    expect = request.headers.get("Expect")
+    if expect is not None:
+        if expect.lower() != "100-continue":
+            raise ApiError(417, "expectation_failed", "Expect must be 100-continue", "Expect")
+        if not await send_continue(request):
+            raise _dropped(node, "uncommitted")
     auth = request.headers.get("Authorization", "")
     if not auth.startswith("Bearer ") or not auth[7:].strip():
         raise ApiError(401, "unauthorized", "Authorization: Bearer <api-key> is required", "Authorization",
@@ -378,11 +389,18 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
     skill = _skill_of(request.raw_path)
     if skill != node.skill.name:
         raise ApiError(404, "unknown_skill", f"no skill named {skill!r}", "skill")
-    body = await _json_body(request, node)
+    try:
+        body = await (_committed_body(request, node) if expect is not None else _json_body(request, node))
+    except ApiError:
+        if client_gone(request):  # the body, or the rest of it, never came
+            raise _dropped(node, "uncommitted" if expect is not None else "before_decision") from None
+        raise
     cost = _cost(body, node)
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
     if node.table is None and node.strict is None:
         raise STARTING
+    if client_gone(request):
+        raise _dropped(node, "before_decision")
     try:
         d, written = node.decide(tenant, cost, request_id)
         if written is not None:
@@ -394,14 +412,36 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
         headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_s)))
         raise ApiError(429, "rate_limited", f"tenant {tenant!r} is over its limit; retry after "
                        f"{d.retry_after_s * 1000:.0f} ms", headers=headers)
+    if client_gone(request):  # the tokens are spent and audited, the skill is not called
+        raise _dropped(node, "before_skill")
     try:
         result = await node.skill.invoke(body)
     except SkillError as exc:
         node.metrics.skill_errors.inc()
         raise ApiError(502, "skill_failed", f"{exc} (tokens were spent and audited; request_id "
                        f"{request_id})", headers=headers) from None
+    finally:
+        if client_gone(request):
+            node.metrics.skill_calls_client_gone.inc()
     return web.Response(body=orjson.dumps({"result": result, "request_id": request_id, "tenant": tenant,
                                            "node": node.spec.id, "region": node.spec.region}), headers=headers)
+
+
+async def _committed_body(request: web.BaseRequest, node: Node) -> dict[str, Any]:
+    """The body after a ``100 Continue``: the router sends it only to the try it chose, so one that
+    does not come (the connection closes, or nothing within ``header_timeout_ms``) is a try the router
+    gave to another region or gave up: dropped, nothing decided."""
+    try:
+        async with asyncio.timeout(node.config.server.header_timeout_ms / 1000):
+            return await _json_body(request, node)
+    except TimeoutError:
+        raise _dropped(node, "uncommitted") from None
+
+
+def _dropped(node: Node, stage: str) -> ApiError:
+    """A request whose caller is gone: counted, answered 499 to nobody (nginx's "client closed request")."""
+    node.metrics.invoke_dropped.labels(stage).inc()
+    return ApiError(499, "client_gone", f"the caller closed the connection ({stage}); the skill was not called")
 
 
 async def metrics(node: Node, request: web.BaseRequest) -> web.Response:

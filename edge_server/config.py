@@ -147,7 +147,13 @@ class RouterConfig:
     fall: int = 2
     timeout_eject_count: int = 2
     check_try_timeout_ms: float = 150.0  # per-try timeout of /v1/limits/check; then the next region
-    retry_inflight_invoke: bool = False  # True: an invoke in flight is retried after invoke_try_timeout_ms
+    # An invoke try with no 100 Continue from its node after this long is hedged on the next region (the
+    # commit protocol, edge_server/commit.py: the node decides only once it gets the body, which the
+    # router sends to one try only).  Well above a healthy node's time to its 100 Continue under load,
+    # far below a client's timeout.
+    invoke_header_timeout_ms: float = 200.0
+    # True: no commit protocol; an invoke in flight is hedged after invoke_try_timeout_ms (may run twice)
+    retry_inflight_invoke: bool = False
     invoke_try_timeout_ms: float = 5000.0  # used only with retry_inflight_invoke = true
     # Never a self-inflicted outage: at most this share of the nodes is out of rotation at once ...
     max_ejected_share: float = 0.5
@@ -482,6 +488,7 @@ def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str])
         fall=r.int("fall", d.fall, minimum=1),
         timeout_eject_count=r.int("timeout_eject_count", d.timeout_eject_count, minimum=1),
         check_try_timeout_ms=r.num("check_try_timeout_ms", d.check_try_timeout_ms, positive=True),
+        invoke_header_timeout_ms=r.num("invoke_header_timeout_ms", d.invoke_header_timeout_ms, positive=True),
         retry_inflight_invoke=r.bool("retry_inflight_invoke", d.retry_inflight_invoke),
         invoke_try_timeout_ms=r.num("invoke_try_timeout_ms", d.invoke_try_timeout_ms, positive=True),
         max_ejected_share=_share(r, "max_ejected_share", d.max_ejected_share),
@@ -499,9 +506,9 @@ def _parse_router(source: str, table: Mapping[str, Any], region_names: set[str])
 
 
 _ADAPTIVE = ("lag_target_ms", "lag_interval_ms", "min_inflight")  # [server] and [router] alike
-_ROUTER_OVERLOAD = ("fall", "timeout_eject_count", "check_try_timeout_ms", "retry_inflight_invoke",
-                    "invoke_try_timeout_ms", "max_ejected_share", "panic_threshold", "retry_budget_ratio",
-                    "retry_budget_min_per_s", "max_inflight", "queue_max", "queue_timeout_ms",
+_ROUTER_OVERLOAD = ("fall", "timeout_eject_count", "check_try_timeout_ms", "invoke_header_timeout_ms",
+                    "retry_inflight_invoke", "invoke_try_timeout_ms", "max_ejected_share", "panic_threshold",
+                    "retry_budget_ratio", "retry_budget_min_per_s", "max_inflight", "queue_max", "queue_timeout_ms",
                     "connections_per_node", "header_timeout_ms", "max_connections", *_ADAPTIVE)
 
 

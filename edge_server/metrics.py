@@ -80,6 +80,13 @@ class NodeMetrics:
                                       registry=r)
         self.inflight = Gauge("edge_inflight_requests", "Requests being served", registry=r)
         self.skill_errors = Counter("edge_skill_errors", "Skill calls that failed (502)", registry=r)
+        # The invoke route's commit protocol (edge_server/commit.py): what a node did not do because the
+        # caller was gone, and skill calls whose answer nobody read.
+        self.invoke_dropped = Counter("edge_invoke_dropped", "Skill calls not made: the caller was gone "
+                                      "(stage uncommitted: no body came; before_decision; before_skill: "
+                                      "tokens spent)", ["stage"], registry=r)
+        self.skill_calls_client_gone = Counter("edge_skill_calls_client_gone", "Skill calls made whose caller "
+                                               "was gone when they returned", registry=r)
         self.observe = self.hot.observe
 
     def render(self) -> bytes:

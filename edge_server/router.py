@@ -18,11 +18,14 @@ and never takes the regions out because it is itself overloaded.  ``docs/router.
   failure evidence (rising after a restart, never checked) get traffic too.
 * **Retries.** A try that never reached a node (refused, unreachable, connect timeout) or that a node
   shed before deciding (503 with ``X-Edge-Shed``) is retried once on the next region.  A try in flight
-  is hedged only on ``/v1/limits/check`` (a second try on the next region after
-  ``check_try_timeout_ms`` while the first keeps waiting; the first answer wins), and on invoke only with
-  ``retry_inflight_invoke``.  Every retry is paid from a retry budget
-  (:class:`edge_server.admission.RetryBudget`).  Each try carries ``X-Edge-Deadline-Ms``: a node that gets
-  it late (paused, queued) refuses it without granting.
+  is hedged on ``/v1/limits/check`` (a second try on the next region after ``check_try_timeout_ms``
+  while the first keeps waiting; the first answer wins).  An invoke is committed once
+  (:mod:`edge_server.commit`): its tries ask for ``100 Continue`` and only the first node to say it gets
+  the body; a try with no ``100 Continue`` (reset, closed, or none within ``invoke_header_timeout_ms``)
+  did nothing and is retried or hedged, a try that got the body never is (``retry_inflight_invoke``
+  turns the protocol off and hedges after ``invoke_try_timeout_ms``, for skills safe to run twice).
+  Every retry is paid from a retry budget (:class:`edge_server.admission.RetryBudget`).  Each try
+  carries ``X-Edge-Deadline-Ms``: a node that gets it late (paused, queued) refuses it without granting.
 * **Shedding.** At most ``max_inflight`` requests in flight, ``queue_max`` more waiting at most
   ``queue_timeout_ms``; the rest get a quick 503 ``router_overloaded`` with ``Retry-After``.  After a 429
   for a key, that key is answered 429 by the router itself for a while (:mod:`edge_server.shedding`).
@@ -45,6 +48,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from edge_server.admission import AdaptiveLimit, Gate, RetryBudget
+from edge_server.commit import Claim, CommitPayload
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.router_health import CheckResult, HealthChecker, NodeHealth, classify
@@ -68,7 +72,7 @@ CHECK_ROUTE, INVOKE_ROUTE = "/v1/limits/check", "/v1/skills/{skill}/invoke"
 # Tries that certainly never reached a node: retried on every route, invoke too (nothing ran).
 _NOT_REACHED = frozenset({"refused", "unreachable", "connect_timeout", "not_written"})
 _DROP_REQUEST = frozenset(h.lower() for h in ("Host", "Connection", "Keep-Alive", "Content-Length",
-                                             "Transfer-Encoding", "Upgrade", "TE", "Proxy-Connection"))
+                                             "Transfer-Encoding", "Upgrade", "TE", "Proxy-Connection", "Expect"))
 _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Content-Length", "Transfer-Encoding",
                                               "Upgrade", "Server", "Date"))
 
@@ -149,9 +153,11 @@ class Router(RoutingTable):
         self._timeout = aiohttp.ClientTimeout(total=rc.request_timeout_ms / 1000,
                                               sock_connect=rc.connect_timeout_ms / 1000)
         # Routes whose tries are hedged after a per-try timeout (seconds); the others wait for their answer.
+        # Invoke tries are hedged either way: before their node's 100 Continue (the commit protocol, where
+        # a hedge can never run the skill twice) or, with retry_inflight_invoke, even while it runs.
         self._per_try: dict[str, float] = {CHECK_ROUTE: rc.check_try_timeout_ms / 1000}
-        if rc.retry_inflight_invoke:
-            self._per_try[INVOKE_ROUTE] = rc.invoke_try_timeout_ms / 1000
+        self._commit = not rc.retry_inflight_invoke
+        self._per_try[INVOKE_ROUTE] = (rc.invoke_header_timeout_ms if self._commit else rc.invoke_try_timeout_ms) / 1000
         self._ids = itertools.count(1)
         self._boot = int(time.time() * 1000)
 
@@ -219,10 +225,12 @@ class Router(RoutingTable):
                      body: bytes, parsed: dict | None, headers: CIMultiDict[str], extra: dict[str, str]
                      ) -> web.StreamResponse:
         """At most two tries.  A try that never reached its node, or that the node shed, is retried at
-        once; on the hedged routes (check; invoke with ``retry_inflight_invoke``) a try still unanswered
-        after the per-try timeout gets a second one on the next region *while it keeps waiting*: the
-        first answer wins, the other try is cancelled.  Without a retry budget the first try simply
-        goes on waiting, so a slow answer (our own lag, a busy node) is never turned into an error."""
+        once; on the hedged routes a try still unanswered after the per-try timeout gets a second one on
+        the next region *while it keeps waiting*: the first answer wins, the other try is cancelled.
+        Without a retry budget the first try simply goes on waiting, so a slow answer (our own lag, a
+        busy node) is never turned into an error.  An invoke under the commit protocol counts as
+        answered at its node's ``100 Continue``: the first such try gets the body and the others are
+        cancelled unsent; after that nothing is hedged or retried (the skill may run)."""
         assert self.session is not None
         session, loop = self.session, asyncio.get_running_loop()
         per_try = self._per_try.get(route)
@@ -230,6 +238,18 @@ class Router(RoutingTable):
         ends = loop.time() + total
         pending: dict[asyncio.Task[aiohttp.ClientResponse], tuple[NodeHealth, float]] = {}
         tries, hedged, reason, last = 0, False, "", first
+
+        def committed(winner: asyncio.Task[aiohttp.ClientResponse]) -> None:
+            """``winner``'s node said 100 Continue first: it alone gets the body, the others are dropped."""
+            node, started = pending.get(winner, (first, 0.0))
+            self.metrics.observe_continue(node.spec.region, time.perf_counter() - started)
+            for task in [t for t in pending if t is not winner]:
+                del pending[task]
+                self.counters["invoke_tries_cancelled"] += 1
+                task.cancel()
+                task.add_done_callback(_discard)
+
+        claim = Claim(committed) if route == INVOKE_ROUTE and self._commit else None
 
         def launch(node: NodeHealth) -> None:
             """Send a try.  Its deadline: for the first try of a hedged route twice the per-try timeout
@@ -241,22 +261,30 @@ class Router(RoutingTable):
             budget_s = 2 * per_try if per_try is not None and tries == 1 else ends - loop.time()
             # The try is written on a later turn of our loop: when the loop lags, that is later still.
             hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s + self.current_lag()) * 1000))
+            data: Any = body or None
+            if claim is not None:
+                data = CommitPayload(body, claim, hdrs.get("Content-Type"))
             task = asyncio.ensure_future(session.request(request.method, node.spec.url + request.raw_path,
-                                                         data=body or None, headers=hdrs, timeout=self.try_timeout(),
-                                                         allow_redirects=False))
+                                                         data=data, headers=hdrs, timeout=self.try_timeout(),
+                                                         allow_redirects=False, expect100=claim is not None))
+            if claim is not None:
+                data.owner = task
             pending[task] = (node, time.perf_counter())
 
         launch(first)
         try:
             while pending:
                 wait = ends - loop.time()
-                hedge_due = per_try is not None and not hedged and tries == 1
+                hedge_due = per_try is not None and not hedged and tries == 1 and (claim is None or
+                                                                                   claim.holder is None)
                 if wait <= 0:
                     break
                 done = await _first_done(loop, list(pending), min(wait, per_try) if hedge_due else wait)
                 if not done:
                     if not hedge_due:
                         break  # the whole request timed out
+                    if claim is not None and claim.holder is not None:
+                        continue  # its node said 100 Continue in time: wait for its answer
                     hedged = True
                     slow = next(iter(pending.values()))[0]
                     self.try_failed(slow, "timeout", f"no answer within the per-try timeout of {per_try:g} s")
@@ -266,6 +294,8 @@ class Router(RoutingTable):
                         launch(nxt)
                     continue
                 for task in done:
+                    if task not in pending:
+                        continue  # cancelled: another try was given the body
                     node, started = pending.pop(task)
                     exc = task.exception()
                     if exc is not None:
@@ -273,11 +303,12 @@ class Router(RoutingTable):
                         self.try_failed(node, kind, f"{exc.__class__.__name__}: {exc}"[:200])
                         if pending:
                             continue  # the other try may still answer
-                        nxt = (self._retry_target(home, node)
-                               if tries < 2 and (kind in _NOT_REACHED or per_try is not None) else None)
+                        acted = claim is None or claim.holder is task
+                        nxt = (self._retry_target(home, node) if tries < 2 and (
+                            kind in _NOT_REACHED or (per_try is not None and not (claim and acted))) else None)
                         if nxt is None:
                             return self._try_error(route, home, node, kind, self._retried(extra, first, node,
-                                                                                          reason))
+                                                                                          reason), acted)
                         reason = kind
                         launch(nxt)
                         continue
@@ -299,7 +330,8 @@ class Router(RoutingTable):
             for node, _ in pending.values():
                 if not (hedged and node is first):  # the first was already judged at its per-try timeout
                     self.try_failed(node, "timeout", f"no answer within {total:g} s")
-            return self._try_error(route, home, last, "timeout", self._retried(extra, first, last, reason))
+            return self._try_error(route, home, last, "timeout", self._retried(extra, first, last, reason),
+                                   claim is None or claim.holder is not None)
         finally:
             for task in pending:
                 task.cancel()
@@ -337,7 +369,10 @@ class Router(RoutingTable):
         self.metrics.retries.labels(home, node.spec.region).inc()
         return node
 
-    def _try_error(self, route: str, home: str, node: NodeHealth, kind: str, extra: dict[str, str]) -> web.Response:
+    def _try_error(self, route: str, home: str, node: NodeHealth, kind: str, extra: dict[str, str],
+                   acted: bool = True) -> web.Response:
+        """The answer for a request whose last try failed; ``acted`` False: no node was given the body of
+        this skill call (the commit protocol), so nothing ran, whatever the connection did."""
         nid = node.spec.id
         if kind == "connect_timeout" and self.current_lag() > (self._timeout.sock_connect or 0.0) / 4:
             # Our own loop was late, not the node: the request never reached it (no token, no skill
@@ -350,6 +385,10 @@ class Router(RoutingTable):
         if kind in _NOT_REACHED:
             return self._fail(route, home, 502, "upstream_unreachable", f"node {nid} could not be reached ({kind})",
                               extra)
+        if not acted:
+            return self._fail(route, home, 502 if kind != "timeout" else 504, "upstream_unreachable",
+                              f"node {nid} did not accept the request ({kind}) and no other region could take "
+                              "it; the skill was not called", {**extra, "Retry-After": "1"})
         if kind == "timeout":
             return self._fail(route, home, 504, "upstream_timeout", f"node {nid} did not answer in time; not "
                               "retried (it may have acted)", extra)

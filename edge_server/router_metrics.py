@@ -37,6 +37,9 @@ class RouterMetrics:
         self.shed = Counter("router_shed", "Requests answered 429 by the router itself", ["route"], registry=r)
         self.upstream = Histogram("router_upstream_seconds", "Time to a node's full answer", ["region"],
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.invoke_continue = Histogram("router_invoke_continue_seconds", "Time from an invoke try's start to "
+                                         "its node's 100 Continue (the commit protocol's header time)",
+                                         ["region"], buckets=CHECK_BUCKETS, registry=r)
         self.try_failures = Counter("router_try_failures", "Forwarding tries that failed, by evidence kind",
                                     ["node", "kind"], registry=r)
         self.retry_budget_exhausted = Counter("router_retry_budget_exhausted",
@@ -64,6 +67,13 @@ class RouterMetrics:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self.upstream.labels(region)
+        child.observe(seconds)
+
+    def observe_continue(self, region: str, seconds: float) -> None:
+        key = ("continue", region)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.invoke_continue.labels(region)
         child.observe(seconds)
 
     def render(self) -> bytes:

@@ -114,6 +114,7 @@ def _doc(**tables: dict[str, Any]) -> dict[str, Any]:
     ("router", "panic_threshold", "half", "a number"),
     ("router", "check_try_timeout_ms", 0, "a number > 0"),
     ("router", "invoke_try_timeout_ms", -5, "a number > 0"),
+    ("router", "invoke_header_timeout_ms", 0, "a number > 0"),
     ("router", "retry_inflight_invoke", "no", "true or false"),
     ("router", "fall", 0, "an integer >= 1"),
     ("router", "timeout_eject_count", 1.5, "an integer"),
@@ -149,6 +150,7 @@ def test_overload_settings_have_documented_defaults() -> None:
     rc, sv = config.router, config.server
     assert (rc.max_ejected_share, rc.panic_threshold, rc.check_try_timeout_ms, rc.retry_inflight_invoke) == (
         0.5, 0.5, 150.0, False)
+    assert rc.invoke_header_timeout_ms == 200.0
     assert rc.max_inflight >= 1 and rc.queue_max >= 0 and sv.queue_max >= 0 and sv.header_timeout_ms > 0
     assert (rc.lag_target_ms, rc.lag_interval_ms, sv.lag_target_ms, sv.lag_interval_ms) == (100.0, 100.0, 150.0, 100.0)
     assert rc.min_inflight == sv.min_inflight == 32
