@@ -13,7 +13,16 @@ for its next request after the fault and the rest (the router's part); **dense**
 per region, ~180 req/s each, no limit in the way) measure the router by the same definition without the
 standard load's 28 ms mean gap per client (see :data:`DENSE_TENANTS`).  Errors sent after the fault are
 split too: those the router had already written to the victim (``502 upstream_broken``, or a client
-timeout on a silent node) are not retried by design on the invoke route (a skill call may have run).
+timeout on a silent node).  On the invoke route the router retries a skill call exactly as long as no
+node has been given its body (the commit protocol, ``edge_server/commit.py``): a try with no
+``100 Continue`` is retried or hedged, a committed one never is.  Each drill also reports what that
+protocol saw: the router's time to a node's ``100 Continue`` (``router_invoke_continue_seconds``, the
+header time its ``invoke_header_timeout_ms`` must stay above), the tries it cancelled unsent, and what
+the nodes dropped (``edge_invoke_dropped_total{stage}``) or ran for a caller that was gone
+(``edge_skill_calls_client_gone_total``), from the drill's last scrape.  With ``--back-after S`` a paused
+node is resumed, and a blackhole healed, S seconds after the fault, so that the victim gets to what it
+held and the drill shows whether it acted on any of it (its drops, and the checker's double grants);
+such a run writes ``failover-resume.json``.
 
 Every repetition is a whole workbench drill (:func:`workbench.run.drill.run_drill`: real node and router
 processes through ``Cluster.launch``, open-loop load from clients in every region, the fault applied
@@ -45,7 +54,7 @@ figure of admitted tokens/s around the kill. Every process is reaped on any exit
 context manager, a signal handler that cancels the run, and a last pass over our child processes).
 
     .venv/bin/python benchmarks/bench_failover.py [--quick] [--reps 4] [--pause-reps 2] [--blackhole-reps 2]
-        [--dense-reps 4] [--keep]
+        [--dense-reps 4] [--back-after 0] [--keep]
 """
 
 from __future__ import annotations
@@ -83,7 +92,7 @@ from benchmarks._targets import target
 from workbench.check import checker
 from workbench.history import Recording, RequestRecord, parse_metrics
 from workbench.run import drill as drill_module
-from workbench.run.drill import DrillResult, run_drill
+from workbench.run.drill import ROUTER_SOURCE, DrillResult, run_drill
 from workbench.spec.scenario import Scenario
 
 TARGET_P99_MS = 50.0  # kill, check route
@@ -128,14 +137,18 @@ atexit.register(_reap_children)
 
 
 # ----------------------------------------------------------------------------- scenarios
-def scenario_for(kind: str, route: str, seed: int, duration_s: float, fault_at_s: float) -> Scenario:
-    """One drill: 3 regions x 1 node, router checks every 100 ms, load 2 R, fault at ``fault_at_s``.
+def scenario_for(kind: str, route: str, seed: int, duration_s: float, fault_at_s: float,
+                 back_after_s: float = 0.0) -> Scenario:
+    """One drill: 3 regions x 1 node, router checks every 100 ms, load 2 R, fault at ``fault_at_s``;
+    a pause is resumed and a blackhole healed ``back_after_s`` later (0: never).
 
     ``kind`` ``kill-dense``: the same kill and load, but only :data:`DENSE_TENANTS` clients per region
     and a limit far above the load (see :data:`DENSE_TENANTS`)."""
     fault = {"kill": {"kill_region_at_s": fault_at_s, "kill_region": KILLED},
              "pause": {"pause_at_s": fault_at_s, "pause_target": KILLED},
              "blackhole": {"blackhole_at_s": fault_at_s, "blackhole_region": KILLED}}[kind.removesuffix("-dense")]
+    if back_after_s > 0 and kind in ("pause", "blackhole"):
+        fault[{"pause": "resume_at_s", "blackhole": "heal_at_s"}[kind]] = fault_at_s + back_after_s
     dense = kind == "kill-dense"
     tenants = DENSE_TENANTS if dense else TENANTS
     rate = 1e6 if dense else GLOBAL_RATE / TENANTS
@@ -264,6 +277,43 @@ def client_breakdown(rec: Recording, outage: Mapping[str, Any]) -> dict[str, lis
     return {"wait_ms": wait, "after_send_ms": after, "router_sheds": sheds}
 
 
+def _final(rec: Recording, name: str) -> list[tuple[str, dict[str, str], float]]:
+    """``(source, labels, value)`` of metric ``name`` in each source's last scrape (the drill's final,
+    full one for the processes still running at the end)."""
+    last: dict[str, float] = {}
+    for m in rec.metrics:
+        if m.name == name:
+            last[m.node] = max(last.get(m.node, m.t_s), m.t_s)
+    return [(m.node, m.labels, m.value) for m in rec.metrics if m.name == name and m.t_s == last[m.node]]
+
+
+def commit_figures(rec: Recording) -> dict[str, Any]:
+    """What the invoke route's commit protocol saw in one drill: the router's header times (bucket
+    counts of ``router_invoke_continue_seconds``, all regions), and per node what it dropped or ran for
+    a caller that was gone."""
+    buckets: Counter[str] = Counter()
+    for source, labels, value in _final(rec, "router_invoke_continue_seconds_bucket"):
+        if source == ROUTER_SOURCE:
+            buckets[labels["le"]] += value
+    dropped: dict[str, dict[str, float]] = {}
+    for source, labels, value in _final(rec, "edge_invoke_dropped_total"):
+        if value:
+            dropped.setdefault(source, {})[labels.get("stage", "")] = value
+    gone = {source: value for source, _labels, value in _final(rec, "edge_skill_calls_client_gone_total") if value}
+    return {"continue_buckets": dict(buckets), "dropped": dropped, "skill_calls_client_gone": gone}
+
+
+def bucket_quantiles(cumulative: Mapping[str, float]) -> dict[str, Any]:
+    """p50 / p99 / max of a Prometheus histogram as the upper bounds of the buckets they fall in (ms)."""
+    bounds = sorted(((float(le), n) for le, n in cumulative.items()), key=lambda x: x[0])
+    total = bounds[-1][1] if bounds else 0
+
+    def upper(q: float) -> float | None:
+        return next((round(b * 1000, 3) for b, n in bounds if n >= q * total), None) if total else None
+
+    return {"tries": total, "p50_le_ms": upper(0.5), "p99_le_ms": upper(0.99), "max_le_ms": upper(1.0)}
+
+
 def failover_figures(result: DrillResult, counters: RouterCounters, action: str) -> dict[str, Any]:
     """Failover time per client of the failed region, and the client-visible errors split by kind."""
     rec = result.recording
@@ -326,6 +376,10 @@ def failover_figures(result: DrillResult, counters: RouterCounters, action: str)
         "router_counters": counters.counters,
         "router_scrapes": counters.scrapes,
         "orphaned_grants_at_fault": loss.figures.get("orphaned_at_kill"),
+        "double_grants": loss.figures.get("double_grants"),
+        "token_loss": loss.figures.get("token_loss"),
+        "unanswered_grants": loss.figures.get("unanswered_grants"),
+        "invoke_commit": commit_figures(rec),
         "generator": {"valid": gen.get("valid"), "lag_p99_ms": (gen.get("lag_ms") or {}).get("p99"),
                       "sent": gen.get("sent")},
         "invariants_ok": result.summary.get("invariants_ok"),
@@ -426,6 +480,18 @@ def summarize_failover(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "inflight_not_retried": sum(r["inflight_not_retried"] for r in rows),
         "other_errors": sum(r["client_errors"] - r["retried_failed"] - r["inflight_not_retried"] for r in rows),
         "orphaned_grants_at_fault": _sum(rows, "orphaned_grants_at_fault"),
+        "double_grants": _sum(rows, "double_grants"),
+        "token_loss": _sum(rows, "token_loss"),
+        "unanswered_grants": _sum(rows, "unanswered_grants"),
+        "invoke_commit": {
+            "continue_ms": bucket_quantiles(sum((Counter(r["invoke_commit"]["continue_buckets"]) for r in rows
+                                                 if r["route"] == "invoke"), Counter())),
+            "tries_cancelled_unsent": sum(r["router_counters"].get("invoke_tries_cancelled", 0) for r in rows),
+            "dropped_by_stage": dict(sum((Counter(d) for r in rows for d in r["invoke_commit"]["dropped"].values()),
+                                         Counter())),
+            "skill_calls_client_gone": sum(v for r in rows
+                                           for v in r["invoke_commit"]["skill_calls_client_gone"].values()),
+        },
         "generator_valid_drills": sum(1 for r in rows if r["generator"]["valid"]),
     }
 
@@ -495,7 +561,7 @@ async def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     capacity_rows: list[dict[str, Any]] = []
     drills: list[dict[str, Any]] = []
     for n, (kind, route, seed) in enumerate(plan(args), 1):
-        scenario = scenario_for(kind, route, seed, args.duration, args.fault_at)
+        scenario = scenario_for(kind, route, seed, args.duration, args.fault_at, args.back_after)
         load_before = os.getloadavg()[0]
         t0 = time.monotonic()
         pool = args.pause_pool if kind in ("pause", "blackhole") else 0
@@ -562,7 +628,8 @@ async def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       "health_interval_ms": 100.0, "health_timeout_ms": 250.0, "global_rate_R": GLOBAL_RATE,
                       "tenants": TENANTS, "offered_load_rps": LOAD_FACTOR * GLOBAL_RATE,
                       "skill_ms": {"median": 2.0, "p99": 5.0}, "duration_s": args.duration,
-                      "fault_at_s": args.fault_at, "proxies": True,
+                      "fault_at_s": args.fault_at, "back_after_s": args.back_after, "proxies": True,
+                      "invoke_header_timeout_ms": 200.0,
                       "pause_generator_pool": args.pause_pool or "library default",
                       "client": "(home region, key): the checker's failover client"},
             "target_goals": {"kill_check_failover_p99_ms": TARGET_P99_MS,
@@ -607,6 +674,17 @@ def print_tables(figures: Mapping[str, Any], quick: bool = False) -> None:
                        "of which written to the victim",
                        "in-flight errors / in flight", "in-flight stall max ms", "checker failed", "checker stalled",
                        "retried"]))
+    rows = []
+    for kind in KINDS:
+        f = figures.get(kind)
+        if f:
+            c = f["invoke_commit"]
+            rows.append([kind, c["continue_ms"]["tries"], c["continue_ms"]["p50_le_ms"], c["continue_ms"]["p99_le_ms"],
+                         c["continue_ms"]["max_le_ms"], c["tries_cancelled_unsent"], c["dropped_by_stage"],
+                         c["skill_calls_client_gone"], f["double_grants"], f["token_loss"]])
+    print(table(rows, ["fault", "invoke tries", "100 Continue p50 <= ms", "p99 <= ms", "max <= ms",
+                       "tries cancelled unsent", "dropped by nodes", "skill calls, caller gone", "double grants",
+                       "token loss"]))
     cap = figures.get("capacity")
     if cap:
         starts = cap["bin_start_ms"]
@@ -657,11 +735,13 @@ def main() -> int:
     ap.add_argument("--pause-pool", type=int, default=1024,
                     help="generator connections in pause drills (0: the library's default, which the hung "
                          "requests exhaust; see generator_pool)")
+    ap.add_argument("--back-after", type=float, default=0.0,
+                    help="resume a paused node / heal a blackhole this long after the fault (0: never)")
     ap.add_argument("--keep", action="store_true", help="keep the drills' results folders (printed)")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.pause_reps, args.blackhole_reps, args.duration, args.fault_at = 1, 1, 1, 6.0, 2.6
-        args.dense_reps = 1
+        args.dense_reps, args.back_after = 1, min(args.back_after, 2.0)
     if args.fault_at + FIGURE_AFTER_S > args.duration or args.fault_at < FIGURE_BEFORE_S + 1:
         ap.error(f"--fault-at must leave {FIGURE_BEFORE_S + 1:g} s before and {FIGURE_AFTER_S:g} s after it")
     started = time.time()
@@ -681,7 +761,8 @@ def main() -> int:
     # only the standard plan writes failover.json, so a diagnostic run cannot overwrite the figures
     standard = ((args.reps, args.pause_reps, args.blackhole_reps, args.dense_reps, args.duration, args.fault_at)
                 == (4, 2, 2, 4, 12.0, 6.0))
-    name = "failover" if args.quick or standard else "failover-custom"
+    name = ("failover" if args.quick or (standard and not args.back_after) else
+            "failover-resume" if standard and args.back_after == 4.0 else "failover-custom")
     path = write_results(name, out["figures"], quick=args.quick, extra=out["extra"], started=started,
                          targets=out["targets"])
     print(json.dumps(out["figures"], indent=1))
