@@ -38,7 +38,8 @@ log = logging.getLogger("edge_server.router")
 COUNTERS = ("forwarded", "retried", "failed", "shed", "ejections", "ejections_refused", "ejections_swapped",
             "no_healthy",
             "overload_shed", "panic_picks", "last_resort_picks", "checks_late", "retry_budget_exhausted",
-            "lagged_timeouts", "checks_slow", "not_written", "invoke_tries_cancelled")
+            "lagged_timeouts", "checks_slow", "not_written", "invoke_tries_cancelled",
+            "invoke_hedges_deferred")
 
 
 class RoutingTable:

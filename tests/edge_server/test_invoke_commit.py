@@ -193,3 +193,32 @@ async def test_a_blackholed_node_costs_its_skill_call_a_hedge_and_never_runs_it(
             await server.close()
     assert status == 200 and headers["X-Router-Retried"] == "eu-1" and headers["X-Edge-Region"] == "us", headers
     assert headers["X-Router-Retry-Reason"] in ("timeout", "connect_timeout")
+
+
+async def test_an_invoke_hedge_waits_while_the_routers_own_loop_lags(make_nodes: Any, run_router: Any) -> None:
+    nodes = await make_nodes(THREE, health_interval_ms=60_000, invoke_header_timeout_ms=100)
+    router, url = await run_router(nodes)
+    pid = nodes.procs["eu-1"].pid
+    home = {**AUTH, "X-Client-Region": "eu"}
+    lagging = [True]
+    measured = router.current_lag
+    router.current_lag = lambda: 1.0 if lagging[0] else measured()  # type: ignore[method-assign]
+    try:
+        async with aiohttp.ClientSession() as s:
+            lagging[0] = False
+            async with s.post(url + INVOKE, json={}, headers=home) as r:
+                assert r.status == 200 and r.headers["X-Edge-Node"] == "eu-1"  # a pooled connection
+            lagging[0] = True
+            os.kill(pid, signal.SIGSTOP)
+            call = asyncio.create_task(s.post(url + INVOKE, json={}, headers=home))
+            for _ in range(100):  # bounded: 5 s
+                if router.counters["invoke_hedges_deferred"] >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert not call.done() and router.counters["retried"] == 0  # no hedge while our loop is late
+            lagging[0] = False  # the lag is over: the next per-try timeout hedges it
+            async with await asyncio.wait_for(call, 5) as r:
+                status, headers = r.status, r.headers.copy()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 200 and headers["X-Router-Retried"] == "eu-1" and headers["X-Edge-Region"] == "us"
