@@ -304,12 +304,17 @@ def commit_figures(rec: Recording) -> dict[str, Any]:
 
 
 def bucket_quantiles(cumulative: Mapping[str, float]) -> dict[str, Any]:
-    """p50 / p99 / max of a Prometheus histogram as the upper bounds of the buckets they fall in (ms)."""
+    """p50 / p99 / max of a Prometheus histogram as the upper bounds of the buckets they fall in (ms);
+    past the last finite bucket, the string ``"> <last bound>"`` (JSON has no infinity)."""
     bounds = sorted(((float(le), n) for le, n in cumulative.items()), key=lambda x: x[0])
     total = bounds[-1][1] if bounds else 0
+    last = max((b for b, _n in bounds if math.isfinite(b)), default=0.0)
 
-    def upper(q: float) -> float | None:
-        return next((round(b * 1000, 3) for b, n in bounds if n >= q * total), None) if total else None
+    def upper(q: float) -> float | str | None:
+        bound = next((b for b, n in bounds if n >= q * total), None) if total else None
+        if bound is None:
+            return None
+        return round(bound * 1000, 3) if math.isfinite(bound) else f"> {last * 1000:g}"
 
     return {"tries": total, "p50_le_ms": upper(0.5), "p99_le_ms": upper(0.99), "max_le_ms": upper(1.0)}
 
