@@ -285,11 +285,12 @@ class Router(RoutingTable):
                         break  # the whole request timed out
                     if claim is not None and claim.holder is not None:
                         continue  # its node said 100 Continue in time: wait for its answer
-                    if claim is not None and self.current_lag() > per_try / 2:
-                        # Our own loop is late, so the 100 Continue may be waiting in our buffers: a
-                        # hedge now would add a try (a connection, a node's work) to an overloaded
+                    if self.current_lag() > per_try / 2:
+                        # Our own loop is late, so the answer (or the 100 Continue) may be waiting in
+                        # our buffers: a hedge now would add a try (a connection, a node's work, and on
+                        # the check route a second grant under one request id) to an overloaded
                         # router; wait one more per-try timeout instead.
-                        self.counters["invoke_hedges_deferred"] += 1
+                        self.counters["hedges_deferred"] += 1
                         continue
                     hedged = True
                     slow = next(iter(pending.values()))[0]
