@@ -11,8 +11,11 @@
   node's own figure for reading its trail (the ``audit recovered`` log line).  Target: <= 2 s
   whatever the trail's length.
 
-* **soak** (``--soak SECONDS``, run alone) -- RSS of one node under wrk with key churn,
-  sampled as it runs: nothing may grow with events (the issue asks for +-10 MB over 30 minutes).
+* **soak** (``--soak SECONDS``, run alone) -- RSS of the serving node of a 3-region cluster and
+  of its two peers under wrk paced to 80 % of a full-speed probe, with key churn, sampled every
+  ``--sample-s`` (5) seconds: nothing may grow with events, and every sample after the warm-up
+  (``--warmup-s``, 360 s of paced load) must stay within +-10 MB (the issue's 30 minutes: 1800).
+  Full runs draw the RSS curve into docs/img/audit_soak.png.
 
 * **replication** (``--replication``, run alone) -- the check route of eu-1 with its replication to
   us-1 off and on, side by side (target >= 90 %), and the recovery point while on.
@@ -261,7 +264,7 @@ def soak_figure(soak: dict) -> Any:
     minutes = [s["t_s"] / 60 for s in samples]
     for i, n in enumerate(nodes):
         f = soak["rss_after_warmup"].get(n) or {}
-        spread = f"max - min {f['max_mb'] - f['min_mb']:.1f} MB" if f else "no samples after warm-up"
+        spread = f"max - min {f['max_minus_min_mb']:.1f} MB" if f else "no samples after warm-up"
         color = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")[i % 4]
         fig.add_trace(go.Scatter(x=minutes, y=[s["rss_mb"].get(n) for s in samples], mode="lines",
                                  line={"color": color, "width": 1.5},
@@ -406,8 +409,8 @@ def soak_targets(summary: dict) -> list[dict]:
     out = []
     for n, f in summary.items():
         f = f or {}
-        spread = round(f["max_mb"] - f["min_mb"], 1) if f else None
-        out.append(target(f"{n}: RSS after warm-up within one +-10 MB band (max - min)", spread, "<=", 20.0, "MB"))
+        out.append(target(f"{n}: RSS after warm-up within one +-10 MB band (max - min)", f.get("max_minus_min_mb"),
+                          "<=", 20.0, "MB"))
         out.append(target(f"{n}: RSS after warm-up within +-10 MB of its baseline",
                           f.get("max_distance_from_baseline_mb"), "<=", 10.0, "MB"))
     return out
