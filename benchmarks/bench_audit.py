@@ -225,20 +225,30 @@ def bench_soak(procs: Procs, folder: Path, duration_s: int, sample_s: float, rep
     procs_of = {n.id: psutil.Process(c.pid) for n, c in zip(nodes, children, strict=True)}
     result: dict = {}
     wrk = threading.Thread(target=lambda: result.update(wrk=run_wrk(
-        serving.url + "/v1/limits/check", threads=1, connections=64, duration_s=duration_s, script=paced, cpus={1})))
+        serving.url + "/v1/limits/check", threads=1, connections=64, duration_s=duration_s, script=paced, cpus={1})),
+        daemon=True)
     t0 = time.monotonic()
     wrk.start()
     samples = []
     while wrk.is_alive():
         rss = {nid: round(p.memory_info().rss / 2**20, 1) for nid, p in procs_of.items()}
-        _status, st = http_json(serving.url + "/v1/state?keys=_")
-        samples.append({"t_s": round(time.monotonic() - t0, 1), "rss_mb": rss, "events": st["audit_last_seq"],
-                        "keys": st["key_count"], "replication_lag_s": (st.get("audit_replication") or {}).get("lag_s")})
+        asked = time.monotonic()
+        try:  # a scrape the node does not answer in time is recorded as such: RSS still counts
+            _status, st = http_json(serving.url + "/v1/state?keys=_")
+        except OSError as exc:
+            _status, st = 0, {"error": type(exc).__name__}
+        if not isinstance(st, dict):
+            st = {"error": f"status {_status}"}
+        samples.append({"t_s": round(asked - t0, 1), "rss_mb": rss, "events": st.get("audit_last_seq"),
+                        "keys": st.get("key_count"), "state_ms": round((time.monotonic() - asked) * 1000, 1),
+                        "replication_lag_s": (st.get("audit_replication") or {}).get("lag_s"),
+                        **({"state_error": st["error"]} if "error" in st else {})})
         wrk.join(sample_s)
     for c in children:
         procs.stop(c)
-    runs = samples[-1]["t_s"] - samples[0]["t_s"] if len(samples) > 1 else 0.0
-    events = samples[-1]["events"] - samples[0]["events"] if samples else 0
+    counted = [s for s in samples if s["events"] is not None]
+    runs = counted[-1]["t_s"] - counted[0]["t_s"] if len(counted) > 1 else 0.0
+    events = counted[-1]["events"] - counted[0]["events"] if counted else 0
     return {"duration_s": duration_s, "replicate": replicate, "sample_s": sample_s,
             "probe": probe.as_dict(), "paced_rate_req_per_s": rate, "load_of_capacity": SOAK_LOAD,
             "warmup": f"the {SOAK_PROBE_S} s full-speed probe (keys reach the 100,000 cap in it) and the first "
@@ -248,6 +258,8 @@ def bench_soak(procs: Procs, folder: Path, duration_s: int, sample_s: float, rep
             "events_per_s": round(events / runs, 1) if runs else None,
             "key_churn_new_keys_per_s_estimate": round(events / runs * (1 - 100_000 / 10_000_000), 1) if runs else None,
             "wrk": result["wrk"].as_dict() if "wrk" in result else None,
+            "state_scrapes_failed": sum(1 for s in samples if "state_error" in s),
+            "state_ms_max": max((s["state_ms"] for s in samples), default=None),
             "rss_after_warmup": soak_summary(samples, [n.id for n in nodes], warmup_s),
             "samples": samples}
 
