@@ -302,7 +302,9 @@ def run_wrk(
     if script is not None:
         cmd += ["-s", str(script)]
     cmd.append(url)
-    shown = taskset_prefix(cpus) + " ".join(shlex.quote(c) for c in cmd)
+    # The script lives in the run's temporary folder: results show its name, not the machine's path.
+    words = [script.name if script is not None and c == str(script) else c for c in cmd]
+    shown = taskset_prefix(cpus) + " ".join(shlex.quote(c) for c in words)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=pin_cpus(cpus)
     )

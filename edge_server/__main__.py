@@ -72,8 +72,11 @@ async def _rebuild_lost_trail(node: Node) -> None:
 
 async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int:
     from edge_server.app import build_server
+    from edge_server.heap import pin_mmap_threshold
     from edge_server.node import Node
 
+    # Before the key table exists: its rebuilds under key churn must not pile up in the C heap.
+    pinned = pin_mmap_threshold()
     node = Node(config, node_id)
     runner = web.ServerRunner(build_server(node), handle_signals=False)
     await runner.setup()
@@ -101,7 +104,8 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
     if node.replicator is not None:
         tasks.append(asyncio.create_task(node.replicator.run(), name="audit-replication"))
     log.info("node serving", extra={"host": node.spec.host, "port": node.spec.port,
-                                    "peers": [p.id for p in node.peers], "cold": node.cold})
+                                    "peers": [p.id for p in node.peers], "cold": node.cold,
+                                    "mmap_threshold_pinned": pinned})
     try:
         await _wait_for_stop()
         node.draining = True

@@ -28,9 +28,10 @@ import orjson
 
 from edge_server.audit.chain import GENESIS, ChainKeys
 from edge_server.audit.recovery import Recovered, load_head, recover_trail
-from edge_server.audit.seal import Own, Retention, SealSpec, apply_retention, release_memory, seal_segment
+from edge_server.audit.seal import Own, Retention, SealSpec, apply_retention, seal_segment
 from edge_server.audit.segments import iter_lines, iter_lines_from, segment_path
 from edge_server.config import AuditConfig
+from edge_server.heap import release_memory
 
 __all__ = ["AuditLog", "AuditUnavailable"]
 

@@ -8,12 +8,10 @@ are on disk, and a segment leaves the node only after a signed manifest record o
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +28,7 @@ from edge_server.audit.segments import (
     write_sealed,
 )
 
-__all__ = ["KEEP_CHECKPOINTS", "Own", "Retention", "SealSpec", "apply_retention", "release_memory", "seal_segment",
-           "write_checkpoint"]
+__all__ = ["KEEP_CHECKPOINTS", "Own", "Retention", "SealSpec", "apply_retention", "seal_segment", "write_checkpoint"]
 
 log = logging.getLogger("edge_server.audit")
 KEEP_CHECKPOINTS = 2  # the newest, and one before it in case the newest is damaged
@@ -133,27 +130,6 @@ def write_checkpoint(path: Path, keys: ChainKeys, doc: dict) -> None:
         out(head[cut:-1])
         mac.update(head[-1:])  # the canonical form's closing brace; the file's comes after the mac
         fh.write(b',"mac":"' + mac.hexdigest().encode() + b'"}')
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _malloc_trim()
-
-
-def release_memory() -> None:
-    """Give the C heap's free memory back to the system after a seal.
-
-    A seal allocates a few MB of large buffers (blocks, compressed members, the checkpoint) in a
-    worker thread; glibc keeps freed chunks of a thread's arena (and raises its mmap threshold
-    after the first free), so without this a node's RSS stepped up at seals instead of staying flat.
-    """
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 def _append_record(path: Path, record: dict) -> None:

@@ -1,5 +1,6 @@
-"""The pure figure functions of the outage and capacity benchmarks: what a stall, a window's admitted
-share and a step's limiting factor mean (docs/performance.md quotes them by these definitions)."""
+"""The pure figure functions of the outage, capacity and audit soak benchmarks: what a stall, a
+window's admitted share, a step's limiting factor and a soak's RSS band mean (docs/performance.md and
+docs/audit.md quote them by these definitions)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.bench_audit import soak_summary, soak_targets
 from benchmarks.bench_capacity import limited_by, passes
 from benchmarks.bench_outage import Outcome, R, window_figures
 
@@ -62,3 +64,15 @@ def test_what_limited_a_step_is_named_from_its_figures() -> None:
     assert limited_by(_step(error_pct=1.0, errors_by_code={"503 overloaded": 9})).startswith("edge shedding")
     busy = limited_by(_step(error_pct=70.0, machine_busy_pct=99.0, errors_by_code={"502 upstream_unreachable": 9}))
     assert busy.startswith("CPU") and "upstream_unreachable" in busy
+
+
+def test_a_soak_band_counts_only_samples_after_the_warm_up_against_their_baseline() -> None:
+    rss = [100.0, 200.0, 150.0, 151.0, 149.0, 150.0, 162.0, 150.0, 141.0]  # a sample every 10 s
+    samples = [{"t_s": 10.0 * i, "rss_mb": {"eu-1": r}} for i, r in enumerate(rss)]
+    f = soak_summary(samples, ["eu-1"], warmup_s=20)["eu-1"]
+    assert f["samples"] == 7  # the two warm-up samples (100 and 200 MB) are left out
+    assert f["baseline_mb"] == 150.0  # median of the samples at 20, 30 and 40 s (the 30 s after warm-up)
+    assert (f["min_mb"], f["max_mb"], f["max_minus_min_mb"]) == (141.0, 162.0, 21.0)
+    assert f["max_distance_from_baseline_mb"] == 12.0
+    band, around = soak_targets({"eu-1": f})
+    assert band["met"] is False and around["met"] is False
