@@ -111,7 +111,7 @@ def main() -> int:
         test = json.loads(previous.read_text(encoding="utf-8")).get("test")
         extra = {"test": test} if test else {}
     path = write_results(NAME, figures, quick=args.quick, started=started,
-                         extra={"drills": [str(f) for f in folders], **extra}, targets=targets)
+                         extra={"drills": [f.name for f in folders], **extra}, targets=targets)
     rows = [(f"{n} run(s)", figures[f"runs_{n}"]["charts_drawn"], figures[f"runs_{n}"]["mb"],
              figures[f"runs_{n}"]["open_ms_median"], figures[f"runs_{n}"]["open_ms_max"],
              figures[f"runs_{n}"]["warm_open_ms_median"]) for n in (1, 2)]
