@@ -60,6 +60,12 @@ async def test_a_drill_reads_the_replicas_and_catches_a_lost_trail(tmp_path: Pat
     verdict = check_token_loss(lost, replicas=[ev for ev in replicas if ev.node != "eu-1"])
     assert not verdict.ok and any("have no audit event" in r for r in verdict.reasons), verdict.reasons
 
+    # one event gone from the middle of eu-1's own trail is not a lost disk: the replica shows the hole
+    middle = sorted(ev.seq for ev in rec.audit if ev.node == "eu-1")[len(held) // 2]
+    holed = dataclasses.replace(rec, audit=[ev for ev in rec.audit if (ev.node, ev.seq) != ("eu-1", middle)])
+    verdict = check_token_loss(holed)
+    assert not verdict.ok and verdict.figures["origin_trail_holes"] == 1, verdict.reasons
+
     # a replica that lacks one of eu-1's grants while holding later ones disagrees with the clients
     gap = [ev for ev in replicas if not (ev.node == "eu-1" and ev.seq == 1)]
     verdict = check_token_loss(rec, replicas=gap)
