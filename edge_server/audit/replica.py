@@ -264,7 +264,9 @@ class Replicator:
         # refuses the very next line after its end (the chains differ there).  Both follow a start
         # from zero while the holder was unreachable (holders_unanswered = "start_fresh"): the
         # holder's copy is kept as it is, nothing is acknowledged, and the node says so.
-        if last > self.audit.last_seq or (resp.status == 409 and lines and last == sent_after):
+        refused_next = (resp.status == 409 and bool(lines) and last == sent_after
+                        and orjson.loads(lines[0])["seq"] == sent_after + 1)  # not a gap retention left
+        if last > self.audit.last_seq or refused_next:
             self.conflict = (f"{self.target.id} holds another trail of {self.me.id} (up to seq {last}; "
                              f"this node's is at {self.audit.last_seq})")
             self.acked = 0
