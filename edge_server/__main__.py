@@ -56,18 +56,15 @@ async def _wait_for_stop() -> None:
 
 
 async def _rebuild_lost_trail(node: Node) -> None:
-    """A node that replicates and finds no trail of its own fetches it from its replica holder first."""
-    from edge_server.audit.replica import has_trail, rebuild_from_replica
+    """A replicating node with no trail of its own asks its replica holders whether it lost its disk
+    (``audit/bootstrap.py``): it rebuilds from them, starts fresh, or refuses to start."""
+    from edge_server.audit.bootstrap import bootstrap_trail
+    from edge_server.audit.replica import has_trail, replica_holders
 
-    replicator = node.replicator
-    if replicator is None or has_trail(node.audit):
+    if node.replicator is None or has_trail(node.audit):
         return
-    node.audit.open()
-    try:
-        events = await rebuild_from_replica(node.audit, node.spec, replicator.target, node.config.secret)
-    finally:
-        node.audit.close()
-    log.warning("audit trail rebuilt from its replica", extra={"holder": replicator.target.id, "events": events})
+    await bootstrap_trail(node.audit, node.spec, replica_holders(node.config, node.spec.id), node.config.secret,
+                          node.config.audit, node.config.source)
 
 
 async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int:
@@ -86,9 +83,14 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
     except OSError as exc:
         await runner.cleanup()
         return _fail(3, f"node {node_id}: cannot listen on {node.spec.host}:{node.spec.port}: {exc.strerror}")
+    from edge_server.audit.bootstrap import BootstrapRefused
+
     try:
         await _rebuild_lost_trail(node)
         node.recover()
+    except BootstrapRefused as exc:
+        await runner.cleanup()
+        return _fail(3, f"node {node_id}: {exc}")
     except (OSError, ValueError, KeyError) as exc:
         await runner.cleanup()
         return _fail(3, f"node {node_id}: cannot read audit trail {node.audit.path}: {exc}")

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from edge_server.admission import AdaptiveLimit, Gate
-from edge_server.audit import AuditUnavailable
+from edge_server.audit import AuditCorrupt, AuditUnavailable
 from edge_server.commit import client_gone, send_continue
 from edge_server.conn_guard import ConnectionGuard
 from edge_server.node import Node
@@ -518,6 +518,23 @@ async def audit_replica_read(node: Node, request: web.BaseRequest) -> web.Respon
                                             SIGNATURE_HEADER: sign(node.config.secret, body)})
 
 
+async def audit_replica_held(node: Node, request: web.BaseRequest) -> web.Response:
+    """``?origin=ID&nonce=N``: how much of ``origin``'s trail this node holds (signed, with the nonce),
+    for ``origin`` starting with no trail: a first start, or a lost disk (``audit/bootstrap.py``)."""
+    origin = request.query.get("origin", "")
+    if origin not in node.node_ids or origin == node.spec.id:
+        raise ApiError(400, "invalid_query", "origin must be another node of the cluster", "origin")
+    nonce = request.query.get("nonce", "")
+    if not 8 <= len(nonce) <= 64:
+        raise ApiError(400, "invalid_query", "nonce must be 8 to 64 characters", "nonce")
+    try:
+        held = node.replicas.held(origin, node.config.node(origin).region)
+    except (AuditCorrupt, OSError) as exc:  # no answer rather than a wrong "none"
+        raise ApiError(503, "replica_unavailable", f"the replica of {origin} cannot be opened: {exc}") from None
+    body = orjson.dumps({"origin": origin, "holder": node.spec.id, "last_seq": held, "nonce": nonce})
+    return _json_bytes(body, 200, {SIGNATURE_HEADER: sign(node.config.secret, body)})
+
+
 async def strict_messages(node: Node, request: web.BaseRequest) -> web.Response:
     """Strict mode's signed messages (``edge_server.strict_gossip``): refused ones are counted, never merged."""
     if node.strict is None:
@@ -570,6 +587,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/audit", audit),
     ("POST", "/v1/audit/replica", audit_replica),
     ("GET", "/v1/audit/replica", audit_replica_read),
+    ("GET", "/v1/audit/replica/held", audit_replica_held),
     ("POST", "/v1/gossip", gossip),
     ("POST", "/v1/strict", strict_messages),
 ]

@@ -125,8 +125,17 @@ class AuditConfig:
     retention_s: float = 30 * 86_400.0  # sealed segments whose newest event is older leave the node (0: keep)
     retention_bytes: int = 0  # sealed segments beyond this total leave the node, oldest first (0: no cap)
     compress_level: int = 6  # gzip level of sealed segments (1 fastest .. 9 smallest)
-    replicate: bool = False  # ship every event to one node of the next region (audit/replicas/ there)
+    replicate: bool = True  # ship every event to one node of the next region (audit/replicas/ there)
     replicate_interval_ms: float = 100.0  # how often new events are shipped (at once while a backlog lasts)
+    # A node that starts with no trail of its own asks the holders of its replica whether they hold
+    # events of it: rebuild from them, or start fresh when they all answer "none".  A holder that does
+    # not answer is waited for at most holders_wait_s; then holders_unanswered decides: "refuse" (exit
+    # 3: never serve from zero while a copy may exist) or "start_fresh" (serve: availability first).
+    holders_wait_s: float = 30.0
+    holders_unanswered: str = "refuse"
+
+
+HOLDERS_UNANSWERED = ("refuse", "start_fresh")
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +399,12 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         compress_level=au.int("compress_level", da.compress_level, minimum=1, maximum=9),
         replicate=au.bool("replicate", da.replicate),
         replicate_interval_ms=au.num("replicate_interval_ms", da.replicate_interval_ms, positive=True),
+        holders_wait_s=au.num("holders_wait_s", da.holders_wait_s),
+        holders_unanswered=au.str("holders_unanswered", da.holders_unanswered),
     )
+    if audit.holders_unanswered not in HOLDERS_UNANSWERED:
+        raise ConfigError(source, "audit.holders_unanswered", "one of " + ", ".join(HOLDERS_UNANSWERED),
+                          audit.holders_unanswered)
     gossip_interval_ms = cl.num("gossip_interval_ms", 20.0, positive=True)
     strict = _parse_strict(source, top.table_("strict"), mode, gossip_interval_ms, regions)
     return ClusterConfig(

@@ -13,6 +13,7 @@ import time
 
 from edge_server.audit import AuditLog
 from edge_server.audit.replica import ReplicaStore, Replicator, replica_target
+from edge_server.audit.replica_metrics import ReplicationCollector
 from edge_server.boot import take_boot
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.gossip import Gossiper
@@ -43,6 +44,7 @@ class Node:
         target = replica_target(config, node_id) if config.audit.replicate else None
         self.replicator = (Replicator(self.audit, self.spec, target, config.secret,
                                       config.audit.replicate_interval_ms / 1000) if target is not None else None)
+        self.metrics.registry.register(ReplicationCollector(self.replicator, self.replicas))
         self.table: BucketTable | None = None
         self.replay = ReplayGuard({p.id for p in self.peers})
         self.skill: Skill = make_skill(config.skill)

@@ -210,7 +210,10 @@ class BucketTable:
         st.synced_with = None
         seq = self._touch(key, st)
         pending = st.pending
-        if pending and pending[-1][0] > self._sent_seq:
+        # Within one gossip round, or while no peer is live (nothing trims the list then: take()
+        # looks at it only with live peers), the spend joins the newest entry: released when that
+        # entry's later seq is acknowledged, never sooner -- and the list stays bounded.
+        if pending and (pending[-1][0] > self._sent_seq or not self._live):
             pending[-1][0] = seq
             pending[-1][1] += cost
         elif pending:

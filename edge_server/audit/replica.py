@@ -38,11 +38,13 @@ from edge_server.audit.recovery import AuditCorrupt
 from edge_server.config import AuditConfig, ClusterConfig, NodeSpec
 from edge_server.wire import SIGNATURE_HEADER, sign
 
-__all__ = ["BATCH", "ReplicaStore", "Replicator", "replica_target"]
+__all__ = ["BATCH", "BATCH_BYTES", "ReplicaStore", "Replicator", "replica_holders", "replica_target"]
 
 log = logging.getLogger("edge_server.audit.replica")
 BATCH = 4000  # lines per message at most
+BATCH_BYTES = 4 * 1024 * 1024  # and bytes: what the sender holds unacknowledged in memory, at most
 PATH = "/v1/audit/replica"
+CONFLICT_RETRY_S = 5.0  # how often a sender in conflict asks the holder again
 
 
 def verify(secret: bytes, body: bytes, signature: str | None) -> bool:
@@ -62,6 +64,13 @@ def replica_target(config: ClusterConfig, node_id: str) -> NodeSpec | None:
                 nxt = regions[(i + 1) % len(regions)]
                 return nxt.nodes[j % len(nxt.nodes)]
     return None
+
+
+def replica_holders(config: ClusterConfig, node_id: str) -> list[NodeSpec]:
+    """Every node that holds ``node_id``'s replica under this cluster file (one today:
+    :func:`replica_target`); empty with a single region.  A node that lost its trail asks them all."""
+    target = replica_target(config, node_id)
+    return [target] if target is not None else []
 
 
 class ReplicaStore:
@@ -115,6 +124,16 @@ class ReplicaStore:
         self.received += appended
         return 200, orjson.dumps({"origin": origin, "holder": self.me, "last_seq": replica.last_seq,
                                   "appended": appended})
+
+    def held(self, origin: str, region: str) -> int:
+        """The newest seq of ``origin`` this node holds (0: none), without creating a replica that
+        is not there (a node asking whether it ever ran must not leave an empty trail behind)."""
+        if origin not in self.known or origin == self.me:
+            raise KeyError(origin)
+        if origin not in self.logs and not ((self.folder / f"{origin}.jsonl").exists()
+                                            or (self.folder / origin).exists()):
+            return 0
+        return self._log(origin, region).last_seq
 
     def serve(self, origin: str, region: str, after: int, limit: int) -> bytes:
         """Lines of ``origin``'s replica after ``after`` (for ``origin`` rebuilding its own trail)."""
@@ -176,6 +195,7 @@ class Replicator:
         self.interval_s = interval_s
         self.acked = 0  # the replica holds every event up to this seq
         self.contacted = False
+        self.conflict = ""  # the holder holds another trail of this node (see step); nothing is acked then
         self.messages = self.events = self.failures = 0
         self.last_error = ""
 
@@ -190,7 +210,7 @@ class Replicator:
     def status(self, now: float) -> dict:
         return {"target": self.target.id, "acked_seq": self.acked, "lag_events": self.audit.last_seq - self.acked,
                 "lag_s": round(self.lag_s(now), 3), "messages": self.messages, "events": self.events,
-                "failures": self.failures, "last_error": self.last_error}
+                "failures": self.failures, "last_error": self.last_error, "conflict": self.conflict}
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=5, connect=1)
@@ -200,6 +220,10 @@ class Replicator:
                 try:
                     more = await self.step(session)
                     backoff = self.interval_s
+                    if self.conflict:  # nothing to send until an operator moves the other trail aside
+                        self.contacted = False
+                        await asyncio.sleep(CONFLICT_RETRY_S)
+                        continue
                 except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                     self.failures += 1
                     self.last_error = f"{exc.__class__.__name__}: {exc}"
@@ -214,6 +238,14 @@ class Replicator:
         lines = self.audit.read_raw(self.acked, BATCH) if self.contacted else []
         if self.contacted and not lines:
             return False
+        size, full = 0, len(lines) == BATCH
+        for i, line in enumerate(lines):  # a message of long lines is cut at BATCH_BYTES (one line at least)
+            size += len(line)
+            if size > BATCH_BYTES and i:
+                del lines[i:]
+                full = True
+                break
+        sent_after = self.acked
         header = orjson.dumps({"v": 1, "origin": self.me.id, "region": self.me.region, "to": self.target.id,
                                "after": self.acked, "count": len(lines), "sent_at": time.time()})
         body = header + b"\n" + b"".join(lines)
@@ -227,14 +259,22 @@ class Replicator:
                 raise ValueError(f"replica answered {resp.status}: {answer[:200]!r}")
             doc = orjson.loads(answer)
         last = int(doc["last_seq"])
-        if last > self.audit.last_seq:
-            # The replica holds more than this node: its own trail was lost (rebuilding from the replica
-            # is not built); keep shipping what is new beyond the replica's end.
-            log.error("replica holds more than the node's own trail", extra={"replica_seq": last,
-                                                                          "own_seq": self.audit.last_seq})
         self.messages += 1
+        # Another trail of this node at the holder: it holds more than this node ever wrote, or it
+        # refuses the very next line after its end (the chains differ there).  Both follow a start
+        # from zero while the holder was unreachable (holders_unanswered = "start_fresh"): the
+        # holder's copy is kept as it is, nothing is acknowledged, and the node says so.
+        refused_next = (resp.status == 409 and bool(lines) and last == sent_after
+                        and orjson.loads(lines[0])["seq"] == sent_after + 1)  # not a gap retention left
+        if last > self.audit.last_seq or refused_next:
+            self.conflict = (f"{self.target.id} holds another trail of {self.me.id} (up to seq {last}; "
+                             f"this node's is at {self.audit.last_seq})")
+            self.acked = 0
+            log.error("replica conflict", extra={"detail": self.conflict})
+            return False
+        self.conflict = ""
         if resp.status == 200 and lines:
             self.events += int(doc.get("appended", 0))
-        self.acked = min(last, self.audit.last_seq)
+        self.acked = last
         self.contacted = True
-        return resp.status == 200 and len(lines) == BATCH
+        return resp.status == 200 and full

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_server.config import (
+    AuditConfig,
     ClusterConfig,
     LimitRule,
     NodeSpec,
@@ -215,6 +216,7 @@ class ClusterProcs:
         api_keys: Mapping[str, str] | None = None,
         skill: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        audit: Mapping[str, Any] | None = None,
         secret: str = SECRET,
     ) -> None:
         self.dir = Path(directory)
@@ -234,6 +236,7 @@ class ClusterProcs:
         self.api_keys = dict(api_keys if api_keys is not None else {API_KEY: TENANT})
         self.skill = {"name": "rating", "kind": "simulated", "median_ms": 1, "p99_ms": 2, **(skill or {})}
         self.server = dict(server or {})
+        self.audit = dict(audit or {})  # [audit] settings; a node started without its holder needs some
         self.cluster_file = self.dir / "cluster.toml"
         self.audit_dir = self.dir / "audit"
         self.group = ProcessGroup(self.dir, env=_env(), cwd=REPO, grace_s=STOP_TIMEOUT_S)
@@ -252,7 +255,7 @@ class ClusterProcs:
             gossip_interval_ms=float(self.gossip_interval_ms), mode="eventual", regions=regions,
             limits=tuple(LimitRule(pattern, float(rate), float(burst)) for pattern, rate, burst in self.limits),
             api_keys=dict(self.api_keys), skill=SkillConfig(**self.skill), audit_dir=Path("audit"),
-            server=ServerConfig(**self.server))
+            server=ServerConfig(**self.server), audit=AuditConfig(**self.audit))
 
     def toml(self) -> str:
         return dump_cluster(self.config())

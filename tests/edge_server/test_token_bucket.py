@@ -310,3 +310,25 @@ def test_a_key_learnt_from_a_peer_is_not_echoed_back_to_it():
     grant(b, "k", 1, 0.01)  # b's own change must reach a again
     assert [k for k, _ in b.delta_for("n1")[1]] == ["k"]
     del c
+
+
+def test_spending_while_no_peer_is_live_keeps_one_pending_entry_per_key() -> None:
+    """A node whose every peer stopped answering kept one pending entry per gossip round per key
+    (nothing trims the list while no peer is live): ~1.6 MB/s at 14,000 grants/s.  The spend now joins
+    the newest entry, whose later seq releases it no sooner than before."""
+    table = make(peers=["n1", "n2"], rate=1e9, burst=1e9)
+    now = 1.0  # n2 silent past its peer timeout: no live peer
+    table.tick(now)
+    assert not table.live_peers()
+    for _round in range(500):
+        assert grant(table, "k", 1, now)
+        table.delta_for("n2")  # a round went out, never acknowledged
+        now += 0.02
+        table.tick(now)
+    state = table._keys["k"]
+    assert state.pending is not None and len(state.pending) == 1 and state.pending_amount == 500
+    upto, _entries = table.delta_for("n2")  # n2 is back and acknowledges everything
+    table.on_ack("n2", upto, now)
+    table.tick(now)
+    assert table.live_peers() == {"n2"}
+    assert grant(table, "k", 1, now) and table._keys["k"].pending_amount == 1

@@ -7,7 +7,8 @@
    very audit trail it would be compared with;
 4. the replicas of the trails held in other regions (``[audit] replicate``): what the holders
    wrote of each origin's lines, on their own disks.  A replica event the origin's own trail does
-   not have (its disk was lost) still accounts for its grant; a replica event that differs from the
+   not have (its disk was lost) still accounts for its grant -- unless the origin's trail goes on
+   around it (a hole in the middle of a trail is not a lost disk); a replica event that differs from the
    origin's, or a grant answered before the replica's newest event of that node but absent from
    it, is a disagreement.  Events the replica had not received by the end are the recovery point,
    counted, not loss.
@@ -84,6 +85,15 @@ def _replica_source(rec: Recording, replicas: Sequence[AuditEvent], started_wall
     for ev in replicas:
         held[ev.node][ev.seq] = ev
     only = [ev for node in sorted(held) for seq, ev in sorted(held[node].items()) if (node, seq) not in own]
+    # A lost disk loses a whole trail (or, rebuilt from a lagging replica, nothing before the rebuild);
+    # retention removes its oldest segments.  A replica event missing *inside* the range the origin's
+    # own trail still holds is neither: that trail lost an answered grant from its middle.
+    spans: dict[str, tuple[int, int]] = {}
+    for node, seq in own:
+        low, high = spans.get(node, (seq, seq))
+        spans[node] = (min(low, seq), max(high, seq))
+    holes = [f"{ev.node}:{ev.seq}" for ev in only if ev.node in spans
+             and spans[ev.node][0] < ev.seq < spans[ev.node][1]]
     differ = [f"{node}:{seq}" for node in sorted(held) for seq, ev in sorted(held[node].items())
               if (node, seq) in own and not _same(own[(node, seq)], ev)]
     newest_ts = {node: max(ev.ts for ev in evs.values()) for node, evs in held.items()}
@@ -98,6 +108,9 @@ def _replica_source(rec: Recording, replicas: Sequence[AuditEvent], started_wall
         if ev.node in held and ev.seq > last_seq[ev.node]:
             oldest_behind[ev.node] = round(max(oldest_behind.get(ev.node, 0.0), end - ev.ts), 3)
     reasons = []
+    if holes:
+        reasons.append(f"{len(holes)} grants have no audit event in their node's own trail although it goes on "
+                       f"after them; only the replica holds them (e.g. {holes[:3]})")
     if differ:
         reasons.append(f"{len(differ)} replica events differ from their origin's own trail (e.g. {differ[:3]})")
     if absent:
@@ -105,7 +118,8 @@ def _replica_source(rec: Recording, replicas: Sequence[AuditEvent], started_wall
                        f"later events of that node (e.g. {absent[:3]})")
     figures = {"replica_events": len(replicas), "replica_nodes": sorted(held),
                "nodes_without_replica": sorted({ev.node for ev in rec.audit} - set(held)),
-               "accounted_by_replica_only": len(only), "replica_mismatch": len(differ),
+               "accounted_by_replica_only": len(only), "origin_trail_holes": len(holes),
+               "replica_mismatch": len(differ),
                "replica_missing_grants": len(absent), "not_replicated_at_end": dict(sorted(behind.items())),
                "not_replicated_oldest_age_s": dict(sorted(oldest_behind.items()))}
     return only, figures, reasons
@@ -246,7 +260,8 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
         "mismatched": len(ahead) + len(behind), "unpropagated_at_death": unpropagated, "unverified": unverified,
         "replies_without_request_id": no_id, "nodes_without_final_state": silent,
         "token_loss": (len(missing) + len(duplicated) + len(cost_mismatch) + len(ahead) + len(behind)
-                       + replica_figures.get("replica_mismatch", 0) + replica_figures.get("replica_missing_grants", 0)),
+                       + replica_figures.get("replica_mismatch", 0) + replica_figures.get("replica_missing_grants", 0)
+                       + replica_figures.get("origin_trail_holes", 0)),
         "looked_at": (f"{len(with_id)} admitted replies with request ids, {len(audit)} audit events, "
                       f"{compared} peer views (of {len(views)} nodes' final states), "
                       f"{len(replicas)} replica events"),

@@ -43,6 +43,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "nodes_per_region": (1, "edge nodes in each region"),
     "region_latency_ms": (None, "None: the default latency table; a number: that latency between every pair"),
     "gossip_interval_ms": (20.0, "delta gossip period of every node, ms"),
+    "replicate": (True, "ship every node's audit trail to a node of the next region (the check reads the replicas)"),
     "health_interval_ms": (100.0, "router's active health check period, ms"),
     "rate": (100.0, "global token rate per tenant, tokens/s"),
     "burst": (100.0, "global bucket size per tenant, tokens"),
@@ -91,6 +92,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
 }
 _FLAT = {"limits.rate": "rate", "limits.burst": "burst", "limits.pattern": "limit_pattern",
          "load.mode": "load_mode", "load.rate_rps": "load_rps", "topology.gossip_interval_ms": "gossip_interval_ms",
+         "topology.replicate": "replicate",
          "topology.nodes_per_region": "region_names"}  # nested field -> flat parameter, for build's errors
 def _split(name: str, text: Any, sep: str) -> list[str]:
     if not isinstance(text, str):
@@ -181,7 +183,7 @@ def _build(cls: type[Scenario], params: dict[str, Any]) -> Scenario:
     flat_ms = p["region_latency_ms"]
     matrix = {} if flat_ms is None else {
         a: {b: _num("region_latency_ms", flat_ms) for b in names if b != a} for a in names}
-    topology = Topology(dict.fromkeys(names, per_region), matrix, p["gossip_interval_ms"])
+    topology = Topology(dict.fromkeys(names, per_region), matrix, p["gossip_interval_ms"], p["replicate"])
     weights = _weights(p["region_weights"], names)
     load = LoadSpec(mode=p["load_mode"], rate_rps=p["load_rps"], arrival=p["arrival"], users=p["users"],
                     think_ms=p["think_ms"], region_weights=weights, tenants=p["tenants"],

@@ -118,6 +118,7 @@ class Topology:
     nodes_per_region: Mapping[str, int]  # region name -> node count, in region order
     latency_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # full off-diagonal matrix
     gossip_interval_ms: float = 20.0  # delta gossip period of every node
+    replicate: bool = True  # every node's audit trail to one node of the next region ([audit] replicate)
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes_per_region, Mapping) or not self.nodes_per_region:
@@ -125,6 +126,8 @@ class Topology:
                                 self.nodes_per_region)
         counts = {_name("topology.nodes_per_region", r): _int(f"topology.nodes_per_region.{r}", n, minimum=1)
                   for r, n in self.nodes_per_region.items()}
+        if not isinstance(self.replicate, bool):
+            raise ScenarioError("topology.replicate", "true or false", self.replicate)
         if not isinstance(self.latency_ms, Mapping):
             raise ScenarioError("topology.latency_ms", "a mapping region -> region -> ms", self.latency_ms)
         matrix: dict[str, dict[str, float]] = {r: {} for r in counts}
@@ -175,7 +178,7 @@ class Topology:
     def to_dict(self) -> dict[str, Any]:
         return {"nodes_per_region": dict(self.nodes_per_region),
                 "latency_ms": {r: dict(row) for r, row in self.latency_ms.items()},
-                "gossip_interval_ms": self.gossip_interval_ms}
+                "gossip_interval_ms": self.gossip_interval_ms, "replicate": self.replicate}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import yaml
 
 from edge_server.config import (
     MODES,
+    AuditConfig,
     ClusterConfig,
     LimitRule,
     NodeSpec,
@@ -148,7 +149,8 @@ class Scenario:
         kw: dict[str, Any] = {k: raw[k] for k in ("name", "seed", "duration_s", "mode", "health_interval_ms",
                                                   "results_dir", "faults_backend") if k in raw}
         if "topology" in raw:
-            t = _only("topology", raw["topology"], ("nodes_per_region", "latency_ms", "gossip_interval_ms"))
+            t = _only("topology", raw["topology"], ("nodes_per_region", "latency_ms", "gossip_interval_ms",
+                                                     "replicate"))
             if "nodes_per_region" not in t:
                 raise ScenarioError("topology.nodes_per_region", "a mapping region -> node count (missing)")
             kw["topology"] = Topology(**t)
@@ -243,7 +245,8 @@ class Scenario:
             skill=SkillConfig(name=SKILL_NAME, kind="simulated", median_ms=float(s.median_ms),
                               p99_ms=float(s.p99_ms), error_rate=float(s.error_rate), cpu_us=float(s.cpu_us),
                               answer_bytes=int(s.answer_bytes)),
-            audit_dir=Path(audit_dir), max_keys=max(100_000, 2 * self.load.tenants),
+            audit_dir=Path(audit_dir), audit=AuditConfig(replicate=self.topology.replicate),
+            max_keys=max(100_000, 2 * self.load.tenants),
             router=RouterConfig(host=host, port=_int("router_port", router_port, minimum=0, maximum=65535),
                                 health_interval_ms=float(self.health_interval_ms),
                                 latency_ms={a: dict(row) for a, row in self.topology.latency_ms.items() if row}))

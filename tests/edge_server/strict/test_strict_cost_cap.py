@@ -51,7 +51,8 @@ class _StrictOneNode(ClusterProcs):
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_the_node_answers_a_cost_it_can_never_hold_with_a_400_naming_cost(tmp_path: Path) -> None:
-    with _StrictOneNode(tmp_path, rate=10, burst=10, absent=["us-1", "ap-1"]) as c:
+    with _StrictOneNode(tmp_path, rate=10, burst=10, absent=["us-1", "ap-1"],
+                        audit={"replicate": False}) as c:
         url = c.url("eu-1")
         before = c.state("eu-1")["audit_total_cost"]
         r = request(url, "POST", "/v1/limits/check", json={"key": "k", "cost": 9})  # cap 8.67 of burst 10
