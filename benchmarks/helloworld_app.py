@@ -2,9 +2,10 @@
 
 ``--kind lowlevel`` (the default) is built exactly like the node's hot path: aiohttp's low-level
 ``web.Server`` with one handler function (no ``web.Application``, no router, no middleware), uvloop, no
-access log, and ``gc.freeze()`` once the server is up -- so "check vs hello" compares the node with
-the best the same framework can do, not with a handicapped app.  ``--kind routed`` is the idiomatic
-``web.Application`` with a route table, for readers who want the usual app as the reference.
+access log, ``gc.freeze()`` once the server is up and the node's garbage-collection thresholds -- so
+"check vs hello" compares the node with the best the same framework can do, not with a handicapped
+app.  ``--kind routed`` is the idiomatic ``web.Application`` with a route table, for readers who want
+the usual app as the reference.
 
 GET or POST on any path answers ``Hello, World!`` (a POST body is read and discarded); ``/readyz``
 answers ``{"ready": true}`` for the harness.
@@ -56,6 +57,7 @@ async def serve(kind: str, host: str, port: int) -> None:
     await site.start()
     gc.collect()
     gc.freeze()  # as the node does: the start-up objects leave the collector's generations
+    gc.set_threshold(20_000, 50, 100)  # and the node's collection thresholds (edge_server/__main__.py)
     try:
         await asyncio.Event().wait()
     finally:

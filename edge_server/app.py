@@ -266,7 +266,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _cost(body: dict[str, Any], node: Node) -> int:
-    cost = body.get("cost", 1)
+    if "cost" not in body:  # the common case: the default cost, nothing to check
+        return 1
+    cost = body["cost"]
     if isinstance(cost, bool) or not isinstance(cost, int | float):
         raise ApiError(400, "invalid_field", "cost must be an integer >= 1", "cost")
     if isinstance(cost, float):
@@ -285,13 +287,22 @@ def _check_key(key: Any, node: Node) -> str:
         raise ApiError(400, "invalid_field", "key must be a string", "key")
     if not key:
         raise ApiError(400, "invalid_field", "key must not be empty", "key")
+    if key.isascii():  # one byte a character, no surrogate: no encoded copy needed to measure it
+        size = len(key)
+    else:
+        size = _text_bytes(key)
+    if size > node.config.server.max_key_bytes:
+        raise ApiError(400, "invalid_field", f"key is longer than {node.config.server.max_key_bytes} bytes", "key")
+    return key
+
+
+def _text_bytes(key: str) -> int:
+    """The UTF-8 size of a key that is not ASCII, or a 400 if it is not text (a lone surrogate)."""
     try:
         size = len(key.encode())
     except UnicodeEncodeError:  # JSON can carry a lone surrogate ("\\ud800"), which is not text
         raise ApiError(400, "invalid_field", "key must be valid Unicode text", "key") from None
-    if size > node.config.server.max_key_bytes:
-        raise ApiError(400, "invalid_field", f"key is longer than {node.config.server.max_key_bytes} bytes", "key")
-    return key
+    return size
 
 
 def _rate_headers(node: Node, decision: Decision, request_id: str) -> dict[str, str]:

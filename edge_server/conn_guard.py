@@ -52,8 +52,9 @@ class GuardedProtocol(asyncio.Protocol):
             if _END in seen:
                 self.busy = True
                 self.tail = b""
-                self._disarm()
-                self.guard._waiting.pop(self, None)
+                if self.timer is not None:  # armed (a new connection, or headers in pieces): nearly never
+                    self._disarm()
+                    self.guard._waiting.pop(self, None)
             else:
                 self.tail = seen[-3:]
                 if self.timer is None:
