@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +46,38 @@ from edge_server.audit.segments import fsync_dir, read_json, write_json_atomic
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.strict.allocator import Accept, LedgerError, Voter
 from edge_server.strict.rights import split_actor
-from edge_server.strict.table import StrictTable
+from edge_server.strict.table import StrictTable, Ticket
 from edge_server.strict.wire import INCARNATION_AHEAD_MS, SeqGuard, decode, encode
 from edge_server.token_bucket import Decision
 from edge_server.wire import WireError
 
-__all__ = ["MAX_BATCH", "OUTBOX_MAX", "StrictGossiper", "ledger_path", "voter_hosts", "voter_id"]
+__all__ = ["LEASE_ENDED", "MAX_BATCH", "OUTBOX_MAX", "AfterWrite", "StrictGossiper", "ledger_path", "voter_hosts",
+           "voter_id"]
 
 log = logging.getLogger("edge_server.strict")
 
 OUTBOX_MAX = 256  # queued messages per peer; older ones are dropped (deltas are cumulative)
 MAX_BATCH = 64
 VOTER_SEQ_SPAN = 1_000_000  # a voter's seq is boot * span + count: it grows across restarts
+LEASE_ENDED = "lease_ended_before_answer"  # the denial reason of a grant revoked after its audit write
+
+
+class AfterWrite:
+    """The audit write of a strict grant that spent floating rights, then the lease re-check right
+    before the answer leaves: ``await`` it in place of the write's future.  It gives None when the
+    answer may leave as allowed, else the denial to answer instead (``StrictGossiper.confirm``);
+    a failed write raises as the future does.  (A plain awaitable, not a coroutine: no task, no
+    extra frame on the request path.)"""
+
+    __slots__ = ("_decision", "_strict", "_ticket", "_write")
+
+    def __init__(self, write: asyncio.Future[None], strict: StrictGossiper, ticket: Ticket,
+                 decision: Decision) -> None:
+        self._write, self._strict, self._ticket, self._decision = write, strict, ticket, decision
+
+    def __await__(self) -> Generator[Any, None, Decision | None]:
+        yield from self._write.__await__()
+        return self._strict.confirm(self._ticket, self._decision)
 
 
 def voter_id(region: str) -> str:
@@ -121,6 +141,9 @@ class StrictGossiper:
                               registry=r)
         self.m_revoked = Gauge("edge_strict_revoked", "Takes undone by the lease re-check after the spend",
                                registry=r)
+        self.m_revoked_after_write = Counter(
+            "edge_strict_revoked_after_write", "Allowed takes answered as denials because the lease behind "
+            "their floating rights ended during the audit write (rights spent, never admitted)", registry=r)
         self.m_ledger_writes = Counter("edge_strict_voter_ledger_writes", "Saves of the hosted voter's ledger",
                                        ["outcome"], registry=r)
         self._seen_refusals: dict[str, int] = {}
@@ -163,14 +186,26 @@ class StrictGossiper:
         return True
 
     # ------------------------------------------------------------------ the request path
-    def decide(self, key: str, cost: int) -> Decision:
-        """Take and commit ``cost`` rights of ``key`` held here; no network.  Raises the core's errors."""
+    def decide(self, key: str, cost: int) -> tuple[Decision, Ticket | None]:
+        """Take and commit ``cost`` rights of ``key`` held here; no network.  Raises the core's errors.
+
+        An allowed decision that spent floating rights comes with its ticket: the caller must hand it
+        to :meth:`confirm` once the audit write is done, right before the answer leaves."""
         table = self.table
         now = self.clock()
         d = table.take(key, cost, now)
-        if d.allowed and d.ticket is not None and table.commit(d.ticket, self.clock()):
-            return Decision(True, d.remaining, d.limit, 0.0)
-        return Decision(False, d.remaining, d.limit, d.retry_after_s or self.settings.gossip_s)
+        ticket = d.ticket
+        if d.allowed and ticket is not None and table.commit(ticket, self.clock()):
+            return Decision(True, d.remaining, d.limit, 0.0), ticket if ticket.from_floating > 0 else None
+        return Decision(False, d.remaining, d.limit, d.retry_after_s or self.settings.gossip_s), None
+
+    def confirm(self, ticket: Ticket, decision: Decision) -> Decision | None:
+        """The lease re-check after the audit write (``StrictTable.confirm``): None if the answer may
+        leave as allowed, else the denial to send instead (the rights stay spent and audited)."""
+        if self.table.confirm(ticket, self.clock()):
+            return None
+        self.m_revoked_after_write.inc()
+        return Decision(False, decision.remaining, decision.limit, self.settings.gossip_s, LEASE_ENDED)
 
     # ------------------------------------------------------------------ messages out
     def _send(self, dst: str, kind: str, body: Any, *, as_voter: bool = False) -> None:

@@ -239,6 +239,7 @@ class StrictTable:
         self._steps_cache: tuple[list[float], list[float]] = ([], [])
         self.refused: dict[str, int] = {}
         self.revoked = 0  # takes undone by the re-check after the spend
+        self.revoked_after_write = 0  # committed takes refused by the re-check after the audit write
 
     # ------------------------------------------------------------------ caps
 
@@ -389,6 +390,21 @@ class StrictTable:
             return False
         st.spent += ticket.cost
         self._touch(st)
+        return True
+
+    def confirm(self, ticket: Ticket, now: float) -> bool:
+        """Whether a committed take may still leave as allowed, right before its answer is written.
+
+        The node commits a spend before it awaits the audit write; a process pause during that write
+        could otherwise let the answer leave after the lease behind its floating rights ended, when
+        the majority may already have handed that share to others.  So the same test as
+        :meth:`commit` runs again from the take's time to ``now``: if the share fell, the request
+        must be refused (counted in ``revoked_after_write``).  Its rights stay spent -- they are in
+        the audit trail and in our entry already; refusing what was paid for costs, never
+        over-admits.  A take of pinned rights only needs no lease and always stands."""
+        if ticket.from_floating > 0 and self._share_dropped(ticket.at, now, ticket.phi):
+            self.revoked_after_write += 1
+            return False
         return True
 
     def _steps(self) -> tuple[list[float], list[float]]:
@@ -811,6 +827,7 @@ class StrictTable:
             "keys": {k: {"pinned": round(st.p, 3), "floating": round(st.f, 3),
                          "demand": round(st.demand, 3)} for k, st in self._keys.items()},
             "refused": dict(self.refused), "revoked": self.revoked,
+            "revoked_after_write": self.revoked_after_write,
         }
 
     def keys(self) -> list[str]:
