@@ -119,7 +119,8 @@ class StrictGossiper:
         self.guard = SeqGuard()
         self._seq = 0
         self._voter_seq = 0
-        self._outbox: dict[str, deque[tuple[str, str]]] = {p.id: deque(maxlen=OUTBOX_MAX) for p in self.peers}
+        # per peer: (message, signature, kind) queued for the next batch
+        self._outbox: dict[str, deque[tuple[str, str, str]]] = {p.id: deque(maxlen=OUTBOX_MAX) for p in self.peers}
         self._wake: dict[str, asyncio.Event] = {}
         self.last_grant: float | None = None
         self.fenced_s = 0.0
@@ -144,6 +145,11 @@ class StrictGossiper:
         self.m_revoked_after_write = Counter(
             "edge_strict_revoked_after_write", "Allowed takes answered as denials because the lease behind "
             "their floating rights ended during the audit write (rights spent, never admitted)", registry=r)
+        self.m_bytes = Counter("edge_strict_bytes", "Bytes of strict messages (message and signature, without "
+                               "the batch's HTTP framing) to and from peers, by message kind",
+                               ["direction", "kind"], registry=r)
+        self._bytes: dict[tuple[str, str], Any] = {}  # (direction, kind) -> its labelled counter
+        self.rounds = 0  # gossip rounds run
         self.m_ledger_writes = Counter("edge_strict_voter_ledger_writes", "Saves of the hosted voter's ledger",
                                        ["outcome"], registry=r)
         self._seen_refusals: dict[str, int] = {}
@@ -217,19 +223,26 @@ class StrictGossiper:
             self._seq += 1
             sender, seq = self.table.actor, self._seq
         data, signature = encode(self.config.secret, kind, sender, seq, body)
-        if dst == self.me.id:  # our own voter: the same checks, no socket
-            self._receive(data, signature)
+        if dst == self.me.id:  # our own voter: the same checks, no socket (and no bytes counted)
+            self._receive(data, signature, remote=False)
             return
         box = self._outbox.get(dst)
         if box is None:
             return
-        box.append((data.decode(), signature))
+        box.append((data.decode(), signature, kind))
         wake = self._wake.get(dst)
         if wake is not None:
             wake.set()
 
+    def _count_bytes(self, direction: str, kind: str, size: int) -> None:
+        child = self._bytes.get((direction, kind))
+        if child is None:
+            child = self._bytes[direction, kind] = self.m_bytes.labels(direction, kind)
+        child.inc(size)
+
     def round(self) -> None:
         """One gossip round (also the unit tests' entry point): tick, renew, deltas, heartbeats."""
+        self.rounds += 1
         now = self.clock()
         table = self.table
         table.tick(now)
@@ -290,7 +303,7 @@ class StrictGossiper:
                 wake.clear()
                 await wake.wait()
             batch = [box.popleft() for _ in range(min(MAX_BATCH, len(box)))]
-            body = orjson.dumps(batch)
+            body = orjson.dumps([(data, signature) for data, signature, _kind in batch])
             try:
                 async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
                     await resp.read()
@@ -299,6 +312,8 @@ class StrictGossiper:
                 outcome = "unreachable"
                 await asyncio.sleep(self.settings.gossip_s)  # a dead peer: do not spin
             self.m_messages.labels("sent", outcome).inc(len(batch))
+            for data, signature, kind in batch:
+                self._count_bytes("sent", kind, len(data) + len(signature))
 
     # ------------------------------------------------------------------ messages in
     def handle_batch(self, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -320,7 +335,7 @@ class StrictGossiper:
                 status = code if status == 200 else status
         return status, {"accepted": len(batch) - sum(refused.values()), "refused": refused}
 
-    def _receive(self, data: bytes, signature: str) -> tuple[str, int]:
+    def _receive(self, data: bytes, signature: str, remote: bool = True) -> tuple[str, int]:
         try:
             msg = decode(self.config.secret, data, signature, nodes=self.node_ids, voters=self.voter_ids,
                          max_incarnation=int(time.time() * 1000) + INCARNATION_AHEAD_MS)
@@ -332,6 +347,8 @@ class StrictGossiper:
         self.m_messages.labels("received", "ok").inc()
         now = self.clock()
         kind = msg.kind
+        if remote:
+            self._count_bytes("received", kind, len(data) + len(signature))
         if kind in ("strict_delta", "strict_ack", "grant"):
             table = self.table
             if kind == "strict_delta":

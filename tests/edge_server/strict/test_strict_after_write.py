@@ -21,17 +21,12 @@ envelope is exceeded by exactly that request.  With the re-check the envelope ho
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from procs import ClusterProcs, metric_value
+from procs import metric_value
 
-from edge_server.app import build_server
 from edge_server.node import Node
 from edge_server.strict.memcluster import MemCluster
 from edge_server.strict.settings import StrictSettings
@@ -42,36 +37,6 @@ from edge_server.token_bucket import Limit
 pytestmark = [pytest.mark.timeout(30)]
 
 CHECK = "/v1/limits/check"
-
-
-@pytest.fixture
-async def strict_nodes(tmp_path: Path) -> AsyncIterator[dict[str, tuple[Node, str]]]:
-    """``eu-1``, ``us-1``, ``ap-1`` in strict mode, served in this process; always stopped."""
-    procs = ClusterProcs(tmp_path, regions=["eu", "us", "ap"], rate=100, burst=100, gossip_interval_ms=20)
-    config = dataclasses.replace(procs.config(), mode="strict", audit_dir=tmp_path / "audit")
-    nodes: dict[str, tuple[Node, str]] = {}
-    runners: list[web.ServerRunner] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        for spec in config.nodes:
-            node = Node(config, spec.id)
-            node.recover()
-            runner = web.ServerRunner(build_server(node))
-            runners.append(runner)
-            await runner.setup()
-            await web.TCPSite(runner, spec.host, spec.port).start()
-            assert node.gossiper is not None
-            tasks.append(asyncio.create_task(node.gossiper.run()))
-            nodes[spec.id] = (node, spec.url)
-        yield nodes
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for runner in runners:
-            await runner.cleanup()
-        for node, _url in nodes.values():
-            await node.close()
 
 
 async def _wait(predicate, what: str, within_s: float = 8.0) -> None:  # type: ignore[no-untyped-def]
@@ -92,7 +57,7 @@ def _floating(node: Node, key: str) -> float:
 
 
 async def test_a_pause_during_the_audit_write_past_the_lease_turns_the_answer_into_a_denial(
-        strict_nodes: dict[str, tuple[Node, str]]) -> None:
+        strict_nodes: dict[str, tuple[Node, str]]) -> None:  # conftest.py
     node, url = strict_nodes["eu-1"]
     strict = node.strict
     assert strict is not None
