@@ -249,7 +249,9 @@ class StrictGossiper:
         for req in table.lease_requests(now):
             self._send(self.hosts[req.voter], "lease_request", req)
         for peer in self.peers:
-            self._send(peer.id, "strict_delta", table.delta_for(peer.id))
+            delta = table.delta_for(peer.id)
+            if delta[1]:  # nothing changed since the peer's view: no message, no ack
+                self._send(peer.id, "strict_delta", delta)
         if self.voter is not None:
             out = self.voter.tick(now)
             self._save_ledger(now)  # nothing of a tick needs it first; it only catches up

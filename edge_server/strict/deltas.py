@@ -70,7 +70,8 @@ class Deltas:
         Walks only the changed keys (newest first), so a round costs what changed, not what the
         table holds.  What an earlier delta still in flight carries is not sent again, unless that
         delta went unacknowledged for ``RESEND_ROUNDS`` rounds (doubling while the peer stays
-        silent): a slow peer is not buried under the same keys every round.
+        silent): a slow peer is not buried under the same keys every round.  An empty delta is not
+        recorded and need not be sent: a quiet table costs no message (nor an ack) per round.
         """
         view = self._peers[peer]
         acked, skip, me = view.acked, view.actor, self.actor
@@ -99,6 +100,8 @@ class Deltas:
             out.append((key, rights))
         out.reverse()
         upto = self._seq
+        if not out:  # nothing changed since ``base`` (so ``upto == base``): the caller sends nothing
+            return upto, out
         view.sent = upto
         pending = view.pending
         pending[upto] = min(base, pending.get(upto, base))

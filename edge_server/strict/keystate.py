@@ -92,6 +92,8 @@ class KeyState:
         "visited",
         "vseq",
         "want",
+        "want_credited",
+        "want_gap",
     )
 
     def __init__(self, key: str, limit: Limit, now: float) -> None:
@@ -106,6 +108,8 @@ class KeyState:
         self.sent: dict[str, tuple[float, float]] = {}
         self.accepted: dict[str, float] = {}
         self.want = (0.0, 0.0)
+        self.want_gap = 0.0  # how old a want must be before it is published again (see ``Transfers``)
+        self.want_credited = 0.0  # ``credited`` when the last want was published
         self.p = 0.0  # pinned pot
         self.f = 0.0  # floating pot
         self.res_p = self.res_f = 0.0

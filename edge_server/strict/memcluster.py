@@ -281,7 +281,8 @@ class MemCluster:
             for peer in self.node_ids:
                 if peer != node:
                     upto, entries = table.delta_for(peer)
-                    self._send(node, peer, "strict_delta", table.actor, (upto, entries))
+                    if entries:  # as the node: an empty delta is not sent
+                        self._send(node, peer, "strict_delta", table.actor, (upto, entries))
         for vid, voter in self.voters.items():
             out = voter.tick(self.local(vid))
             self._save(vid)

@@ -17,6 +17,7 @@ __all__ = ["COLD_EVERY", "Transfers"]
 
 DEMAND_TAU_S = 0.5  # demand reported to the voters: an exponential average over about this long
 COLD_EVERY = 8  # every key is visited by tick at least every this many rounds (1/8 of them each round)
+WANT_GAP_MAX_STEPS = 8  # a fruitless want is republished at most this many half transfer windows apart
 FAST_TAU_S = 0.05  # demand behind wants and surplus: must follow a shift within a few rounds
 
 
@@ -67,10 +68,19 @@ class Transfers:
             room = max(0.0, pc - st.p - up - st.res_p) + max(0.0, fc - st.f - uf - st.res_f)
             amount = min(need - have, room)
             last_at, last_amount = st.want
-            # A want is republished only when it is half a transfer window old or has grown by half:
-            # a key starving for many rounds must not ride in every delta to every peer (a node with
-            # thousands of such keys spent its cores on rounds).  A donor answers each stamp once.
-            if amount > 0 and (now - last_at >= self.settings.transfer_window_s / 2 or amount > 1.5 * last_amount):
+            # A want is republished only when it is ``want_gap`` old (half a transfer window) or has
+            # grown by half: a key starving for many rounds must not ride in every delta to every
+            # peer (a node with thousands of such keys spent its cores on rounds).  The gap doubles,
+            # up to WANT_GAP_MAX_STEPS times, while the wants bring in less than a token (the whole
+            # cluster is short of this key: asking every round only costs messages), and falls back
+            # at the first gift that does.  A donor answers each stamp once.
+            if amount > 0 and (now - last_at >= st.want_gap or amount > 1.5 * last_amount):
+                base = self.settings.transfer_window_s / 2
+                if last_at and st.credited - st.want_credited < 1.0:
+                    st.want_gap = min(2 * max(st.want_gap, base), base * WANT_GAP_MAX_STEPS)
+                else:
+                    st.want_gap = base
+                st.want_credited = st.credited
                 st.want = (now, amount)
                 self._touch(st)
         surplus = st.p + st.f - st.fast * horizon

@@ -273,7 +273,9 @@ class StrictSimNode(PausableProcess):
         for req in table.lease_requests(m):
             self._send(self.voter_hosts[req.voter], "lease_request", req)
         for peer in self.peers:
-            self._send(peer, "strict_delta", table.delta_for(peer))
+            delta = table.delta_for(peer)
+            if delta[1]:  # as the node: an empty delta is not sent
+                self._send(peer, "strict_delta", delta)
         if self.voter is not None:
             out = self.voter.tick(m)
             self._save_ledger(m)
