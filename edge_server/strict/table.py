@@ -129,7 +129,10 @@ class StrictTable(Pots, Transfers, Deltas):
                 self._mark(st)
             ticket = Ticket(key, cost, from_p, from_f, now, phi)
             return StrictDecision(True, st.f + st.p, st.limit.burst, 0.0, ticket)
-        if not st.hot:
+        # Short of rights: the next tick may publish a want -- unless the last one is too recent to be
+        # republished (see ``Transfers._want_and_give``); a key starving under a steady load is then
+        # not visited every round for nothing (its demand is still measured on its slot's round).
+        if not st.hot and now - st.want[0] >= st.want_gap:
             self._mark(st)
         pr, _pc, fr, _fc = self._caps(st, phi)
         short = cost - st.f - st.p
