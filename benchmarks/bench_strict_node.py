@@ -11,8 +11,10 @@ rounds and the ratio strict / eventual (the issue's target: req/s >= 90 % of eve
   strict mode no node can hold a whole burst of 1 (its cap is ``(alpha * p_i + 1 - alpha) * B``),
   so a cost of 1 would be refused up front as a 400, never decided.
 
-Strict mode's messages are counted too (``edge_strict_messages_total``): they grow with nodes and keys
-per round, not with requests.
+Strict mode's messages are counted too (``edge_strict_messages_total``, and their bytes by kind from
+``edge_strict_bytes_total``, sent + received by the node under test): they grow with nodes and keys
+per round, not with requests.  So are the hosted voter's ledger writes (each one fsyncs on the
+node's event loop).
 
 Usage: .venv/bin/python benchmarks/bench_strict_node.py [--quick]
 """
@@ -61,14 +63,24 @@ def _cluster_file(mode: str) -> tuple[Path, list]:
     return path, nodes
 
 
-def _strict_messages(url: str) -> float:
-    """Strict messages sent + received so far (NaN when a saturated node does not answer the scrape)."""
+BYTE_KINDS = ("strict_delta", "strict_ack", "lease_request", "grant")
+
+
+def _strict_counters(url: str) -> dict[str, float]:
+    """Strict messages sent + received so far, their bytes by kind (sent + received), and the hosted
+    voter's ledger writes (NaN when a saturated node does not answer the scrape)."""
+    keys = ["messages", "ledger_writes", *(f"bytes_{k}" for k in BYTE_KINDS)]
     try:
         text = http_text(url + "/metrics")
     except OSError:
-        return float("nan")
-    return sum(metric_value(text, "edge_strict_messages_total", {"direction": d, "outcome": "ok"}) or 0.0
-               for d in ("sent", "received"))
+        return dict.fromkeys(keys, float("nan"))
+    out = {"messages": sum(metric_value(text, "edge_strict_messages_total", {"direction": d, "outcome": "ok"}) or 0.0
+                           for d in ("sent", "received")),
+           "ledger_writes": metric_value(text, "edge_strict_voter_ledger_writes_total", {"outcome": "ok"}) or 0.0}
+    for kind in BYTE_KINDS:
+        out[f"bytes_{kind}"] = sum(metric_value(text, "edge_strict_bytes_total", {"direction": d, "kind": kind}) or 0.0
+                                   for d in ("sent", "received"))
+    return out
 
 
 def main() -> int:
@@ -105,14 +117,18 @@ def main() -> int:
             for case, script in scripts.items():
                 for mode, (cluster, node) in clusters.items():
                     proc = psutil.Process(cluster.children[node.id].pid)
-                    msgs = _strict_messages(node.url) if mode == "strict" else 0.0
+                    before = _strict_counters(node.url) if mode == "strict" else {}
                     cpu0 = proc.cpu_times()
                     res = run_wrk(node.url + "/v1/limits/check", duration_s=duration, script=script, **wrk_opts)
                     cpu1 = proc.cpu_times()
                     row = res.as_dict() | {"round": rep + 1, "server_cpu_percent": round(
                         100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / duration, 1)}
                     if mode == "strict":
-                        row["strict_messages_per_s"] = round((_strict_messages(node.url) - msgs) / duration, 1)
+                        after = _strict_counters(node.url)
+                        grew = {k: after[k] - before[k] for k in after}
+                        row["strict_messages_per_s"] = round(grew["messages"] / duration, 1)
+                        row["voter_ledger_writes"] = grew["ledger_writes"]
+                        row["strict_bytes_per_s"] = {k: round(grew[f"bytes_{k}"] / duration) for k in BYTE_KINDS}
                         # Per 1,000 requests: falls as the load rises if traffic follows nodes and keys.
                         row["strict_messages_per_1k_requests"] = round(
                             1000 * row["strict_messages_per_s"] / max(1.0, res.requests_per_s), 2)

@@ -27,6 +27,7 @@ from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.skill import SkillError
 from edge_server.strict.table import CostExceedsNodeCap
+from edge_server.strict_gossip import LEASE_ENDED
 from edge_server.token_bucket import CostExceedsBurst, Decision, KeyTableFull, NoLimitForKey
 from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack, sign
 
@@ -368,14 +369,15 @@ async def limits_check(node: Node, request: web.BaseRequest) -> web.Response:
         raise STARTING
     try:
         d, written = node.decide(key, cost, request_id)
-        if written is not None:
-            await written
+        if written is not None and (revoked := await written) is not None:
+            d = revoked  # strict mode: the lease ended during the write; the answer is a denial
     except DECISION_ERRORS as exc:
         raise _decision_error(exc, cost, node) from None
-    body = orjson.dumps({"allowed": d.allowed, "remaining": int(d.remaining), "limit": d.limit,
-                         "retry_after_ms": 0 if d.allowed else max(1, math.ceil(d.retry_after_s * 1000)),
-                         "request_id": request_id})
-    return web.Response(body=body, headers=_rate_headers(node, d, request_id))
+    doc = {"allowed": d.allowed, "remaining": int(d.remaining), "limit": d.limit,
+           "retry_after_ms": 0 if d.allowed else max(1, math.ceil(d.retry_after_s * 1000)), "request_id": request_id}
+    if d.reason:
+        doc["reason"] = d.reason
+    return web.Response(body=orjson.dumps(doc), headers=_rate_headers(node, d, request_id))
 
 
 async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
@@ -414,13 +416,17 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
         raise _dropped(node, "before_decision")
     try:
         d, written = node.decide(tenant, cost, request_id)
-        if written is not None:
-            await written
+        if written is not None and (revoked := await written) is not None:
+            d = revoked
     except DECISION_ERRORS as exc:
         raise _decision_error(exc, cost, node) from None
     headers = _rate_headers(node, d, request_id)
     if not d.allowed:
         headers["Retry-After"] = str(max(1, math.ceil(d.retry_after_s)))
+        if d.reason == LEASE_ENDED:
+            raise ApiError(429, LEASE_ENDED, f"the lease behind this grant ended before the answer could leave "
+                           f"(the node was paused); its tokens are spent (request_id {request_id}); retry after "
+                           f"{d.retry_after_s * 1000:.0f} ms", headers=headers)
         raise ApiError(429, "rate_limited", f"tenant {tenant!r} is over its limit; retry after "
                        f"{d.retry_after_s * 1000:.0f} ms", headers=headers)
     if client_gone(request):  # the tokens are spent and audited, the skill is not called

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable
 
 from edge_server.audit import AuditLog
 from edge_server.audit.replica import ReplicaStore, Replicator, replica_target
@@ -19,7 +20,7 @@ from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.gossip import Gossiper
 from edge_server.metrics import NodeMetrics
 from edge_server.skill import Skill, make_skill
-from edge_server.strict_gossip import StrictGossiper
+from edge_server.strict_gossip import AfterWrite, StrictGossiper
 from edge_server.token_bucket import BucketTable, Decision
 from edge_server.wire import ReplayGuard
 
@@ -148,21 +149,24 @@ class Node:
     def new_request_id(self) -> str:
         return self._request_prefix + str(next(self._request_ids))
 
-    def decide(self, key: str, cost: int, request_id: str) -> tuple[Decision, asyncio.Future[None] | None]:
-        """Take ``cost`` tokens of ``key``.  An allowed decision comes with the future of its audit
+    def decide(self, key: str, cost: int, request_id: str) -> tuple[Decision, Awaitable[Decision | None] | None]:
+        """Take ``cost`` tokens of ``key``.  An allowed decision comes with an awaitable of its audit
         write: the caller must await it before answering (it raises ``AuditUnavailable`` if the write
-        failed, and the tokens are then given back).  Not a coroutine itself: one frame less to
-        suspend and resume on the hottest path.
+        failed, and the tokens are then given back).  What it gives is None, or -- strict mode, when
+        the lease behind the grant ended during the write -- the denial to answer instead.  Not a
+        coroutine itself: one frame less to suspend and resume on the hottest path.
 
         Raises ``KeyTableFull``/``NoLimitForKey``/``CostExceedsBurst`` from the core.
         """
         strict = self.strict
         if strict is not None:  # rights held here, taken and committed at once; no network
-            decision = strict.decide(key, cost)
+            decision, ticket = strict.decide(key, cost)
             if not decision.allowed:
                 self.metrics.hot.denied += 1
                 return decision, None
-            return decision, self.audit.append(key, cost, self.boot, request_id, time.time())
+            written = self.audit.append(key, cost, self.boot, request_id, time.time())
+            # Floating rights need the lease re-checked once the write is done, right before the answer.
+            return decision, written if ticket is None else AfterWrite(written, strict, ticket, decision)
         table = self.table
         assert table is not None
         now = time.time()

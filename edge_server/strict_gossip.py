@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +46,38 @@ from edge_server.audit.segments import fsync_dir, read_json, write_json_atomic
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.strict.allocator import Accept, LedgerError, Voter
 from edge_server.strict.rights import split_actor
-from edge_server.strict.table import StrictTable
+from edge_server.strict.table import StrictTable, Ticket
 from edge_server.strict.wire import INCARNATION_AHEAD_MS, SeqGuard, decode, encode
 from edge_server.token_bucket import Decision
 from edge_server.wire import WireError
 
-__all__ = ["MAX_BATCH", "OUTBOX_MAX", "StrictGossiper", "ledger_path", "voter_hosts", "voter_id"]
+__all__ = ["LEASE_ENDED", "MAX_BATCH", "OUTBOX_MAX", "AfterWrite", "StrictGossiper", "ledger_path", "voter_hosts",
+           "voter_id"]
 
 log = logging.getLogger("edge_server.strict")
 
 OUTBOX_MAX = 256  # queued messages per peer; older ones are dropped (deltas are cumulative)
 MAX_BATCH = 64
 VOTER_SEQ_SPAN = 1_000_000  # a voter's seq is boot * span + count: it grows across restarts
+LEASE_ENDED = "lease_ended_before_answer"  # the denial reason of a grant revoked after its audit write
+
+
+class AfterWrite:
+    """The audit write of a strict grant that spent floating rights, then the lease re-check right
+    before the answer leaves: ``await`` it in place of the write's future.  It gives None when the
+    answer may leave as allowed, else the denial to answer instead (``StrictGossiper.confirm``);
+    a failed write raises as the future does.  (A plain awaitable, not a coroutine: no task, no
+    extra frame on the request path.)"""
+
+    __slots__ = ("_decision", "_strict", "_ticket", "_write")
+
+    def __init__(self, write: asyncio.Future[None], strict: StrictGossiper, ticket: Ticket,
+                 decision: Decision) -> None:
+        self._write, self._strict, self._ticket, self._decision = write, strict, ticket, decision
+
+    def __await__(self) -> Generator[Any, None, Decision | None]:
+        yield from self._write.__await__()
+        return self._strict.confirm(self._ticket, self._decision)
 
 
 def voter_id(region: str) -> str:
@@ -99,7 +119,8 @@ class StrictGossiper:
         self.guard = SeqGuard()
         self._seq = 0
         self._voter_seq = 0
-        self._outbox: dict[str, deque[tuple[str, str]]] = {p.id: deque(maxlen=OUTBOX_MAX) for p in self.peers}
+        # per peer: (message, signature, kind) queued for the next batch
+        self._outbox: dict[str, deque[tuple[str, str, str]]] = {p.id: deque(maxlen=OUTBOX_MAX) for p in self.peers}
         self._wake: dict[str, asyncio.Event] = {}
         self.last_grant: float | None = None
         self.fenced_s = 0.0
@@ -121,6 +142,14 @@ class StrictGossiper:
                               registry=r)
         self.m_revoked = Gauge("edge_strict_revoked", "Takes undone by the lease re-check after the spend",
                                registry=r)
+        self.m_revoked_after_write = Counter(
+            "edge_strict_revoked_after_write", "Allowed takes answered as denials because the lease behind "
+            "their floating rights ended during the audit write (rights spent, never admitted)", registry=r)
+        self.m_bytes = Counter("edge_strict_bytes", "Bytes of strict messages (message and signature, without "
+                               "the batch's HTTP framing) to and from peers, by message kind",
+                               ["direction", "kind"], registry=r)
+        self._bytes: dict[tuple[str, str], Any] = {}  # (direction, kind) -> its labelled counter
+        self.rounds = 0  # gossip rounds run
         self.m_ledger_writes = Counter("edge_strict_voter_ledger_writes", "Saves of the hosted voter's ledger",
                                        ["outcome"], registry=r)
         self._seen_refusals: dict[str, int] = {}
@@ -163,14 +192,26 @@ class StrictGossiper:
         return True
 
     # ------------------------------------------------------------------ the request path
-    def decide(self, key: str, cost: int) -> Decision:
-        """Take and commit ``cost`` rights of ``key`` held here; no network.  Raises the core's errors."""
+    def decide(self, key: str, cost: int) -> tuple[Decision, Ticket | None]:
+        """Take and commit ``cost`` rights of ``key`` held here; no network.  Raises the core's errors.
+
+        An allowed decision that spent floating rights comes with its ticket: the caller must hand it
+        to :meth:`confirm` once the audit write is done, right before the answer leaves."""
         table = self.table
         now = self.clock()
         d = table.take(key, cost, now)
-        if d.allowed and d.ticket is not None and table.commit(d.ticket, self.clock()):
-            return Decision(True, d.remaining, d.limit, 0.0)
-        return Decision(False, d.remaining, d.limit, d.retry_after_s or self.settings.gossip_s)
+        ticket = d.ticket
+        if d.allowed and ticket is not None and table.commit(ticket, self.clock()):
+            return Decision(True, d.remaining, d.limit, 0.0), ticket if ticket.from_floating > 0 else None
+        return Decision(False, d.remaining, d.limit, d.retry_after_s or self.settings.gossip_s), None
+
+    def confirm(self, ticket: Ticket, decision: Decision) -> Decision | None:
+        """The lease re-check after the audit write (``StrictTable.confirm``): None if the answer may
+        leave as allowed, else the denial to send instead (the rights stay spent and audited)."""
+        if self.table.confirm(ticket, self.clock()):
+            return None
+        self.m_revoked_after_write.inc()
+        return Decision(False, decision.remaining, decision.limit, self.settings.gossip_s, LEASE_ENDED)
 
     # ------------------------------------------------------------------ messages out
     def _send(self, dst: str, kind: str, body: Any, *, as_voter: bool = False) -> None:
@@ -182,26 +223,35 @@ class StrictGossiper:
             self._seq += 1
             sender, seq = self.table.actor, self._seq
         data, signature = encode(self.config.secret, kind, sender, seq, body)
-        if dst == self.me.id:  # our own voter: the same checks, no socket
-            self._receive(data, signature)
+        if dst == self.me.id:  # our own voter: the same checks, no socket (and no bytes counted)
+            self._receive(data, signature, remote=False)
             return
         box = self._outbox.get(dst)
         if box is None:
             return
-        box.append((data.decode(), signature))
+        box.append((data.decode(), signature, kind))
         wake = self._wake.get(dst)
         if wake is not None:
             wake.set()
 
+    def _count_bytes(self, direction: str, kind: str, size: int) -> None:
+        child = self._bytes.get((direction, kind))
+        if child is None:
+            child = self._bytes[direction, kind] = self.m_bytes.labels(direction, kind)
+        child.inc(size)
+
     def round(self) -> None:
         """One gossip round (also the unit tests' entry point): tick, renew, deltas, heartbeats."""
+        self.rounds += 1
         now = self.clock()
         table = self.table
         table.tick(now)
         for req in table.lease_requests(now):
             self._send(self.hosts[req.voter], "lease_request", req)
         for peer in self.peers:
-            self._send(peer.id, "strict_delta", table.delta_for(peer.id))
+            delta = table.delta_for(peer.id)
+            if delta[1]:  # nothing changed since the peer's view: no message, no ack
+                self._send(peer.id, "strict_delta", delta)
         if self.voter is not None:
             out = self.voter.tick(now)
             self._save_ledger(now)  # nothing of a tick needs it first; it only catches up
@@ -255,7 +305,7 @@ class StrictGossiper:
                 wake.clear()
                 await wake.wait()
             batch = [box.popleft() for _ in range(min(MAX_BATCH, len(box)))]
-            body = orjson.dumps(batch)
+            body = orjson.dumps([(data, signature) for data, signature, _kind in batch])
             try:
                 async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
                     await resp.read()
@@ -264,6 +314,8 @@ class StrictGossiper:
                 outcome = "unreachable"
                 await asyncio.sleep(self.settings.gossip_s)  # a dead peer: do not spin
             self.m_messages.labels("sent", outcome).inc(len(batch))
+            for data, signature, kind in batch:
+                self._count_bytes("sent", kind, len(data) + len(signature))
 
     # ------------------------------------------------------------------ messages in
     def handle_batch(self, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -285,7 +337,7 @@ class StrictGossiper:
                 status = code if status == 200 else status
         return status, {"accepted": len(batch) - sum(refused.values()), "refused": refused}
 
-    def _receive(self, data: bytes, signature: str) -> tuple[str, int]:
+    def _receive(self, data: bytes, signature: str, remote: bool = True) -> tuple[str, int]:
         try:
             msg = decode(self.config.secret, data, signature, nodes=self.node_ids, voters=self.voter_ids,
                          max_incarnation=int(time.time() * 1000) + INCARNATION_AHEAD_MS)
@@ -297,6 +349,8 @@ class StrictGossiper:
         self.m_messages.labels("received", "ok").inc()
         now = self.clock()
         kind = msg.kind
+        if remote:
+            self._count_bytes("received", kind, len(data) + len(signature))
         if kind in ("strict_delta", "strict_ack", "grant"):
             table = self.table
             if kind == "strict_delta":

@@ -45,12 +45,14 @@ class Limit:
 
 
 class Decision(NamedTuple):
-    """The answer to one ``take``: allowed or not, what is left and when to retry."""
+    """The answer to one ``take``: allowed or not, what is left and when to retry.  ``reason`` names a
+    denial that is not the plain "over the limit" (strict mode's ``lease_ended_before_answer``)."""
 
     allowed: bool
     remaining: float
     limit: float
     retry_after_s: float
+    reason: str = ""
 
 
 class KeyTableFull(Exception):

@@ -2,8 +2,9 @@
 
 The pure core (no I/O, no clock reads; time is an argument): ``rights`` (the bounded-counter CRDT),
 ``lease`` (a node's floating share), ``allocator`` (the per-region voters), ``table`` (the per-node
-limiter), ``wire`` (the signed, versioned encoding) and ``memcluster`` (an in-memory driver used by
-the tests and the benchmark).  The design and its safety argument: ``docs/strict-mode.md``.
+limiter, with ``keystate``, ``pots``, ``transfers`` and ``deltas``), ``wire`` (the signed, versioned
+encoding) and ``memcluster`` (an in-memory driver used by the tests and the benchmark). The design
+and its safety argument: ``docs/strict-mode.md``.
 """
 
 from edge_server.strict.allocator import Voter

@@ -14,16 +14,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from edge_server.strict.allocator import Voter
 from edge_server.strict.settings import StrictSettings
-from edge_server.strict.table import CostExceedsNodeCap, StrictTable
+from edge_server.strict.table import CostExceedsNodeCap, StrictTable, Ticket
 from edge_server.strict.wire import decode, encode
 from edge_server.token_bucket import Limit
 from edge_server.wire import WireError
 
-__all__ = ["Envelope", "MemCluster", "Message"]
+__all__ = ["Envelope", "MemCluster", "Message", "Pending"]
 
 SECRET = b"memcluster-secret"
 
@@ -59,6 +59,14 @@ class Message:
     signature: str
     src_region: str = ""
     dst_region: str = ""
+
+
+class Pending(NamedTuple):
+    """A request whose rights are spent and whose audit write is under way (:meth:`MemCluster.begin`)."""
+
+    node: str
+    table: StrictTable
+    ticket: Ticket
 
 
 @dataclass
@@ -174,33 +182,53 @@ class MemCluster:
     # ------------------------------------------------------------------ requests
 
     def take(self, node: str, key: str, cost: int = 1, pause: float = 0.0) -> bool:
-        """One request at ``node``: take, (pause), commit.  Returns whether it was admitted."""
+        """One request at ``node``: take, (pause), commit, the re-check after the audit write, the
+        answer.  Returns whether it was admitted."""
+        pending = self.begin(node, key, cost, pause)
+        return pending is not None and self.answer(pending)
+
+    def begin(self, node: str, key: str, cost: int = 1, pause: float = 0.0) -> Pending | None:
+        """The first half of a request, as the node runs it: take, (pause), commit -- the rights are
+        spent -- then the audit write starts.  Anything may happen before :meth:`answer` (a pause
+        of the process during the write, gossip, other nodes' requests).  None if not allowed."""
         table = self.tables[node]
         if table is None:
-            return False
+            return None
         try:
             decision = table.take(key, cost, self.local(node))
         except CostExceedsNodeCap:  # more than this node can ever hold: a 400 in the node, never admitted
             self.denied += 1
-            return False
+            return None
         if not decision.allowed:
             self.denied += 1
-            return False
+            return None
         if pause:
             self.advance(pause)
         table = self.tables[node]
         if table is None or decision.ticket is None:
-            return False  # crashed during the pause: never answered, never admitted
+            return None  # crashed during the pause: never answered, never admitted
         if not table.commit(decision.ticket, self.local(node)):
             self.revoked += 1
+            return None
+        return Pending(node, table, decision.ticket)
+
+    def answer(self, pending: Pending) -> bool:
+        """The audit write is done: the lease re-check right before the answer (``confirm``), then
+        the answer leaves -- admitted at this moment's true time.  False if the process died
+        meanwhile (spent, never answered) or the lease behind it ended (spent, answered a denial)."""
+        node, table, ticket = pending
+        if self.tables[node] is not table:
             return False
-        env = self.envelopes.get(key)
+        if not table.confirm(ticket, self.local(node)):
+            self.revoked += 1
+            return False
+        env = self.envelopes.get(ticket.key)
         if env is None:
-            limit = self.limit_for(key)
+            limit = self.limit_for(ticket.key)
             assert limit is not None
-            env = self.envelopes[key] = Envelope(limit)
-        env.admit(self.now, cost)
-        self.admitted[node] += cost
+            env = self.envelopes[ticket.key] = Envelope(limit)
+        env.admit(self.now, ticket.cost)
+        self.admitted[node] += ticket.cost
         return True
 
     def phi_total(self) -> float:
@@ -253,7 +281,8 @@ class MemCluster:
             for peer in self.node_ids:
                 if peer != node:
                     upto, entries = table.delta_for(peer)
-                    self._send(node, peer, "strict_delta", table.actor, (upto, entries))
+                    if entries:  # as the node: an empty delta is not sent
+                        self._send(node, peer, "strict_delta", table.actor, (upto, entries))
         for vid, voter in self.voters.items():
             out = voter.tick(self.local(vid))
             self._save(vid)

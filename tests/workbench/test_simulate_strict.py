@@ -93,3 +93,17 @@ def test_cli_strict_mode_json(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert code == 0 and doc["mode"] == "strict" and doc["core"].endswith("StrictTable")
     assert doc["max_excess_over_bound_tokens"] <= 0 and doc["failed"] == 0
+
+
+def test_a_pause_during_an_audit_write_turns_the_late_answer_into_a_denial() -> None:
+    """The simulated node answers a grant once its audit write is done; a pause of the process in
+    between holds the answer, and the lease re-check right before it leaves refuses it (spent, audited)."""
+    pauses = [FaultAction(1.0 + 1.5 * i, "pause", target="eu", duration_s=0.8) for i in range(7)]
+    res = simulate(three_regions(*pauses, rate=1000.0, seed=3))
+    rec = res.recording
+    revoked = rec.extra["revoked_after_write"]
+    assert revoked["eu-1"] >= 1  # the paused node held a grant past its lease (deterministic for this seed)
+    late = [r for r in rec.requests if r.error == "lease_ended_before_answer"]
+    assert len(late) == sum(revoked.values())  # other nodes too: their share fell while eu's voter slept
+    assert all(r.status == 200 and r.allowed is False for r in late)
+    assert res.ok and res.excess_over_bound <= 1e-6

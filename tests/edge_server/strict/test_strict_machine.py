@@ -1,6 +1,7 @@
 """A hypothesis state machine over a whole strict cluster (4 nodes, 3 regions, 3 voters).
 
-Rules: take (also with a pause between take and answer), gossip rounds, delivery in any order,
+Rules: take (also with a pause between take and answer, and with the audit write still under way
+while anything else happens), gossip rounds, delivery in any order,
 loss, duplication, long delays, partitions of any shape, heal, crash, restart with or without the
 data directory, a voter restart from its saved ledger or with none, clock drift within rho, and time
 passing.  After every step:
@@ -20,7 +21,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings, target
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from edge_server.strict.memcluster import SECRET, MemCluster
+from edge_server.strict.memcluster import SECRET, MemCluster, Pending
 from edge_server.strict.rights import merge_key
 from edge_server.strict.settings import StrictSettings
 from edge_server.strict.wire import decode, encode
@@ -45,6 +46,7 @@ class StrictCluster(RuleBasedStateMachine):
         self.c = MemCluster(REGIONS, limit_for, s, seed=seed,
                             latency=lambda x, y: 0.0 if x == y else 0.005)
         self.best: dict[str, float] = {}
+        self.writing: list[Pending] = []  # spent, audit write under way, not yet answered
         self.busy(60, set(NODES), False)  # faults hit a cluster that runs: leases held, rights moving
 
     def teardown(self) -> None:
@@ -60,6 +62,20 @@ class StrictCluster(RuleBasedStateMachine):
     @rule(node=st.sampled_from(NODES), key=st.sampled_from(KEYS), pause=st.floats(0.001, 0.5))
     def take_paused(self, node: str, key: str, pause: float) -> None:
         self.c.take(node, key, 1, pause=pause)
+
+    @rule(node=st.sampled_from(NODES), key=st.sampled_from(KEYS), n=st.integers(1, 5))
+    def start_writes(self, node: str, key: str, n: int) -> None:
+        """Requests whose rights are spent and whose audit write is still under way: every other rule
+        (a long pause, gossip, other nodes' requests, a crash) may run before they are answered."""
+        for _ in range(n):
+            pending = self.c.begin(node, key, 1)
+            if pending is not None:
+                self.writing.append(pending)
+
+    @rule(data=st.data())
+    def finish_write(self, data: st.DataObject) -> None:
+        if self.writing:
+            self.c.answer(self.writing.pop(data.draw(st.integers(0, len(self.writing) - 1), label="write")))
 
     @rule(steps=st.integers(1, 40), hot=st.sets(st.sampled_from(NODES), min_size=1), shuffle=st.booleans())
     def busy(self, steps: int, hot: set[str], shuffle: bool) -> None:

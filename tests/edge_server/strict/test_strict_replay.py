@@ -107,7 +107,7 @@ def post(g: StrictGossiper, kind: str, sender: str, seq: int, body: object) -> t
 
 def grants_to(g: StrictGossiper, node: str) -> list[Grant]:
     box = g._outbox[node]
-    out = [decode(SECRET, d.encode(), s).body for d, s in box]
+    out = [decode(SECRET, d.encode(), s).body for d, s, _kind in box]
     box.clear()
     return [m for m in out if isinstance(m, Grant)]
 

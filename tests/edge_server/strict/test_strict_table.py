@@ -83,6 +83,22 @@ def test_a_pause_between_take_and_answer_past_the_lease_refuses_the_request() ->
     assert a.phi(0.2) == 0.0 and a.held("k", 0.2) == 0.0  # floating rights burned at expiry
 
 
+def test_a_committed_take_whose_lease_ended_during_the_audit_write_is_refused_and_stays_spent() -> None:
+    a, v = table("a1", alpha=0.0), Voter("v", ["v"], NODES, StrictSettings(lease_ms=200, rho=0.0), now=0.0)
+    lease_up(a, v, 0.0)  # valid until 0.2 on a's clock
+    d = a.take("k", 1, 0.15)
+    assert d.allowed and d.ticket is not None and d.ticket.from_floating == 1
+    assert a.commit(d.ticket, 0.15)  # spent; the audit write starts
+    spent = a.rights("k")[a.actor].spent
+    assert a.confirm(d.ticket, 0.19)  # written within the lease: the answer leaves as allowed
+    assert not a.confirm(d.ticket, 0.25)  # written after the lease ended: refused
+    assert a.revoked_after_write == 1 and a.rights("k")[a.actor].spent == spent  # still spent
+    pinned = table("a1", alpha=1.0)  # pinned rights need no lease: never refused after the write
+    d = pinned.take("k", 1, 1.0)
+    assert d.allowed and d.ticket is not None and d.ticket.from_floating == 0
+    assert pinned.commit(d.ticket, 1.0) and pinned.confirm(d.ticket, 9.0)
+
+
 def test_a_gift_counts_against_the_giver_until_the_receiver_acknowledges_it() -> None:
     a, b = table("a1"), table("b1")
     assert a.held("k", 1.0) == 5  # a idle and full

@@ -16,13 +16,18 @@ Clocks, and what the simulator allows (the strict core's drift model):
 Mirrored from the design (``docs/strict-mode.md``): a gossip round every interval -- ``tick``,
 ``lease_requests`` to every voter, ``delta_for`` to every peer, the voter's heartbeats -- every
 message encoded, signed and decoded through the wire format and checked by a ``SeqGuard`` (a
-duplicate is refused as replayed and counted); a decision is ``take`` then ``commit`` at once (the
-simulated audit write is durable at once).  A voter lives and dies with its host process and saves
-its ledger as the node does: write-ahead, before the messages of a step leave (``disk_ledger``).  A
-restart starts the voter from that ledger; a wiped restart has lost it (the voter then grants
-nothing for ``L (1 + rho) / (1 - rho)``).  With its data directory a restarted node also burns its
-predecessor's unspent rights; without it, it simply starts as a new incarnation.  Incarnations more
-than ``INCARNATION_AHEAD_MS`` ahead of the receiver's wall clock are refused, as in the node.
+duplicate is refused as replayed and counted); a decision is ``take`` then ``commit`` at once, the
+grant goes to the audit trail (at that time, as the node stamps it), and the answer leaves once the
+audit write is done, ``AUDIT_WRITE_S`` later: a pause of the process in between holds it until the
+resume, and right before it leaves the lease is checked again (``StrictTable.confirm``). A grant
+whose lease ended meanwhile is answered as a denial (``revoked_after_write``; its rights stay
+spent); a kill in between answers nothing (a reset: an unknown outcome for the checks). A voter
+lives and dies with its host process and saves its ledger as the node does: write-ahead, before the
+messages of a step leave (``disk_ledger``). A restart starts the voter from that ledger; a wiped
+restart has lost it (the voter then grants nothing for ``L (1 + rho) / (1 - rho)``). With its data
+directory a restarted node also burns its predecessor's unspent rights; without it, it simply starts
+as a new incarnation. Incarnations more than ``INCARNATION_AHEAD_MS`` ahead of the receiver's wall
+clock are refused, as in the node.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from edge_server.boot import next_boot
 from edge_server.strict.allocator import Voter
 from edge_server.strict.rights import ActorRights, split_actor
 from edge_server.strict.settings import StrictSettings
-from edge_server.strict.table import StrictTable
+from edge_server.strict.table import StrictTable, Ticket
 from edge_server.strict.wire import INCARNATION_AHEAD_MS, SeqGuard, decode, encode
 from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, NoLimitForKey
 from edge_server.wire import WireError
@@ -45,9 +50,12 @@ from workbench.run.sim.process import PausableProcess
 if TYPE_CHECKING:
     from workbench.run.sim.world import World
 
-__all__ = ["VOTER_SEQ_SPAN", "StrictSimNode", "strict_settings_for", "voter_id"]
+__all__ = ["AUDIT_WRITE_S", "VOTER_SEQ_SPAN", "Reply", "StrictSimNode", "strict_settings_for", "voter_id"]
+
+Reply = Callable[[int, "bool | None", str, str], None]  # (status, allowed, error, request_id) -> None
 
 VOTER_SEQ_SPAN = 1_000_000  # a voter's message seq is incarnation * span + count: it grows across restarts
+AUDIT_WRITE_S = 0.002  # a grant's audit write (group commit + write + fsync) before its answer leaves
 
 
 def voter_id(region: str) -> str:
@@ -94,6 +102,8 @@ class StrictSimNode(PausableProcess):
         self._seq = 0
         self._voter_seq = 0
         self._req = 0
+        self._writing: dict[int, tuple[Reply, str]] = {}  # request number -> answer not yet sent
+        self.revoked_after_write = 0  # grants answered as denials: the lease ended during the write
         self._guard = SeqGuard()
         self._sched = world.sched
         self._offsets = world.clocks.offsets
@@ -152,6 +162,9 @@ class StrictSimNode(PausableProcess):
         w.sched.at(w.sched.now, self.run, self.inc, self._round, ())
 
     def kill(self) -> None:
+        writing, self._writing = self._writing, {}
+        for reply, request_id in writing.values():  # in the middle of the audit write: the client sees a reset
+            reply(0, None, "connection reset", request_id)
         table = self.table
         if table is not None:  # what its data directory holds of its own rights
             self.disk = {k: (table.actor, table.rights(k)[table.actor]) for k in table.keys()
@@ -166,8 +179,9 @@ class StrictSimNode(PausableProcess):
         return self.state == "up" and self.table is not None
 
     # ------------------------------------------------------------------ decisions
-    def decide(self, key: str, cost: int) -> tuple[int, bool | None, str, str]:
-        """``(status, allowed, error, request_id)`` of one /v1/limits/check on this node."""
+    def decide(self, key: str, cost: int, reply: Reply) -> None:
+        """One /v1/limits/check on this node: ``reply(status, allowed, error, request_id)`` at once for
+        a denial or an error, once the audit write is done for a grant (see the module docstring)."""
         table = self.table
         assert table is not None
         self._req += 1
@@ -176,16 +190,37 @@ class StrictSimNode(PausableProcess):
         try:
             d = table.take(key, cost, m)
         except CostExceedsBurst:
-            return 400, None, "cost_exceeds_burst", request_id
+            reply(400, None, "cost_exceeds_burst", request_id)
+            return
         except NoLimitForKey:
-            return 404, None, "no_limit", request_id
+            reply(404, None, "no_limit", request_id)
+            return
         except KeyTableFull:
-            return 503, None, "key_table_full", request_id
-        if not d.allowed or d.ticket is None or not table.commit(d.ticket, self.mono()):
-            return 200, False, "", request_id
+            reply(503, None, "key_table_full", request_id)
+            return
+        ticket = d.ticket
+        if not d.allowed or ticket is None or not table.commit(ticket, self.mono()):
+            reply(200, False, "", request_id)
+            return
         self.audit_seq += 1
         self.w.granted(self, key, cost, self.boot, request_id)
-        return 200, True, "", request_id
+        self._writing[self._req] = (reply, request_id)
+        self._sched.after(AUDIT_WRITE_S, self.run, self.inc, self._answer, (self._req, ticket, table))
+
+    def _answer(self, req: int, ticket: Ticket, table: StrictTable) -> None:
+        """The audit write is done: the lease re-check right before the answer leaves."""
+        reply, request_id = self._writing.pop(req)
+        if table.confirm(ticket, self.mono()):
+            reply(200, True, "", request_id)
+            return
+        self.revoked_after_write += 1
+        reply(200, False, "lease_ended_before_answer", request_id)
+
+    def abandon(self) -> None:
+        """The run ended: answers still held (a pause that outlasted the run) never leave."""
+        writing, self._writing = self._writing, {}
+        for reply, request_id in writing.values():
+            reply(0, None, "", request_id)
 
     def sample(self) -> tuple[dict[str, int], dict[str, dict[str, tuple[int, int]]]] | None:
         """``/v1/state`` for the history: per key the spend this node knows of, per node (incarnation, spent)."""
@@ -238,7 +273,9 @@ class StrictSimNode(PausableProcess):
         for req in table.lease_requests(m):
             self._send(self.voter_hosts[req.voter], "lease_request", req)
         for peer in self.peers:
-            self._send(peer, "strict_delta", table.delta_for(peer))
+            delta = table.delta_for(peer)
+            if delta[1]:  # as the node: an empty delta is not sent
+                self._send(peer, "strict_delta", delta)
         if self.voter is not None:
             out = self.voter.tick(m)
             self._save_ledger(m)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edge_server.strict.settings import StrictSettings
 from edge_server.strict.table import StrictTable
 from edge_server.token_bucket import BucketTable, Limit
-from workbench.history import AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
+from workbench.history import CUT_AT_END, AuditEvent, FaultRecord, Recording, RequestRecord, StateSample
 from workbench.run.sim.clock import EPOCH, Clocks, Scheduler
 from workbench.run.sim.network import Network
 from workbench.run.sim.node import SimNode, TableFactory
@@ -61,6 +61,7 @@ class World:
         self._limits = {x.pattern: Limit(x.rate, x.burst) for x in scenario.limits}
         self._limit_cache: dict[str, Limit | None] = {}
         self.nodes: dict[str, Any] = {}
+        self._strict = scenario.mode == "strict"
         self.table_name = "StrictTable" if scenario.mode == "strict" else table_factory.__name__
         if scenario.mode == "strict":
             self.table_name = strict_table.__name__
@@ -130,6 +131,9 @@ class World:
         at(STATE_EVERY_S, self._sample)
         self._start_load()
         self.sched.run_until(sc.duration_s)
+        if self._strict:
+            for node in self.nodes.values():
+                node.abandon()
         self._sample(final=True)
         refused = {nid: dict(n.refused) for nid, n in self.nodes.items() if n.refused}
         net = self.net
@@ -141,6 +145,8 @@ class World:
             "final_node_states": {nid: n.state for nid, n in self.nodes.items()},
             "sim_faults": [f.to_dict() for f in self.faults if f.sim_only],
         }
+        if self._strict:
+            extra["revoked_after_write"] = {nid: n.revoked_after_write for nid, n in self.nodes.items()}
         self.sched.clear()  # the queue and the nodes refer back to the world: let it be freed at once
         self.nodes = {}
         return Recording(scenario=sc.to_dict(), requests=self.requests, faults=self.fault_records,
@@ -216,12 +222,47 @@ class World:
 
     def _user(self) -> None:
         home, key = self._pick()
-        rec = self._serve(home, key)
-        pause = (rec.end_s - rec.start_s) + self.scenario.load.think_ms / 1000.0
-        self.sched.after(max(pause, 0.001), self._user)
+        rec = self._serve(home, key, self._user_answered)
+        if rec is not None:
+            self._user_answered(rec)
 
-    def _serve(self, home: str, key: str) -> RequestRecord:
-        """Route one request as the router would (see the module docstring) and record it."""
+    def _user_answered(self, rec: RequestRecord) -> None:
+        pause = (rec.end_s - rec.start_s) + self.scenario.load.think_ms / 1000.0
+        self.sched.after(max(pause - (self.sched.now - rec.start_s), 0.001), self._user)
+
+    def _answer_later(self, node: StrictSimNode, t: float, home: str, key: str, cost: int, retried_from: str,
+                      then: Callable[[RequestRecord], None] | None) -> None:
+        """A strict node answers a grant once its audit write is done (a pause holds it): record the
+        request when the answer comes, or as a timeout once the client would have given up."""
+        def reply(status: int, allowed: bool | None, error: str, rid: str) -> None:
+            now = self.sched.now
+            if status == 0 or now - t > STALL_S:  # a reset, the client's timeout, or the run's end
+                timed_out = now - t > STALL_S
+                error = "timeout" if timed_out else error or f"{CUT_AT_END} (answer held by a pause)"
+                rec = RequestRecord(t, t, t + STALL_S if timed_out else now, home, node.region, node.id, key, cost,
+                                    0, error, route=self._route, retried_from=retried_from)
+            else:
+                rec = self._answered(t, now, home, node, key, cost, status, allowed, error, rid, retried_from)
+            self.requests.append(rec)
+            if then is not None and not rec.cut_at_end:
+                then(rec)
+        node.decide(key, cost, reply)
+
+    def _answered(self, t: float, now: float, home: str, node: Any, key: str, cost: int, status: int,
+                  allowed: bool | None, error: str, rid: str, retried_from: str) -> RequestRecord:
+        """The record of a request a node answered at ``now``."""
+        end = now + (self._admit_s if allowed else 0.001)
+        if self._invoke:  # the skill route: a denial is a 429, an answer carries no "allowed"
+            status = 429 if allowed is False else status
+            return RequestRecord(t, t, end, home, node.region, node.id, key, cost, status, error,
+                                 rid if allowed else "", "invoke", None, retried_from)
+        return RequestRecord(t, t, end, home, node.region, node.id, key, cost, status, error,
+                             rid if allowed else "", "check", allowed, retried_from)
+
+    def _serve(self, home: str, key: str,
+               then: Callable[[RequestRecord], None] | None = None) -> RequestRecord | None:
+        """Route one request as the router would (see the module docstring) and record it.  None when
+        a strict node answers later (``then`` gets the record then)."""
         t = self.sched.now
         cost = self._cost
         healthy = self.healthy
@@ -239,15 +280,11 @@ class World:
                 node = self.nodes[nid]
                 state = node.state
                 if state == "up":
+                    if self._strict:
+                        self._answer_later(node, t, home, key, cost, retried_from, then)
+                        return None
                     status, allowed, error, rid = node.decide(key, cost)
-                    end = t + (self._admit_s if allowed else 0.001)
-                    if self._invoke:  # the skill route: a denial is a 429, an answer carries no "allowed"
-                        status = 429 if allowed is False else status
-                        rec = RequestRecord(t, t, end, home, node.region, nid, key, cost, status, error,
-                                            rid if allowed else "", "invoke", None, retried_from)
-                    else:
-                        rec = RequestRecord(t, t, end, home, node.region, nid, key, cost, status, error,
-                                            rid if allowed else "", "check", allowed, retried_from)
+                    rec = self._answered(t, t, home, node, key, cost, status, allowed, error, rid, retried_from)
                     self.requests.append(rec)
                     return rec
                 healthy[nid] = False  # passive ejection

@@ -1,0 +1,163 @@
+"""A strict node's gossip round over its keys: measure demand, publish wants, give surplus, credit gifts.
+
+A part of :class:`~edge_server.strict.table.StrictTable` (a base class of it).  A node short of
+rights publishes a ``want`` stamped with its own clock; a donor with surplus answers it by raising
+``sent[j] = (total, echo=want stamp)``; the receiver credits what fits its room only if the echo is
+at most ``transfer_window`` old on *its own* clock, and burns the rest.  A giver stops counting an
+unacknowledged gift once its receiver has processed it, or after ``safe(transfer_window)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from edge_server.strict.keystate import KeyState, Unacked
+
+__all__ = ["COLD_EVERY", "Transfers"]
+
+DEMAND_TAU_S = 0.5  # demand reported to the voters: an exponential average over about this long
+COLD_EVERY = 8  # every key is visited by tick at least every this many rounds (1/8 of them each round)
+WANT_GAP_MAX_STEPS = 8  # a fruitless want is republished at most this many half transfer windows apart
+FAST_TAU_S = 0.05  # demand behind wants and surplus: must follow a shift within a few rounds
+
+
+class Transfers:
+    """The transfer half of ``StrictTable``: ``tick`` and what a merge credits or acknowledges."""
+
+    def tick(self, now: float) -> None:
+        """Once per gossip round: mint, measure demand, publish wants, and push surplus to wants."""
+        self._last_tick = now
+        self._rounds += 1
+        rnd = self._rounds
+        # History older than every key's last settle is never read again (every key is visited at
+        # least every COLD_EVERY rounds); a key settled later than that sees phi = 0 there: less.
+        self.lease.prune(now, max(self.settings.lease_s, (COLD_EVERY + 1) * self.settings.gossip_s))
+        horizon = self.settings.transfer_window_s
+        # Every round: the keys running low or newly wanted by a peer, and those with gifts in
+        # flight; besides, one slot of COLD_EVERY, so every key is visited every COLD_EVERY rounds
+        # (demand decay, minting, wants of quiet keys) without a round that visits them all at once.
+        # A key not visited neither wants nor gives: liveness only -- its pots settle on every take.
+        hot, self._hot = self._hot, []
+        for group in (hot, self._slots[rnd % COLD_EVERY], list(self._gifting.values())):
+            for st in group:
+                if st.visited == rnd:
+                    continue
+                st.visited = rnd
+                self._visit(st, now, horizon)
+
+    def _visit(self, st: KeyState, now: float, horizon: float) -> None:
+        """One key in one tick: settle, measure demand, want, give."""
+        st.hot = False
+        dt = now - st.ticked
+        st.ticked = now
+        self._settle(st, now)
+        if dt > 0:
+            seen = st.requested / dt
+            st.demand += (1 - math.exp(-dt / DEMAND_TAU_S)) * (seen - st.demand)
+            st.fast += (1 - math.exp(-dt / FAST_TAU_S)) * (seen - st.fast)
+            st.requested = 0.0
+        self._want_and_give(st, now, horizon)
+
+    def _want_and_give(self, st: KeyState, now: float, horizon: float) -> None:
+        phi = self.lease.phi(now)
+        pr, pc, fr, fc = self._caps(st, phi)
+        need = st.fast * horizon * 2
+        have = st.p + st.f + (pr + fr) * horizon
+        up, uf = st.up, st.uf
+        if now >= self.ghost_until and need > have:
+            room = max(0.0, pc - st.p - up - st.res_p) + max(0.0, fc - st.f - uf - st.res_f)
+            amount = min(need - have, room)
+            last_at, last_amount = st.want
+            # A want is republished only when it is ``want_gap`` old (half a transfer window) or has
+            # grown by half: a key starving for many rounds must not ride in every delta to every
+            # peer (a node with thousands of such keys spent its cores on rounds).  The gap doubles,
+            # up to WANT_GAP_MAX_STEPS times, while the wants bring in less than a token (the whole
+            # cluster is short of this key: asking every round only costs messages), and falls back
+            # at the first gift that does.  A donor answers each stamp once.
+            if amount > 0 and (now - last_at >= st.want_gap or amount > 1.5 * last_amount):
+                base = self.settings.transfer_window_s / 2
+                if last_at and st.credited - st.want_credited < 1.0:
+                    st.want_gap = min(2 * max(st.want_gap, base), base * WANT_GAP_MAX_STEPS)
+                else:
+                    st.want_gap = base
+                st.want_credited = st.credited
+                st.want = (now, amount)
+                self._touch(st)
+        surplus = st.p + st.f - st.fast * horizon
+        if surplus <= 1e-9:
+            return
+        wants = []
+        for actor, r in st.view.items():
+            if r.want[1] <= 0:
+                continue
+            node, inc = self._split(actor)
+            if node == self.node_id or inc != self._current.get(node):
+                continue
+            if r.want[0] > st.sent.get(actor, (0.0, -math.inf))[1]:
+                wants.append((actor, r.want))
+        total_wanted = sum(w[1] for _a, w in wants)
+        if not wants:
+            return
+        safe_fc = self._caps(st, self.lease.min_phi(now, now + self.settings.ghost_s))[3]
+        f_room = max(0.0, safe_fc - uf - st.res_f)
+        for actor, (stamp, amount) in wants:
+            give = min(amount, surplus * amount / total_wanted)
+            from_f = min(st.f, give, f_room)
+            from_p = min(st.p, give - from_f)
+            if from_f + from_p <= 1e-9:
+                continue
+            st.f -= from_f
+            st.p -= from_p
+            f_room -= from_f
+            total = st.sent.get(actor, (0.0, 0.0))[0] + from_f + from_p
+            st.sent[actor] = (total, stamp)
+            self._set_unacked(st, [*st.unacked, Unacked(actor, total, from_p, from_f, now + self.settings.ghost_s)])
+            self._touch(st)
+
+    def _receive(self, st: KeyState, now: float) -> int:
+        """Credit transfers to us that answer a fresh want; burn the rest."""
+        refused = 0
+        phi = self.lease.phi(now)
+        _pr, pc, _fr, fc = self._caps(st, phi)
+        for giver, r in st.view.items():
+            got = r.sent.get(self.actor)
+            if got is None:
+                continue
+            total, echo = got
+            done = st.accepted.get(giver, 0.0)
+            if total <= done:
+                continue
+            amount = total - done
+            if echo > st.want[0]:
+                self._count("forged_transfer")
+                refused += 1
+                kept = 0.0
+            elif now - echo > self.settings.transfer_window_s:
+                self._count("stale_transfer")
+                kept = 0.0
+            else:
+                up, uf = self._unacked(st)
+                room_f = max(0.0, fc - st.f - uf - st.res_f) if phi > 0 else 0.0
+                to_f = min(amount, room_f)
+                to_p = min(amount - to_f, max(0.0, pc - st.p - up - st.res_p))
+                st.f += to_f
+                st.p += to_p
+                kept = to_f + to_p
+                if kept < amount:
+                    self._count("transfer_overflow")
+            st.credited += kept
+            st.accepted[giver] = total
+            self._touch(st)
+        return refused
+
+    def _acknowledged(self, st: KeyState) -> None:
+        """Stop counting the gifts their receivers have processed (our own entry does not change)."""
+        if not st.unacked:
+            return
+        keep = []
+        for u in st.unacked:
+            r = st.view.get(u.receiver)
+            if r is None or r.accepted.get(self.actor, 0.0) < u.total:
+                keep.append(u)
+        if len(keep) != len(st.unacked):
+            self._set_unacked(st, keep)
