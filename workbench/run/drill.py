@@ -42,6 +42,8 @@ __all__ = ["OVERLOAD_METRICS", "DrillResult", "keep_overload_sample", "load_plan
 
 log = logging.getLogger("workbench.run.drill")
 
+WARM_CONNECTIONS_MAX = 4096  # at most this many warm connections per drill (the router's accept queue)
+
 ProgressCallback = Callable[[dict[str, Any], LiveStats], None]
 
 
@@ -66,6 +68,7 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
     api_keys = {tenant: key for key, tenant in scenario.api_keys().items()}
     timeout_s = max(5.0, scenario.skill.p99_ms / 1000 * 4)
     connector_limit = 0  # the generator's default pool
+    warm = 0  # connections opened before the clock starts (lean client)
     if load.mode == "open" and any(f.action in ("pause", "blackhole") for f in scenario.faults):
         # A paused or blackholed node holds every request sent to it until the timeout: with the
         # default pool those would take every connection and stall the other regions' clients too
@@ -77,13 +80,19 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
         # the offered load (measured: 268 req/s offered, 64 connections, the router never shed).
         # Room for the skill's p99 worth of arrivals, capped well below the edge's connection limits.
         connector_limit = min(8192, max(64, int(load.rate_rps * scenario.skill.p99_ms / 1000)))
+        if load.client == "lean":
+            # Clients that already hold keep-alive connections: without them the first seconds are a
+            # connection storm (every arrival opens one while the skill holds the others), the router's
+            # accept queue overflows (4,096) and the kernel's SYN retries add 1-7 s before the router
+            # sees a request, where no admission limit can act (measured with bench_overload).
+            warm = min(connector_limit, WARM_CONNECTIONS_MAX)
     # No drain_s: after the sending window the generator waits for every request in flight up to its
     # own timeout (a fixed 2 s drain cut off every request slower than that, and the cut-off requests
     # failed the error budget of runs that had served them all).
     return LoadPlan(
         url=url, load=load, duration_s=scenario.duration_s, regions=scenario.topology.regions,
         api_keys=api_keys, skill=SKILL_NAME, timeout_s=timeout_s, seed=scenario.seed,
-        connector_limit=connector_limit, keep_records=keep_records,
+        connector_limit=connector_limit, keep_records=keep_records, warm_connections=warm,
     )
 
 
