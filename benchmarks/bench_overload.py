@@ -143,15 +143,27 @@ def _gauge_min(metrics: list[Any], name: str) -> float | None:
     return min(values) if values else None
 
 
+def listen_overflows() -> int | None:
+    """The kernel's count of connections dropped because a listener's accept queue was full (TcpExt
+    ListenOverflows; for the whole network namespace, so other programs' listeners count too)."""
+    try:
+        text = Path("/proc/net/netstat").read_text()
+        lines = [line.split() for line in text.splitlines() if line.startswith("TcpExt:")]
+        return int(dict(zip(lines[0], lines[1], strict=True))["ListenOverflows"])
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
 def run_step(folder: Path, kind: str, amount: float, duration: float, label: str) -> dict[str, Any]:
     scenario = step_scenario(kind, amount, duration, seed=int(amount) + (0 if kind == "open" else 7))
     for attempt in (1, 2):  # a free port taken by another program between pick and bind: one more try
         try:
-            cpu0 = time.process_time()
+            cpu0, overflows0 = time.process_time(), listen_overflows()
             # No fault proxies: no fault is injected here, and the proxies run in this process, relaying
             # every router-to-node request and all gossip on this one Python loop (see PROXIES_NOTE).
             result = asyncio.run(run_drill(scenario, folder / f"{kind}-{int(amount)}-{attempt}", proxies=False))
             drill_cpu_s = time.process_time() - cpu0
+            overflows1 = listen_overflows()
             break
         except ClusterError as exc:
             if attempt == 2:
@@ -185,6 +197,7 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
                       "lag_ms": gen.get("lag_ms"), "processes": gen.get("processes")},
         "cpu_rss_by_process": _per_process(rec.processes, window),
         "drill_process_cpu_s": round(drill_cpu_s, 2),
+        "listen_overflows": None if overflows0 is None or overflows1 is None else overflows1 - overflows0,
         "shed_rps": round(shed / window, 1), "errors_rps": round(errors / window, 1),
         "cut_off_at_end": cut_off,
         "requests_measured": s["requests"], "requests_total": len(rec.requests), "served": s["served"],
