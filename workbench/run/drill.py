@@ -189,7 +189,9 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
             recording.extra["generator"] = result.summary()
             if not result.complete:
                 reason = "stopped before the end (stop requested)"
-            # let the last grants travel to every peer before the final views are taken
+            # wait until no request is still being served, then let the last grants travel to every peer
+            # before the final views are taken
+            recording.extra["quiesce"] = await _quiesce(cluster)
             await asyncio.sleep(max(0.3, 10 * scenario.topology.gossip_interval_ms / 1000))
             await _final_scrape(cluster, t0, recording)
             recording.ended_s = time.monotonic() - t0
@@ -296,6 +298,45 @@ def keep_overload_sample(name: str) -> bool:
     """True for the samples the periodic scrape keeps: overload figures, no histogram buckets and no
     ``_created`` timestamps."""
     return name.startswith(OVERLOAD_METRICS) and not name.endswith(("_bucket", "_created"))
+
+
+QUIESCE_MAX_S = 5.0  # after the load, wait at most this long for the router and the nodes to finish what they hold
+
+
+def _gauge(text: str, name: str) -> float:
+    """The value of an unlabelled gauge in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _quiesce(cluster: Cluster) -> dict[str, Any]:
+    """Wait until neither the router nor any node holds an admitted request (``router_inflight``,
+    ``edge_inflight``), at most :data:`QUIESCE_MAX_S`; a process that does not answer (paused) is skipped.
+
+    Why: the final views are compared with the audit trails read after them.  After an overloaded run
+    the router and the nodes still serve requests the generator gave up on; a grant made after the
+    views were taken is in the audit but in no peer's view, and read as a peer that "never learnt of
+    audited grants" (the 5x step of bench_overload reported 180 such views)."""
+    start = time.monotonic()
+    busy: dict[str, float] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        while True:
+            busy = {}
+            for source, url in _metric_targets(cluster):
+                try:
+                    async with session.get(url + "/metrics") as resp:
+                        text = await resp.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                held = _gauge(text, "router_inflight" if source == ROUTER_SOURCE else "edge_inflight")
+                if held:
+                    busy[source] = held
+            waited = time.monotonic() - start
+            if not busy or waited >= QUIESCE_MAX_S:
+                return {"waited_s": round(waited, 3), "still_busy": busy}
+            await asyncio.sleep(0.1)
 
 
 def _metric_targets(cluster: Cluster) -> list[tuple[str, str]]:
