@@ -206,6 +206,7 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "served_p95_ms": s["served_p95_ms"], "no_healthy_region": no_healthy,
         "shed_answer_ms": {q: _pct(shed_ms, f) for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "adaptive_cuts": _counter_total(rec.metrics, CUTS_METRICS),
+        "shed_from_raw_bytes": _counter_total(rec.metrics, ("router_shed_raw_total", "edge_shed_raw_total")),
         "router_limit_min": _gauge_min(rec.metrics, "router_inflight_limit"),
         "router_rss_peak_mb": _peak_rss(rec.processes, True), "node_rss_peak_mb": _peak_rss(rec.processes, False),
         "peak_inflight": s["peak_inflight"], "peak_queue": s["peak_queue"],

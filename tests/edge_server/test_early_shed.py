@@ -160,4 +160,6 @@ def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_pat
     assert f'{prefix}_overload_shed_total{{reason="queue_full"}} ' in text
     shed = float(text.split(f'{prefix}_overload_shed_total{{reason="queue_full"}} ')[1].split()[0])
     assert shed >= 3
+    raw = next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{prefix}_shed_raw_total "))
+    assert raw >= 3  # all three came from the raw bytes (http.client writes headers and body at once)
     assert held == [200]
