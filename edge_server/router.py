@@ -195,6 +195,8 @@ class Router(RoutingTable):
             if reason is not None:
                 self.counters["overload_shed"] += 1
                 self.metrics.count(_route_of(request.path), 503, "-", "-")
+                if self.guard is not None:  # the connection is free for its next request (and its deadline)
+                    self.guard.done(request.transport)
                 return error_response(503, "router_overloaded", _overloaded_message(reason),
                                       headers={"Retry-After": "1", "Retry-After-Ms": "100", SHED_HEADER: reason})
         try:
