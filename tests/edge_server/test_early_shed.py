@@ -85,11 +85,11 @@ async def test_a_queue_whose_waiters_time_out_is_stalled_but_keeps_one_probe() -
     assert await probe is None and gate.queue_ok > before
 
 
-def _post_three_times(port: int, path: str) -> list[tuple[int, dict[str, str], bytes]]:
-    """Three requests on one kept-alive connection (the early answers must keep it usable)."""
+def _post(port: int, path: str, times: int = 3) -> list[tuple[int, dict[str, str], bytes]]:
+    """``times`` requests on one kept-alive connection (the early answers must keep it usable)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     out = []
-    for _ in range(3):
+    for _ in range(times):
         conn.request("POST", path, body=b"{}", headers={"Content-Type": "application/json",
                                                         "Authorization": "Bearer key-acme"})
         resp = conn.getresponse()
@@ -142,7 +142,7 @@ def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_pat
     gate = {"max_inflight": 1, "queue_max": 0, "lag_target_ms": 0}
     node_port, router_port = free_port(), free_port()
     doc = cluster_doc({"eu": [("eu-1", node_port)]}, server=gate if front == "node" else None,
-                      skill={"median_ms": 2500, "p99_ms": 2500}, **(gate if front == "router" else {}))
+                      skill={"median_ms": 6000, "p99_ms": 6000}, **(gate if front == "router" else {}))
     path = tmp_path / "cluster.toml"
     path.write_text(to_toml(doc))
     procs = [subprocess.Popen([sys.executable, "-m", "edge_server", *args], stdout=subprocess.DEVNULL,
@@ -155,13 +155,13 @@ def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_pat
         _wait_status(node_port, "/healthz" if front == "node" else "/readyz", "GET", 15, procs)
         _wait_status(router_port, "/healthz", "GET", 15, procs)
         held: list[int] = []
-        slow = threading.Thread(target=lambda: held.append(_post_three_times(port, "/v1/skills/rating/invoke")[0][0]))
-        slow.start()  # its first request holds the one slot for the skill's 2.5 s
+        slow = threading.Thread(target=lambda: held.append(_post(port, "/v1/skills/rating/invoke", 1)[0][0]))
+        slow.start()  # it holds the one slot for the skill's 6 s, longer than the rest of the test needs
         deadline = time.monotonic() + 10
         while f"{'edge' if front == 'node' else 'router'}_inflight 1.0" not in _metrics(port):
             assert time.monotonic() < deadline, "the slow request never took the slot"
             time.sleep(0.02)
-        answers = _post_three_times(port, "/v1/skills/rating/invoke")
+        answers = _post(port, "/v1/skills/rating/invoke")
         # a chunked request is shed by aiohttp's path; the plain ones after it on the same connection
         # come from the raw bytes again (the connection is free once that shed is answered)
         mixed = _chunked_then_plain(port)
