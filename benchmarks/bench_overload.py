@@ -9,8 +9,9 @@ steps measure the edge and its load shedding, not the limiter.
    capacity ``C`` (or ``--capacity-rps`` when given).
 2. **Open loop** at 1x, 2x, 5x and 10x ``C`` (Poisson arrivals; 2 generator processes past 500
    req/s).  Every step uses the generator's lean HTTP client (``load.client = "lean"``,
-   ``workbench.run.load.lean``): with the aiohttp client the generator itself fell 2.5-4 s behind its
-   schedule past 2x on this 2-core machine, which inflated the latencies and cut the offered load.  What
+   ``workbench.run.load.lean``, ~15 % less CPU per request than aiohttp's); with the aiohttp client the
+   generator itself fell 2.5-4 s behind its schedule past 2x on this 2-core machine, which inflated the
+   latencies and cut the offered load, and it still can fall behind: so it says so.  What
    the generator could not send on time is counted, not hidden: per step the requests *asked*
    (rate x window), *sent*, sent *late* (more than 5 ms behind their intended time), dropped at the
    generator's in-flight cap, and its lag (p50 / p99 / max), CPU seconds and peak RSS per generator
@@ -88,7 +89,7 @@ PROXIES_NOTE = ("the drills run without the workbench's fault proxies (no fault 
                 "router-to-node request and all gossip are relayed by asyncio proxies in the benchmark's own "
                 "process, whose CPU no sample showed; at 2,550 req/s offered that loop stalled for seconds "
                 "(no metrics scrape for 11 s, served P95 11 s, node sheds answered 5 s after the send)")
-CLIENT = "lean"  # the generator's HTTP client (workbench.run.load.lean): a fraction of aiohttp's CPU per request
+CLIENT = "lean"  # the generator's HTTP client (workbench.run.load.lean): ~15 % less CPU per request than aiohttp
 TWO_PROCESSES_RPS = 500.0
 TWO_PROCESSES_USERS = 200
 VERDICT_NOTE = ("the drill's verdict counts quick 503 sheds against the error budget (a 503 is an error to a "

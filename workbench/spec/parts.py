@@ -210,7 +210,7 @@ class LoadSpec:
     route: str = "invoke"  # "invoke" (/v1/skills/{skill}/invoke) or "check" (/v1/limits/check)
     processes: int = 1  # generator processes (one per core helps past ~4k req/s)
     honor_retry_after: bool = True  # closed loop: after a 503 / 429 with Retry-After, wait that long
-    client: str = "aiohttp"  # the generator's HTTP client: "aiohttp", or "lean" (a fraction of the CPU per request)
+    client: str = "aiohttp"  # the generator's HTTP client: "aiohttp", or "lean" (workbench.run.load.lean)
 
     def __post_init__(self) -> None:
         _choice("load.mode", self.mode, ("open", "closed"))
