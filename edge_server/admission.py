@@ -28,10 +28,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["QUEUE_FULL", "QUEUE_TIMEOUT", "AdaptiveLimit", "Gate", "RetryBudget"]
+__all__ = ["QUEUE_FULL", "QUEUE_STALLED", "QUEUE_TIMEOUT", "AdaptiveLimit", "Gate", "RetryBudget"]
 
 QUEUE_FULL = "queue_full"  # shed reason: the queue was full on arrival
 QUEUE_TIMEOUT = "queue_timeout"  # shed reason: waited queue_timeout_s without a free slot
+QUEUE_STALLED = "queue_stalled"  # shed reason: most recent waiters timed out, so this one was not queued
+STALLED_SHARE = 0.5  # the queue is stalled while fewer than this share of recent waiters got a slot
+QUEUE_EWMA = 0.05  # weight of one waiter's outcome in that share (about the last 20 waiters)
 
 
 class Gate:
@@ -39,9 +42,18 @@ class Gate:
 
     Use ``if gate.try_enter() or await gate.enter() is None: ... finally gate.leave()``; see
     :meth:`enter` for the reasons a request is refused.  Only the event loop's thread may call it.
+
+    A queue is for bursts: a waiter gets a slot within the queue's deadline when the burst passes.  Under
+    sustained overload slots free at the goodput rate while arrivals come ten times faster, so nine in
+    ten waiters sit out their deadline and are shed anyway, each having cost a timer, a future and a
+    suspended handler.  So the gate follows the share of recent waiters that got a slot
+    (:attr:`queue_ok`, an EWMA); below :data:`STALLED_SHARE` an arrival that finds no slot is refused at
+    once (``queue_stalled``) unless the queue is empty: one waiter at a time keeps probing, and its
+    outcome moves the share back up when slots free in time again.
     """
 
-    __slots__ = ("_waiters", "inflight", "limit", "pressed", "queue_max", "queue_timeout_s", "queued", "shed")
+    __slots__ = ("_waiters", "inflight", "limit", "pressed", "queue_max", "queue_ok", "queue_timeout_s", "queued",
+                 "shed")
 
     def __init__(self, limit: int, queue_max: int, queue_timeout_s: float) -> None:
         self.limit = limit
@@ -50,7 +62,8 @@ class Gate:
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
         self.queued = 0  # live waiters (the deque may also hold expired ones, skipped on wake-up)
-        self.shed = {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0}
+        self.queue_ok = 1.0  # share of recent waiters that got a slot in time (EWMA)
+        self.shed = {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0, QUEUE_STALLED: 0}
         self._waiters: deque[asyncio.Future[bool]] = deque()
 
     def __repr__(self) -> str:
@@ -63,14 +76,29 @@ class Gate:
             return True
         return False
 
+    def refusal(self) -> str | None:
+        """Why an arrival that finds no free slot is refused at once, or None when it may queue (no side
+        effect: :meth:`refuse` counts a refusal)."""
+        if self.queued >= self.queue_max or self.queue_timeout_s <= 0:
+            return QUEUE_FULL
+        if self.queued and self.queue_ok < STALLED_SHARE:
+            return QUEUE_STALLED
+        return None
+
+    def refuse(self, reason: str) -> None:
+        """Count an arrival refused for ``reason`` without waiting (also pressure on the limit)."""
+        self.pressed += 1
+        self.shed[reason] = self.shed.get(reason, 0) + 1
+
     async def enter(self) -> str | None:
         """Wait for a slot; None once holding one, else the shed reason (the caller answers 503)."""
         if self.try_enter():
             return None
+        reason = self.refusal()
+        if reason is not None:
+            self.refuse(reason)
+            return reason
         self.pressed += 1
-        if self.queued >= self.queue_max or self.queue_timeout_s <= 0:
-            self.shed[QUEUE_FULL] += 1
-            return QUEUE_FULL
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(fut)
@@ -86,6 +114,7 @@ class Gate:
             raise
         finally:
             timer.cancel()
+        self.queue_ok += QUEUE_EWMA * ((1.0 if granted else 0.0) - self.queue_ok)
         if granted:
             return None
         self.shed[QUEUE_TIMEOUT] += 1

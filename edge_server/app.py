@@ -23,6 +23,7 @@ from edge_server.admission import AdaptiveLimit, Gate
 from edge_server.audit import AuditCorrupt, AuditUnavailable
 from edge_server.commit import client_gone, send_continue
 from edge_server.conn_guard import ConnectionGuard
+from edge_server.early_shed import EarlyShed, shed_answer
 from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.skill import SkillError
@@ -111,7 +112,7 @@ class EdgeServer:
         """Wait for a slot in the queue, or refuse before any decision (a quick 503, no token)."""
         reason = await self.gate.enter()
         if reason is not None:
-            raise _shed(reason, "too many requests in flight")
+            raise _shed(reason, _SHED_MESSAGE)
 
     def _resolve(self, request: web.BaseRequest) -> tuple[str, Handler]:
         path = request.raw_path.partition("?")[0]
@@ -615,6 +616,25 @@ def _shed(reason: str, message: str) -> ApiError:
                                                         SHED_HEADER: reason})
 
 
+_SHED_MESSAGE = "too many requests in flight"
+
+
+def _early_shed(edge: EdgeServer) -> EarlyShed:
+    """The guard's hook that sheds a gated request from its raw bytes (:mod:`edge_server.early_shed`) with
+    the same 503 as the gate's path in :meth:`EdgeServer.__call__`."""
+
+    def route_of(path: bytes) -> str | None:
+        p = path.partition(b"?")[0].decode("latin-1")
+        if p == "/v1/limits/check":
+            return p
+        return INVOKE_PREFIX + "{skill}" + INVOKE_SUFFIX if _skill_of(p) is not None else None
+
+    def answer(reason: str) -> bytes:
+        return shed_answer("overloaded", _SHED_MESSAGE, reason, edge.ident)
+
+    return EarlyShed(edge.gate, route_of, answer, lambda route: edge.node.metrics.observe(route, 503, 0.0))
+
+
 class _GuardedServer(web.Server):
     """aiohttp's low-level server whose connections go through a :class:`ConnectionGuard`."""
 
@@ -630,6 +650,6 @@ def build_server(node: Node) -> web.Server:
     server = _GuardedServer(edge, access_log=None)
     sv = node.config.server
     server.guard = edge.guard = ConnectionGuard(lambda: web.Server.__call__(server), sv.header_timeout_ms / 1000,
-                                                sv.max_connections)
+                                                sv.max_connections, early=_early_shed(edge))
     node.metrics.registry.register(OverloadCollector("edge", lambda: (edge.gate, edge.guard), edge.adaptive))
     return server

@@ -15,6 +15,10 @@ connection's protocol is aiohttp's own handler, wrapped so that
 
 A connection is "busy" from its headers' end until its handler finishes (the server calls
 :meth:`ConnectionGuard.done` with the request's transport), so a slow skill call is never cut.
+
+The guard also sees every new request's first bytes before aiohttp does: with an ``early`` hook
+(:class:`edge_server.early_shed.EarlyShed`) a request the admission gate would refuse anyway is answered
+503 from those bytes and never reaches aiohttp (the cheapest shed there is).
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ class GuardedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.busy:
+            early = self.guard.early
+            if early is not None and not self.tail:
+                answer = early(data)
+                if answer is not None:  # a whole request, shed: aiohttp never sees it
+                    self._disarm()
+                    self.guard._waiting.pop(self, None)
+                    assert self.transport is not None
+                    self.transport.write(answer)
+                    return
             seen = self.tail + data
             if _END in seen:
                 self.busy = True
@@ -99,8 +112,10 @@ class ConnectionGuard:
     """Protocol factory wrapping ``make_protocol()``; ``closed`` counts aborted connections by reason."""
 
     def __init__(self, make_protocol: Callable[[], Any], header_timeout_s: float, max_connections: int,
-                 on_close: Callable[[str], None] | None = None) -> None:
+                 on_close: Callable[[str], None] | None = None,
+                 early: Callable[[bytes], bytes | None] | None = None) -> None:
         self.make_protocol = make_protocol
+        self.early = early  # a new request's first chunk -> the answer to write instead of serving it, or None
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self.on_close = on_close

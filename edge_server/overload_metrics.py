@@ -45,6 +45,10 @@ class OverloadCollector(Collector):
             yield shed
         if guard is not None:
             yield GaugeMetricFamily(f"{p}_connections_open", "Client connections open", value=len(guard.open))
+            early = getattr(guard, "early", None)
+            if early is not None:
+                yield CounterMetricFamily(f"{p}_shed_raw", "Sheds answered from the raw bytes, before aiohttp parsed "
+                                          "the request (also in the overload sheds)", value=early.taken)
             closed = CounterMetricFamily(f"{p}_connections_closed", "Client connections closed by the guard",
                                          labels=["reason"])
             for reason, n in sorted(guard.closed.items()):

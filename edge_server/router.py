@@ -50,6 +50,7 @@ from multidict import CIMultiDict
 from edge_server.admission import AdaptiveLimit, Gate, RetryBudget
 from edge_server.commit import Claim, CommitPayload
 from edge_server.config import ClusterConfig, NodeSpec
+from edge_server.early_shed import EarlyShed, shed_answer
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.router_health import CheckResult, HealthChecker, NodeHealth, classify
 from edge_server.router_metrics import RouterMetrics
@@ -115,6 +116,10 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
+def _overloaded_message(reason: str) -> str:
+    return f"the router is at capacity ({reason}); retry later"
+
+
 def _route_of(path: str) -> str:
     if path == CHECK_ROUTE:
         return path
@@ -167,6 +172,25 @@ class Router(RoutingTable):
         limit = self.config.limit_for(key)
         return SHED_CAP_S if limit is None else limit.burst / limit.rate
 
+    def early_shed(self) -> EarlyShed:
+        """The connection guard's hook that answers a gated request from its raw bytes when the gate
+        would refuse it anyway (:mod:`edge_server.early_shed`): the same 503 as :meth:`handle`'s."""
+
+        def route_of(path: bytes) -> str | None:
+            p = path.partition(b"?")[0]
+            if not p.startswith(b"/v1/") or p.startswith(b"/v1/router/"):
+                return None  # only /v1 traffic is gated (the router's own state is not)
+            return _route_of(p.decode("latin-1"))
+
+        def on_shed(route: str) -> None:
+            self.counters["overload_shed"] += 1
+            self.metrics.count(route, 503, "-", "-")
+
+        def answer(reason: str) -> bytes:
+            return shed_answer("router_overloaded", _overloaded_message(reason), reason, {})
+
+        return EarlyShed(self.gate, route_of, answer, on_shed)
+
     # ------------------------------------------------------------------------------ forwarding
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -177,9 +201,10 @@ class Router(RoutingTable):
             if reason is not None:
                 self.counters["overload_shed"] += 1
                 self.metrics.count(_route_of(request.path), 503, "-", "-")
-                return error_response(503, "router_overloaded", f"the router is at capacity ({reason}); retry "
-                                      "later", headers={"Retry-After": "1", "Retry-After-Ms": "100",
-                                                        SHED_HEADER: reason})
+                if self.guard is not None:  # the connection is free for its next request (and its deadline)
+                    self.guard.done(request.transport)
+                return error_response(503, "router_overloaded", _overloaded_message(reason),
+                                      headers={"Retry-After": "1", "Retry-After-Ms": "100", SHED_HEADER: reason})
         try:
             return await self.forward(request)
         finally:

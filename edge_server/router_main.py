@@ -46,7 +46,8 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
     rc = config.router
     # Our own listening socket with a protocol factory that wraps aiohttp's handler: slow or idle
     # clients are cut off (edge_server.conn_guard); runner.cleanup() still closes every connection.
-    router.guard = ConnectionGuard(runner.server, rc.header_timeout_ms / 1000, rc.max_connections)
+    router.guard = ConnectionGuard(runner.server, rc.header_timeout_ms / 1000, rc.max_connections,
+                                   early=router.early_shed())
     loop = asyncio.get_running_loop()
     try:
         listener = await loop.create_server(router.guard, host, port, reuse_address=True, backlog=4096)

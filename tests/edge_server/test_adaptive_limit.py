@@ -14,7 +14,7 @@ import pytest
 import test_router
 from test_router_overload import audit_ids
 
-from edge_server.admission import QUEUE_FULL, QUEUE_TIMEOUT, AdaptiveLimit, Gate
+from edge_server.admission import QUEUE_FULL, QUEUE_STALLED, QUEUE_TIMEOUT, AdaptiveLimit, Gate
 
 make_nodes = test_router.make_nodes  # the fixtures of test_router.py, shared rather than copied
 run_router = test_router.run_router
@@ -100,7 +100,7 @@ async def test_a_lowered_limit_cuts_nobody_off_and_a_raised_one_admits_the_queue
     assert gate.inflight == 2 and gate.queued == 1 and not waiter.done()
     gate.set_limit(4)  # room again: the waiter gets its slot at once
     assert await waiter is None and gate.inflight == 3 and gate.queued == 0
-    assert gate.shed == {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0}
+    assert gate.shed == {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0, QUEUE_STALLED: 0}
 
 
 def test_requests_finishing_alone_do_not_raise_the_limit() -> None:
@@ -142,7 +142,7 @@ async def test_a_node_sheds_part_of_a_burst_that_lags_its_loop(make_nodes: Any) 
     shed = [a for a in answers if a[0] != 200]
     assert served and shed, f"{len(served)} served, {len(shed)} shed"
     assert all(a[0] == 503 and a[2]["error"]["code"] == "overloaded" and a[1]["Retry-After"] == "1"
-               and a[1]["X-Edge-Shed"] in (QUEUE_FULL, QUEUE_TIMEOUT) for a in shed)
+               and a[1]["X-Edge-Shed"] in (QUEUE_FULL, QUEUE_TIMEOUT, QUEUE_STALLED) for a in shed)
     assert len(await audit_ids(node)) == len(served)  # a shed request is neither a skill call nor a token
     cuts = [float(line.split()[-1]) for line in metrics.splitlines()
             if line.startswith("edge_inflight_limit_cuts_total")]

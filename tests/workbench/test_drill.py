@@ -57,6 +57,8 @@ async def test_kill_and_restart_drill_holds_every_invariant(tmp_path: Path):
     # the results folder is complete and reloads; the report renders it
     rec = Recording.load(tmp_path / "run")
     assert rec.complete and {f.action for f in rec.faults} >= {"kill", "restart"}
+    # the final views were taken once nothing was held in flight any more (the restarted node included)
+    assert rec.extra["quiesce"]["still_busy"] == {} and rec.extra["quiesce"]["waited_s"] >= 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["invariants_ok"] is True
     page = render_report([tmp_path / "run"])
     assert page.count("<script type='text/javascript'>") == 1 and page.count("chart-") >= 6

@@ -39,9 +39,9 @@ __all__ = [
 DEFAULT_ERROR_BUDGET_PCT = 0.1  # percent of all requests
 
 # Errors that prove the request never reached a server (so no token can have been granted for it):
-# the generator's own overflow, and aiohttp's connect errors (refused, no route, DNS).
+# the generator's own overflow, and its clients' connect errors (refused, no route, DNS).
 NEVER_SENT_PREFIXES = ("max_inflight reached", "ClientConnectorError", "ClientConnectorDNSError",
-                       "ClientProxyConnectionError")
+                       "ClientProxyConnectionError", "LeanConnectError")
 _UNKNOWN_STATUSES = (502, 504)  # the router's "upstream broken / timed out": the node may have granted
 
 

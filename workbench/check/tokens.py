@@ -132,7 +132,10 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
     A node killed or paused (and not back at the end) may die with grants it audited but had not
     gossiped yet: those within ``inflight_s`` before its death are counted as
     ``unpropagated_at_death``, not as loss; anything older is loss.  While a partition or blackhole
-    is still in force at the end, peers that lag are ``unverified``.
+    is still in force at the end, peers that lag are ``unverified``.  A peer's view that lacks only
+    grants made after it was taken, or within ``inflight_s`` before (by the view's own wall clock), is
+    ``granted_after_view``, not loss: after an overloaded run the nodes still serve requests the router
+    and the client gave up on, and those grants reach the audit trails after the final views.
 
     ``replicas``: the replica trails' events; by default read from :func:`replica_folder` (the one
     thing this check reads from disk: the replicas stay where the cluster's holders wrote them).
@@ -205,6 +208,7 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
     behind: list[str] = []
     unpropagated: list[str] = []
     unverified: list[str] = []
+    after_view: list[str] = []  # the missing grants are younger than the view: it could not know them
     compared = 0
     keys = sorted({k for (_n, k) in audited} | {k for s in views.values() for k in s.counts})
     for node in nodes:
@@ -233,7 +237,9 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
                     continue
                 text = f"{where}: gen {gen} count {count}, audited gen {ref} {want}"
                 late = _tail(events, want - have)
-                if death is not None and all(rec.started_wall + death - inflight_s <= ev.ts for ev in late):
+                if all(ev.ts >= view.wall - inflight_s for ev in late):
+                    after_view.append(text + " (granted after, or just before, the view was taken)")
+                elif death is not None and all(rec.started_wall + death - inflight_s <= ev.ts for ev in late):
                     unpropagated.append(text + " (granted just before it died)")
                 elif log is not None and log.network_cuts:
                     unverified.append(text + " (a partition or blackhole was still in force at the end)")
@@ -258,6 +264,7 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
         "unanswered_grants": len(unanswered), "unanswered_grants_answered_as_error": unanswered_as_error,
         "cost_mismatch": len(cost_mismatch), "peer_view_ahead": len(ahead), "peer_view_behind": len(behind),
         "mismatched": len(ahead) + len(behind), "unpropagated_at_death": unpropagated, "unverified": unverified,
+        "granted_after_view": after_view,
         "replies_without_request_id": no_id, "nodes_without_final_state": silent,
         "token_loss": (len(missing) + len(duplicated) + len(cost_mismatch) + len(ahead) + len(behind)
                        + replica_figures.get("replica_mismatch", 0) + replica_figures.get("replica_missing_grants", 0)

@@ -42,6 +42,8 @@ __all__ = ["OVERLOAD_METRICS", "DrillResult", "keep_overload_sample", "load_plan
 
 log = logging.getLogger("workbench.run.drill")
 
+WARM_CONNECTIONS_MAX = 4096  # at most this many warm connections per drill (the router's accept queue)
+
 ProgressCallback = Callable[[dict[str, Any], LiveStats], None]
 
 
@@ -66,6 +68,7 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
     api_keys = {tenant: key for key, tenant in scenario.api_keys().items()}
     timeout_s = max(5.0, scenario.skill.p99_ms / 1000 * 4)
     connector_limit = 0  # the generator's default pool
+    warm = 0  # connections opened before the clock starts (lean client)
     if load.mode == "open" and any(f.action in ("pause", "blackhole") for f in scenario.faults):
         # A paused or blackholed node holds every request sent to it until the timeout: with the
         # default pool those would take every connection and stall the other regions' clients too
@@ -77,13 +80,19 @@ def load_plan_for(scenario: Scenario, url: str, *, keep_records: bool = True) ->
         # the offered load (measured: 268 req/s offered, 64 connections, the router never shed).
         # Room for the skill's p99 worth of arrivals, capped well below the edge's connection limits.
         connector_limit = min(8192, max(64, int(load.rate_rps * scenario.skill.p99_ms / 1000)))
+        if load.client == "lean":
+            # Clients that already hold keep-alive connections: without them the first seconds are a
+            # connection storm (every arrival opens one while the skill holds the others), the router's
+            # accept queue overflows (4,096) and the kernel's SYN retries add 1-7 s before the router
+            # sees a request, where no admission limit can act (measured with bench_overload).
+            warm = min(connector_limit, WARM_CONNECTIONS_MAX)
     # No drain_s: after the sending window the generator waits for every request in flight up to its
     # own timeout (a fixed 2 s drain cut off every request slower than that, and the cut-off requests
     # failed the error budget of runs that had served them all).
     return LoadPlan(
         url=url, load=load, duration_s=scenario.duration_s, regions=scenario.topology.regions,
         api_keys=api_keys, skill=SKILL_NAME, timeout_s=timeout_s, seed=scenario.seed,
-        connector_limit=connector_limit, keep_records=keep_records,
+        connector_limit=connector_limit, keep_records=keep_records, warm_connections=warm,
     )
 
 
@@ -180,7 +189,9 @@ async def run_drill(scenario: Scenario, results_dir: str | Path | None = None, *
             recording.extra["generator"] = result.summary()
             if not result.complete:
                 reason = "stopped before the end (stop requested)"
-            # let the last grants travel to every peer before the final views are taken
+            # wait until no request is still being served, then let the last grants travel to every peer
+            # before the final views are taken
+            recording.extra["quiesce"] = await _quiesce(cluster)
             await asyncio.sleep(max(0.3, 10 * scenario.topology.gossip_interval_ms / 1000))
             await _final_scrape(cluster, t0, recording)
             recording.ended_s = time.monotonic() - t0
@@ -287,6 +298,45 @@ def keep_overload_sample(name: str) -> bool:
     """True for the samples the periodic scrape keeps: overload figures, no histogram buckets and no
     ``_created`` timestamps."""
     return name.startswith(OVERLOAD_METRICS) and not name.endswith(("_bucket", "_created"))
+
+
+QUIESCE_MAX_S = 5.0  # after the load, wait at most this long for the router and the nodes to finish what they hold
+
+
+def _gauge(text: str, name: str) -> float:
+    """The value of an unlabelled gauge in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def _quiesce(cluster: Cluster) -> dict[str, Any]:
+    """Wait until neither the router nor any node holds an admitted request (``router_inflight``,
+    ``edge_inflight``), at most :data:`QUIESCE_MAX_S`; a process that does not answer (paused) is skipped.
+
+    Why: the final views are compared with the audit trails read after them.  After an overloaded run
+    the router and the nodes still serve requests the generator gave up on; a grant made after the
+    views were taken is in the audit but in no peer's view, and read as a peer that "never learnt of
+    audited grants" (the 5x step of bench_overload reported 180 such views)."""
+    start = time.monotonic()
+    busy: dict[str, float] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session:
+        while True:
+            busy = {}
+            for source, url in _metric_targets(cluster):
+                try:
+                    async with session.get(url + "/metrics") as resp:
+                        text = await resp.text()
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                held = _gauge(text, "router_inflight" if source == ROUTER_SOURCE else "edge_inflight")
+                if held:
+                    busy[source] = held
+            waited = time.monotonic() - start
+            if not busy or waited >= QUIESCE_MAX_S:
+                return {"waited_s": round(waited, 3), "still_busy": busy}
+            await asyncio.sleep(0.1)
 
 
 def _metric_targets(cluster: Cluster) -> list[tuple[str, str]]:

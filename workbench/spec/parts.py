@@ -213,12 +213,14 @@ class LoadSpec:
     route: str = "invoke"  # "invoke" (/v1/skills/{skill}/invoke) or "check" (/v1/limits/check)
     processes: int = 1  # generator processes (one per core helps past ~4k req/s)
     honor_retry_after: bool = True  # closed loop: after a 503 / 429 with Retry-After, wait that long
+    client: str = "aiohttp"  # the generator's HTTP client: "aiohttp", or "lean" (workbench.run.load.lean)
 
     def __post_init__(self) -> None:
         _choice("load.mode", self.mode, ("open", "closed"))
         if not isinstance(self.honor_retry_after, bool):
             raise ScenarioError("load.honor_retry_after", "true or false", self.honor_retry_after)
         _choice("load.arrival", self.arrival, ("constant", "poisson"))
+        _choice("load.client", self.client, ("aiohttp", "lean"))
         _choice("load.key_dist", self.key_dist, ("uniform", "zipf"))
         _choice("load.route", self.route, ("invoke", "check"))
         if not isinstance(self.region_weights, Mapping):

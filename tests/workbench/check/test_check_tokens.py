@@ -60,6 +60,21 @@ def test_a_peer_that_never_learnt_of_audited_grants_is_loss_when_the_node_lived(
     assert "ap-1's view of eu-1" in v.reasons[0]
 
 
+def test_grants_made_after_the_final_views_are_not_loss_but_older_ones_are() -> None:
+    # After an overloaded run the nodes still serve what the router gave up on: a grant audited after
+    # the peers' final views were taken cannot be in them.
+    rec = audited_run(SCEN, grants(), final_nodes=NODES)
+    late = AuditEvent(99, "ap-1:99", "tenant-0000", 1, "ap-1", "ap", WALL + SCEN.duration_s + 0.8, "r-late", 1)
+    rec.audit.append(late)
+    v = check_token_loss(rec)
+    assert v.ok, v.reasons
+    assert len(v.figures["granted_after_view"]) == 2 and v.figures["peer_view_behind"] == 0  # eu-1's and us-1's
+    late.ts = WALL + 3.0  # granted long before the views: the peers should have learnt of it
+    rec.audit.sort(key=lambda ev: ev.ts)
+    v = check_token_loss(rec)
+    assert not v.ok and v.figures["peer_view_behind"] == 2 and not v.figures["granted_after_view"]
+
+
 def test_grants_made_just_before_a_node_died_may_be_missing_from_its_peers_views() -> None:
     scen = Scenario.build(rate=10, burst=5, duration_s=10, kill_region_at_s=6.2, kill_region="eu")
     rec = audited_run(scen, [g for g in grants() if g[0] < 6.2], final_nodes=("us-1", "ap-1"))

@@ -42,6 +42,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -50,6 +51,7 @@ from typing import Any
 import aiohttp
 
 from workbench.history.records import CUT_AT_END, RequestRecord
+from workbench.run.load.lean import LeanSession
 from workbench.run.load.model import HIST_MAX_US, LoadPlan, LoadResult, status_class
 
 __all__ = ["RETRY_AFTER_CAP_S", "LoadGenerator", "LoadPlan", "LoadResult", "retry_after_s", "run_load", "status_class"]
@@ -136,11 +138,12 @@ class LoadGenerator:
         self._t0 = 0.0
         self._count = 0
         self._inflight: set[asyncio.Task[float]] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: Any = None  # aiohttp.ClientSession or LeanSession (load.client)
         base = plan.url.rstrip("/")
         self._url = f"{base}/v1/skills/{plan.skill}/invoke" if load.route == "invoke" else f"{base}/v1/limits/check"
         self._bodies: dict[str, bytes] = {}
         self._cut_reason = "the run ended before the answer"  # why a request cancelled now was cut
+        self._late_us = plan.lag_threshold_ms * 1000  # sent later than this behind its schedule: late
         self.result = LoadResult(plan, t0=0.0)
 
     async def run(self, stop: asyncio.Event | None = None) -> LoadResult:
@@ -148,16 +151,10 @@ class LoadGenerator:
         plan, load = self.plan, self.load
         if load.processes > 1:
             return await _run_processes(self, stop)
-        limit = plan.connector_limit or (
-            max(64, min(1024, int(load.rate_rps / 10))) if load.mode == "open" else load.users
-        )
-        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0)
-        self._session = session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=plan.timeout_s), skip_auto_headers=("User-Agent",)
-        )
+        session = self._session if self._session is not None else await self.prepare()
         now = time.monotonic()
         self._t0 = self.start_at if self.start_at is not None else now
-        self.result = LoadResult(plan, t0=self._t0)
+        self.result = LoadResult(plan, t0=self._t0, warmed=self.result.warmed)
         sender: asyncio.Task[None] | None = None
         watcher = asyncio.create_task(stop.wait()) if stop is not None else None
         stopped = False
@@ -192,6 +189,24 @@ class LoadGenerator:
             self.result.elapsed_s = time.monotonic() - self._t0
             await session.close()
         return self.result
+
+    async def prepare(self) -> Any:
+        """Open the HTTP session (and, with the lean client, the plan's ``warm_connections``) before the
+        clock starts; :meth:`run` does it itself when not done.  Returns the session."""
+        plan, load = self.plan, self.load
+        limit = plan.connector_limit or (
+            max(64, min(1024, int(load.rate_rps / 10))) if load.mode == "open" else load.users
+        )
+        if load.client == "lean":
+            session: Any = LeanSession(plan.url, limit, plan.timeout_s)
+            if plan.warm_connections:
+                self.result.warmed = await session.warm(plan.warm_connections)
+        else:
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0),
+                                            timeout=aiohttp.ClientTimeout(total=plan.timeout_s),
+                                            skip_auto_headers=("User-Agent",))
+        self._session = session
+        return session
 
     async def _drain(self, grace_s: float, why: str) -> None:
         """Give in-flight requests ``grace_s``, then cancel them: each is recorded as cut at the end,
@@ -274,7 +289,10 @@ class LoadGenerator:
         plan, route, t0 = self.plan, self.load.route, self._t0
         start = time.monotonic() - t0
         self.result.sent += 1
-        self.result.lag.record_value(min(max(int((start - intended) * 1e6), 1), HIST_MAX_US))
+        lag_us = int((start - intended) * 1e6)
+        self.result.lag.record_value(min(max(lag_us, 1), HIST_MAX_US))
+        if lag_us > self._late_us:
+            self.result.late += 1
         headers = {"X-Client-Region": home, "Content-Type": "application/json"}
         if route == "invoke":
             headers["Authorization"] = f"Bearer {plan.api_keys[tenant]}"  # type: ignore[index]
@@ -350,6 +368,7 @@ def _child_plan(plan: LoadPlan, i: int) -> LoadPlan:
         max_requests=share,
         seed=plan.seed * 1000 + i,
         connector_limit=(plan.connector_limit + n - 1) // n,
+        warm_connections=(plan.warm_connections + n - 1) // n,
         max_inflight=max(plan.max_inflight // n, 1),
         keep_records=True,
     )
@@ -360,15 +379,20 @@ def _child_main(conn: Any, plan_dict: dict[str, Any]) -> None:
 
     async def main() -> None:
         plan = LoadPlan.from_dict(plan_dict)
+        gen = LoadGenerator(plan)
+        cpu0 = time.process_time()
+        await gen.prepare()  # warm connections open before the shared start instant
         conn.send("ready")
-        start_at = conn.recv()
+        gen.start_at = conn.recv()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_reader(conn.fileno(), stop.set)  # any message from the parent means stop
-        gen = LoadGenerator(plan, start_at=start_at)
         try:
             await gen.run(stop)
         finally:
+            rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak, KiB on Linux
+            gen.result.procs = [{"pid": os.getpid(), "cpu_s": round(time.process_time() - cpu0, 3),
+                                 "rss_peak_mb": round(rss_kb / 1024, 1)}]
             loop.remove_reader(conn.fileno())
             # the loop made the pipe non-blocking; a result of many records is larger than its buffer
             os.set_blocking(conn.fileno(), True)

@@ -51,6 +51,7 @@ class LoadPlan:
     timeout_s: float = 5.0  # per request, total
     drain_s: float = 0.0  # after the window, wait this long for in-flight answers; 0 = timeout_s + 0.5 s
     connector_limit: int = 0  # 0 = automatic (see the generator's module docstring)
+    warm_connections: int = 0  # lean client: connections opened before the clock starts (over all processes)
     max_inflight: int = 100_000  # open loop: past this, arrivals are recorded as errors, not sent
     lag_threshold_ms: float = 5.0  # scheduling lag p99 above this marks the run invalid
     seed: int = 0
@@ -118,6 +119,9 @@ class LoadResult:
     complete: bool = True  # False when stopped or cancelled before the end
     overflow: int = 0  # open-loop arrivals not sent because max_inflight was reached
     cut_at_end: int = 0  # sent, still unanswered when the generator stopped waiting (records say why)
+    warmed: int = 0  # connections opened before the clock started (plan.warm_connections)
+    late: int = 0  # sent more than plan.lag_threshold_ms after their intended time (open loop: behind schedule)
+    procs: list[dict[str, float]] = field(default_factory=list)  # per generator process: cpu_s, rss_peak_mb
 
     @property
     def lag_p99_ms(self) -> float:
@@ -159,6 +163,11 @@ class LoadResult:
                 "max": self.lag.get_max_value() / 1e3,
             },
             "cut_at_end": self.cut_at_end,
+            "late": self.late,
+            "warmed_connections": self.warmed,
+            "late_pct": round(100 * self.late / self.sent, 2) if self.sent else 0.0,
+            "overflow": self.overflow,
+            "processes": list(self.procs),
             "complete": self.complete,
             "valid": self.valid,
             "invalid_reasons": self.invalid_reasons,
@@ -180,6 +189,9 @@ class LoadResult:
         self.sent += other.sent
         self.overflow += other.overflow
         self.cut_at_end += other.cut_at_end
+        self.late += other.late
+        self.warmed += other.warmed
+        self.procs.extend(other.procs)
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
         self.complete = self.complete and other.complete
 
@@ -187,7 +199,8 @@ class LoadResult:
         """A compact picklable form for crossing a process boundary."""
         return {
             "t0": self.t0, "elapsed_s": self.elapsed_s, "sent": self.sent, "complete": self.complete,
-            "overflow": self.overflow, "cut_at_end": self.cut_at_end,
+            "overflow": self.overflow, "cut_at_end": self.cut_at_end, "late": self.late, "procs": self.procs,
+            "warmed": self.warmed,
             "records": rows_to_wire(RequestRecord, self.records),
             "latency": {c: h.encode() for c, h in self.latency.items()}, "lag": self.lag.encode(),
         }  # fmt: skip
@@ -198,5 +211,6 @@ class LoadResult:
         res.latency = {c: HdrHistogram.decode(e) for c, e in w["latency"].items()}
         res.lag = HdrHistogram.decode(w["lag"])
         res.complete, res.overflow, res.cut_at_end = w["complete"], w["overflow"], w["cut_at_end"]
+        res.late, res.procs, res.warmed = w.get("late", 0), list(w.get("procs", [])), w.get("warmed", 0)
         return res
 

@@ -1,0 +1,189 @@
+"""Quick 503s from the raw bytes (edge_server.early_shed): what is answered there and what is left to
+aiohttp, the gate's stalled-queue rule, and a real node and a real router process shedding on one
+kept-alive connection with the same answer as the normal path.  No timing is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_router import REPO, cluster_doc, free_port, to_toml
+
+from edge_server.admission import QUEUE_FULL, QUEUE_STALLED, Gate
+from edge_server.early_shed import EarlyShed, shed_answer
+
+pytestmark = pytest.mark.timeout(60)
+
+REQUEST = (b"POST /v1/skills/rating/invoke HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 2\r\n\r\n{}")
+
+
+def _early(gate: Gate) -> tuple[EarlyShed, list[str]]:
+    routes: list[str] = []
+
+    def route_of(path: bytes) -> str | None:
+        return "invoke" if path.startswith(b"/v1/skills/") else None
+
+    return EarlyShed(gate, route_of, lambda r: shed_answer("overloaded", "busy", r, {"X-Edge-Node": "n"}),
+                     routes.append), routes
+
+
+def test_a_whole_gated_request_is_answered_only_when_the_gate_would_refuse_it() -> None:
+    gate = Gate(limit=1, queue_max=0, queue_timeout_s=0.005)
+    early, routes = _early(gate)
+    assert early(REQUEST) is None  # a slot is free: the normal path serves it
+    assert gate.try_enter()
+    answer = early(REQUEST)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 503 ")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nX-Edge-Shed: queue_full" in head and b"\r\nRetry-After: 1" in head and b"X-Edge-Node: n" in head
+    assert f"Content-Length: {len(body)}".encode() in head and b'"code": "overloaded"' in body
+    assert gate.shed[QUEUE_FULL] == 1 and gate.pressed == 1 and routes == ["invoke"] and early.taken == 1
+    assert gate.inflight == 1  # a shed holds no slot
+
+
+@pytest.mark.parametrize("data", [
+    REQUEST[:-1],  # the body is not all there yet
+    REQUEST + REQUEST,  # pipelined: answers must keep their order
+    REQUEST.replace(b"Content-Length: 2", b"Transfer-Encoding: chunked"),
+    REQUEST.replace(b"Host: x", b"Host: x\r\nExpect: 100-continue"),
+    REQUEST.replace(b"Host: x", b"Host: x\r\nConnection: close"),
+    REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0"),
+    REQUEST.replace(b"/v1/skills/rating/invoke", b"/metrics"),  # not a gated route
+    REQUEST.replace(b"Content-Length: 2", b"Content-Length: two"),
+    b"garbage without a request line",
+])
+def test_anything_but_one_plain_whole_request_is_left_to_aiohttp(data: bytes) -> None:
+    gate = Gate(limit=1, queue_max=0, queue_timeout_s=0.005)
+    assert gate.try_enter()
+    early, routes = _early(gate)
+    assert early(data) is None
+    assert gate.shed[QUEUE_FULL] == 0 and not routes
+
+
+async def test_a_queue_whose_waiters_time_out_is_stalled_but_keeps_one_probe() -> None:
+    gate = Gate(limit=1, queue_max=100, queue_timeout_s=0.001)
+    assert gate.try_enter()
+    assert gate.refusal() is None  # a fresh queue takes waiters
+    for _ in range(40):  # waiters that all time out: the share that got a slot falls
+        assert await gate.enter() is not None
+    assert gate.queue_ok < 0.5
+    assert gate.refusal() is None  # an empty queue still takes one waiter: the probe
+    probe = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0)
+    assert gate.queued == 1 and gate.refusal() == QUEUE_STALLED
+    assert await gate.enter() == QUEUE_STALLED and gate.shed[QUEUE_STALLED] == 1
+    before = gate.queue_ok
+    gate.leave()  # the slot goes to the probe, whose success raises the share
+    assert await probe is None and gate.queue_ok > before
+
+
+def _post(port: int, path: str, times: int = 3) -> list[tuple[int, dict[str, str], bytes]]:
+    """``times`` requests on one kept-alive connection (the early answers must keep it usable)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    out = []
+    for _ in range(times):
+        conn.request("POST", path, body=b"{}", headers={"Content-Type": "application/json",
+                                                        "Authorization": "Bearer key-acme"})
+        resp = conn.getresponse()
+        out.append((resp.status, dict(resp.getheaders()), resp.read()))
+    conn.close()
+    return out
+
+
+def _chunked_then_plain(port: int) -> list[bytes]:
+    """One chunked request, then two plain ones, on one connection: the three status lines."""
+    plain = REQUEST.replace(b"Host: x", b"Host: x\r\nAuthorization: Bearer key-acme")
+    chunked = plain.replace(b"Content-Length: 2\r\n\r\n{}", b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    lines = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        for data in (chunked, plain, plain):
+            sock.sendall(data)
+            lines.append(reader.readline())
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+    return lines
+
+
+def _metrics(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    return conn.getresponse().read().decode()
+
+
+def _wait_status(port: int, path: str, method: str, within_s: float, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "did not start"
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request(method, path)
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("front", ["node", "router"])
+def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_path: Path, front: str) -> None:
+    gate = {"max_inflight": 1, "queue_max": 0, "lag_target_ms": 0}
+    node_port, router_port = free_port(), free_port()
+    doc = cluster_doc({"eu": [("eu-1", node_port)]}, server=gate if front == "node" else None,
+                      skill={"median_ms": 6000, "p99_ms": 6000}, **(gate if front == "router" else {}))
+    path = tmp_path / "cluster.toml"
+    path.write_text(to_toml(doc))
+    procs = [subprocess.Popen([sys.executable, "-m", "edge_server", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=REPO)
+             for args in (["--cluster", str(path), "--node", "eu-1"],
+                          ["router", "--cluster", str(path), "--port", str(router_port)])]
+    port = node_port if front == "node" else router_port
+    try:
+        # (/readyz of a node with one slot says "overloaded" while it answers itself: /healthz)
+        _wait_status(node_port, "/healthz" if front == "node" else "/readyz", "GET", 15, procs)
+        _wait_status(router_port, "/healthz", "GET", 15, procs)
+        held: list[int] = []
+        slow = threading.Thread(target=lambda: held.append(_post(port, "/v1/skills/rating/invoke", 1)[0][0]))
+        slow.start()  # it holds the one slot for the skill's 6 s, longer than the rest of the test needs
+        deadline = time.monotonic() + 10
+        while f"{'edge' if front == 'node' else 'router'}_inflight 1.0" not in _metrics(port):
+            assert time.monotonic() < deadline, "the slow request never took the slot"
+            time.sleep(0.02)
+        answers = _post(port, "/v1/skills/rating/invoke")
+        # a chunked request is shed by aiohttp's path; the plain ones after it on the same connection
+        # come from the raw bytes again (the connection is free once that shed is answered)
+        mixed = _chunked_then_plain(port)
+        text = _metrics(port)
+        slow.join(30)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(5)
+    code = b'"code": "overloaded"' if front == "node" else b'"code": "router_overloaded"'
+    for status, headers, body in answers:
+        assert status == 503 and headers["Retry-After"] == "1" and headers["X-Edge-Shed"] == "queue_full"
+        assert code in body
+        if front == "node":
+            assert headers["X-Edge-Node"] == "eu-1" and headers["X-Edge-Region"] == "eu"
+    prefix = "edge" if front == "node" else "router"
+    assert f'{prefix}_overload_shed_total{{reason="queue_full"}} ' in text
+    shed = float(text.split(f'{prefix}_overload_shed_total{{reason="queue_full"}} ')[1].split()[0])
+    assert shed >= 3
+    raw = next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{prefix}_shed_raw_total "))
+    assert all(line.startswith(b"HTTP/1.1 503 ") for line in mixed)
+    assert shed >= 6 and raw >= 5  # all but the chunked one came from the raw bytes
+    assert raw <= shed - 1
+    assert held == [200]
