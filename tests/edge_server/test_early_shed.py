@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import socket
 import subprocess
 import sys
@@ -172,10 +173,10 @@ def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_pat
             p.kill()
         for p in procs:
             p.wait(5)
-    code = b'"code": "overloaded"' if front == "node" else b'"code": "router_overloaded"'
+    code = "overloaded" if front == "node" else "router_overloaded"
     for status, headers, body in answers:
         assert status == 503 and headers["Retry-After"] == "1" and headers["X-Edge-Shed"] == "queue_full"
-        assert code in body
+        assert json.loads(body)["error"]["code"] == code  # the same body from either path
         if front == "node":
             assert headers["X-Edge-Node"] == "eu-1" and headers["X-Edge-Region"] == "eu"
     prefix = "edge" if front == "node" else "router"
@@ -184,6 +185,8 @@ def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_pat
     assert shed >= 3
     raw = next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{prefix}_shed_raw_total "))
     assert all(line.startswith(b"HTTP/1.1 503 ") for line in mixed)
-    assert shed >= 6 and raw >= 5  # all but the chunked one came from the raw bytes
+    # All but the chunked one usually come from the raw bytes; a request that reaches the guard split
+    # over two reads takes aiohttp's path instead (the same 503, only dearer), so only "most" is sure.
+    assert shed >= 6 and raw >= 3
     assert raw <= shed - 1
     assert held == [200]

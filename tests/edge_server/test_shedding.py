@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edge_server.admission import QUEUE_FULL, QUEUE_TIMEOUT, Gate, RetryBudget
+from edge_server.admission import QUEUE_FULL, QUEUE_STALLED, QUEUE_TIMEOUT, Gate, RetryBudget
 from edge_server.config import ConfigError, parse_cluster
 from edge_server.router_health import classify
 
@@ -45,7 +45,7 @@ async def test_gate_admits_up_to_its_limit_queues_fifo_and_sheds_the_rest_at_onc
     assert await second is None and order == [1, 2]
     gate.leave()
     gate.leave()
-    assert gate.inflight == 0 and gate.queued == 0 and gate.shed == {QUEUE_FULL: 1, QUEUE_TIMEOUT: 0}
+    assert gate.inflight == 0 and gate.queued == 0 and gate.shed == {QUEUE_FULL: 1, QUEUE_TIMEOUT: 0, QUEUE_STALLED: 0}
 
 
 async def test_gate_queue_has_a_deadline_and_a_cancelled_waiter_gives_its_place_back() -> None:
