@@ -7,7 +7,6 @@ skill, a full key table or an unwritable audit trail) -- never a traceback.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -17,52 +16,32 @@ from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from edge_server.admission import AdaptiveLimit, Gate
-from edge_server.audit import AuditCorrupt, AuditUnavailable
+from edge_server.api_input import (
+    JSON,
+    ApiError,
+    arrived_json_body,
+    check_key,
+    error_response,
+    json_body,
+    parse_cost,
+)
+from edge_server.audit import AuditUnavailable
 from edge_server.commit import client_gone, send_continue
 from edge_server.conn_guard import ConnectionGuard
 from edge_server.early_shed import EarlyShed, shed_answer
 from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
+from edge_server.peer_api import audit, audit_replica, audit_replica_held, audit_replica_read, gossip, strict_messages
 from edge_server.skill import SkillError
 from edge_server.strict.table import CostExceedsNodeCap
 from edge_server.strict_gossip import LEASE_ENDED
 from edge_server.token_bucket import CostExceedsBurst, Decision, KeyTableFull, NoLimitForKey
-from edge_server.wire import SIGNATURE_HEADER, WireError, decode_delta, encode_ack, sign
 
 __all__ = ["ROUTES", "ApiError", "EdgeServer", "build_server"]
 
 log = logging.getLogger("edge_server.app")
-
-MAX_GOSSIP_BYTES = 32 * 1024 * 1024
-JSON = "application/json"
-
-
-class ApiError(Exception):
-    """An error answered as JSON; ``field`` names the offending input when there is one."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.headers = headers or {}
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    body = orjson.dumps({"error": {"code": code, "message": message, "field": field}})
-    return _json_bytes(body, status, headers)
-
-
-def _json_bytes(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """A JSON response from ready bytes (faster than ``web.json_response``: no charset parsing)."""
-    out = {"Content-Type": "application/json"}
-    if headers:
-        out.update(headers)
-    return web.Response(status=status, body=body, headers=out)
-
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
 
@@ -169,144 +148,6 @@ class EdgeServer:
         return response
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The body, or its first ``limit + 1`` bytes if longer (so the caller can tell it is too large).
-
-    A body that stops short, breaks its chunked framing or loses its connection is a 400 (the
-    client is often gone; nothing was granted), never an unhandled error.
-    """
-    try:
-        return await _read_body_bytes(request, limit)
-    except asyncio.IncompleteReadError as exc:
-        short = exc.expected - len(exc.partial)
-        raise ApiError(400, "incomplete_body", f"body ended {short} bytes short of its Content-Length") from None
-    except (ConnectionError, HttpProcessingError) as exc:
-        raise ApiError(400, "incomplete_body", f"body could not be read: {exc}") from None
-
-
-async def _read_body_bytes(request: web.BaseRequest, limit: int) -> bytes:
-    length = request.content_length
-    if length == 0:
-        return b""
-    content = request.content
-    if length is not None and length <= limit:  # the common case: a body of a known, allowed size
-        # Usually the whole body came in the same packet as the headers: take it without another
-        # coroutine and wait only for what has not arrived.
-        head = content.read_nowait(length)
-        if len(head) == length:
-            return head
-        return head + await content.readexactly(length - len(head))
-    # ``read(n)`` returns whatever has arrived, up to ``n``: a body that comes in several pieces
-    # (chunked, or simply large) must be read until EOF.
-    parts: list[bytes] = []
-    size = 0
-    while size <= limit:
-        chunk = await content.read(limit + 1 - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
-
-
-def _lenient_json(raw: bytes) -> Any:
-    """The slow path for what the fast parser refuses but the standard one reads (NaN, 10**40, a lone
-    surrogate), so that the error names the field instead of blaming the whole body."""
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON ({exc.__class__.__name__})") from None
-    except RecursionError:  # a small body can nest deeper than the parser's stack allows
-        raise ApiError(400, "invalid_json", "body is nested too deeply") from None
-
-
-async def _json_body(request: web.BaseRequest, node: Node) -> dict[str, Any]:
-    """The request's JSON object, or an :class:`ApiError` naming what is wrong with it."""
-    limit = node.config.server.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ApiError(413, "body_too_large", f"body is {length} bytes; the limit is {limit}")
-    # The exact header is compared first: parsing it (for "; charset=utf-8") costs a few percent of
-    # a whole small request.
-    if request.headers.get("Content-Type") != JSON and request.content_type != JSON:
-        raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type must be {JSON}, got {request.content_type or 'none'}")
-    raw = await _read_body(request, limit)
-    if len(raw) > limit:
-        raise ApiError(413, "body_too_large", f"body is over the limit of {limit} bytes")
-    return _json_object(raw)
-
-
-def _arrived_json_body(request: web.BaseRequest, node: Node) -> dict[str, Any] | None:
-    """The JSON object of a plain small request whose body has all arrived (nearly every request)
-    without the two coroutines of :func:`_json_body`; None when that path must decide."""
-    length = request.content_length
-    if not length or length > node.config.server.max_body_bytes or request.headers.get("Content-Type") != JSON:
-        return None
-    content = request.content
-    if not content.is_eof():  # the parser has not seen the whole body yet
-        return None
-    try:
-        raw = content.read_nowait(length)
-    except (ConnectionError, HttpProcessingError) as exc:
-        raise ApiError(400, "incomplete_body", f"body could not be read: {exc}") from None
-    if len(raw) != length:
-        raise ApiError(400, "incomplete_body", f"body ended after {len(raw)} of {length} bytes")
-    return _json_object(raw)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise ApiError(400, "invalid_json", "body is empty; expected a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = _lenient_json(raw)
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "body must be a JSON object")
-    return body
-
-
-def _cost(body: dict[str, Any], node: Node) -> int:
-    if "cost" not in body:  # the common case: the default cost, nothing to check
-        return 1
-    cost = body["cost"]
-    if isinstance(cost, bool) or not isinstance(cost, int | float):
-        raise ApiError(400, "invalid_field", "cost must be an integer >= 1", "cost")
-    if isinstance(cost, float):
-        if not cost.is_integer():
-            raise ApiError(400, "invalid_field", "cost must be a whole number", "cost")
-        cost = int(cost)
-    if cost < 1:
-        raise ApiError(400, "invalid_field", "cost must be >= 1", "cost")
-    if cost > node.config.server.max_cost:
-        raise ApiError(400, "invalid_field", f"cost must be <= {node.config.server.max_cost}", "cost")
-    return cost
-
-
-def _check_key(key: Any, node: Node) -> str:
-    if not isinstance(key, str):
-        raise ApiError(400, "invalid_field", "key must be a string", "key")
-    if not key:
-        raise ApiError(400, "invalid_field", "key must not be empty", "key")
-    if key.isascii():  # one byte a character, no surrogate: no encoded copy needed to measure it
-        size = len(key)
-    else:
-        size = _text_bytes(key)
-    if size > node.config.server.max_key_bytes:
-        raise ApiError(400, "invalid_field", f"key is longer than {node.config.server.max_key_bytes} bytes", "key")
-    return key
-
-
-def _text_bytes(key: str) -> int:
-    """The UTF-8 size of a key that is not ASCII, or a 400 if it is not text (a lone surrogate)."""
-    try:
-        size = len(key.encode())
-    except UnicodeEncodeError:  # JSON can carry a lone surrogate ("\\ud800"), which is not text
-        raise ApiError(400, "invalid_field", "key must be valid Unicode text", "key") from None
-    return size
-
-
 def _rate_headers(node: Node, decision: Decision, request_id: str) -> dict[str, str]:
     """The IETF RateLimit-* headers, the request id, and the node's identity (all in one dict)."""
     headers = {
@@ -358,13 +199,13 @@ async def readyz(node: Node, request: web.BaseRequest) -> web.Response:
 
 
 async def limits_check(node: Node, request: web.BaseRequest) -> web.Response:
-    body = _arrived_json_body(request, node)
+    body = arrived_json_body(request, node)
     if body is None:
-        body = await _json_body(request, node)
+        body = await json_body(request, node)
     if "key" not in body:
         raise ApiError(400, "missing_field", "key is required", "key")
-    key = _check_key(body["key"], node)
-    cost = _cost(body, node)
+    key = check_key(body["key"], node)
+    cost = parse_cost(body, node)
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
     if node.table is None and node.strict is None:
         raise STARTING
@@ -404,12 +245,12 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
     if skill != node.skill.name:
         raise ApiError(404, "unknown_skill", f"no skill named {skill!r}", "skill")
     try:
-        body = await (_committed_body(request, node) if expect is not None else _json_body(request, node))
+        body = await (_committed_body(request, node) if expect is not None else json_body(request, node))
     except ApiError:
         if client_gone(request):  # the body, or the rest of it, never came
             raise _dropped(node, "uncommitted" if expect is not None else "before_decision") from None
         raise
-    cost = _cost(body, node)
+    cost = parse_cost(body, node)
     request_id = request.headers.get("X-Request-Id", "")[:128] or node.new_request_id()
     if node.table is None and node.strict is None:
         raise STARTING
@@ -451,7 +292,7 @@ async def _committed_body(request: web.BaseRequest, node: Node) -> dict[str, Any
     gave to another region or gave up: dropped, nothing decided."""
     try:
         async with asyncio.timeout(node.config.server.header_timeout_ms / 1000):
-            return await _json_body(request, node)
+            return await json_body(request, node)
     except TimeoutError:
         raise _dropped(node, "uncommitted") from None
 
@@ -464,19 +305,6 @@ def _dropped(node: Node, stage: str) -> ApiError:
 
 async def metrics(node: Node, request: web.BaseRequest) -> web.Response:
     return web.Response(body=node.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
-
-
-def _int_param(request: web.BaseRequest, name: str, default: int, maximum: int | None = None) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_query", f"{name} must be an integer", name) from None
-    if value < 0:
-        raise ApiError(400, "invalid_query", f"{name} must be >= 0", name)
-    return min(value, maximum) if maximum is not None else value
 
 
 async def state(node: Node, request: web.BaseRequest) -> web.Response:
@@ -502,97 +330,6 @@ async def state(node: Node, request: web.BaseRequest) -> web.Response:
         "audit_replication": node.replicator.status(now) if node.replicator is not None else None,
         "keys": table.snapshot(now, keys),
     })
-
-
-async def audit(node: Node, request: web.BaseRequest) -> web.Response:
-    after = _int_param(request, "after", 0)
-    limit = _int_param(request, "limit", 1000, maximum=10_000)
-    events = node.audit.read(after, limit)
-    return web.json_response({"node": node.spec.id, "region": node.spec.region, "events": events,
-                              "next": events[-1]["seq"] if events else after,
-                              "last_seq": node.audit.last_seq})
-
-
-async def audit_replica(node: Node, request: web.BaseRequest) -> web.Response:
-    """Lines of another node's trail for the replica this node holds (see ``audit/replica.py``)."""
-    raw = await _read_body(request, MAX_GOSSIP_BYTES)
-    if len(raw) > MAX_GOSSIP_BYTES:
-        raise ApiError(413, "body_too_large", f"replica message over {MAX_GOSSIP_BYTES} bytes")
-    status, body = node.replicas.receive(raw, request.headers.get(SIGNATURE_HEADER))
-    headers = {SIGNATURE_HEADER: sign(node.config.secret, body)} if status == 200 else None
-    return _json_bytes(body, status, headers)
-
-
-async def audit_replica_read(node: Node, request: web.BaseRequest) -> web.Response:
-    """``?origin=ID&after=SEQ&limit=N``: the lines this node holds of ``origin``'s trail (signed),
-    for ``origin`` rebuilding a lost trail before it serves."""
-    origin = request.query.get("origin", "")
-    if origin not in node.node_ids or origin == node.spec.id:
-        raise ApiError(400, "invalid_query", "origin must be another node of the cluster", "origin")
-    after = _int_param(request, "after", 0)
-    limit = _int_param(request, "limit", 1000, maximum=10_000)
-    body = node.replicas.serve(origin, node.config.node(origin).region, after, limit)
-    return web.Response(body=body, headers={"Content-Type": "application/x-ndjson",
-                                            SIGNATURE_HEADER: sign(node.config.secret, body)})
-
-
-async def audit_replica_held(node: Node, request: web.BaseRequest) -> web.Response:
-    """``?origin=ID&nonce=N``: how much of ``origin``'s trail this node holds (signed, with the nonce),
-    for ``origin`` starting with no trail: a first start, or a lost disk (``audit/bootstrap.py``)."""
-    origin = request.query.get("origin", "")
-    if origin not in node.node_ids or origin == node.spec.id:
-        raise ApiError(400, "invalid_query", "origin must be another node of the cluster", "origin")
-    nonce = request.query.get("nonce", "")
-    if not 8 <= len(nonce) <= 64:
-        raise ApiError(400, "invalid_query", "nonce must be 8 to 64 characters", "nonce")
-    try:
-        held = node.replicas.held(origin, node.config.node(origin).region)
-    except (AuditCorrupt, OSError) as exc:  # no answer rather than a wrong "none"
-        raise ApiError(503, "replica_unavailable", f"the replica of {origin} cannot be opened: {exc}") from None
-    body = orjson.dumps({"origin": origin, "holder": node.spec.id, "last_seq": held, "nonce": nonce})
-    return _json_bytes(body, 200, {SIGNATURE_HEADER: sign(node.config.secret, body)})
-
-
-async def strict_messages(node: Node, request: web.BaseRequest) -> web.Response:
-    """Strict mode's signed messages (``edge_server.strict_gossip``): refused ones are counted, never merged."""
-    if node.strict is None:
-        raise ApiError(409, "wrong_mode", f"this node runs mode {node.config.mode!r}; /v1/strict is strict mode's")
-    raw = await _read_body_bytes(request, MAX_GOSSIP_BYTES)
-    if len(raw) > MAX_GOSSIP_BYTES:
-        raise ApiError(413, "body_too_large", f"strict message batch over {MAX_GOSSIP_BYTES} bytes")
-    status, answer = node.strict.handle_batch(raw)
-    return web.json_response(answer, status=status)
-
-
-async def gossip(node: Node, request: web.BaseRequest) -> web.Response:
-    if node.strict is not None:
-        raise ApiError(409, "wrong_mode", "this node runs mode 'strict': its messages go to /v1/strict")
-    if node.table is None:
-        raise ApiError(503, "starting", "the node is still recovering its audit trail")
-    m = node.metrics
-    raw = await _read_body(request, MAX_GOSSIP_BYTES)
-    try:
-        if len(raw) > MAX_GOSSIP_BYTES:
-            raise WireError("too_large", "gossip body too large", 413)
-        delta = decode_delta(node.config.secret, raw, request.headers.get(SIGNATURE_HEADER),
-                             max_key_bytes=node.config.server.max_key_bytes, known_nodes=node.node_ids)
-        now = time.time()
-        node.replay.check(delta, now)
-    except WireError as exc:
-        m.gossip_refused.labels(exc.reason).inc()
-        m.gossip_messages.labels("received", "refused").inc()
-        log.warning("gossip refused", extra={"reason": exc.reason, "detail": str(exc),
-                                             "remote": request.remote})
-        raise ApiError(exc.status, f"gossip_{exc.reason}", str(exc)) from None
-    table = node.table
-    assert table is not None
-    if table.on_peer_boot(delta.sender, delta.boot, now):
-        log.info("peer restarted", extra={"peer": delta.sender})
-    table.merge(delta.sender, delta.entries, now)
-    m.gossip_messages.labels("received", "ok").inc()
-    m.gossip_bytes.labels("received").inc(len(raw))
-    body, signature = encode_ack(node.config.secret, node.spec.id, node.boot, delta.upto)
-    return web.Response(body=body, content_type=JSON, headers={SIGNATURE_HEADER: signature})
 
 
 ROUTES: list[tuple[str, str, Handler]] = [
