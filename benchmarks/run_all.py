@@ -57,12 +57,16 @@ BENCHMARKS: dict[str, tuple[str, int, int]] = {
     "bench_strict_core.py": ("bench_strict_core", 300, 90),
     "bench_strict_node.py": ("strict_node", 300, 90),
     "bench_live.py": ("live", 300, 120),
+    "bench_shed.py": ("shed", 300, 60),
+    "bench_heap_churn.py": ("bench_heap_churn", 300, 60),
+    "bench_audit_backlog.py": ("bench_audit_backlog", 300, 120),
 }
 
 # Run by ``make bench`` only: their quick modes take minutes of their own (drills past capacity, a soak,
 # JupyterLab in a browser), which ``make test`` cannot afford; each has its own tests under tests/.
 FULL_ONLY = {"bench_blackhole.py", "bench_overload.py", "bench_audit.py", "bench_strict_core.py",
-             "bench_strict_node.py", "bench_live.py"}
+             "bench_strict_node.py", "bench_live.py", "bench_shed.py", "bench_heap_churn.py",
+             "bench_audit_backlog.py"}
 
 
 # extra arguments in quick mode, to keep the whole quick run near 4 minutes on 2 busy cores (253 s measured)
@@ -80,6 +84,7 @@ FULL_ARGS: dict[str, list[str]] = {
     "bench_node.py": ["--duration", "6", "--repeats", "4"],
     "bench_accuracy.py": ["--duration", "20"],
     "bench_loadgen.py": ["--tries", "1"],
+    "bench_audit_backlog.py": ["--warm", "15", "--stall", "30", "--after", "15"],
 }
 
 
