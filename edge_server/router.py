@@ -51,6 +51,7 @@ from edge_server.admission import AdaptiveLimit, Gate, RetryBudget
 from edge_server.commit import Claim, CommitPayload
 from edge_server.config import ClusterConfig, NodeSpec
 from edge_server.early_shed import EarlyShed, shed_answer
+from edge_server.hedge_watch import HedgeWatch, granted
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.router_health import CheckResult, HealthChecker, NodeHealth, classify
 from edge_server.router_metrics import RouterMetrics
@@ -165,6 +166,8 @@ class Router(RoutingTable):
         self._per_try[INVOKE_ROUTE] = (rc.invoke_header_timeout_ms if self._commit else rc.invoke_try_timeout_ms) / 1000
         self._ids = itertools.count(1)
         self._boot = int(time.time() * 1000)
+        # A hedged check's losing try is followed to its answer, not cancelled: double grants are counted.
+        self.hedges = HedgeWatch(self.counters, lambda r, result: self.metrics.hedge_losers.labels(r, result).inc())
 
     # ------------------------------------------------------------------------------ routing table
 
@@ -262,7 +265,9 @@ class Router(RoutingTable):
         total = self.rc.request_timeout_ms / 1000
         ends = loop.time() + total
         pending: dict[asyncio.Task[aiohttp.ClientResponse], tuple[NodeHealth, float]] = {}
+        deadlines: dict[asyncio.Task[aiohttp.ClientResponse], float] = {}  # loop time of each try's deadline
         tries, hedged, reason, last = 0, False, "", first
+        won: tuple[str, bool] | None = None  # a hedged check's answer: (its node, whether it granted)
 
         def committed(winner: asyncio.Task[aiohttp.ClientResponse]) -> None:
             """``winner``'s node said 100 Continue first: it alone gets the body, the others are dropped."""
@@ -285,7 +290,8 @@ class Router(RoutingTable):
             hdrs = headers if tries == 1 else CIMultiDict(headers)  # the first try owns the request's copy
             budget_s = 2 * per_try if per_try is not None and tries == 1 else ends - loop.time()
             # The try is written on a later turn of our loop: when the loop lags, that is later still.
-            hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s + self.current_lag()) * 1000))
+            budget_s += self.current_lag()
+            hdrs[DEADLINE_HEADER] = str(int((time.time() + budget_s) * 1000))
             data: Any = body or None
             if claim is not None:
                 data = CommitPayload(body, claim, hdrs.get("Content-Type"))
@@ -295,6 +301,7 @@ class Router(RoutingTable):
             if claim is not None:
                 data.owner = task
             pending[task] = (node, time.perf_counter())
+            deadlines[task] = loop.time() + budget_s
 
         launch(first)
         try:
@@ -357,17 +364,29 @@ class Router(RoutingTable):
                                 reason = f"shed:{shed}"
                                 launch(nxt)
                             continue
-                    return await self._relay(request, resp, node, route, home, key, body, parsed,
-                                             self._retried(extra, first, node, reason), started)
+                    out = await self._relay(request, resp, node, route, home, key, body, parsed,
+                                            self._retried(extra, first, node, reason), started)
+                    if pending and route == CHECK_ROUTE:  # a hedged check: its other try may grant as well
+                        won = (node.spec.id, isinstance(out, web.Response) and isinstance(out.body, bytes)
+                               and granted(out.status, out.body))
+                    return out
             for node, _ in pending.values():
                 if not (hedged and node is first):  # the first was already judged at its per-try timeout
                     self.try_failed(node, "timeout", f"no answer within {total:g} s")
             return self._try_error(route, home, last, "timeout", self._retried(extra, first, last, reason),
                                    claim is None or claim.holder is not None)
         finally:
-            for task in pending:
-                task.cancel()
-                task.add_done_callback(_discard)
+            if won is not None and per_try is not None:
+                # Followed for as long as its node may act on it (its deadline), plus one per-try
+                # timeout for the answer to come back: see edge_server.hedge_watch.
+                now = loop.time()
+                self.hedges.watch(route, headers.get("X-Request-Id", ""),
+                                  [(t, n.spec.id, deadlines[t] - now + per_try) for t, (n, _) in pending.items()],
+                                  *won)
+            else:
+                for task in pending:
+                    task.cancel()
+                    task.add_done_callback(_discard)
 
     def try_timeout(self) -> aiohttp.ClientTimeout:
         """A try's client timeout.  While our own loop lags (by more than a quarter of the connect
@@ -509,7 +528,8 @@ class Router(RoutingTable):
                 "regions": regions, "routing": self.routing(), "counters": dict(self.counters),
                 "shedding_keys": len(self.shedder), "panic": self.in_panic(now), "max_out": self.max_out,
                 "inflight": self.gate.inflight, "inflight_limit": self.gate.limit, "queued": self.gate.queued,
-                "loop_lag_ms": round(self.loop_lag_s * 1000, 3), "retry_budget_left": round(self.budget.left(), 1)}
+                "loop_lag_ms": round(self.loop_lag_s * 1000, 3), "retry_budget_left": round(self.budget.left(), 1),
+                "double_grants_recent": list(self.hedges.recent)}
 
     async def watch_loop_lag(self, tick_s: float = 0.02) -> None:
         """Our own loop's lag over the last ~0.5 s (a timeout judged during a lag is no evidence)."""
@@ -604,6 +624,7 @@ def build_router_app(router: Router) -> web.Application:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            await router.hedges.close()
             await loop.run_in_executor(None, checker.stop)
             await router.session.close()
 

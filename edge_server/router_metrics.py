@@ -7,7 +7,9 @@ What an SRE reads to see an overload cascade coming (all under ``/metrics``):
 ``router_ejections_total{node,reason}`` and ``router_ejections_refused_total{node,reason}`` (the cap at
 work), ``router_panic`` (1 while routing past the health table), ``router_nodes_in_rotation``,
 ``router_loop_lag_seconds``, ``router_try_failures_total{node,kind}`` and
-``router_connections_closed_total{reason}`` (slow or idle clients cut off).
+``router_connections_closed_total{reason}`` (slow or idle clients cut off), and
+``router_hedge_losers_total{route,result}`` (what a hedged check's losing try did; ``double_grant``: two
+nodes granted one request id, :mod:`edge_server.hedge_watch`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class RouterMetrics:
                                          ["region"], buckets=CHECK_BUCKETS, registry=r)
         self.try_failures = Counter("router_try_failures", "Forwarding tries that failed, by evidence kind",
                                     ["node", "kind"], registry=r)
+        self.hedge_losers = Counter("router_hedge_losers", "Losing tries of hedged check requests by what their "
+                                    "node did (double_grant: it granted as well as the winner)", ["route", "result"],
+                                    registry=r)
         self.retry_budget_exhausted = Counter("router_retry_budget_exhausted",
                                               "Retries not made because the retry budget was spent", registry=r)
         self.health = Histogram("router_health_check_seconds", "Active /readyz check latency (checker thread)",

@@ -39,7 +39,7 @@ COUNTERS = ("forwarded", "retried", "failed", "shed", "ejections", "ejections_re
             "no_healthy",
             "overload_shed", "panic_picks", "last_resort_picks", "checks_late", "retry_budget_exhausted",
             "lagged_timeouts", "checks_slow", "not_written", "invoke_tries_cancelled",
-            "hedges_deferred")
+            "hedges_deferred", "double_grants", "hedge_orphaned_grants")
 
 
 class RoutingTable:

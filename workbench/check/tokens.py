@@ -13,7 +13,8 @@
    it, is a disagreement.  Events the replica had not received by the end are the recovery point,
    counted, not loss.
 
-Separate counts: double grants of one request id, grants audited but never answered as a grant,
+Separate counts: double grants of one request id (also those the router itself saw: a hedged check
+granted by both its tries, from its sampled state and metrics), grants audited but never answered as a grant,
 answers with no audit event, audited costs that differ from the request's, and peer views that
 disagree with the audit.  A token is *lost* when a source shows it and another that must show it
 does not.
@@ -179,20 +180,29 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
             by_rid[ev.request_id].append(ev)
     orphaned: list[str] = []
     duplicated: list[str] = []
+    router_seen = {rid for sample in rec.routers for rid in sample.double_grants}
     for rid, events in sorted(by_rid.items()):
         nodes = {ev.node for ev in events}
         died = [ev for ev in events if any(abs(rec.started_wall + t - ev.ts) <= inflight_s
                                            and target in ("", ev.node, ev.region) for t, target in deaths)]
-        if len(nodes) == len(events) and len(events) - len(died) <= 1 and died:
+        if len(nodes) == len(events) and len(events) - len(died) <= 1 and died and rid not in router_seen:
             orphaned.append(rid)
         else:
             duplicated.append(rid)
+    # The router's own evidence (edge_server/hedge_watch.py): a hedged check whose losing try it followed
+    # to a grant.  Both nodes answered, so neither died with the grant: a double grant even next to a
+    # fault (a node paused for less than its try's deadline grants when it resumes).
+    router_not_audited = sorted(rid for rid in router_seen if audit_ids[rid] < 2)
+    after_retry = [rid for rid in duplicated if rid in seen_ids and seen_ids[rid].retried_from]
     cost_mismatch = [r.request_id for r in with_id if r.request_id in audit_cost
                      and audit_ids[r.request_id] == 1 and audit_cost[r.request_id] != r.cost]
     if missing:
         reasons.append(f"{len(missing)} admitted replies have no audit event (e.g. {missing[:3]})")
     if duplicated:
         reasons.append(f"{len(duplicated)} request ids granted more than once (e.g. {duplicated[:3]})")
+    if router_not_audited:
+        reasons.append(f"{len(router_not_audited)} double grants the router saw are not in two audit trails "
+                       f"(e.g. {router_not_audited[:3]})")
     if cost_mismatch:
         reasons.append(f"{len(cost_mismatch)} audited costs differ from the request's (e.g. {cost_mismatch[:3]})")
     if admitted and not with_id:
@@ -261,6 +271,8 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
         "admitted_replies": len(admitted), "audit_events": len(rec.audit), "peer_views_compared": compared,
         "missing": len(missing), "answered_without_audit": len(missing),
         "duplicated": len(duplicated), "double_grants": len(duplicated), "orphaned_at_kill": len(orphaned),
+        "double_grants_after_retry": len(after_retry), "router_double_grants": _router_double_grants(rec),
+        "router_double_grants_listed": len(router_seen), "router_double_grants_not_audited": len(router_not_audited),
         "unanswered_grants": len(unanswered), "unanswered_grants_answered_as_error": unanswered_as_error,
         "cost_mismatch": len(cost_mismatch), "peer_view_ahead": len(ahead), "peer_view_behind": len(behind),
         "mismatched": len(ahead) + len(behind), "unpropagated_at_death": unpropagated, "unverified": unverified,
@@ -277,6 +289,16 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
     if peers_note:
         figures["note"] = peers_note
     return Verdict(not reasons, reasons, figures)
+
+
+def _router_double_grants(rec: Recording) -> int | None:
+    """The router's ``router_hedge_losers_total{result="double_grant"}`` at its last scrape (summed over
+    routes); None when the history has no such sample (an older router, or no router)."""
+    by_t: dict[float, float] = defaultdict(float)
+    for m in rec.metrics:
+        if m.name == "router_hedge_losers_total" and m.labels.get("result") == "double_grant":
+            by_t[m.t_s] += m.value
+    return int(by_t[max(by_t)]) if by_t else None
 
 
 def _tail(events: list[AuditEvent], tokens: int) -> list[AuditEvent]:

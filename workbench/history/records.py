@@ -153,6 +153,9 @@ class RouterSample:
 
     t_s: float
     nodes: dict[str, dict[str, Any]]  # node id -> {"usable": bool, "healthy": bool, "evidence": str, "reason": str}
+    # The request ids of the router's latest double grants (a hedged check granted by both its tries,
+    # edge_server/hedge_watch.py), newest last; empty in recordings made before the router reported them.
+    double_grants: list[str] = field(default_factory=list)
 
     @classmethod
     def from_state(cls, t_s: float, payload: Mapping[str, Any]) -> RouterSample:
@@ -161,7 +164,9 @@ class RouterSample:
         for n in payload.get("nodes") or []:
             nodes[str(n["id"])] = {"usable": bool(n.get("usable")), "healthy": bool(n.get("healthy")),
                                    "evidence": str(n.get("evidence") or ""), "reason": str(n.get("reason") or "")}
-        return cls(t_s, nodes)
+        doubles = [str(d["request_id"]) for d in payload.get("double_grants_recent") or []
+                   if isinstance(d, dict) and d.get("request_id")]
+        return cls(t_s, nodes, doubles)
 
 
 @dataclass(slots=True)

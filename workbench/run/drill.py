@@ -399,6 +399,7 @@ async def _final_scrape(cluster: Cluster, t0: float, recording: Recording) -> No
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         t_s = time.monotonic() - t0
         await _scrape_states(session, cluster, t_s, recording)
+        await _scrape_router_state(session, cluster, t_s, recording)  # the router's last double grants
         for source, url in _metric_targets(cluster):
             await _scrape_metrics(session, source, url, t_s, recording, overload_only=False)
 
