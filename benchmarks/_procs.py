@@ -62,6 +62,7 @@ __all__ = [
     "install_signal_handlers",
     "machine",
     "metric_value",
+    "random_keys_lua",
     "run_wrk",
     "table",
     "wait_ready",
@@ -287,6 +288,21 @@ def parse_wrk(out: str, command: str) -> WrkResult:
         elif s.startswith("Socket errors"):
             errors = s
     return WrkResult(rps, p50, p75, p90, p99, requests, non2xx, errors, command)
+
+
+def random_keys_lua(keys: int) -> str:
+    """A wrk script that POSTs ``/v1/limits/check`` with ``{"key": "k<random of keys>"}``: each request
+    a key drawn at random, so a node's key table and audit trail see many keys, not one hot one.  The
+    seed mixes the clock's seconds and microseconds, so wrk's threads (one Lua state each) differ."""
+    return f"""-- POST /v1/limits/check with {{"key": "k<random of {keys:,}>"}}
+init = function(args)
+  math.randomseed(os.time() + math.floor(os.clock() * 1e6))
+end
+request = function()
+  local body = '{{"key":"k' .. math.random({keys}) .. '"}}'
+  return wrk.format("POST", "/v1/limits/check", {{["Content-Type"] = "application/json"}}, body)
+end
+"""
 
 
 def run_wrk(

@@ -42,6 +42,7 @@ from benchmarks._procs import (
     Procs,
     http_json,
     install_signal_handlers,
+    random_keys_lua,
     run_wrk,
     table,
     wait_ready,
@@ -56,15 +57,7 @@ from edge_server.config import AuditConfig
 REPORTED_RATE = 6300.0  # req/s of the issue's report (one node, wrk, random keys)
 TARGET_RESTART_S = 2.0
 
-LUA = """-- POST /v1/limits/check with {"key": "k<random of 10,000,000>"}
-init = function(args)
-  math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-end
-request = function()
-  local body = '{"key":"k' .. math.random(10000000) .. '"}'
-  return wrk.format("POST", "/v1/limits/check", {["Content-Type"] = "application/json"}, body)
-end
-"""
+LUA = random_keys_lua(10_000_000)
 
 
 def _audit_table(segment_bytes: int) -> str:

@@ -39,6 +39,7 @@ from benchmarks._procs import (
     http_text,
     install_signal_handlers,
     metric_value,
+    random_keys_lua,
     run_wrk,
     table,
     wait_ready,
@@ -48,15 +49,7 @@ from benchmarks._procs import (
 )
 from benchmarks._targets import target
 
-KEYS_LUA = """-- POST /v1/limits/check with {"key": "k<random of 10,000>"}
-init = function(args)
-  math.randomseed(os.time() + math.floor(os.clock() * 1e6))
-end
-request = function()
-  local body = '{"key":"k' .. math.random(10000) .. '"}'
-  return wrk.format("POST", "/v1/limits/check", {["Content-Type"] = "application/json"}, body)
-end
-"""
+KEYS_LUA = random_keys_lua(10_000)
 LINE_BYTES = 210  # a plain event line (docs/audit.md): what a backlog held in memory as lines would weigh
 CATCH_UP_LIMIT_S = 120.0
 
