@@ -382,6 +382,7 @@ def failover_figures(result: DrillResult, counters: RouterCounters, action: str)
         "router_scrapes": counters.scrapes,
         "orphaned_grants_at_fault": loss.figures.get("orphaned_at_kill"),
         "double_grants": loss.figures.get("double_grants"),
+        "double_grants_after_retry": loss.figures.get("double_grants_after_retry"),
         "token_loss": loss.figures.get("token_loss"),
         "unanswered_grants": loss.figures.get("unanswered_grants"),
         "invoke_commit": commit_figures(rec),
@@ -451,6 +452,42 @@ def _sum(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return sum(vals) if vals else None
 
 
+def p99_client(rows: Sequence[Mapping[str, Any]], route: str) -> dict[str, Any]:
+    """The client at the nearest-rank p99 of one route's failover times, with its own split: its wait
+    for its next request after the fault (the load's shape) and the rest (the system's part: the
+    router, its retries and the survivors), and which of the two dominates.  The p99 of each part
+    alone may come from other clients; this one is the p99 figure itself, taken apart."""
+    trios = sorted((total, wait, after) for r in rows if r["route"] == route
+                   for total, wait, after in zip(r["clients_ms"], r["client_wait_ms"], r["client_after_send_ms"],
+                                                 strict=False))
+    if not trios:
+        return {"failover_ms": None, "own_wait_ms": None, "system_ms": None, "dominated_by": None}
+    rank = max(1, math.ceil(0.99 * len(trios)))  # nearest rank, as checker.percentile
+    total, wait, after = trios[rank - 1]
+    share = sum(t[1] for t in trios) / sum(t[0] for t in trios) if sum(t[0] for t in trios) else None
+    return {"failover_ms": total, "own_wait_ms": wait, "system_ms": after,
+            "dominated_by": "client wait" if wait > after else "system",
+            "own_wait_share_of_all_clients_pct": None if share is None else round(100 * share, 1),
+            "clients": len(trios)}
+
+
+def standard_vs_dense(by_kind: Mapping[str, Any]) -> dict[str, Any]:
+    """The check route's kill figures of the standard load and of dense clients side by side: the same
+    definition (every affected client, from the fault to its first success elsewhere), and for each
+    what its p99 is made of.  The standard load's clients send every ~100 ms, so a client's own wait
+    for its next request is most of its failover; dense clients send every ~5 ms, so what is left is
+    the system's share."""
+    out: dict[str, Any] = {}
+    for kind, label in (("kill", "standard"), ("kill-dense", "dense")):
+        f = by_kind.get(kind)
+        if not f or "check" not in f["by_route"]:
+            continue
+        out[label] = {"failover_ms": f["by_route"]["check"], "own_wait_ms": f["client_wait_by_route"]["check"],
+                      "system_ms": f["client_after_send_by_route"]["check"],
+                      "p99_client": f["p99_client_by_route"]["check"]}
+    return out
+
+
 def summarize_failover(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Pool the clients of every drill of one kind; sum the error counts."""
     return {
@@ -465,6 +502,7 @@ def summarize_failover(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "client_after_send_by_route": {route: pooled(v for r in rows if r["route"] == route
                                                      for v in r["client_after_send_ms"])
                                        for route in sorted({r["route"] for r in rows})},
+        "p99_client_by_route": {route: p99_client(rows, route) for route in sorted({r["route"] for r in rows})},
         "clients_with_router_sheds": sum(r["clients_with_router_sheds"] for r in rows),
         "first_victim_failure_seen_ms": [r["first_victim_failure_seen_ms"] for r in rows],
         "unserved_clients": sum(r["unserved_clients"] for r in rows),
@@ -486,6 +524,11 @@ def summarize_failover(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "other_errors": sum(r["client_errors"] - r["retried_failed"] - r["inflight_not_retried"] for r in rows),
         "orphaned_grants_at_fault": _sum(rows, "orphaned_grants_at_fault"),
         "double_grants": _sum(rows, "double_grants"),
+        "double_grants_after_retry": _sum(rows, "double_grants_after_retry"),
+        # what the router itself saw of its hedged checks' losing tries (edge_server/hedge_watch.py)
+        "router_double_grants": sum(r["router_counters"].get("double_grants", 0) for r in rows),
+        "router_hedge_orphaned_grants": sum(r["router_counters"].get("hedge_orphaned_grants", 0) for r in rows),
+        "router_hedges_deferred": sum(r["router_counters"].get("hedges_deferred", 0) for r in rows),
         "token_loss": _sum(rows, "token_loss"),
         "unanswered_grants": _sum(rows, "unanswered_grants"),
         "invoke_commit": {
@@ -626,7 +669,8 @@ async def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for row in drills:  # the per-client lists are in the pooled figures; keep the file readable
         row["clients"] = len(row.pop("clients_ms"))
     return {
-        "figures": {**{kind: by_kind[kind] for kind in KINDS}, "capacity": cap, "meets_target": meets},
+        "figures": {**{kind: by_kind[kind] for kind in KINDS}, "capacity": cap,
+                    "kill_check_standard_vs_dense": standard_vs_dense(by_kind), "meets_target": meets},
         "targets": targets,
         "extra": {
             "setup": {"regions": "eu, us, ap; 1 node each", "region_weights": WEIGHTS, "killed_region": KILLED,
@@ -667,6 +711,15 @@ def print_tables(figures: Mapping[str, Any], quick: bool = False) -> None:
     print(table(rows, ["fault", "route", "own wait p50 ms", "own wait p99 ms", "after its send p50 ms",
                        "after its send p99 ms", "after its send max ms"]))
     rows = []
+    for label, f in (figures.get("kill_check_standard_vs_dense") or {}).items():
+        c = f["p99_client"]
+        rows.append([label, f["failover_ms"]["p99"], c["failover_ms"], c["own_wait_ms"], c["system_ms"],
+                     c["dominated_by"], f["system_ms"]["p99"], c.get("own_wait_share_of_all_clients_pct")])
+    if rows:
+        print(table(rows, ["kill, check route", "failover p99 ms", "p99 client ms", "its own wait ms",
+                           "its system part ms", "dominated by", "system part p99 ms (any client)",
+                           "own wait, % of all clients' failover"]))
+    rows = []
     for kind in KINDS:
         f = figures.get(kind)
         if f:
@@ -686,10 +739,11 @@ def print_tables(figures: Mapping[str, Any], quick: bool = False) -> None:
             c = f["invoke_commit"]
             rows.append([kind, c["continue_ms"]["tries"], c["continue_ms"]["p50_le_ms"], c["continue_ms"]["p99_le_ms"],
                          c["continue_ms"]["max_le_ms"], c["tries_cancelled_unsent"], c["dropped_by_stage"],
-                         c["skill_calls_client_gone"], f["double_grants"], f["token_loss"]])
+                         c["skill_calls_client_gone"], f["double_grants"], f["router_double_grants"],
+                         f["token_loss"]])
     print(table(rows, ["fault", "invoke tries", "100 Continue p50 <= ms", "p99 <= ms", "max <= ms",
                        "tries cancelled unsent", "dropped by nodes", "skill calls, caller gone", "double grants",
-                       "token loss"]))
+                       "router saw double grants", "token loss"]))
     cap = figures.get("capacity")
     if cap:
         starts = cap["bin_start_ms"]
