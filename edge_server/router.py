@@ -19,7 +19,8 @@ and never takes the regions out because it is itself overloaded.  ``docs/router.
 * **Retries.** A try that never reached a node (refused, unreachable, connect timeout) or that a node
   shed before deciding (503 with ``X-Edge-Shed``) is retried once on the next region.  A try in flight
   is hedged on ``/v1/limits/check`` (a second try on the next region after ``check_try_timeout_ms``
-  while the first keeps waiting; the first answer wins).  An invoke is committed once
+  while the first keeps waiting; the first answer wins, and the loser is followed to its answer so that
+  a grant by both tries is a counted double grant, :mod:`edge_server.hedge_watch`).  An invoke is committed once
   (:mod:`edge_server.commit`): its tries ask for ``100 Continue`` and only the first node to say it gets
   the body; a try with no ``100 Continue`` (reset, closed, or none within ``invoke_header_timeout_ms``)
   did nothing and is retried or hedged, a try that got the body never is (``retry_inflight_invoke``
@@ -254,7 +255,8 @@ class Router(RoutingTable):
                      ) -> web.StreamResponse:
         """At most two tries.  A try that never reached its node, or that the node shed, is retried at
         once; on the hedged routes a try still unanswered after the per-try timeout gets a second one on
-        the next region *while it keeps waiting*: the first answer wins, the other try is cancelled.
+        the next region *while it keeps waiting*: the first answer wins, the other try is cancelled (a
+        check's is followed to its answer instead, to count a double grant).
         Without a retry budget the first try simply goes on waiting, so a slow answer (our own lag, a
         busy node) is never turned into an error.  An invoke under the commit protocol counts as
         answered at its node's ``100 Continue``: the first such try gets the body and the others are

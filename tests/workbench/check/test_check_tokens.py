@@ -6,7 +6,7 @@ from __future__ import annotations
 from check_histories import WALL, audited_run, request
 
 from workbench.check import check_token_loss
-from workbench.history import AuditEvent, FaultRecord, StateSample
+from workbench.history import AuditEvent, FaultRecord, MetricSample, RouterSample, StateSample
 from workbench.spec.scenario import Scenario
 
 SCEN = Scenario.build(rate=10, burst=5, duration_s=10)
@@ -125,3 +125,33 @@ def test_a_paused_node_that_grants_a_retried_request_at_its_resume_is_an_orphane
     assert v.figures["orphaned_at_kill"] == 1 and v.figures["double_grants"] == 0
     held.ts = WALL + 6.0  # long after the resume: nothing explains it
     assert not check_token_loss(rec).ok
+
+
+def test_a_grant_at_the_resume_that_the_router_saw_granted_twice_is_a_double_grant() -> None:
+    """The same history as above, but the router followed its hedge's losing try to a grant
+    (edge_server/hedge_watch.py) and listed the id: both nodes answered, so it is no orphan."""
+    scen = Scenario.build(rate=10, burst=5, duration_s=10)
+    rec = audited_run(scen, grants(), final_nodes=NODES)
+    rec.faults = [FaultRecord(2.0, "pause", "eu"), FaultRecord(4.0, "resume", "eu")]
+    ev = next(e for e in rec.audit if e.node == "us-1")
+    rec.audit.append(AuditEvent(77, "eu-1:77", ev.key, 1, "eu-1", "eu", WALL + 4.05, ev.request_id, 1))
+    for s in rec.states:
+        if s.node != "eu-1":
+            gen, count = s.counts["tenant-0000"]["eu-1"]
+            s.counts["tenant-0000"]["eu-1"] = (gen, count + 1)
+    rec.routers = [RouterSample(4.2, {}, [ev.request_id])]
+    rec.metrics = [MetricSample(4.2, "router", "router_hedge_losers_total",
+                                {"route": "/v1/limits/check", "result": "double_grant"}, 1.0)]
+    v = check_token_loss(rec)
+    assert not v.ok and any("granted more than once" in r for r in v.reasons)
+    assert v.figures["double_grants"] == 1 and v.figures["orphaned_at_kill"] == 0
+    assert v.figures["router_double_grants"] == 1 and v.figures["router_double_grants_not_audited"] == 0
+
+
+def test_a_double_grant_the_router_saw_but_no_trail_holds_twice_fails() -> None:
+    rec = audited_run(SCEN, grants(), final_nodes=NODES)
+    rec.routers = [RouterSample(3.0, {}, [rec.audit[2].request_id])]
+    v = check_token_loss(rec)
+    assert not v.ok and v.figures["router_double_grants_not_audited"] == 1 and v.figures["double_grants"] == 0
+    assert any("not in two audit trails" in r for r in v.reasons)
+    assert v.figures["router_double_grants"] is None  # no router metric in this history
