@@ -97,6 +97,9 @@ class HedgeWatch:
             raise
         except (aiohttp.ClientError, OSError):
             result = "failed"
+        except Exception:  # any other way the try broke off: still no grant seen, and never an unretrieved error
+            log.exception("hedge watch: the losing try failed unexpectedly", extra={"request_id": request_id})
+            result = "failed"
         finally:
             if not task.done():
                 task.cancel()
