@@ -352,6 +352,7 @@ def failover_figures(result: DrillResult, counters: RouterCounters, action: str)
         "clients_ms": [v for o in fo["outages"] for v in o["clients_ms"].values()],
         "client_wait_ms": split["wait_ms"],
         "client_after_send_ms": split["after_send_ms"],
+        "client_router_sheds": split["router_sheds"],
         "clients_with_router_sheds": sum(1 for n in split["router_sheds"] if n),
         "first_victim_failure_seen_ms": round((min(signs) - t_fault) * 1000, 3) if signs else None,
         "region_ms": [o["region_ms"] for o in fo["outages"]],
@@ -457,16 +458,21 @@ def p99_client(rows: Sequence[Mapping[str, Any]], route: str) -> dict[str, Any]:
     for its next request after the fault (the load's shape) and the rest (the system's part: the
     router, its retries and the survivors), and which of the two dominates.  The p99 of each part
     alone may come from other clients; this one is the p99 figure itself, taken apart."""
-    trios = sorted((total, wait, after) for r in rows if r["route"] == route
-                   for total, wait, after in zip(r["clients_ms"], r["client_wait_ms"], r["client_after_send_ms"],
-                                                 strict=False))
+    trios = sorted((total, wait, after, sheds) for r in rows if r["route"] == route
+                   for total, wait, after, sheds in zip(r["clients_ms"], r["client_wait_ms"], r["client_after_send_ms"],
+                                                        r.get("client_router_sheds") or [0] * len(r["clients_ms"]),
+                                                        strict=False))
     if not trios:
         return {"failover_ms": None, "own_wait_ms": None, "system_ms": None, "dominated_by": None}
     rank = max(1, math.ceil(0.99 * len(trios)))  # nearest rank, as checker.percentile
-    total, wait, after = trios[rank - 1]
+    total, wait, after, sheds = trios[rank - 1]
     share = sum(t[1] for t in trios) / sum(t[0] for t in trios) if sum(t[0] for t in trios) else None
-    return {"failover_ms": total, "own_wait_ms": wait, "system_ms": after,
-            "dominated_by": "client wait" if wait > after else "system",
+    # A 429 from the router's shedding memory (the client's key was over its limit) has no node behind
+    # it, so it is no success elsewhere by the definition; it is the limiter's answer, not failover work.
+    dominated = "client wait" if wait > after else (
+        f"system, with {sheds} 429 from the router's shedding memory (the key over its limit)" if sheds else "system")
+    return {"failover_ms": total, "own_wait_ms": wait, "system_ms": after, "router_sheds_meanwhile": sheds,
+            "dominated_by": dominated,
             "own_wait_share_of_all_clients_pct": None if share is None else round(100 * share, 1),
             "clients": len(trios)}
 
