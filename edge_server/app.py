@@ -31,6 +31,7 @@ from edge_server.audit import AuditUnavailable
 from edge_server.commit import client_gone, send_continue
 from edge_server.conn_guard import ConnectionGuard
 from edge_server.early_shed import EarlyShed, shed_answer
+from edge_server.fast_check import FastCheck
 from edge_server.node import Node
 from edge_server.overload_metrics import OverloadCollector
 from edge_server.peer_api import audit, audit_replica, audit_replica_held, audit_replica_read, gossip, strict_messages
@@ -215,11 +216,17 @@ async def limits_check(node: Node, request: web.BaseRequest) -> web.Response:
             d = revoked  # strict mode: the lease ended during the write; the answer is a denial
     except DECISION_ERRORS as exc:
         raise _decision_error(exc, cost, node) from None
+    body, headers = check_answer(node, d, request_id)
+    return web.Response(body=body, headers=headers)
+
+
+def check_answer(node: Node, d: Decision, request_id: str) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a check's answer (aiohttp's handler and the raw-bytes path alike)."""
     doc = {"allowed": d.allowed, "remaining": int(d.remaining), "limit": d.limit,
            "retry_after_ms": 0 if d.allowed else max(1, math.ceil(d.retry_after_s * 1000)), "request_id": request_id}
     if d.reason:
         doc["reason"] = d.reason
-    return web.Response(body=orjson.dumps(doc), headers=_rate_headers(node, d, request_id))
+    return orjson.dumps(doc), _rate_headers(node, d, request_id)
 
 
 async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
@@ -372,6 +379,21 @@ def _early_shed(edge: EdgeServer) -> EarlyShed:
     return EarlyShed(edge.gate, route_of, answer, lambda route: edge.node.metrics.observe(route, 503, 0.0))
 
 
+def _fast_check(edge: EdgeServer) -> FastCheck | None:
+    """The guard's hook that serves a plain check from its raw bytes (:mod:`edge_server.fast_check`) with
+    the handler's own decision call, answer and error words; None if this aiohttp does not allow it."""
+    if not FastCheck.supported():
+        return None
+    node = edge.node
+
+    def ready() -> bool:  # the handler's path while the node starts, and until it started the adaptive limit
+        return (node.table is not None or node.strict is not None) and (
+            edge.adaptive is None or edge._adaptive_task is not None)
+
+    return FastCheck(node, edge.gate, lambda d, rid: check_answer(node, d, rid),
+                     lambda exc, cost: _decision_error(exc, cost, node), ready)
+
+
 class _GuardedServer(web.Server):
     """aiohttp's low-level server whose connections go through a :class:`ConnectionGuard`."""
 
@@ -387,6 +409,7 @@ def build_server(node: Node) -> web.Server:
     server = _GuardedServer(edge, access_log=None)
     sv = node.config.server
     server.guard = edge.guard = ConnectionGuard(lambda: web.Server.__call__(server), sv.header_timeout_ms / 1000,
-                                                sv.max_connections, early=_early_shed(edge))
+                                                sv.max_connections, early=_early_shed(edge),
+                                                fast=_fast_check(edge) if sv.fast_check else None)
     node.metrics.registry.register(OverloadCollector("edge", lambda: (edge.gate, edge.guard), edge.adaptive))
     return server

@@ -115,6 +115,9 @@ class ServerConfig:
     # max_connections the longest-idle connection is closed to make room.
     header_timeout_ms: float = 5000.0
     max_connections: int = 10_000
+    # A plain POST /v1/limits/check is served from the raw bytes, without aiohttp's request path (same
+    # decision, answer and metrics; anything unusual still goes to aiohttp): edge_server/fast_check.py.
+    fast_check: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +378,7 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
 
     sv = _Reader(source, top.table_("server"), "server.",
                  {"max_body_bytes", "max_key_bytes", "max_cost", "max_inflight", "audit_fsync", "queue_max",
-                  "queue_timeout_ms", "header_timeout_ms", "max_connections", *_ADAPTIVE})
+                  "queue_timeout_ms", "header_timeout_ms", "max_connections", "fast_check", *_ADAPTIVE})
     ds = ServerConfig()
     server = ServerConfig(
         max_body_bytes=sv.int("max_body_bytes", ds.max_body_bytes, minimum=64),
@@ -387,6 +390,7 @@ def parse_cluster(raw: Mapping[str, Any], *, source: str = "<cluster>", base_dir
         queue_timeout_ms=sv.num("queue_timeout_ms", ds.queue_timeout_ms),
         header_timeout_ms=sv.num("header_timeout_ms", ds.header_timeout_ms, positive=True),
         max_connections=sv.int("max_connections", ds.max_connections, minimum=1),
+        fast_check=sv.bool("fast_check", ds.fast_check),
         **_adaptive(sv, ds),
     )
     router = _parse_router(source, top.table_("router"), {r.name for r in regions})

@@ -18,7 +18,10 @@ A connection is "busy" from its headers' end until its handler finishes (the ser
 
 The guard also sees every new request's first bytes before aiohttp does: with an ``early`` hook
 (:class:`edge_server.early_shed.EarlyShed`) a request the admission gate would refuse anyway is answered
-503 from those bytes and never reaches aiohttp (the cheapest shed there is).
+503 from those bytes and never reaches aiohttp (the cheapest shed there is); with a ``fast`` hook
+(:class:`edge_server.fast_check.FastCheck`) a plain check is served from them.  For the fast hook the
+guard keeps answers in order: it holds a connection's bytes while a fast answer is pending, and tracks
+(``unparsed``) whether aiohttp's parser may hold part of a request, in which case the bytes go to aiohttp.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
+
+from edge_server.fast_check import MAX_UNPARSED, aiohttp_idle, frame
 
 __all__ = ["ConnectionGuard", "GuardedProtocol"]
 
@@ -35,7 +40,7 @@ _END = b"\r\n\r\n"
 class GuardedProtocol(asyncio.Protocol):
     """Forwards every event to the wrapped aiohttp handler; tracks the header deadline."""
 
-    __slots__ = ("busy", "guard", "inner", "tail", "timer", "transport")
+    __slots__ = ("busy", "guard", "held", "inner", "tail", "timer", "transport", "unparsed")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self.guard, self.inner = guard, inner
@@ -43,6 +48,10 @@ class GuardedProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.busy = False
         self.tail = b""  # the last bytes seen while waiting for headers (the end may span two reads)
+        self.held: list[bytes] | None = None  # bytes that came while a fast answer was pending
+        # The bytes given to aiohttp past their last whole request (b"": its parser holds nothing), or
+        # None once they could not be framed: then this connection's requests all go to aiohttp.
+        self.unparsed: bytes | None = b""
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,6 +60,10 @@ class GuardedProtocol(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        held = self.held
+        if held is not None:  # a fast answer is pending: these bytes wait for it (answers keep their order)
+            held.append(data)
+            return
         if not self.busy:
             early = self.guard.early
             if early is not None and not self.tail:
@@ -61,6 +74,14 @@ class GuardedProtocol(asyncio.Protocol):
                     assert self.transport is not None
                     self.transport.write(answer)
                     return
+            fast = self.guard.fast
+            if fast is not None:
+                if not self.unparsed and self.unparsed is not None and aiohttp_idle(self.inner) and fast(self, data):
+                    if self.timer is not None:
+                        self._disarm()
+                        self.guard._waiting.pop(self, None)
+                    return
+                self._mirror(data)
             seen = self.tail + data
             if _END in seen:
                 self.busy = True
@@ -72,12 +93,31 @@ class GuardedProtocol(asyncio.Protocol):
                 self.tail = seen[-3:]
                 if self.timer is None:
                     self._arm()
+        elif self.guard.fast is not None:
+            self._mirror(data)
         self.inner.data_received(data)
+
+    def _mirror(self, data: bytes) -> None:
+        """Follow where aiohttp's parser is in this connection's bytes (off the hot path)."""
+        unparsed = self.unparsed
+        if unparsed is None:
+            return
+        buf = unparsed + data if unparsed else data
+        at = frame(buf)
+        self.unparsed = None if at < 0 or len(buf) - at > MAX_UNPARSED else buf[at:]
+
+    def answered(self) -> None:
+        """The pending fast answer is written: what came meanwhile is served now, in order."""
+        self.busy = False
+        held, self.held = self.held, None
+        if held and self.transport is not None and not self.transport.is_closing():
+            self.data_received(b"".join(held))
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.held = None
         self._disarm()
         self.guard._closed(self)
         self.inner.connection_lost(exc)
@@ -113,9 +153,11 @@ class ConnectionGuard:
 
     def __init__(self, make_protocol: Callable[[], Any], header_timeout_s: float, max_connections: int,
                  on_close: Callable[[str], None] | None = None,
-                 early: Callable[[bytes], bytes | None] | None = None) -> None:
+                 early: Callable[[bytes], bytes | None] | None = None,
+                 fast: Callable[[GuardedProtocol, bytes], bool] | None = None) -> None:
         self.make_protocol = make_protocol
         self.early = early  # a new request's first chunk -> the answer to write instead of serving it, or None
+        self.fast = fast  # (connection, a new request's first chunk) -> True when it serves it
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self.on_close = on_close

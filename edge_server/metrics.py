@@ -29,6 +29,7 @@ class HotPathCollector(Collector):
         self.allowed = 0
         self.denied = 0
         self.tokens = 0
+        self.raw_checks = 0  # checks answered from the raw bytes (edge_server/fast_check.py), also in requests
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
@@ -59,6 +60,8 @@ class HotPathCollector(Collector):
         yield decisions
         yield CounterMetricFamily("edge_tokens_granted", "Tokens granted by this node", value=self.tokens)
         yield CounterMetricFamily("edge_audit_events", "Audit events written", value=self.allowed)
+        yield CounterMetricFamily("edge_checks_raw", "Checks answered from the raw bytes, without aiohttp's "
+                                  "request path (also counted in edge_requests)", value=self.raw_checks)
 
 
 class NodeMetrics:

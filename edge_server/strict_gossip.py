@@ -77,6 +77,15 @@ class AfterWrite:
 
     def __await__(self) -> Generator[Any, None, Decision | None]:
         yield from self._write.__await__()
+        return self.confirm()
+
+    @property
+    def write(self) -> asyncio.Future[None]:
+        """The audit write's future (the raw-bytes check path waits for it by a callback, not ``await``)."""
+        return self._write
+
+    def confirm(self) -> Decision | None:
+        """The lease re-check once the write is done: None, or the denial to answer instead."""
         return self._strict.confirm(self._ticket, self._decision)
 
 

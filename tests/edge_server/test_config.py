@@ -138,6 +138,7 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("server-max-cost-string", _set("server.max_cost", "many"), "server.max_cost"),
     ("server-inflight-zero", _set("server.max_inflight", 0), "server.max_inflight"),
     ("server-fsync-not-bool", _set("server.audit_fsync", "yes"), "server.audit_fsync"),
+    ("server-fast-check-not-bool", _set("server.fast_check", 1), "server.fast_check"),
     ("router-unknown-key", _set("router.hosts", "x"), "router.hosts"),
     ("router-port-too-big", _set("router.port", 70000), "router.port"),
     ("router-rise-zero", _set("router.rise", 0), "router.rise"),
