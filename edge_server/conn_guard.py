@@ -18,7 +18,8 @@ A connection is "busy" from its headers' end until its handler finishes (the ser
 
 The guard also sees every new request's first bytes before aiohttp does: with an ``early`` hook
 (:class:`edge_server.early_shed.EarlyShed`) a request the admission gate would refuse anyway is answered
-503 from those bytes and never reaches aiohttp (the cheapest shed there is); with a ``fast`` hook
+503 from those bytes and never reaches aiohttp (the cheapest shed there is), unless aiohttp still has
+a pipelined request of that connection queued or running, whose answer must go first; with a ``fast`` hook
 (:class:`edge_server.fast_check.FastCheck`) a plain check is served from them.  For the fast hook the
 guard keeps answers in order: it holds a connection's bytes while a fast answer is pending, and tracks
 (``unparsed``) whether aiohttp's parser may hold part of a request, in which case the bytes go to aiohttp.
@@ -30,7 +31,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from edge_server.fast_check import MAX_UNPARSED, aiohttp_idle, frame
+from edge_server.fast_check import MAX_UNPARSED, aiohttp_idle, aiohttp_quiet, frame
 
 __all__ = ["ConnectionGuard", "GuardedProtocol"]
 
@@ -66,7 +67,7 @@ class GuardedProtocol(asyncio.Protocol):
             return
         if not self.busy:
             early = self.guard.early
-            if early is not None and not self.tail:
+            if early is not None and not self.tail and aiohttp_quiet(self.inner):
                 answer = early(data)
                 if answer is not None:  # a whole request, shed: aiohttp never sees it
                     self._disarm()

@@ -48,7 +48,7 @@ from edge_server.node import Node
 from edge_server.strict_gossip import AfterWrite
 from edge_server.token_bucket import Decision
 
-__all__ = ["ROUTE", "FastCheck", "aiohttp_idle", "frame", "render"]
+__all__ = ["ROUTE", "FastCheck", "aiohttp_idle", "aiohttp_quiet", "frame", "render"]
 
 log = logging.getLogger("edge_server.fast_check")
 
@@ -70,6 +70,12 @@ def aiohttp_idle(inner: Any) -> bool:
     waiter = inner._waiter
     return (waiter is not None and not waiter.done() and not inner._messages and not inner._request_in_progress
             and not inner._force_close and not inner._close)
+
+
+def aiohttp_quiet(inner: Any) -> bool:
+    """aiohttp's handler of a connection has no request queued or running (it may not wait yet: a new
+    connection).  An answer written now cannot overtake one of aiohttp's."""
+    return not getattr(inner, "_messages", None) and not getattr(inner, "_request_in_progress", False)
 
 
 def frame(buf: bytes) -> int:

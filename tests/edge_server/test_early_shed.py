@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_router import REPO, cluster_doc, free_port, to_toml
@@ -190,3 +191,42 @@ def test_a_full_gate_sheds_from_the_raw_bytes_on_a_kept_alive_connection(tmp_pat
     assert shed >= 6 and raw >= 3
     assert raw <= shed - 1
     assert held == [200]
+
+
+def _read_answer(reader: Any) -> tuple[int, bytes]:
+    status = int(reader.readline().split()[1])
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, reader.read(length)
+
+
+@pytest.mark.integration
+def test_a_raw_shed_never_overtakes_a_pipelined_request_aiohttp_still_serves(tmp_path: Path) -> None:
+    """healthz and an invoke pipelined in one write, then a plain invoke once healthz is answered: the
+    guard's connection is free again (healthz's handler returned) while aiohttp still serves the first
+    invoke, so a 503 from the raw bytes would be read as the first invoke's answer."""
+    gate = {"max_inflight": 1, "queue_max": 0, "lag_target_ms": 0}
+    port = free_port()
+    doc = cluster_doc({"eu": [("eu-1", port)]}, server=gate, skill={"median_ms": 400, "p99_ms": 400})
+    path = tmp_path / "cluster.toml"
+    path.write_text(to_toml(doc))
+    proc = subprocess.Popen([sys.executable, "-m", "edge_server", "--cluster", str(path), "--node", "eu-1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    invoke = REQUEST.replace(b"Host: x", b"Host: x\r\nAuthorization: Bearer key-acme")
+    try:
+        _wait_status(port, "/healthz", "GET", 15, [proc])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + invoke)
+            assert _read_answer(reader)[0] == 200
+            time.sleep(0.1)  # the first invoke holds the one slot for the skill's 400 ms
+            sock.sendall(invoke)
+            first, body = _read_answer(reader)
+            second, _ = _read_answer(reader)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert first == 200 and "result" in json.loads(body), (first, body)  # the first invoke's own answer
+    assert second in (200, 503)
