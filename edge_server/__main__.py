@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from edge_server.accept import Listener
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
 from edge_server.lifeline import die_with_parent
 
@@ -77,9 +78,10 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
     node = Node(config, node_id)
     runner = web.ServerRunner(build_server(node), handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, node.spec.host, node.spec.port, reuse_address=True, backlog=4096)
+    # Our own listener: it accepts every pending connection per turn of the loop (uvloop takes one, and
+    # the router's new connections then wait seconds in the accept queue: edge_server.accept).
     try:
-        await site.start()
+        listener = await Listener.start(runner.server, node.spec.host, node.spec.port, backlog=4096)
     except OSError as exc:
         await runner.cleanup()
         return _fail(3, f"node {node_id}: cannot listen on {node.spec.host}:{node.spec.port}: {exc.strerror}")
@@ -89,9 +91,11 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
         await _rebuild_lost_trail(node)
         node.recover()
     except BootstrapRefused as exc:
+        listener.close()
         await runner.cleanup()
         return _fail(3, f"node {node_id}: {exc}")
     except (OSError, ValueError, KeyError) as exc:
+        listener.close()
         await runner.cleanup()
         return _fail(3, f"node {node_id}: cannot read audit trail {node.audit.path}: {exc}")
     # Everything loaded so far (code, config, the recovered table) lives as long as the process: keep
@@ -119,6 +123,7 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        listener.close()
         await runner.cleanup()
         await node.close()
         log.info("node stopped")

@@ -15,6 +15,7 @@ import sys
 
 from aiohttp import web
 
+from edge_server.accept import Listener
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
 from edge_server.conn_guard import ConnectionGuard
 
@@ -50,11 +51,12 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
                                    early=router.early_shed())
     loop = asyncio.get_running_loop()
     try:
-        listener = await loop.create_server(router.guard, host, port, reuse_address=True, backlog=4096)
+        # every pending connection per turn of the loop (uvloop takes one: edge_server.accept)
+        listener = await Listener.start(router.guard, host, port, backlog=4096)
     except OSError as exc:
         await runner.cleanup()
         return _fail(3, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    bound = listener.sockets[0].getsockname()[1] if listener.sockets else port
+    bound = listener.port
     log.info("router serving", extra={"host": host, "port": bound, "regions": list(router.regions),
                                       "routing": router.routing()})
     stop = asyncio.Event()

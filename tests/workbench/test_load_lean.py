@@ -116,3 +116,43 @@ async def test_lean_processes_report_cpu_and_rss_per_process(target: Target) -> 
     procs = res.summary()["processes"]
     assert len(procs) == 2 and all(p["cpu_s"] > 0 and p["rss_peak_mb"] > 0 for p in procs)
     assert res.summary()["counts"]["2xx"] == res.sent == 60
+
+
+async def test_headers_are_found_in_the_raw_block_in_any_case_with_values_as_sent(
+        raw_server: Callable[..., asyncio.Future[str]]) -> None:
+    """Answer headers are looked up in the raw header block when asked (nothing parsed up front): names
+    in any case, values exactly as sent, the first of repeated names, a default when absent."""
+    url = await raw_server(b"HTTP/1.1 200 OK\r\nX-Edge-Node: EU-1\r\ncontent-length: 2\r\nX-Request-Id:  Rt-7 \r\n"
+                           b"X-Request-Id: second\r\nX-Edge-Region-Fallback: no\r\n\r\nok", False)
+    session = LeanSession(url, 1, 5.0)
+    try:
+        async with session.post(f"{url}/v1/limits/check", data=b"{}", headers={"A": "b"}) as resp:
+            assert resp.status == 200 and await resp.read() == b"ok"
+            h = resp.headers
+            assert h.get("x-edge-node") == "EU-1" and h.get("X-EDGE-NODE") == "EU-1"
+            assert h.get("X-Request-Id") == "Rt-7"  # the first one, blanks stripped, case kept
+            assert h.get("X-Edge-Region") is None and h.get("Retry-After", "1") == "1"  # a prefix is no match
+            assert "content-length" in h and h["Content-Length"] == "2"
+            assert ("x-edge-node", "EU-1") in h.items()
+            with pytest.raises(KeyError):
+                h["missing"]
+    finally:
+        await session.close()
+
+
+async def test_a_request_is_encoded_once_per_headers_and_body_objects(target: Target) -> None:  # noqa: F811
+    """The same headers and body objects give the very same encoded bytes; other objects (or equal
+    content in new objects) are encoded anew, and both requests reach the server."""
+    session = LeanSession(target.url, 2, 5.0)
+    try:
+        headers, body = {"X-Client-Region": "eu", "Content-Type": "application/json"}, b'{"key":"k-1","cost":1}'
+        first = session._encode("/v1/limits/check", body, headers)
+        assert session._encode("/v1/limits/check", body, headers) is first
+        again = session._encode("/v1/limits/check", body, dict(headers))
+        assert again == first and again is not first
+        for h in (headers, {**headers, "X-Client-Region": "us"}):
+            async with session.post(f"{target.url}/v1/limits/check", data=body, headers=h) as resp:
+                assert resp.status == 200
+        assert [s["region"] for s in target.seen][-2:] == ["eu", "us"]
+    finally:
+        await session.close()
