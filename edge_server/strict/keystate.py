@@ -67,6 +67,7 @@ class KeyState:
         "burned",
         "changed",
         "coef",
+        "considered",
         "credited",
         "demand",
         "f",
@@ -107,6 +108,7 @@ class KeyState:
         self.minted = self.spent = self.burned = self.credited = 0.0
         self.sent: dict[str, tuple[float, float]] = {}
         self.accepted: dict[str, float] = {}
+        self.considered: dict[str, float] = {}  # actor -> the newest want stamp of it a tick looked at (a donor)
         self.want = (0.0, 0.0)
         self.want_gap = 0.0  # how old a want must be before it is published again (see ``Transfers``)
         self.want_credited = 0.0  # ``credited`` when the last want was published
