@@ -153,7 +153,12 @@ class StrictTable(Pots, Transfers, Deltas):
             self._touch(st)
             return False
         st.spent += ticket.cost
-        self._touch(st)
+        # A spend changes our entry, but no peer needs it soon: only this actor ever spends its
+        # rights, so the others' views of it are for reading.  It rides with the key's next change,
+        # or at the latest its next tick visit (every COLD_EVERY rounds); publishing every spend put
+        # every key in use into every round's delta to every peer: deltas that followed the requests.
+        st.own_c = None
+        st.lazy = True
         return True
 
     def confirm(self, ticket: Ticket, now: float) -> bool:
@@ -305,6 +310,7 @@ class StrictTable(Pots, Transfers, Deltas):
         self._seq += 1
         st.changed = self._seq
         st.own_c = None
+        st.lazy = False
         recent = self._recent
         recent.pop(st.key, None)
         recent[st.key] = self._seq
