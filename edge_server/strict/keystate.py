@@ -126,7 +126,7 @@ class KeyState:
         self.ticked = now  # the last tick that visited this key
         self.visited = -1  # the round of that tick
         self.hot = False  # in the table's list of keys for the next tick
-        self.lazy = False  # spent since our entry was last put into the deltas (published at its next visit)
+        self.lazy = False  # spent since our entry last went into the deltas (see ``StrictTable.commit``)
 
     def own(self) -> ActorRights:
         return ActorRights(self.minted, self.spent, self.burned, self.credited, dict(self.sent),

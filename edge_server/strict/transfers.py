@@ -20,7 +20,10 @@ COLD_EVERY = 8  # every key is visited by tick at least every this many rounds (
 WANT_GAP_MAX_STEPS = 8  # a fruitless want is republished at least this many half transfer windows apart ...
 WANT_GAP_MAX_S = 2.0  # ... or, for a slow key, as long as the rest of the cluster takes to mint a token (at most this)
 MIN_GIFT = 1.0  # tokens: a donor gives at least this much, or the whole want if it asks for less
-SPEND_SLOT_VISITS = 4  # a key's spends alone are published at every this many visits of its slot (~0.64 s)
+# A key's spends alone go into the deltas this long after the first of them: a key spent on every round
+# is published every few rounds.  Short: a view of a peer lacks at most the last ~0.15 s of its spends
+# (the workbench's token-loss check allows 0.25 s before a view was taken).
+SPEND_DELAY_S = 0.1
 FAST_TAU_S = 0.05  # demand behind wants and surplus: must follow a shift within a few rounds
 
 
@@ -41,19 +44,18 @@ class Transfers:
         # (demand decay, minting, wants of quiet keys) without a round that visits them all at once.
         # A key not visited neither wants nor gives: liveness only -- its pots settle on every take.
         hot, self._hot = self._hot, []
-        slot = self._slots[rnd % COLD_EVERY]
-        for group in (hot, slot, list(self._gifting.values())):
+        for group in (hot, self._slots[rnd % COLD_EVERY], list(self._gifting.values())):
             for st in group:
                 if st.visited == rnd:
                     continue
                 st.visited = rnd
                 self._visit(st, now, horizon)
-        if (rnd // COLD_EVERY) % SPEND_SLOT_VISITS == 0:
-            # Spends not yet published (``StrictTable.commit``), one slot a round: every key's within
-            # COLD_EVERY * SPEND_SLOT_VISITS rounds, spread over them.
-            for st in slot:
-                if st.lazy:
-                    self._touch(st)
+        # Spends not yet published (``StrictTable.commit``): each SPEND_DELAY_S after its first one.
+        spent, cut = self._spent, now - SPEND_DELAY_S
+        while spent and spent[0][0] <= cut:
+            st = spent.popleft()[1]
+            if st.lazy:
+                self._touch(st)
 
     def _visit(self, st: KeyState, now: float, horizon: float) -> None:
         """One key in one tick: settle, measure demand, want, give."""

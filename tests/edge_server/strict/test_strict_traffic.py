@@ -7,7 +7,7 @@ are read from the nodes' ``/metrics`` (``edge_strict_bytes_total{direction, kind
 round, so a slow machine that runs fewer rounds per second changes nothing.
 
 * four times the requests on the same keys: the delta bytes per round stay about the same (a busy
-  key's spends are published once per cycle of its slot, however many there were);
+  key's spends go out 0.1 s after the first unpublished one, however many there were);
 * keys that were used once and then left idle add nothing;
 * four times the busy keys at the same requests: the delta bytes grow about with the keys;
 * lease traffic (requests and grants) is the same whatever the load.
@@ -26,8 +26,7 @@ from edge_server.node import Node
 
 pytestmark = [pytest.mark.timeout(60)]
 
-ROUNDS = 64  # gossip rounds per measured phase: whole cycles of the spends' publication (a key's
-# spends alone go out at every 4th visit of its slot, one slot of 8 a round: every 32 rounds)
+ROUNDS = 50  # gossip rounds per measured phase
 KINDS = ("strict_delta", "strict_ack", "lease_request", "grant")
 
 
@@ -82,7 +81,7 @@ async def test_strict_traffic_grows_with_active_keys_not_with_requests(
     many = [f"busy-{i}" for i in range(16)]
     idle = [f"idle-{i}" for i in range(60)]
     await _phase(strict_nodes, many + idle, len(many + idle))  # every key exists; peers have seen them
-    await _phase(strict_nodes, few, 0)  # and its spends went out (within one cycle)
+    await _phase(strict_nodes, few, 0)  # and its spends went out
 
     slow = await _phase(strict_nodes, few, 4)
     fast = await _phase(strict_nodes, few, 16)
@@ -90,10 +89,9 @@ async def test_strict_traffic_grows_with_active_keys_not_with_requests(
     assert fast["requests"] > 3 * slow["requests"]  # per round: 4x the load, unless rounds were missed
     assert slow["strict_delta"] > 0
     # Four times the requests on the same keys, with 60 idle keys in the table: about the same bytes.
-    assert fast["strict_delta"] < 1.25 * slow["strict_delta"], (slow, fast)  # measured 1.0x
+    assert fast["strict_delta"] < 1.25 * slow["strict_delta"], (slow, fast)  # measured 1.12x
     # Four times the busy keys at the same requests: the deltas grow with the keys.
-    # (Measured 2.7x: 62 and 166 bytes a round, 4 and 16 keys' spends once per cycle of 32 rounds, on
-    # top of the deltas that every round sends anyway.)
+    # (Measured 3.1x: 200 and 617 bytes a round -- each busy key's spends go out every few rounds.)
     assert wide["strict_delta"] > 1.6 * fast["strict_delta"], (fast, wide)
     # The lease traffic does not follow the load at all.
     lease = {name: ph["lease_request"] + ph["grant"] for name, ph in (("slow", slow), ("fast", fast))}
