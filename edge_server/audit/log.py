@@ -29,7 +29,7 @@ import orjson
 from edge_server.audit.chain import GENESIS, ChainKeys
 from edge_server.audit.recovery import Recovered, load_head, recover_trail
 from edge_server.audit.seal import Own, Retention, SealSpec, apply_retention, seal_segment
-from edge_server.audit.segments import iter_lines, iter_lines_from, segment_path
+from edge_server.audit.segments import iter_lines, iter_lines_from, read_lines_at, segment_path
 from edge_server.config import AuditConfig
 from edge_server.heap import release_memory
 
@@ -381,7 +381,7 @@ class AuditLog:
         closed = self._closed.get(first)
         if closed is not None:
             try:
-                return self._read_closed(plain, closed, start - first, limit)
+                return read_lines_at(plain, *closed, start - first, limit)
             except FileNotFoundError:  # sealed meanwhile (the plain copy is gone): read the blocks
                 pass
         try:
@@ -405,23 +405,6 @@ class AuditLog:
         except FileNotFoundError:  # removed by retention meanwhile
             return out
         return out
-
-    @staticmethod
-    def _read_closed(plain: Path, closed: tuple[array, int], index: int, limit: int) -> list[bytes]:
-        """Lines ``index ..`` of a closed, unsealed segment, by its offsets: the reads of a replica
-        right after a rotation land here, and a scan from the segment's start (parsing every line of
-        16 MB to find the first one wanted) held the event loop for tens of ms at each rotation --
-        the allowed case's p99 of 50-100 ms."""
-        offsets, size = closed
-        count = len(offsets)
-        if index >= count or limit <= 0:
-            return []
-        stop = min(count, index + limit)
-        end = offsets[stop] if stop < count else size
-        with open(plain, "rb") as fh:
-            fh.seek(offsets[index])
-            data = fh.read(end - offsets[index])
-        return data.splitlines(keepends=True)
 
     # ----------------------------------------------------------------- replicas
 
