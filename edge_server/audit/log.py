@@ -29,7 +29,7 @@ import orjson
 from edge_server.audit.chain import GENESIS, ChainKeys
 from edge_server.audit.recovery import Recovered, load_head, recover_trail
 from edge_server.audit.seal import Own, Retention, SealSpec, apply_retention, seal_segment
-from edge_server.audit.segments import iter_lines, iter_lines_from, segment_path
+from edge_server.audit.segments import iter_lines, iter_lines_from, read_lines_at, segment_path
 from edge_server.config import AuditConfig
 from edge_server.heap import release_memory
 
@@ -76,6 +76,9 @@ class AuditLog:
         self._offsets = array("q")  # byte offset of each event of the open segment
         self._size = 0
         self._segments = array("q")  # first seq of every segment on disk, oldest first
+        # Offsets and size of each segment closed by this process and not sealed yet (its first seq
+        # as key): a replica's next lines are read from there by seek, not by a scan from its start.
+        self._closed: dict[int, tuple[array, int]] = {}
         self._sealing: list[SealSpec] = []  # renamed, not yet sealed, oldest first
         self._seal_task: asyncio.Future | None = None
         self._seal_retry_at = 0.0
@@ -278,6 +281,7 @@ class AuditLog:
                          "max_gen": max_gen})
         self._sealing.append(spec)
         self._segments.append(first)
+        self._closed[first] = (self._offsets, self._size)
         self._active_first = self._written_seq + 1
         self._active_prev = self._prev.decode()
         self._active_events = self._active_cost = 0
@@ -316,6 +320,7 @@ class AuditLog:
                       extra={"segment": spec.first, "error": str(error)})
             return
         self._sealing.remove(spec)
+        self._closed.pop(spec.first, None)  # read from its gzip blocks from now on
         self.segments_sealed += 1
         for first in removed or ():
             i = bisect.bisect_left(self._segments, first)
@@ -373,6 +378,12 @@ class AuditLog:
         """Up to ``limit`` event lines from ``start`` of the segment beginning at ``first``."""
         out: list[bytes] = []
         plain = segment_path(self.folder, first, "jsonl")
+        closed = self._closed.get(first)
+        if closed is not None:
+            try:
+                return read_lines_at(plain, *closed, start - first, limit)
+            except FileNotFoundError:  # sealed meanwhile (the plain copy is gone): read the blocks
+                pass
         try:
             if plain.exists():
                 lines = iter_lines(plain)

@@ -22,7 +22,7 @@ import gzip
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +38,7 @@ __all__ = [
     "iter_lines_from",
     "node_dirs",
     "read_json",
+    "read_lines_at",
     "scan",
     "segment_path",
     "write_json_atomic",
@@ -186,3 +187,19 @@ def write_sealed(plain: Path, target: Path, level: int,
             offset += len(member)
             plain_bytes += len(data)
     return blocks, offset, plain_bytes
+
+
+def read_lines_at(plain: Path, offsets: Sequence[int], size: int, index: int, limit: int) -> list[bytes]:
+    """Lines ``index ..`` (at most ``limit``) of a plain segment whose line offsets and size are
+    known, by seek.  A replica's reads right after a rotation come from the closed, unsealed
+    segment: a scan from its start (parsing every line of 16 MB to find the first one wanted) held
+    the node's event loop for tens of ms at each rotation -- the allowed case's p99 of 50-100 ms."""
+    count = len(offsets)
+    if index >= count or limit <= 0:
+        return []
+    stop = min(count, index + limit)
+    end = offsets[stop] if stop < count else size
+    with open(plain, "rb") as fh:
+        fh.seek(offsets[index])
+        data = fh.read(end - offsets[index])
+    return data.splitlines(keepends=True)

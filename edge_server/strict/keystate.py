@@ -67,12 +67,14 @@ class KeyState:
         "burned",
         "changed",
         "coef",
+        "considered",
         "credited",
         "demand",
         "f",
         "fast",
         "hot",
         "key",
+        "lazy",
         "limit",
         "minted",
         "most",
@@ -107,6 +109,7 @@ class KeyState:
         self.minted = self.spent = self.burned = self.credited = 0.0
         self.sent: dict[str, tuple[float, float]] = {}
         self.accepted: dict[str, float] = {}
+        self.considered: dict[str, float] = {}  # actor -> the newest want stamp of it a tick looked at (a donor)
         self.want = (0.0, 0.0)
         self.want_gap = 0.0  # how old a want must be before it is published again (see ``Transfers``)
         self.want_credited = 0.0  # ``credited`` when the last want was published
@@ -123,6 +126,7 @@ class KeyState:
         self.ticked = now  # the last tick that visited this key
         self.visited = -1  # the round of that tick
         self.hot = False  # in the table's list of keys for the next tick
+        self.lazy = False  # spent since our entry last went into the deltas (see ``StrictTable.commit``)
 
     def own(self) -> ActorRights:
         return ActorRights(self.minted, self.spent, self.burned, self.credited, dict(self.sent),

@@ -36,6 +36,7 @@ data survived; a new incarnation is a new actor, so old rights are never spent a
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 from edge_server.strict.deltas import Deltas, PeerView
@@ -79,6 +80,7 @@ class StrictTable(Pots, Transfers, Deltas):
         self.ghost_until = now + settings.ghost_s
         self._keys: dict[str, KeyState] = {}
         self._recent: dict[str, int] = {}  # key -> seq of its last change, oldest change first
+        self._spent: deque[tuple[float, KeyState]] = deque()  # (first unpublished spend, key), oldest first
         self._hot: list[KeyState] = []  # keys the next tick must visit (short of rights, or wanted)
         self._slots: list[list[KeyState]] = [[] for _ in range(COLD_EVERY)]  # every key in one; one a round
         self._gifting: dict[str, KeyState] = {}  # keys with gifts not yet acknowledged
@@ -153,7 +155,14 @@ class StrictTable(Pots, Transfers, Deltas):
             self._touch(st)
             return False
         st.spent += ticket.cost
-        self._touch(st)
+        # A spend changes our entry, but no peer needs it at once: only this actor ever spends its
+        # rights, so the others' views of it are for reading.  It rides with the key's next change,
+        # or goes out SPEND_DELAY_S after the first unpublished spend (``Transfers.tick``); publishing
+        # every spend at the next round put every key in use into nearly every round's delta.
+        st.own_c = None
+        if not st.lazy:
+            st.lazy = True
+            self._spent.append((now, st))
         return True
 
     def confirm(self, ticket: Ticket, now: float) -> bool:
@@ -305,6 +314,7 @@ class StrictTable(Pots, Transfers, Deltas):
         self._seq += 1
         st.changed = self._seq
         st.own_c = None
+        st.lazy = False
         recent = self._recent
         recent.pop(st.key, None)
         recent[st.key] = self._seq

@@ -17,7 +17,13 @@ __all__ = ["COLD_EVERY", "Transfers"]
 
 DEMAND_TAU_S = 0.5  # demand reported to the voters: an exponential average over about this long
 COLD_EVERY = 8  # every key is visited by tick at least every this many rounds (1/8 of them each round)
-WANT_GAP_MAX_STEPS = 8  # a fruitless want is republished at most this many half transfer windows apart
+WANT_GAP_MAX_STEPS = 8  # a fruitless want is republished at least this many half transfer windows apart ...
+WANT_GAP_MAX_S = 2.0  # ... or, for a slow key, as long as the rest of the cluster takes to mint a token (at most this)
+MIN_GIFT = 1.0  # tokens: a donor gives at least this much, or the whole want if it asks for less
+# A key's spends alone go into the deltas this long after the first of them: a key spent on every round
+# is published every few rounds.  Short: a view of a peer lacks at most the last ~0.15 s of its spends
+# (the workbench's token-loss check allows 0.25 s before a view was taken).
+SPEND_DELAY_S = 0.1
 FAST_TAU_S = 0.05  # demand behind wants and surplus: must follow a shift within a few rounds
 
 
@@ -44,6 +50,12 @@ class Transfers:
                     continue
                 st.visited = rnd
                 self._visit(st, now, horizon)
+        # Spends not yet published (``StrictTable.commit``): each SPEND_DELAY_S after its first one.
+        spent, cut = self._spent, now - SPEND_DELAY_S
+        while spent and spent[0][0] <= cut:
+            st = spent.popleft()[1]
+            if st.lazy:
+                self._touch(st)
 
     def _visit(self, st: KeyState, now: float, horizon: float) -> None:
         """One key in one tick: settle, measure demand, want, give."""
@@ -74,37 +86,57 @@ class Transfers:
             # up to WANT_GAP_MAX_STEPS times, while the wants bring in less than a token (the whole
             # cluster is short of this key: asking every round only costs messages), and falls back
             # at the first gift that does.  A donor answers each stamp once.
-            if amount > 0 and (now - last_at >= st.want_gap or amount > 1.5 * last_amount):
+            if amount > 0 and (now - last_at >= st.want_gap
+                               or (amount > 1.5 * last_amount and amount - last_amount >= MIN_GIFT)):
                 base = self.settings.transfer_window_s / 2
-                if last_at and st.credited - st.want_credited < 1.0:
-                    st.want_gap = min(2 * max(st.want_gap, base), base * WANT_GAP_MAX_STEPS)
+                if last_at and st.credited - st.want_credited < MIN_GIFT:
+                    st.want_gap = min(2 * max(st.want_gap, base), self._want_gap_max(st, base))
                 else:
                     st.want_gap = base
                 st.want_credited = st.credited
                 st.want = (now, amount)
                 self._touch(st)
         surplus = st.p + st.f - st.fast * horizon
-        if surplus <= 1e-9:
+        if not st.view:
             return
+        # Each want stamp is answered at the first visit after it arrived (the merge that brought it
+        # marks the key), or never: a gift to an older stamp could reach its receiver after the
+        # transfer window and be burned there.  (Skipped slivers made that common: a donor would
+        # fill up between a want's arrival and its key's next cold-slot visit, then answer the
+        # stale stamp.)
         wants = []
+        seen = st.considered
         for actor, r in st.view.items():
-            if r.want[1] <= 0:
+            stamp = r.want[0]
+            if r.want[1] <= 0 or stamp <= seen.get(actor, 0.0):
                 continue
             node, inc = self._split(actor)
             if node == self.node_id or inc != self._current.get(node):
                 continue
-            if r.want[0] > st.sent.get(actor, (0.0, -math.inf))[1]:
+            seen[actor] = stamp
+            if stamp > st.sent.get(actor, (0.0, -math.inf))[1]:
                 wants.append((actor, r.want))
+        if surplus <= 1e-9:
+            return
         total_wanted = sum(w[1] for _a, w in wants)
         if not wants:
             return
         safe_fc = self._caps(st, self.lease.min_phi(now, now + self.settings.ghost_s))[3]
         f_room = max(0.0, safe_fc - uf - st.res_f)
+        # The smallest gift: a token, or the whole want if it asks for less, or half of what this
+        # node can hold at all if that is less (a node whose caps stay below a token -- a slow key,
+        # a small share -- would otherwise sit full and mint nothing more).
+        least = min(MIN_GIFT, 0.5 * (pc + fc))
         for actor, (stamp, amount) in wants:
             give = min(amount, surplus * amount / total_wanted)
             from_f = min(st.f, give, f_room)
             from_p = min(st.p, give - from_f)
-            if from_f + from_p <= 1e-9:
+            # No sliver (see ``least``): a sliver cannot admit a request of its own, and each gift
+            # costs both entries a change -- a delta to every peer, an ack, a relay.  Donors minting a
+            # fraction of a token a second answered every want of a starving key with one, several per
+            # key per second: messages that followed the requests, not the rate.  The surplus now
+            # waits here until it makes a gift worth sending.
+            if from_f + from_p < min(least, amount) - 1e-9 or from_f + from_p <= 1e-9:
                 continue
             st.f -= from_f
             st.p -= from_p
@@ -113,6 +145,15 @@ class Transfers:
             st.sent[actor] = (total, stamp)
             self._set_unacked(st, [*st.unacked, Unacked(actor, total, from_p, from_f, now + self.settings.ghost_s)])
             self._touch(st)
+
+    def _want_gap_max(self, st: KeyState, base: float) -> float:
+        """The longest a fruitless want waits before it is published again: ``WANT_GAP_MAX_STEPS``
+        half windows, or -- for a key so slow that the rest of the cluster mints less than a token in
+        that time -- the time it takes to mint one (capped at ``WANT_GAP_MAX_S``): asking sooner can
+        only bring slivers, which no donor gives."""
+        others = st.limit.rate * (1.0 - self.settings.alpha * self.weight)
+        mint_one = MIN_GIFT / others if others > 0 else WANT_GAP_MAX_S
+        return max(base * WANT_GAP_MAX_STEPS, min(mint_one, WANT_GAP_MAX_S))
 
     def _receive(self, st: KeyState, now: float) -> int:
         """Credit transfers to us that answer a fresh want; burn the rest."""

@@ -269,3 +269,46 @@ def test_a_streamed_checkpoint_is_the_document_sign_would_give(tmp_path: Path, c
     assert got == orjson.loads(orjson.dumps(keys.sign({**doc, "own": pairs})))
     got["own"][0:1] = [["k", [1, 99]]] if count else [["k", [1, 1]]]  # an edit is caught
     assert keys.check(got) is not None
+
+
+def test_a_closed_segment_not_yet_sealed_is_read_by_its_offsets_then_from_its_blocks(tmp_path: Path) -> None:
+    """A replica's next lines right after a rotation come from the closed, unsealed segment: read by
+    seek from the offsets kept for it (a scan from its start held the event loop for tens of ms at
+    every rotation), and the same lines once the seal has replaced it with gzip blocks."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=1)
+        loop.set_default_executor(pool)
+        hold = threading.Event()
+        busy = loop.run_in_executor(None, hold.wait, 10.0)  # the seal queues behind this job
+        log = AuditLog(tmp_path, "eu-1", "eu", SECRET, AuditConfig(segment_bytes=8192, replicate=False))
+        log.open()
+        try:
+            for i in range(300):
+                await log.append(f"k{i % 5}", 1, 7, f"req-{i}", time.time())
+                if log._closed:
+                    break
+            assert log._closed, "no rotation within 300 events"
+            first = next(iter(log._closed))
+            last = log._active_first - 1
+            whole = log.read_raw(first - 1, last - first + 1)
+            assert [orjson.loads(line)["seq"] for line in whole] == list(range(first, last + 1))
+            unsealed = {after: log.read_raw(after, 7) for after in range(first - 1, last + 1)}
+            for after, lines in unsealed.items():
+                assert lines == (whole[after - first + 1:] + log.read_raw(last, 7))[:7]
+        finally:
+            hold.set()
+            await busy
+        await log.wait_sealed()
+        assert first not in log._closed
+        try:
+            for after, lines in unsealed.items():
+                assert log.read_raw(after, 7) == lines
+        finally:
+            log.close()
+            pool.shutdown()
+
+    asyncio.run(run())
