@@ -205,12 +205,15 @@ class StrictGossiper:
         """Take and commit ``cost`` rights of ``key`` held here; no network.  Raises the core's errors.
 
         An allowed decision that spent floating rights comes with its ticket: the caller must hand it
-        to :meth:`confirm` once the audit write is done, right before the answer leaves."""
+        to :meth:`confirm` once the audit write is done, right before the answer leaves.
+
+        One clock read for take and commit: nothing runs between them (no await), and the lease
+        re-check that matters -- from the take's time to right before the answer -- is ``confirm``'s."""
         table = self.table
         now = self.clock()
         d = table.take(key, cost, now)
         ticket = d.ticket
-        if d.allowed and ticket is not None and table.commit(ticket, self.clock()):
+        if ticket is not None and table.commit(ticket, now):
             return Decision(True, d.remaining, d.limit, 0.0), ticket if ticket.from_floating > 0 else None
         return Decision(False, d.remaining, d.limit, d.retry_after_s or self.settings.gossip_s), None
 

@@ -115,9 +115,8 @@ class StrictTable(Pots, Transfers, Deltas):
             raise CostExceedsNodeCap(st.most, st.limit.burst)
         if cost <= 0:
             raise ValueError("cost must be > 0")
-        self._settle(st, now)
+        phi = self._settle(st, now)
         st.requested += cost
-        phi = self.lease.phi(now)
         if st.f + st.p >= cost:
             from_f = min(st.f, float(cost))
             from_p = cost - from_f
@@ -136,7 +135,8 @@ class StrictTable(Pots, Transfers, Deltas):
         # not visited every round for nothing (its demand is still measured on its slot's round).
         if not st.hot and now - st.want[0] >= st.want_gap:
             self._mark(st)
-        pr, _pc, fr, _fc = self._caps(st, phi)
+        pr, _pc, fr, _fc = st.coef  # ``_caps``, inlined
+        fr *= phi
         short = cost - st.f - st.p
         retry = min(max(short / (pr + fr), self.settings.gossip_s) if pr + fr > 0 else 1.0, 60.0)
         return StrictDecision(False, st.f + st.p, st.limit.burst, retry, None)
@@ -144,11 +144,13 @@ class StrictTable(Pots, Transfers, Deltas):
     def commit(self, ticket: Ticket, now: float) -> bool:
         """Turn a reservation into an admission -- unless the lease shrank since the take (a pause
         between take and answer): then the floating part is burned, the pinned part returned, and
-        the request must be refused.  Returns whether the request is admitted."""
+        the request must be refused.  Returns whether the request is admitted.  A commit at the take's
+        own time (the node's decision: one clock read for both) has nothing to re-check: the share at
+        ``ticket.at`` is ``ticket.phi``."""
         st = self._keys[ticket.key]
         st.res_f -= ticket.from_floating
         st.res_p -= ticket.from_pinned
-        if ticket.from_floating > 0 and self._share_dropped(ticket.at, now, ticket.phi):
+        if ticket.from_floating > 0 and now > ticket.at and self._share_dropped(ticket.at, now, ticket.phi):
             st.burned += ticket.from_floating
             st.p += ticket.from_pinned
             self.revoked += 1

@@ -62,16 +62,16 @@ class Transfers:
         st.hot = False
         dt = now - st.ticked
         st.ticked = now
-        self._settle(st, now)
+        phi = self._settle(st, now)
         if dt > 0:
             seen = st.requested / dt
             st.demand += (1 - math.exp(-dt / DEMAND_TAU_S)) * (seen - st.demand)
             st.fast += (1 - math.exp(-dt / FAST_TAU_S)) * (seen - st.fast)
             st.requested = 0.0
-        self._want_and_give(st, now, horizon)
+        self._want_and_give(st, now, horizon, phi)
 
-    def _want_and_give(self, st: KeyState, now: float, horizon: float) -> None:
-        phi = self.lease.phi(now)
+    def _want_and_give(self, st: KeyState, now: float, horizon: float, phi: float) -> None:
+        """Want what ``st`` lacks, give its surplus to fresh wants; ``phi`` is the share at ``now``."""
         pr, pc, fr, fc = self._caps(st, phi)
         need = st.fast * horizon * 2
         have = st.p + st.f + (pr + fr) * horizon

@@ -14,10 +14,17 @@ from workbench.spec.scenario import FaultAction, LimitSpec, LoadSpec, Scenario, 
 
 
 class NoFence(StrictTable):
-    """A broken strict core: every node mints floating rights as if it held the whole lease."""
+    """A broken strict core: every node mints floating rights as if it held the whole lease.  (Both
+    hooks: the settle of a take reads the share from ``_steps`` and applies the caps inline.)"""
 
     def _caps(self, st, phi):  # type: ignore[no-untyped-def]
         return super()._caps(st, 1.0)
+
+    def _steps(self):  # type: ignore[no-untyped-def]
+        return WHOLE_LEASE
+
+
+WHOLE_LEASE = ([float("-inf")], [1.0])  # phi = 1 at every time
 
 
 def three_regions(*faults: FaultAction, mode: str = "strict", rate: float = 50.0, duration_s: float = 12.0,
