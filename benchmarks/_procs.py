@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -391,8 +392,17 @@ def write_results(
         **({"targets": check_targets([dict(t) for t in targets])} if targets is not None else {}),
     }
     path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
-    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    path.write_text(scrub_paths(json.dumps(doc, indent=2, sort_keys=False)) + "\n")
     return path
+
+
+_TEMP_DIR = re.compile(re.escape(tempfile.gettempdir().rstrip("/")) + r"/[^/\s\"]+")
+
+
+def scrub_paths(text: str) -> str:
+    """A results file names no path of the machine it ran on: each temporary work folder (the wrk
+    scripts' and data directories' parent) becomes ``<workdir>``, the checkout ``<repo>``."""
+    return _TEMP_DIR.sub("<workdir>", text.replace(str(REPO), "<repo>"))
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -98,3 +98,14 @@ def test_summary_table_shows_every_target_with_its_figure() -> None:
     assert "bench_x.py | open p50 | < 2,000 ms | 2310 ms | MISSED" in text
     assert "not measured" in text
     assert summary_table({}, lambda rows, header: "") == "(no targets reported)"
+
+
+def test_a_results_file_names_no_temporary_folder_and_no_checkout_path() -> None:
+    import tempfile
+
+    from benchmarks._procs import REPO, scrub_paths
+
+    work = f"{tempfile.gettempdir()}/bench-audit-h9uadqw9"
+    text = f'"wrk -s {work}/disk/random_keys.lua http://127.0.0.1:1/", "{REPO}/benchmarks/x.py"'
+    clean = scrub_paths(text)
+    assert clean == '"wrk -s <workdir>/disk/random_keys.lua http://127.0.0.1:1/", "<repo>/benchmarks/x.py"'
