@@ -39,12 +39,43 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["RECENT", "HedgeWatch", "granted"]
+__all__ = ["RECENT", "HedgeWatch", "discard", "first_done", "granted"]
 
 log = logging.getLogger("edge_server.router")
 
 RECENT = 64  # double grants kept with their request ids for /v1/router/state
 _BODY_MAX = 64 * 1024  # a check answer is ~150 bytes; read no more than this of a loser's
+
+
+async def first_done(loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[Any]],
+                      within_s: float) -> list[asyncio.Task[Any]]:
+    """The tasks done after at most ``within_s`` (``asyncio.wait(FIRST_COMPLETED)`` without its sets
+    and per-call wrapping: this is on every forwarded request)."""
+    done = [t for t in tasks if t.done()]
+    if done:
+        return done
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for t in tasks:
+        t.add_done_callback(wake)
+    timer = loop.call_later(within_s, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for t in tasks:
+            t.remove_done_callback(wake)
+    return [t for t in tasks if t.done()]
+
+
+def discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    """A try that lost (or ran on after the request ended): free its connection, keep no exception."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().release()
 
 
 def granted(status: int, body: bytes) -> bool:

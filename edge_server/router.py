@@ -35,13 +35,12 @@ and never takes the regions out because it is itself overloaded.  ``docs/router.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -50,17 +49,17 @@ from multidict import CIMultiDict
 
 from edge_server.admission import AdaptiveLimit, Gate, RetryBudget
 from edge_server.commit import Claim, CommitPayload
-from edge_server.config import ClusterConfig, NodeSpec
+from edge_server.config import ClusterConfig
 from edge_server.early_shed import EarlyShed, shed_answer
-from edge_server.hedge_watch import HedgeWatch, granted
+from edge_server.hedge_watch import HedgeWatch, discard, first_done, granted
 from edge_server.overload_metrics import OverloadCollector
-from edge_server.router_health import CheckResult, HealthChecker, NodeHealth, classify
+from edge_server.router_health import NodeHealth, classify
 from edge_server.router_metrics import RouterMetrics
 from edge_server.routing import RoutingTable
 from edge_server.shedding import COARSE_SHED_S, SHED_CAP_S, SHED_MIN_S, Shedder, retry_seconds
 
-__all__ = ["COARSE_SHED_S", "DEADLINE_HEADER", "OVERLOAD_EJECT_S", "ROUTER", "SHED_CAP_S", "SHED_HEADER",
-           "SHED_MIN_S", "NodeHealth", "Router", "RouterMetrics", "Shedder", "build_router_app"]
+__all__ = ["COARSE_SHED_S", "DEADLINE_HEADER", "OVERLOAD_EJECT_S", "SHED_CAP_S", "SHED_HEADER", "SHED_MIN_S",
+           "NodeHealth", "Router", "RouterMetrics", "Shedder", "error_response"]
 
 log = logging.getLogger("edge_server.router")
 
@@ -78,37 +77,6 @@ _DROP_REQUEST = frozenset(h.lower() for h in ("Host", "Connection", "Keep-Alive"
                                              "Transfer-Encoding", "Upgrade", "TE", "Proxy-Connection", "Expect"))
 _DROP_RESPONSE = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Content-Length", "Transfer-Encoding",
                                               "Upgrade", "Server", "Date"))
-
-
-async def _first_done(loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[Any]],
-                      within_s: float) -> list[asyncio.Task[Any]]:
-    """The tasks done after at most ``within_s`` (``asyncio.wait(FIRST_COMPLETED)`` without its sets
-    and per-call wrapping: this is on every forwarded request)."""
-    done = [t for t in tasks if t.done()]
-    if done:
-        return done
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    for t in tasks:
-        t.add_done_callback(wake)
-    timer = loop.call_later(within_s, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        for t in tasks:
-            t.remove_done_callback(wake)
-    return [t for t in tasks if t.done()]
-
-
-def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
-    """A try that lost (or ran on after the request ended): free its connection, keep no exception."""
-    if not task.cancelled() and task.exception() is None:
-        task.result().release()
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -279,7 +247,7 @@ class Router(RoutingTable):
                 del pending[task]
                 self.counters["invoke_tries_cancelled"] += 1
                 task.cancel()
-                task.add_done_callback(_discard)
+                task.add_done_callback(discard)
 
         claim = Claim(committed) if route == INVOKE_ROUTE and self._commit else None
 
@@ -313,7 +281,7 @@ class Router(RoutingTable):
                                                                                    claim.holder is None)
                 if wait <= 0:
                     break
-                done = await _first_done(loop, list(pending), min(wait, per_try) if hedge_due else wait)
+                done = await first_done(loop, list(pending), min(wait, per_try) if hedge_due else wait)
                 if not done:
                     if not hedge_due:
                         break  # the whole request timed out
@@ -388,7 +356,7 @@ class Router(RoutingTable):
             else:
                 for task in pending:
                     task.cancel()
-                    task.add_done_callback(_discard)
+                    task.add_done_callback(discard)
 
     def try_timeout(self) -> aiohttp.ClientTimeout:
         """A try's client timeout.  While our own loop lags (by more than a quarter of the connect
@@ -546,93 +514,3 @@ class Router(RoutingTable):
             self.refresh_gauges()
 
 
-ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
-
-
-@web.middleware
-async def _errors(request: web.Request,
-                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Every router-made error is JSON in the node's shape, never a traceback."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        message = "no such route" if exc.status == 404 else exc.reason
-        return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
-                              f"{message}: {request.method} {request.path}")
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        raise
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        return error_response(500, "internal", "internal router error")
-
-
-async def _proxy(request: web.Request) -> web.StreamResponse:
-    return await request.app[ROUTER].handle(request)
-
-
-async def _state(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ROUTER].state())
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
-    return web.json_response({"status": "ok", "node": "router", "routing": router.routing()})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
-    router.refresh_gauges()
-    return web.Response(body=router.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
-
-
-def build_router_app(router: Router) -> web.Application:
-    """The router's aiohttp app; its cleanup context owns the forwarding pool, the checker thread and
-    the loop-lag watch."""
-    app = web.Application(middlewares=[_errors], client_max_size=router.config.server.max_body_bytes + 1)
-    app[ROUTER] = router
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        rc = router.rc
-        router.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=rc.connections_per_node, keepalive_timeout=30),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
-        loop = asyncio.get_running_loop()
-        first_round = asyncio.Event()
-
-        def deliver(spec: NodeSpec, result: CheckResult) -> None:  # runs in the checker thread
-            with contextlib.suppress(RuntimeError):  # the main loop is closing
-                loop.call_soon_threadsafe(_apply, spec, result)
-
-        def _apply(spec: NodeSpec, result: CheckResult) -> None:
-            router.apply_check(router.nodes[spec.id], result)
-            if all(n.checks for n in router.nodes.values()):
-                first_round.set()
-
-        checker = HealthChecker(list(router.config.nodes), rc, deliver)
-        checker.start()
-        router.probe = checker.check_soon
-        # One round of checks before serving, so the first requests already have somewhere to go.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(rc.health_timeout_ms / 1000 + rc.health_interval_ms / 1000 + 1):
-                await first_round.wait()
-        lag = asyncio.create_task(router.watch_loop_lag(), name="router-loop-lag")
-        adaptive = router.adaptive and asyncio.create_task(router.adaptive.run(), name="router-adaptive-limit")
-        try:
-            yield
-        finally:
-            for task in (lag, adaptive):
-                if task:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            await router.hedges.close()
-            await loop.run_in_executor(None, checker.stop)
-            await router.session.close()
-
-    app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/v1/router/state", _state)
-    app.router.add_route("*", "/v1/{tail:.*}", _proxy)
-    return app

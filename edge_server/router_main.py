@@ -31,7 +31,8 @@ def _fail(status: int, message: str) -> int:
 
 async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    from edge_server.router import Router, build_router_app
+    from edge_server.router import Router
+    from edge_server.router_app import build_router_app
 
     router = Router(config)
     runner = web.AppRunner(build_router_app(router), access_log=None, handle_signals=False)

@@ -26,7 +26,8 @@ from procs import metric_value
 from test_router import THREE
 
 from edge_server.config import parse_cluster
-from edge_server.router import Router, build_router_app
+from edge_server.router import Router
+from edge_server.router_app import build_router_app
 from workbench.run.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -24,7 +24,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from edge_server.config import load_cluster, parse_cluster
-from edge_server.router import Router, build_router_app
+from edge_server.router import Router
+from edge_server.router_app import build_router_app
 from edge_server.shedding import SHED_CAP_S, Shedder
 from workbench.run.processes import free_port
 
