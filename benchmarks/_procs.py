@@ -10,6 +10,7 @@ is killed with ``kill -9``.  Nothing here waits without a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from benchmarks._targets import check_targets
 from edge_server.config import (
@@ -404,6 +407,16 @@ def scrub_paths(text: str) -> str:
     scripts' and data directories' parent) becomes ``<workdir>``, the checkout ``<repo>``."""
     return _TEMP_DIR.sub("<workdir>", text.replace(str(REPO), "<repo>"))
 
+
+
+def cpu_seconds(procs: Iterable[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` so far (a process that is gone counts 0)."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from benchmarks._procs import table, write_results  # noqa: E402
+from benchmarks._procs import cpu_seconds, table, write_results  # noqa: E402
 from benchmarks._targets import target  # noqa: E402
 from tests.support.browser import launch, new_page  # noqa: E402
 from tests.support.lab import Lab, LabPage, notebook_copy  # noqa: E402
@@ -53,17 +53,6 @@ try {
 } catch (e) { window.__wbLong = null; }
 """
 LIVE = "document.querySelector('.jp-OutputArea .wb-live')"
-
-
-def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def _kernel_and_browser(lab: Lab) -> tuple[list[psutil.Process], list[psutil.Process]]:
@@ -93,8 +82,8 @@ def run_in_lab(folder: Path, duration_s: float) -> dict[str, Any]:
             out["first_data_after_s"] = round(time.monotonic() - t_run, 2)
             out["first_draw_ms"] = lp.evaluate(f"+{LIVE}.dataset.firstDrawMs")  # page clock, for longtasks
             kernels, browsers = _kernel_and_browser(lab)
-            cpu0, wall0 = _cpu_seconds(kernels + browsers), time.monotonic()
-            k0, b0 = _cpu_seconds(kernels), _cpu_seconds(browsers)
+            cpu0, wall0 = cpu_seconds(kernels + browsers), time.monotonic()
+            k0, b0 = cpu_seconds(kernels), cpu_seconds(browsers)
             samples = []
             while True:
                 live = lp.evaluate(f"{LIVE} ? [+{LIVE}.dataset.draws, +{LIVE}.dataset.points] : null")
@@ -103,10 +92,10 @@ def run_in_lab(folder: Path, duration_s: float) -> dict[str, Any]:
                 samples.append([round(time.monotonic() - t_run, 2), *live])
                 time.sleep(0.5)
             wall = time.monotonic() - wall0
-            cpu = _cpu_seconds(kernels + browsers) - cpu0
+            cpu = cpu_seconds(kernels + browsers) - cpu0
             out["live_window_s"] = round(wall, 2)
-            out["kernel_cpu_pct"] = round((_cpu_seconds(kernels) - k0) / wall * 100, 1) if wall else None
-            out["browser_cpu_pct"] = round((_cpu_seconds(browsers) - b0) / wall * 100, 1) if wall else None
+            out["kernel_cpu_pct"] = round((cpu_seconds(kernels) - k0) / wall * 100, 1) if wall else None
+            out["browser_cpu_pct"] = round((cpu_seconds(browsers) - b0) / wall * 100, 1) if wall else None
             out["kernel_plus_browser_cpu_pct_of_one_core"] = round(cpu / wall * 100, 1) if wall else None
             out["draw_samples"] = samples  # [s since Run All, draws so far, points drawn]
             steady = [s for s in samples if s[0] >= samples[0][0] + 1.0] if samples else []

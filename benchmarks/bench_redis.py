@@ -48,6 +48,7 @@ from benchmarks._procs import (
     Child,
     Cluster,
     Procs,
+    cpu_seconds,
     free_port,
     http_json,
     install_signal_handlers,
@@ -221,16 +222,6 @@ def figures_of(d: Design, duration: float, window: tuple[float, float] | None = 
     return out
 
 
-def cpu_s(procs: list[psutil.Process]) -> float:
-    """User + system CPU seconds of ``procs`` so far (a process that is gone counts 0)."""
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            total += t.user + t.system
-    return total
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs")
@@ -277,11 +268,11 @@ def main() -> int:
         wrk_runs: dict[str, list[dict]] = {k: [] for k in targets}
         for rep in range(repeats):
             for name, (url, sides, extra) in targets.items():
-                c0, e0 = cpu_s(sides), cpu_s(extra)
-                r0 = cpu_s(redis_procs[1:])
+                c0, e0 = cpu_seconds(sides), cpu_seconds(extra)
+                r0 = cpu_seconds(redis_procs[1:])
                 res = run_wrk(url, duration_s=wrk_s, **wopts)
-                c1, e1 = cpu_s(sides), cpu_s(extra)
-                r1 = cpu_s(redis_procs[1:])
+                c1, e1 = cpu_seconds(sides), cpu_seconds(extra)
+                r1 = cpu_seconds(redis_procs[1:])
                 kdec = max(1, res.requests - res.non_2xx) / 1000
                 row = res.as_dict() | {
                     "round": rep + 1, "server_cpu_s": round(c1 - c0, 3),

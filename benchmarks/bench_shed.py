@@ -35,6 +35,7 @@ from benchmarks._procs import (
     PYTHON,
     Cluster,
     Procs,
+    cpu_seconds,
     free_port,
     install_signal_handlers,
     run_wrk,
@@ -52,17 +53,12 @@ LOAD_CPU = {1}
 GATE = "max_inflight = 4\nqueue_max = 0\nlag_target_ms = 0.0\n"
 
 
-def _cpu_s(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
-
-
 def measure(url: str, pid: int, script: Path, duration: int) -> dict[str, float]:
     """One wrk run against ``url``; CPU µs of ``pid`` per completed request."""
     proc = psutil.Process(pid)
-    before = _cpu_s(proc)
+    before = cpu_seconds([proc])
     res = run_wrk(url, threads=1, connections=64, duration_s=duration, script=script, cpus=LOAD_CPU)
-    used = _cpu_s(proc) - before
+    used = cpu_seconds([proc]) - before
     return {"requests": res.requests, "non_2xx": res.non_2xx, "req_per_s": res.requests_per_s,
             "p99_ms": res.p99_ms, "cpu_s": round(used, 3),
             "cpu_us_per_request": round(1e6 * used / res.requests, 1) if res.requests else 0.0}
