@@ -56,3 +56,28 @@ def test_a_missing_base_module_says_the_install_is_incomplete(monkeypatch: pytes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs papermill" in err[0] and "pip install --force-reinstall" in err[0], err
     assert not (tmp_path / "out.ipynb").exists()
+
+
+def test_a_port_in_time_wait_counts_as_free_as_voila_binds_it():
+    """The suite's free ports are checked with SO_REUSEADDR; a stricter check here refused one whose last
+    connection lingered in TIME_WAIT (a CI run failed so) although Tornado would have bound it."""
+    from workbench.ui.dashboard import _port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the suite's servers bind
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        served, _ = listener.accept()
+        served.close()  # the side that closes first holds TIME_WAIT on the listening port
+        client.close()
+    with socket.socket() as plain:
+        try:
+            plain.bind(("127.0.0.1", port))
+            lingering = False
+        except OSError:
+            lingering = True
+    assert _port_free("127.0.0.1", port), "a port only in TIME_WAIT was called taken"
+    if not lingering:
+        pytest.skip("the kernel left no TIME_WAIT on the port; the case did not arise")

@@ -41,7 +41,10 @@ class DashboardError(ValueError):
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether Voila can bind ``port``: tested with ``SO_REUSEADDR`` as Tornado binds, so a port whose last
+    connections linger in TIME_WAIT counts as free (it is: Voila will bind it) and only a listener refuses."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
