@@ -23,8 +23,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# BENCH_ARGS: extra run_all.py options, e.g. BENCH_ARGS="--lock /var/lock/bench" on a shared machine
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick

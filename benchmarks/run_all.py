@@ -9,7 +9,11 @@ benchmarks/results/targets.json (targets-quick.json), and only a full run prints
 exits non-zero only when a script really failed: it crashed, overran its budget, or wrote no valid
 results file.
 
-Usage: .venv/bin/python benchmarks/run_all.py [--quick] [--only bench_redis.py,...] [--report-only]
+Usage: .venv/bin/python benchmarks/run_all.py [--quick] [--only bench_redis.py,...] [--report-only] [--lock FILE]
+
+``--lock FILE`` holds an exclusive ``flock`` on FILE while each script runs (not between scripts), so other
+benchmark runs on a shared machine that take the same lock wait for the script in progress instead of
+disturbing it, and the whole run still goes through in one command.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import html
 import json
 import os
@@ -90,6 +95,20 @@ FULL_ARGS: dict[str, list[str]] = {
 
 def results_path(name: str, quick: bool) -> Path:
     return RESULTS / f"{name}{'-quick' if quick else ''}.json"
+
+
+@contextlib.contextmanager
+def held(lock: Path | None) -> Any:
+    """An exclusive flock on ``lock`` for the block (nothing when None): other runs taking it wait."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_one(script: str, args: list[str], budget: int) -> int:
@@ -203,6 +222,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="every benchmark in its quick mode (about 4 minutes)")
     parser.add_argument("--only", default="", help="comma-separated scripts to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the HTML report")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="hold an exclusive flock on this file while each script runs (shared machines)")
     args = parser.parse_args()
 
     def stop(signum: int, _frame: Any) -> None:
@@ -226,7 +247,9 @@ def main() -> int:
             t = time.time()
             extra = ["--quick", *QUICK_ARGS.get(script, [])] if args.quick else FULL_ARGS.get(script, [])
             print(f"\n=== {script} {' '.join(extra)}", flush=True)
-            rc = run_one(script, extra, quick if args.quick else full)
+            with held(args.lock):
+                t = time.time()  # the script's own time, not the wait for the lock
+                rc = run_one(script, extra, quick if args.quick else full)
             timings[script] = round(time.time() - t, 1)
             status, why, targets = classify(rc, results_path(name, args.quick), t)
             runs[script] = {"status": status, "exit_code": rc, "why": why, "seconds": timings[script],
