@@ -109,6 +109,7 @@ def held(lock: Path | None) -> Any:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+            time.sleep(2.0)  # flock is not fair: without a pause we would take it back before a waiter wakes
 
 
 def run_one(script: str, args: list[str], budget: int) -> int:
