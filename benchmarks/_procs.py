@@ -38,9 +38,7 @@ from edge_server.config import (
     RegionSpec,
     SkillConfig,
 )
-from edge_server.config import (
-    write_cluster as write_cluster_config,
-)
+from edge_server.config_dump import write_cluster as write_cluster_config
 from workbench.run.processes import (
     Child,
     ProcessGroup,

@@ -7,22 +7,22 @@ figures are the checker's (docs/checks.md, "Failover": per outage, from the faul
 affected client, every failed or stalled request counted).  Requests are split by the fault's time:
 *sent after the fault* (their errors are the target: 0) and *in flight at the fault* (sent before it,
 ended after it: reported by count, errors and stall, i.e. how long past the fault they ended).
-Targets: kill p99 < 50 ms (read on dense clients, see :data:`TARGET_P99_MS`) and blackhole p99 < 500 ms
-on the check route; 0 client errors among requests sent after the fault, for every kind.  Each client's failover is also split into its own wait
-for its next request after the fault and the rest (the router's part); **dense** kill drills (2 clients
-per region, ~180 req/s each, no limit in the way) measure the router by the same definition without the
-standard load's 28 ms mean gap per client (see :data:`DENSE_TENANTS`).  Errors sent after the fault are
-split too: those the router had already written to the victim (``502 upstream_broken``, or a client
-timeout on a silent node).  On the invoke route the router retries a skill call exactly as long as no
-node has been given its body (the commit protocol, ``edge_server/commit.py``): a try with no
-``100 Continue`` is retried or hedged, a committed one never is.  Each drill also reports what that
-protocol saw: the router's time to a node's ``100 Continue`` (``router_invoke_continue_seconds``, the
-header time its ``invoke_header_timeout_ms`` must stay above), the tries it cancelled unsent, and what
-the nodes dropped (``edge_invoke_dropped_total{stage}``) or ran for a caller that was gone
+Targets: kill p99 < 50 ms (read on dense clients, see :data:`TARGET_P99_MS`) and blackhole p99 < 500 ms on
+the check route; 0 client errors among requests sent after the fault, for every kind.  Each client's failover
+is also split into its own wait for its next request after the fault and the rest (the router's part);
+**dense** kill drills (2 clients per region, ~180 req/s each, no limit in the way) measure the router by the
+same definition without the standard load's 28 ms mean gap per client (see :data:`DENSE_TENANTS`).  Errors
+sent after the fault are split too: those the router had already written to the victim (``502
+upstream_broken``, or a client timeout on a silent node).  On the invoke route the router retries a skill
+call exactly as long as no node has been given its body (the commit protocol, ``edge_server/commit.py``): a
+try with no ``100 Continue`` is retried or hedged, a committed one never is.  Each drill also reports what
+that protocol saw: the router's time to a node's ``100 Continue`` (``router_invoke_continue_seconds``, the
+header time its ``invoke_header_timeout_ms`` must stay above), the tries it cancelled unsent, and what the
+nodes dropped (``edge_invoke_dropped_total{stage}``) or ran for a caller that was gone
 (``edge_skill_calls_client_gone_total``), from the drill's last scrape.  With ``--back-after S`` a paused
-node is resumed, and a blackhole healed, S seconds after the fault, so that the victim gets to what it
-held and the drill shows whether it acted on any of it (its drops, and the checker's double grants);
-such a run writes ``failover-resume.json``.
+node is resumed, and a blackhole healed, S seconds after the fault, so that the victim gets to what it held
+and the drill shows whether it acted on any of it (its drops, and the checker's double grants); such a run
+writes ``failover-resume.json``.
 
 Every repetition is a whole workbench drill (:func:`workbench.run.drill.run_drill`: real node and router
 processes through ``Cluster.launch``, open-loop load from clients in every region, the fault applied

@@ -46,7 +46,7 @@ from benchmarks._procs import (
 from benchmarks._targets import target
 from benchmarks.bench_node import write_lua
 from edge_server.config import load_cluster
-from edge_server.config import write_cluster as write_cluster_config
+from edge_server.config_dump import write_cluster as write_cluster_config
 
 DENY_BURST = 5.0
 SERVER_CPU = {0}

@@ -40,8 +40,8 @@ from edge_server.config import (
     RegionSpec,
     ServerConfig,
     SkillConfig,
-    dump_cluster,
 )
+from edge_server.config_dump import dump_cluster
 from workbench.run.processes import Child, ProcessError, ProcessGroup, child_env, free_port
 
 __all__ = [

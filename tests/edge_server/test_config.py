@@ -20,11 +20,10 @@ from edge_server.config import (
     RouterConfig,
     ServerConfig,
     SkillConfig,
-    dump_cluster,
     load_cluster,
     parse_cluster,
-    write_cluster,
 )
+from edge_server.config_dump import dump_cluster, write_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = "/etc/edge/cluster.toml"

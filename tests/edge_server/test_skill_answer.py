@@ -8,7 +8,8 @@ import tomllib
 import orjson
 import pytest
 
-from edge_server.config import ConfigError, SkillConfig, dump_cluster, parse_cluster
+from edge_server.config import ConfigError, SkillConfig, parse_cluster
+from edge_server.config_dump import dump_cluster
 from edge_server.skill import SimulatedSkill
 from workbench.spec.parts import ScenarioError, SkillSpec
 from workbench.spec.scenario import Scenario

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from procs import SECRET, ClusterProcs, metric_value, request, wait_until
 
-from edge_server.config import ConfigError, StrictConfig, dump_cluster, parse_cluster
+from edge_server.config import ConfigError, StrictConfig, parse_cluster
+from edge_server.config_dump import dump_cluster
 from edge_server.strict.wire import encode
 from workbench.check import check_envelope
 from workbench.history import Recording

@@ -28,9 +28,8 @@ from edge_server.config import (
     RegionSpec,
     RouterConfig,
     SkillConfig,
-    dump_cluster,
-    write_cluster,
 )
+from edge_server.config_dump import dump_cluster, write_cluster
 from workbench.spec.parameters import PARAMETERS, build_scenario
 from workbench.spec.parts import (
     _LOAD_KEYS,
