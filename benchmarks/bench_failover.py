@@ -54,7 +54,7 @@ figure of admitted tokens/s around the kill. Every process is reaped on any exit
 context manager, a signal handler that cancels the run, and a last pass over our child processes).
 
     .venv/bin/python benchmarks/bench_failover.py [--quick] [--reps 4] [--pause-reps 2] [--blackhole-reps 2]
-        [--dense-reps 4] [--back-after 0] [--keep]
+        [--dense-reps 8] [--back-after 0] [--keep]
 """
 
 from __future__ import annotations
@@ -801,8 +801,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=4, help="kill drills (alternating check / invoke)")
     ap.add_argument("--pause-reps", type=int, default=2, help="pause drills (alternating check / invoke)")
     ap.add_argument("--blackhole-reps", type=int, default=2, help="blackhole drills (alternating check / invoke)")
-    ap.add_argument("--dense-reps", type=int, default=4,
-                    help="kill drills with 2 clients per region and no limit in the way (check route)")
+    ap.add_argument("--dense-reps", type=int, default=8,
+                    help="kill drills with 2 clients per region and no limit in the way (check route); "
+                         "8 drills x 2 clients of the killed region = 16 clients behind the target's p99")
     ap.add_argument("--duration", type=float, default=12.0, help="seconds per drill")
     ap.add_argument("--fault-at", type=float, default=6.0, help="seconds into the drill of the kill / pause")
     ap.add_argument("--pause-pool", type=int, default=1024,
@@ -833,7 +834,7 @@ def main() -> int:
     out["extra"]["load"] = {"start": load_start, "end": load_end}
     # only the standard plan writes failover.json, so a diagnostic run cannot overwrite the figures
     standard = ((args.reps, args.pause_reps, args.blackhole_reps, args.dense_reps, args.duration, args.fault_at)
-                == (4, 2, 2, 4, 12.0, 6.0))
+                == (4, 2, 2, 8, 12.0, 6.0))
     name = ("failover" if args.quick or (standard and not args.back_after) else
             "failover-resume" if standard and args.back_after == 4.0 else "failover-custom")
     path = write_results(name, out["figures"], quick=args.quick, extra=out["extra"], started=started,
