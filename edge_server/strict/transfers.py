@@ -188,7 +188,11 @@ class Transfers:
                     self._count("transfer_overflow")
             st.credited += kept
             st.accepted[giver] = total
-            self._touch(st)
+            # Published lazily, like a spend: our ``accepted`` only lets the giver stop counting its
+            # gift before the gift's own expiry (``safe(transfer_window)``), and our ``credited``
+            # is for views.  Published at once, every credit put its key in the next delta to every
+            # peer: with demand on one node, a third of its delta entries.
+            self._touch_later(st, now)
         return refused
 
     def _acknowledged(self, st: KeyState) -> None:
