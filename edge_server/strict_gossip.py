@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,16 @@ class StrictGossiper:
 
     def round(self) -> None:
         """One gossip round (also the unit tests' entry point): tick, renew, deltas, heartbeats."""
+        for _step in self._round_steps():
+            pass
+
+    def _round_steps(self) -> Iterator[None]:
+        """One gossip round in steps; ``run`` lets the loop serve requests between them.
+
+        A busy round held the loop for milliseconds in one piece, and every request that arrived
+        meanwhile waited for all of it: the round, not the decision, set strict mode's p99.  Each step
+        is complete in itself (the table's calls are atomic), and the clock is read again after every
+        pause, so nothing is done with an old ``now`` -- the voter's grants least of all."""
         self.rounds += 1
         now = self.clock()
         table = self.table
@@ -269,10 +279,13 @@ class StrictGossiper:
         for req in table.lease_requests(now):
             self._send(self.hosts[req.voter], "lease_request", req)
         for peer in self.peers:
+            yield
             delta = table.delta_for(peer.id)
             if delta[1]:  # nothing changed since the peer's view: no message, no ack
                 self._send(peer.id, "strict_delta", delta)
         if self.voter is not None:
+            yield
+            now = self.clock()
             out = self.voter.tick(now)
             self._save_ledger(now)  # nothing of a tick needs it first; it only catches up
             for dst, msg in out:
@@ -282,7 +295,7 @@ class StrictGossiper:
                 wake = self._wake.get(peer_id)
                 if wake is not None:
                     wake.set()
-        self._gauges(now)
+        self._gauges(self.clock())
 
     def _gauges(self, now: float) -> None:
         table = self.table
@@ -316,7 +329,8 @@ class StrictGossiper:
             senders = [asyncio.create_task(self._sender(session, p)) for p in self.peers]
             try:
                 while True:
-                    self.round()
+                    for _step in self._round_steps():
+                        await asyncio.sleep(0)
                     await asyncio.sleep(self.settings.gossip_s)
             finally:
                 for task in senders:
