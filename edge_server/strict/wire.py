@@ -119,7 +119,9 @@ def _int(value: Any, what: str) -> int:
 
 
 def _str(value: Any, what: str, limit: int = 256) -> str:
-    if not isinstance(value, str) or not value or len(value.encode("utf-8", "replace")) > limit:
+    # A character is at most 4 bytes of UTF-8: a string that short needs no encoding to be measured.
+    if not isinstance(value, str) or not value or (
+            4 * len(value) > limit and len(value.encode("utf-8", "replace")) > limit):
         raise _fail(f"{what} must be a non-empty string of at most {limit} bytes")
     return value
 
@@ -256,12 +258,17 @@ def decode(secret: bytes, data: bytes, signature: str | None, *, nodes: Collecti
     if not isinstance(raw_entries, list):
         raise _fail("'entries' must be a list")
     entries: list[tuple[str, KeyRights]] = []
+    actors: set[str] = set()  # the actors this message named that passed ``_actor``: the same few in every entry
     for item in raw_entries:
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)):
             raise _fail("an entry is not [key, {actor: rights}]")
         key = _str(item[0], "a key", max_key_bytes)
-        entries.append((key, {_actor(a, f"entry {key!r} actor", nodes, max_incarnation):
-                              _rights(r, f"entry {key!r}", nodes, max_incarnation) for a, r in item[1].items()}))
+        rights: KeyRights = {}
+        for a, r in item[1].items():
+            if a not in actors:
+                actors.add(_actor(a, f"entry {key!r} actor", nodes, max_incarnation))
+            rights[a] = _rights(r, f"entry {key!r}", nodes, max_incarnation)
+        entries.append((key, rights))
     return StrictMessage(kind, sender, seq, (_int(body.get("upto"), "'upto'"), entries))
 
 
