@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,13 @@ class StrictGossiper:
 
     # ------------------------------------------------------------------ messages out
     def _send(self, dst: str, kind: str, body: Any, *, as_voter: bool = False) -> None:
+        """Sign ``body`` and queue it for ``dst`` (our own voter: handled at once).
+
+        An ack does not wake the peer's sender: it waits for the batch of our next round (at most one
+        gossip interval).  Sent at once, nearly every delta received cost a POST of its own -- half of
+        a busy node's strict HTTP exchanges, each dearer than the ack's bytes -- while an ack only
+        moves what the peer's next delta starts from (a late ack costs a few relayed entries, never
+        safety: merge is a max and an unacknowledged delta is resent)."""
         if as_voter:
             assert self.voter is not None
             self._voter_seq += 1
@@ -242,9 +249,10 @@ class StrictGossiper:
         if box is None:
             return
         box.append((data.decode(), signature, kind))
-        wake = self._wake.get(dst)
-        if wake is not None:
-            wake.set()
+        if kind != "strict_ack":
+            wake = self._wake.get(dst)
+            if wake is not None:
+                wake.set()
 
     def _count_bytes(self, direction: str, kind: str, size: int) -> None:
         child = self._bytes.get((direction, kind))
@@ -254,6 +262,16 @@ class StrictGossiper:
 
     def round(self) -> None:
         """One gossip round (also the unit tests' entry point): tick, renew, deltas, heartbeats."""
+        for _step in self._round_steps():
+            pass
+
+    def _round_steps(self) -> Iterator[None]:
+        """One gossip round in steps; ``run`` lets the loop serve requests between them.
+
+        A busy round held the loop for milliseconds in one piece, and every request that arrived
+        meanwhile waited for all of it: the round, not the decision, set strict mode's p99.  Each step
+        is complete in itself (the table's calls are atomic), and the clock is read again after every
+        pause, so nothing is done with an old ``now`` -- the voter's grants least of all."""
         self.rounds += 1
         now = self.clock()
         table = self.table
@@ -261,15 +279,23 @@ class StrictGossiper:
         for req in table.lease_requests(now):
             self._send(self.hosts[req.voter], "lease_request", req)
         for peer in self.peers:
+            yield
             delta = table.delta_for(peer.id)
             if delta[1]:  # nothing changed since the peer's view: no message, no ack
                 self._send(peer.id, "strict_delta", delta)
         if self.voter is not None:
+            yield
+            now = self.clock()
             out = self.voter.tick(now)
             self._save_ledger(now)  # nothing of a tick needs it first; it only catches up
             for dst, msg in out:
                 self._send(self.hosts[dst], type(msg).__name__.lower(), msg, as_voter=True)
-        self._gauges(now)
+        for peer_id, box in self._outbox.items():  # the acks queued since the last round go now
+            if box:
+                wake = self._wake.get(peer_id)
+                if wake is not None:
+                    wake.set()
+        self._gauges(self.clock())
 
     def _gauges(self, now: float) -> None:
         table = self.table
@@ -303,7 +329,8 @@ class StrictGossiper:
             senders = [asyncio.create_task(self._sender(session, p)) for p in self.peers]
             try:
                 while True:
-                    self.round()
+                    for _step in self._round_steps():
+                        await asyncio.sleep(0)
                     await asyncio.sleep(self.settings.gossip_s)
             finally:
                 for task in senders:

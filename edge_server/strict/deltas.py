@@ -156,7 +156,13 @@ class Deltas:
                     self._count("table_full")
                     refused += 1
                     continue
-            self._settle(st, now)
+            # Settled first whenever this merge may change the pots or the gifts counted against them:
+            # ``_acknowledged`` (gifts in flight) drops gifts, and a settle after that would mint the
+            # time since the last settle against the smaller sum; ``_receive`` settles before it
+            # credits.  A merge that only updates the view (a peer's spends: most of them) needs none.
+            settled = bool(st.unacked)
+            if settled:
+                self._settle(st, now)
             wanted = False
             for actor, rights in actors.items():
                 reason = self._check_actor(st, actor, rights)
@@ -173,7 +179,9 @@ class Deltas:
                 elif leq(rights, old):
                     continue  # nothing new (a duplicate, or older than what we hold)
                 else:
-                    st.view[actor] = merge_actor(old, rights)
+                    # An honest peer's entry only grows, so the new one usually holds the old: then it
+                    # is the merge, with no new object built (most of a busy receiver's merge cost).
+                    st.view[actor] = rights if leq(old, rights) else merge_actor(old, rights)
                     wanted = wanted or rights.want[0] > old.want[0]
                 st.vseq[actor] = changed_at
                 node, inc = self._split(actor)
@@ -182,7 +190,7 @@ class Deltas:
                     wanted = True  # wants of a newer incarnation count from now on
             if wanted and not st.hot:
                 self._mark(st)  # a peer wants rights: the next tick may give
-            refused += self._receive(st, now)
+            refused += self._receive(st, now, settled)
             self._acknowledged(st)
         return refused
 

@@ -127,7 +127,7 @@ def leq(a: ActorRights, b: ActorRights) -> bool:
     """The semilattice order: ``a`` is contained in ``b`` (``merge_actor(a, b) == b``)."""
     return (a.minted <= b.minted and a.spent <= b.spent and a.burned <= b.burned
             and a.credited <= b.credited and a.want <= b.want
-            and _le_map(a.sent, b.sent) and _le_map(a.accepted, b.accepted))
+            and (not a.sent or _le_map(a.sent, b.sent)) and (not a.accepted or _le_map(a.accepted, b.accepted)))
 
 
 def held(rights: Mapping[str, ActorRights], actors: Iterable[str] | None = None) -> float:

@@ -161,6 +161,7 @@ class StrictTable(Pots, Transfers, Deltas):
         # rights, so the others' views of it are for reading.  It rides with the key's next change,
         # or goes out SPEND_DELAY_S after the first unpublished spend (``Transfers.tick``); publishing
         # every spend at the next round put every key in use into nearly every round's delta.
+        # (``_touch_later``, inlined: this runs on every allowed request.)
         st.own_c = None
         if not st.lazy:
             st.lazy = True
@@ -320,6 +321,14 @@ class StrictTable(Pots, Transfers, Deltas):
         recent = self._recent
         recent.pop(st.key, None)
         recent[st.key] = self._seq
+
+    def _touch_later(self, st: KeyState, now: float) -> None:
+        """Our entry of ``st`` changed in a way no peer needs at once (a spend, a credit): it rides
+        with the key's next change, or goes out ``SPEND_DELAY_S`` after the first such change."""
+        st.own_c = None
+        if not st.lazy:
+            st.lazy = True
+            self._spent.append((now, st))
 
     def _mark(self, st: KeyState) -> None:
         """Visit ``st`` in the next tick."""
