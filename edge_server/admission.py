@@ -52,8 +52,8 @@ class Gate:
     outcome moves the share back up when slots free in time again.
     """
 
-    __slots__ = ("_waiters", "inflight", "limit", "pressed", "queue_max", "queue_ok", "queue_timeout_s", "queued",
-                 "shed")
+    __slots__ = ("_waiters", "done", "inflight", "limit", "pressed", "queue_max", "queue_ok", "queue_timeout_s",
+                 "queued", "shed")
 
     def __init__(self, limit: int, queue_max: int, queue_timeout_s: float) -> None:
         self.limit = limit
@@ -61,6 +61,7 @@ class Gate:
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
+        self.done = 0  # slots given back or handed over so far (completions: what frees a slot)
         self.queued = 0  # live waiters (the deque may also hold expired ones, skipped on wake-up)
         self.queue_ok = 1.0  # share of recent waiters that got a slot in time (EWMA)
         self.shed = {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0, QUEUE_STALLED: 0}
@@ -128,6 +129,7 @@ class Gate:
     def leave(self) -> None:
         """Give the slot back, or hand it straight to the oldest live waiter (unless the limit was
         lowered below the slots held: then the slot is given back)."""
+        self.done += 1
         while self._waiters and self.inflight <= self.limit:
             fut = self._waiters.popleft()
             if not fut.done():

@@ -49,6 +49,9 @@ class OverloadCollector(Collector):
             if early is not None:
                 yield CounterMetricFamily(f"{p}_shed_raw", "Sheds answered from the raw bytes, before aiohttp parsed "
                                           "the request (also in the overload sheds)", value=early.taken)
+                yield CounterMetricFamily(f"{p}_shed_probes", "Requests let through to an empty, stalled admission "
+                                          "queue (at most the completions of the last two loop turns per turn)",
+                                          value=getattr(early, "let_through", 0))
             closed = CounterMetricFamily(f"{p}_connections_closed", "Client connections closed by the guard",
                                          labels=["reason"])
             for reason, n in sorted(guard.closed.items()):

@@ -87,6 +87,39 @@ async def test_a_queue_whose_waiters_time_out_is_stalled_but_keeps_one_probe() -
     assert await probe is None and gate.queue_ok > before
 
 
+async def test_an_empty_stalled_queue_lets_through_per_turn_about_the_completions_of_the_last_two_turns() -> None:
+    gate = Gate(limit=4, queue_max=100, queue_timeout_s=0.001)
+    for _ in range(4):
+        assert gate.try_enter()
+    for _ in range(40):  # waiters that all time out: the queue is stalled, and empty
+        assert await gate.enter() is not None
+    assert gate.queue_ok < 0.5 and not gate.queued and gate.refusal() is None
+    shed_before = gate.shed[QUEUE_STALLED]
+    early, routes = _early(gate)
+    early.stale_s = 3600.0  # every turn here counts, however slow the machine
+
+    def turn() -> int:
+        """Ten requests read in one loop turn: how many were let through (the rest are shed here)."""
+        answers = [early(REQUEST) for _ in range(10)]
+        assert all(a is None or b"X-Edge-Shed: queue_stalled" in a for a in answers)
+        return sum(a is None for a in answers)
+
+    assert turn() == 1  # no completion seen yet: one probe
+    await asyncio.sleep(0)
+    for _ in range(3):  # three requests finish and three new ones take their slots
+        gate.leave()
+        assert gate.try_enter()
+    assert turn() == 3  # the completions of the last two turns: 3 + 0
+    await asyncio.sleep(0)
+    assert turn() == 3  # 0 + 3
+    await asyncio.sleep(0)
+    assert turn() == 1  # 0 + 0: one probe again
+    assert early.let_through == 8 and early.taken == 32 and len(routes) == 32
+    assert gate.shed[QUEUE_STALLED] - shed_before == 32 and gate.inflight == 4 and not gate.queued
+    gate.queue_ok = 1.0  # a queue that moves again takes every waiter: nothing is shed here
+    assert turn() == 10
+
+
 def _post(port: int, path: str, times: int = 3) -> list[tuple[int, dict[str, str], bytes]]:
     """``times`` requests on one kept-alive connection (the early answers must keep it usable)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
