@@ -21,11 +21,14 @@ stalled queue (most recent waiters timed out) still takes one waiter, the probe 
 when slots free in time again.  But a request let through meets the gate only when its handler runs,
 a loop turn or two later, so every request read in this turn sees the same empty queue: at 10x
 capacity whole turns' worth went through as "probes", ~42 % of the router's sheds, each then shed by
-the handler at aiohttp's price.  So while the queue is empty *and stalled*, a turn lets through only
+the handler at aiohttp's price.  Free slots have the same flaw: a slot is taken only when the
+handler runs, so a turn that read a thousand requests with ten free slots sent all thousand on.  So
+while the queue is empty *and stalled*, a turn lets through only the slots free at its start plus
 about the slots expected to free before those handlers run -- the completions (:attr:`Gate.done`) of
-the last two turns, at least one -- and sheds the rest here (``queue_stalled``, as the handler would
-have).  A queue that is not stalled, a free slot, or a turn that never finds the gate full is not
-touched, so below capacity nothing changes; :attr:`EarlyShed.let_through` counts the probes let by.
+the last two turns, at least one: the probe -- and sheds the rest here (``queue_stalled``, as the
+handler would have).  A queue that is not stalled (a server that is not overloaded: no waiter ever
+timed out) is not touched, and costs one more comparison; :attr:`EarlyShed.let_through` counts the
+requests let by under that rule.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class EarlyShed:
         self.stale_s = stale_s
         self._answers: dict[str, bytes] = {}
         self.taken = 0  # requests answered here (also counted in the gate's sheds)
-        self.let_through = 0  # requests let through to an empty, stalled queue (see the module's docstring)
+        self.let_through = 0  # requests let through while the queue was empty and stalled (see the module)
         # Per loop turn that found the queue empty and stalled: requests it may still let through, and
         # the completions counted at its start and over the turn before (the estimate of the next ones).
         self._turn_open = False
@@ -85,17 +88,18 @@ class EarlyShed:
         self._turn_open = False
 
     def _probe_credit(self) -> bool:
-        """Whether this turn may let one more request through to the empty, stalled queue."""
+        """Whether this turn may let one more request through while the queue is empty and stalled."""
         if not self._turn_open:
             try:
                 loop = asyncio.get_running_loop()
-            except RuntimeError:  # called outside a loop (a unit test): every request is a probe
+            except RuntimeError:  # called outside a loop (a unit test): every request is let through
                 return True
             now = loop.time()
-            done = self.gate.done - self._done_mark
+            gate = self.gate
+            done = gate.done - self._done_mark
             if now - self._turn_at > self.stale_s:
                 done, self._last_done = 0, 0
-            self._credit = max(1, done + self._last_done)
+            self._credit = max(0, gate.limit - gate.inflight) + max(1, done + self._last_done)
             self._done_mark, self._last_done, self._turn_at = self.gate.done, done, now
             self._turn_open = True
             loop.call_soon(self._end_turn)
@@ -108,13 +112,16 @@ class EarlyShed:
     def __call__(self, data: bytes) -> bytes | None:
         gate = self.gate
         if gate.inflight < gate.limit and not gate.queued:
-            return None  # a slot is free: the normal path takes it
-        reason = gate.refusal()
-        probe = False
-        if reason is None:
-            if gate.queued or gate.queue_ok >= STALLED_SHARE:
-                return None  # it may queue and the queue moves: the normal path waits
-            probe, reason = True, QUEUE_STALLED  # an empty, stalled queue: a probe, if this turn has credit
+            if gate.queue_ok >= STALLED_SHARE:
+                return None  # a slot is free: the normal path takes it
+            probe, reason = True, QUEUE_STALLED  # free slots, but every request of this turn sees them
+        else:
+            reason = gate.refusal()
+            probe = False
+            if reason is None:
+                if gate.queued or gate.queue_ok >= STALLED_SHARE:
+                    return None  # it may queue and the queue moves: the normal path waits
+                probe, reason = True, QUEUE_STALLED  # an empty, stalled queue: a probe, if this turn has credit
         end = data.find(_END)
         line_end = data.find(b"\r\n")
         if end < 0 or line_end <= 0:
