@@ -27,8 +27,9 @@ while the queue is empty *and stalled*, a turn lets through only the slots free 
 about the slots expected to free before those handlers run -- the completions (:attr:`Gate.done`) of
 the last two turns, at least one: the probe -- and sheds the rest here (``queue_stalled``, as the
 handler would have).  A queue that is not stalled (a server that is not overloaded: no waiter ever
-timed out) is not touched, and costs one more comparison; :attr:`EarlyShed.let_through` counts the
-requests let by under that rule.
+timed out), or a gate with more than a tenth of its slots free (the overload has passed, though no
+waiter came to say so), is not touched and costs one or two more comparisons;
+:attr:`EarlyShed.let_through` counts the requests let by under that rule.
 """
 
 from __future__ import annotations
@@ -112,9 +113,9 @@ class EarlyShed:
     def __call__(self, data: bytes) -> bytes | None:
         gate = self.gate
         if gate.inflight < gate.limit and not gate.queued:
-            if gate.queue_ok >= STALLED_SHARE:
+            if gate.queue_ok >= STALLED_SHARE or gate.inflight * 10 < gate.limit * 9:
                 return None  # a slot is free: the normal path takes it
-            probe, reason = True, QUEUE_STALLED  # free slots, but every request of this turn sees them
+            probe, reason = True, QUEUE_STALLED  # few free slots, and every request of this turn sees them
         else:
             reason = gate.refusal()
             probe = False

@@ -88,8 +88,8 @@ async def test_a_queue_whose_waiters_time_out_is_stalled_but_keeps_one_probe() -
 
 
 async def test_an_empty_stalled_queue_lets_through_per_turn_the_free_slots_and_the_last_two_turns_completions() -> None:
-    gate = Gate(limit=4, queue_max=100, queue_timeout_s=0.001)
-    for _ in range(4):
+    gate = Gate(limit=40, queue_max=100, queue_timeout_s=0.001)
+    for _ in range(40):
         assert gate.try_enter()
     for _ in range(40):  # waiters that all time out: the queue is stalled, and empty
         assert await gate.enter() is not None
@@ -115,14 +115,20 @@ async def test_an_empty_stalled_queue_lets_through_per_turn_the_free_slots_and_t
     await asyncio.sleep(0)
     assert turn() == 1  # 0 + 0: one probe again
     assert early.let_through == 8 and early.taken == 32 and len(routes) == 32
-    assert gate.shed[QUEUE_STALLED] - shed_before == 32 and gate.inflight == 4 and not gate.queued
+    assert gate.shed[QUEUE_STALLED] - shed_before == 32 and gate.inflight == 40 and not gate.queued
     await asyncio.sleep(0)
     gate.leave()
     gate.leave()  # two slots free: every request of a turn sees them, only as many may take them
     assert turn() == 2 + 2  # free slots + completions of the last two turns (2 + 0)
     await asyncio.sleep(0)
     assert turn() == 2 + 2  # (the handlers of those let through have not run: still 2 free) + 0 + 2
-    gate.queue_ok = 1.0  # a queue that moves again takes every waiter: nothing is shed here
+    await asyncio.sleep(0)
+    for _ in range(3):  # 5 of 40 slots free: the overload has passed, whatever the queue's share says
+        gate.leave()
+    assert gate.queue_ok < 0.5 and turn() == 10
+    for _ in range(5):
+        assert gate.try_enter()
+    gate.queue_ok = 1.0  # a full gate whose queue moves again: every request may wait, none is shed here
     assert turn() == 10
 
 
