@@ -225,6 +225,7 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "probes_let_through": _counter_total(rec.metrics, ("router_shed_probes_total", "edge_shed_probes_total")),
         "router_loop_lag_ms": _gauge_quantiles(rec.metrics, "router_inflight_limit_lag_seconds", 1000.0),
         "generator_cpu_pct_of_core": _generator_cpu_pct(gen, duration),
+        "shed_answer_phases_ms": gen.get("shed_phases_ms"),
         "router_limit_min": _gauge_min(rec.metrics, "router_inflight_limit"),
         "router_rss_peak_mb": _peak_rss(rec.processes, True), "node_rss_peak_mb": _peak_rss(rec.processes, False),
         "peak_inflight": s["peak_inflight"], "peak_queue": s["peak_queue"],
