@@ -152,6 +152,19 @@ def _gauge_quantiles(metrics: list[Any], name: str, scale: float) -> dict[str, f
             "max": round(values[-1], 3) if values else None, "samples": len(values)}
 
 
+def _gc_longest(metrics: list[Any]) -> dict[str, dict[str, float]]:
+    """Per process, the longest garbage collection by generation (ms) and their total (ms) over the step."""
+    out: dict[str, dict[str, float]] = {}
+    for m in metrics:
+        if m.name in ("router_gc_pause_longest_seconds", "edge_gc_pause_longest_seconds"):
+            out.setdefault(m.node or "router", {})[f"gen{m.labels.get('generation')}"] = round(m.value * 1000, 1)
+        elif m.name in ("router_gc_pause_seconds_total", "edge_gc_pause_seconds_total"):
+            d = out.setdefault(m.node or "router", {})
+            key = f"total_gen{m.labels.get('generation')}"
+            d[key] = round(m.value * 1000, 1)  # counters only grow: the last sample is the step's
+    return out
+
+
 def _generator_cpu_pct(gen: dict[str, Any], duration: float) -> float | None:
     """The load generator's CPU over the step, in % of one core (all its processes)."""
     procs = gen.get("processes") or []
@@ -226,6 +239,7 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "router_loop_lag_ms": _gauge_quantiles(rec.metrics, "router_inflight_limit_lag_seconds", 1000.0),
         "generator_cpu_pct_of_core": _generator_cpu_pct(gen, duration),
         "shed_answer_phases_ms": gen.get("shed_phases_ms"),
+        "gc_pause_longest_ms": _gc_longest(rec.metrics),
         "router_limit_min": _gauge_min(rec.metrics, "router_inflight_limit"),
         "router_rss_peak_mb": _peak_rss(rec.processes, True), "node_rss_peak_mb": _peak_rss(rec.processes, False),
         "peak_inflight": s["peak_inflight"], "peak_queue": s["peak_queue"],

@@ -5,6 +5,7 @@ kept-alive connection with the same answer as the normal path.  No timing is ass
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import json
 import socket
@@ -275,3 +276,19 @@ def test_a_raw_shed_never_overtakes_a_pipelined_request_aiohttp_still_serves(tmp
         proc.wait(5)
     assert first == 200 and "result" in json.loads(body), (first, body)  # the first invoke's own answer
     assert second in (200, 503)
+
+
+def test_the_gc_watch_counts_collections_and_their_pauses_in_the_overload_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edge_server.overload_metrics import GC_WATCH, OverloadCollector
+
+    GC_WATCH.install()
+    before = GC_WATCH.count[2]
+    gc.collect()
+    assert GC_WATCH.count[2] == before + 1 and GC_WATCH.total_s[2] > 0 and GC_WATCH.longest_s[2] > 0
+    registry = CollectorRegistry()
+    registry.register(OverloadCollector("edge", lambda: (None, None)))
+    text = generate_latest(registry).decode()
+    assert 'edge_gc_collections_total{generation="2"}' in text
+    assert 'edge_gc_pause_longest_seconds{generation="2"}' in text
