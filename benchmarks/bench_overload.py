@@ -153,15 +153,16 @@ def _gauge_quantiles(metrics: list[Any], name: str, scale: float) -> dict[str, f
 
 
 def _gc_longest(metrics: list[Any]) -> dict[str, dict[str, float]]:
-    """Per process, the longest garbage collection by generation (ms) and their total (ms) over the step."""
+    """Per process and generation: the longest garbage collection (ms), their total (ms) and count."""
     out: dict[str, dict[str, float]] = {}
     for m in metrics:
         if m.name in ("router_gc_pause_longest_seconds", "edge_gc_pause_longest_seconds"):
             out.setdefault(m.node or "router", {})[f"gen{m.labels.get('generation')}"] = round(m.value * 1000, 1)
         elif m.name in ("router_gc_pause_seconds_total", "edge_gc_pause_seconds_total"):
             d = out.setdefault(m.node or "router", {})
-            key = f"total_gen{m.labels.get('generation')}"
-            d[key] = round(m.value * 1000, 1)  # counters only grow: the last sample is the step's
+            d[f"total_gen{m.labels.get('generation')}"] = round(m.value * 1000, 1)  # counters: the last sample
+        elif m.name in ("router_gc_collections_total", "edge_gc_collections_total"):
+            out.setdefault(m.node or "router", {})[f"count_gen{m.labels.get('generation')}"] = m.value
     return out
 
 

@@ -21,8 +21,8 @@ from aiohttp import web
 
 from edge_server.accept import Listener
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
+from edge_server.gc_watch import GC_WATCH
 from edge_server.lifeline import die_with_parent
-from edge_server.overload_metrics import GC_WATCH
 
 if TYPE_CHECKING:
     from edge_server.node import Node

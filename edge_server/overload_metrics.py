@@ -6,50 +6,15 @@ Read at scrape time from the :class:`edge_server.admission.Gate` and the
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["GC_WATCH", "GcWatch", "OverloadCollector"]
+from edge_server.gc_watch import GC_WATCH
 
-
-class GcWatch:
-    """The garbage collector's pauses in this process (``gc.callbacks``): count, total and longest per
-    generation.  A collection stops the event loop for its whole length, so a long one is a loop lag
-    the adaptive limit sees like any other; these figures say whether a lag was the collector's."""
-
-    __slots__ = ("_started", "count", "installed", "longest_s", "total_s")
-
-    def __init__(self) -> None:
-        self._started = 0.0
-        self.count = [0, 0, 0]
-        self.longest_s = [0.0, 0.0, 0.0]
-        self.total_s = [0.0, 0.0, 0.0]
-        self.installed = False
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-            return
-        took = time.perf_counter() - self._started
-        g = min(2, int(info.get("generation", 0)))
-        self.count[g] += 1
-        self.total_s[g] += took
-        if took > self.longest_s[g]:
-            self.longest_s[g] = took
-
-    def install(self) -> None:
-        """Start watching (once per process)."""
-        if not self.installed:
-            gc.callbacks.append(self)
-            self.installed = True
-
-
-GC_WATCH = GcWatch()  # the process's one collector, watched once the server has set it up
+__all__ = ["OverloadCollector"]
 
 
 class OverloadCollector(Collector):

@@ -18,7 +18,7 @@ from aiohttp import web
 from edge_server.accept import Listener
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
 from edge_server.conn_guard import ConnectionGuard
-from edge_server.overload_metrics import GC_WATCH
+from edge_server.gc_watch import GC_WATCH
 
 __all__ = ["router_main", "serve_router"]
 

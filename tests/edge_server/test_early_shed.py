@@ -281,7 +281,8 @@ def test_a_raw_shed_never_overtakes_a_pipelined_request_aiohttp_still_serves(tmp
 def test_the_gc_watch_counts_collections_and_their_pauses_in_the_overload_metrics() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from edge_server.overload_metrics import GC_WATCH, OverloadCollector
+    from edge_server.gc_watch import GC_WATCH
+    from edge_server.overload_metrics import OverloadCollector
 
     GC_WATCH.install()
     before = GC_WATCH.count[2]
