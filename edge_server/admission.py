@@ -88,6 +88,11 @@ class Gate:
             return QUEUE_STALLED
         return None
 
+    def unstall(self) -> None:
+        """Mark the queue as moving again (the share just at :data:`STALLED_SHARE`): for a caller that saw
+        the overload pass while no waiter came to raise the share; one timed-out waiter stalls it again."""
+        self.queue_ok = max(self.queue_ok, STALLED_SHARE)
+
     def refuse(self, reason: str) -> None:
         """Count an arrival refused for ``reason`` without waiting (also pressure on the limit)."""
         self.pressed += 1

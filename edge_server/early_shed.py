@@ -27,9 +27,10 @@ while the queue is empty *and stalled*, a turn lets through only the slots free 
 about the slots expected to free before those handlers run -- the completions (:attr:`Gate.done`) of
 the last two turns, at least one: the probe -- and sheds the rest here (``queue_stalled``, as the
 handler would have).  A queue that is not stalled (a server that is not overloaded: no waiter ever
-timed out), or a gate with more than a tenth of its slots free (the overload has passed, though no
-waiter came to say so), is not touched and costs one or two more comparisons;
-:attr:`EarlyShed.let_through` counts the requests let by under that rule.
+timed out) is not touched and costs one more comparison.  Once a turn lets through fewer requests than
+it had free slots while a tenth of the slots are free, the overload has passed (though no waiter came
+to say so): the gate's queue is marked as moving again (:meth:`Gate.unstall`) and the normal path
+takes over.  :attr:`EarlyShed.let_through` counts the requests let by under that rule.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class EarlyShed:
     the next turn's: that turn lets one probe through.
     """
 
-    __slots__ = ("_answers", "_credit", "_done_mark", "_last_done", "_turn_at", "_turn_open", "answer", "gate",
-                 "let_through", "on_shed", "route_of", "stale_s", "taken")
+    __slots__ = ("_answers", "_credit", "_done_mark", "_free", "_last_done", "_passed", "_turn_at", "_turn_open",
+                 "answer", "gate", "let_through", "on_shed", "route_of", "stale_s", "taken")
 
     def __init__(self, gate: Gate, route_of: Callable[[bytes], str | None], answer: Callable[[str], bytes],
                  on_shed: Callable[[str], None], stale_s: float = STALE_TURN_S) -> None:
@@ -84,6 +85,8 @@ class EarlyShed:
         self._credit = 0
         self._done_mark = gate.done
         self._last_done = 0
+        self._free = 0  # slots free at the start of the last such turn, and how many it let through
+        self._passed = 0
 
     def _end_turn(self) -> None:
         self._turn_open = False
@@ -98,24 +101,34 @@ class EarlyShed:
             now = loop.time()
             gate = self.gate
             done = gate.done - self._done_mark
-            if now - self._turn_at > self.stale_s:
+            free = max(0, gate.limit - gate.inflight)
+            stale = now - self._turn_at > self.stale_s
+            if free * 10 >= gate.limit and (stale or self._passed < self._free):
+                # A tenth of the slots free and the last such turn let through fewer requests than it had
+                # free slots (nothing was turned away): the overload has passed, though no waiter came to
+                # say so.  The queue is not stalled any more, and the normal path takes over.
+                gate.unstall()
+                return True
+            if stale:
                 done, self._last_done = 0, 0
-            self._credit = max(0, gate.limit - gate.inflight) + max(1, done + self._last_done)
+            self._credit = free + max(1, done + self._last_done)
             self._done_mark, self._last_done, self._turn_at = self.gate.done, done, now
+            self._free, self._passed = free, 0
             self._turn_open = True
             loop.call_soon(self._end_turn)
         if self._credit <= 0:
             return False
         self._credit -= 1
+        self._passed += 1
         self.let_through += 1
         return True
 
     def __call__(self, data: bytes) -> bytes | None:
         gate = self.gate
         if gate.inflight < gate.limit and not gate.queued:
-            if gate.queue_ok >= STALLED_SHARE or gate.inflight * 10 < gate.limit * 9:
+            if gate.queue_ok >= STALLED_SHARE:
                 return None  # a slot is free: the normal path takes it
-            probe, reason = True, QUEUE_STALLED  # few free slots, and every request of this turn sees them
+            probe, reason = True, QUEUE_STALLED  # free slots, but every request of this turn sees them
         else:
             reason = gate.refusal()
             probe = False
