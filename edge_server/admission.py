@@ -54,8 +54,8 @@ class Gate:
     outcome moves the share back up when slots free in time again.
     """
 
-    __slots__ = ("_waiters", "done", "inflight", "limit", "pressed", "queue_max", "queue_ok", "queue_timeout_s",
-                 "queued", "shed")
+    __slots__ = ("_waiters", "done", "inflight", "limit", "outcome_at", "pressed", "queue_max", "queue_ok",
+                 "queue_timeout_s", "queued", "shed")
 
     def __init__(self, limit: int, queue_max: int, queue_timeout_s: float) -> None:
         self.limit = limit
@@ -66,6 +66,7 @@ class Gate:
         self.done = 0  # slots given back or handed over so far (completions: what frees a slot)
         self.queued = 0  # live waiters (the deque may also hold expired ones, skipped on wake-up)
         self.queue_ok = 1.0  # share of recent waiters that got a slot in time (EWMA)
+        self.outcome_at = 0.0  # time.monotonic() of the last waiter's outcome (when queue_ok last moved)
         self.shed = {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0, QUEUE_STALLED: 0}
         self._waiters: deque[asyncio.Future[bool]] = deque()
 
@@ -90,7 +91,8 @@ class Gate:
 
     def unstall(self) -> None:
         """Mark the queue as moving again (the share just at :data:`STALLED_SHARE`): for a caller that saw
-        the overload pass while no waiter came to raise the share; one timed-out waiter stalls it again."""
+        no waiter for a while (the overload has passed, and no waiter came to raise the share); one
+        timed-out waiter stalls it again."""
         self.queue_ok = max(self.queue_ok, STALLED_SHARE)
 
     def refuse(self, reason: str) -> None:
@@ -123,6 +125,7 @@ class Gate:
         finally:
             timer.cancel()
         self.queue_ok += QUEUE_EWMA * ((1.0 if granted else 0.0) - self.queue_ok)
+        self.outcome_at = time.monotonic()
         if granted:
             return None
         self.shed[QUEUE_TIMEOUT] += 1

@@ -27,16 +27,17 @@ while the queue is empty *and stalled*, a turn lets through only the slots free 
 about the slots expected to free before those handlers run -- the completions (:attr:`Gate.done`) of
 the last two turns, at least one: the probe -- and sheds the rest here (``queue_stalled``, as the
 handler would have).  A queue that is not stalled (a server that is not overloaded: no waiter ever
-timed out) is not touched and costs one more comparison.  Once a turn lets through fewer requests than
-it had free slots while a tenth of the slots are free, the overload has passed (though no waiter came
-to say so): the gate's queue is marked as moving again (:meth:`Gate.unstall`) and the normal path
-takes over.  :attr:`EarlyShed.let_through` counts the requests let by under that rule.
+timed out) is not touched and costs one more comparison.  Under overload the probes queue all the
+time; once no waiter has come for ``share_ttl_s`` (1 s), the overload has passed and the share is old
+news: the gate's queue is marked as moving again (:meth:`Gate.unstall`) and the normal path takes over.
+:attr:`EarlyShed.let_through` counts the requests let by under the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Mapping
 
 from edge_server.admission import QUEUE_STALLED, STALLED_SHARE, Gate
@@ -47,6 +48,7 @@ _END = b"\r\n\r\n"
 _PLAIN_BODY_ONLY = (b"\r\ntransfer-encoding:", b"\r\nexpect:", b"\r\nconnection: close", b"\r\nconnection:close")
 _LENGTH = b"\r\ncontent-length:"
 STALE_TURN_S = 0.1  # completions counted over a longer gap than this say nothing about the next turn
+SHARE_TTL_S = 1.0  # no waiter's outcome for this long: the queue's share is old news, the overload has passed
 
 
 def shed_answer(code: str, message: str, reason: str, headers: Mapping[str, str]) -> bytes:
@@ -68,13 +70,14 @@ class EarlyShed:
     the next turn's: that turn lets one probe through.
     """
 
-    __slots__ = ("_answers", "_credit", "_done_mark", "_free", "_last_done", "_passed", "_turn_at", "_turn_open",
-                 "answer", "gate", "let_through", "on_shed", "route_of", "stale_s", "taken")
+    __slots__ = ("_answers", "_credit", "_done_mark", "_last_done", "_turn_at", "_turn_open", "answer", "gate",
+                 "let_through", "on_shed", "route_of", "share_ttl_s", "stale_s", "taken")
 
     def __init__(self, gate: Gate, route_of: Callable[[bytes], str | None], answer: Callable[[str], bytes],
-                 on_shed: Callable[[str], None], stale_s: float = STALE_TURN_S) -> None:
+                 on_shed: Callable[[str], None], stale_s: float = STALE_TURN_S,
+                 share_ttl_s: float = SHARE_TTL_S) -> None:
         self.gate, self.route_of, self.answer, self.on_shed = gate, route_of, answer, on_shed
-        self.stale_s = stale_s
+        self.stale_s, self.share_ttl_s = stale_s, share_ttl_s
         self._answers: dict[str, bytes] = {}
         self.taken = 0  # requests answered here (also counted in the gate's sheds)
         self.let_through = 0  # requests let through while the queue was empty and stalled (see the module)
@@ -85,8 +88,6 @@ class EarlyShed:
         self._credit = 0
         self._done_mark = gate.done
         self._last_done = 0
-        self._free = 0  # slots free at the start of the last such turn, and how many it let through
-        self._passed = 0
 
     def _end_turn(self) -> None:
         self._turn_open = False
@@ -103,23 +104,20 @@ class EarlyShed:
             done = gate.done - self._done_mark
             free = max(0, gate.limit - gate.inflight)
             stale = now - self._turn_at > self.stale_s
-            if free * 10 >= gate.limit and (stale or self._passed < self._free):
-                # A tenth of the slots free and the last such turn let through fewer requests than it had
-                # free slots (nothing was turned away): the overload has passed, though no waiter came to
-                # say so.  The queue is not stalled any more, and the normal path takes over.
+            if time.monotonic() - gate.outcome_at > self.share_ttl_s:
+                # No waiter for a while: the overload has passed (under overload the probes queue all the
+                # time), and a share that old says nothing.  The normal path takes over.
                 gate.unstall()
                 return True
             if stale:
                 done, self._last_done = 0, 0
             self._credit = free + max(1, done + self._last_done)
             self._done_mark, self._last_done, self._turn_at = self.gate.done, done, now
-            self._free, self._passed = free, 0
             self._turn_open = True
             loop.call_soon(self._end_turn)
         if self._credit <= 0:
             return False
         self._credit -= 1
-        self._passed += 1
         self.let_through += 1
         return True
 
