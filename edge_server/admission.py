@@ -28,8 +28,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from edge_server.gc_watch import GC_WATCH
-
 __all__ = ["QUEUE_FULL", "QUEUE_STALLED", "QUEUE_TIMEOUT", "AdaptiveLimit", "Gate", "RetryBudget"]
 
 QUEUE_FULL = "queue_full"  # shed reason: the queue was full on arrival
@@ -243,17 +241,13 @@ class AdaptiveLimit:
             self._last_change = now
 
     async def run(self) -> None:
-        """Sample the loop's lag every ``tick_s`` for ever (cancel to stop).  Time the garbage collector
-        stopped the loop during a tick (:data:`edge_server.gc_watch.GC_WATCH`, once installed) is not
-        counted: admitting less does not shorten a collection (measured at 1x capacity through the
-        router: single collections of up to 230 ms, 2.4 s of a 20 s step in all, while the limit was cut
-        16 times and a sixth of the load shed)."""
-        mono, watch = time.monotonic, GC_WATCH
+        """Sample the loop's lag every ``tick_s`` for ever (cancel to stop)."""
+        mono = time.monotonic
         while True:
-            t0, paused = mono(), watch.paused_s
+            t0 = mono()
             await asyncio.sleep(self.tick_s)
             now = mono()
-            self.observe(now, max(0.0, now - t0 - self.tick_s - (watch.paused_s - paused)))
+            self.observe(now, max(0.0, now - t0 - self.tick_s))
 
 
 class RetryBudget:
