@@ -144,6 +144,34 @@ def _gauge_min(metrics: list[Any], name: str) -> float | None:
     return min(values) if values else None
 
 
+def _gauge_quantiles(metrics: list[Any], name: str, scale: float) -> dict[str, float | None]:
+    """p50 / p95 / max of a gauge's scraped samples (x ``scale``): for the router's loop lag, how long a
+    request's bytes could wait in the kernel before the router read them."""
+    values = sorted(m.value * scale for m in metrics if m.name == name)
+    return {"p50": _pct(values, 0.5), "p95": _pct(values, 0.95),
+            "max": round(values[-1], 3) if values else None, "samples": len(values)}
+
+
+def _gc_longest(metrics: list[Any]) -> dict[str, dict[str, float]]:
+    """Per process and generation: the longest garbage collection (ms), their total (ms) and count."""
+    out: dict[str, dict[str, float]] = {}
+    for m in metrics:
+        if m.name in ("router_gc_pause_longest_seconds", "edge_gc_pause_longest_seconds"):
+            out.setdefault(m.node or "router", {})[f"gen{m.labels.get('generation')}"] = round(m.value * 1000, 1)
+        elif m.name in ("router_gc_pause_seconds_total", "edge_gc_pause_seconds_total"):
+            d = out.setdefault(m.node or "router", {})
+            d[f"total_gen{m.labels.get('generation')}"] = round(m.value * 1000, 1)  # counters: the last sample
+        elif m.name in ("router_gc_collections_total", "edge_gc_collections_total"):
+            out.setdefault(m.node or "router", {})[f"count_gen{m.labels.get('generation')}"] = m.value
+    return out
+
+
+def _generator_cpu_pct(gen: dict[str, Any], duration: float) -> float | None:
+    """The load generator's CPU over the step, in % of one core (all its processes)."""
+    procs = gen.get("processes") or []
+    return round(100 * sum(p.get("cpu_s") or 0 for p in procs) / duration, 1) if procs else None
+
+
 def listen_overflows() -> int | None:
     """The kernel's count of connections dropped because a listener's accept queue was full (TcpExt
     ListenOverflows; for the whole network namespace, so other programs' listeners count too)."""
@@ -208,6 +236,11 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "shed_answer_ms": {q: _pct(shed_ms, f) for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "adaptive_cuts": _counter_total(rec.metrics, CUTS_METRICS),
         "shed_from_raw_bytes": _counter_total(rec.metrics, ("router_shed_raw_total", "edge_shed_raw_total")),
+        "probes_let_through": _counter_total(rec.metrics, ("router_shed_probes_total", "edge_shed_probes_total")),
+        "router_loop_lag_ms": _gauge_quantiles(rec.metrics, "router_inflight_limit_lag_seconds", 1000.0),
+        "generator_cpu_pct_of_core": _generator_cpu_pct(gen, duration),
+        "shed_answer_phases_ms": gen.get("shed_phases_ms"),
+        "gc_pause_longest_ms": _gc_longest(rec.metrics),
         "router_limit_min": _gauge_min(rec.metrics, "router_inflight_limit"),
         "router_rss_peak_mb": _peak_rss(rec.processes, True), "node_rss_peak_mb": _peak_rss(rec.processes, False),
         "peak_inflight": s["peak_inflight"], "peak_queue": s["peak_queue"],
@@ -293,7 +326,8 @@ def main() -> int:
     parser.add_argument("--capacity-rps", type=float, default=None, help="skip the capacity step: use this")
     parser.add_argument("--multiples", default=",".join(map(str, MULTIPLES)),
                         help="open-loop steps as multiples of the capacity ('' for none)")
-    parser.add_argument("--users", default="", help="comma-separated closed-loop user counts (default 1000 ... 5000)")
+    parser.add_argument("--users", default="", help="comma-separated closed-loop user counts (default 1000 ... 5000; "
+                        "'none' for no closed-loop step)")
     args = parser.parse_args()
     install_signal_handlers()
     started = time.time()
@@ -302,7 +336,9 @@ def main() -> int:
         parser.error(f"--step-s must be >= {TAIL_S + 1:g} (the last {TAIL_S:g} s of a step are not measured), "
                      f"got {step_s:g}")
     try:
-        users = [int(x) for x in args.users.split(",") if x.strip()] or list(QUICK_USERS if args.quick else FULL_USERS)
+        users = [int(x) for x in args.users.split(",") if x.strip()] if args.users.strip() != "none" else []
+        if not users and args.users.strip() != "none":
+            users = list(QUICK_USERS if args.quick else FULL_USERS)
         multiples = [float(x) for x in args.multiples.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--users / --multiples must be comma-separated numbers, got {args.users!r} / {args.multiples!r}")

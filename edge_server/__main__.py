@@ -21,6 +21,7 @@ from aiohttp import web
 
 from edge_server.accept import Listener
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
+from edge_server.gc_watch import GC_WATCH
 from edge_server.lifeline import die_with_parent
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ async def serve_node(config: ClusterConfig, node_id: str, drain_s: float) -> int
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+    GC_WATCH.install()  # its pauses in /metrics (a long one is a loop lag)
     assert node.gossiper is not None
     tasks = [asyncio.create_task(node.gossiper.run(), name="gossip"),
              asyncio.create_task(node.housekeeping(), name="housekeeping")]

@@ -52,8 +52,8 @@ class Gate:
     outcome moves the share back up when slots free in time again.
     """
 
-    __slots__ = ("_waiters", "inflight", "limit", "pressed", "queue_max", "queue_ok", "queue_timeout_s", "queued",
-                 "shed")
+    __slots__ = ("_waiters", "done", "inflight", "limit", "outcome_at", "pressed", "queue_max", "queue_ok",
+                 "queue_timeout_s", "queued", "shed")
 
     def __init__(self, limit: int, queue_max: int, queue_timeout_s: float) -> None:
         self.limit = limit
@@ -61,8 +61,10 @@ class Gate:
         self.queue_max = queue_max
         self.queue_timeout_s = queue_timeout_s
         self.inflight = 0
+        self.done = 0  # slots given back or handed over so far (completions: what frees a slot)
         self.queued = 0  # live waiters (the deque may also hold expired ones, skipped on wake-up)
         self.queue_ok = 1.0  # share of recent waiters that got a slot in time (EWMA)
+        self.outcome_at = 0.0  # time.monotonic() of the last waiter's outcome (when queue_ok last moved)
         self.shed = {QUEUE_FULL: 0, QUEUE_TIMEOUT: 0, QUEUE_STALLED: 0}
         self._waiters: deque[asyncio.Future[bool]] = deque()
 
@@ -84,6 +86,12 @@ class Gate:
         if self.queued and self.queue_ok < STALLED_SHARE:
             return QUEUE_STALLED
         return None
+
+    def unstall(self) -> None:
+        """Mark the queue as moving again (the share just at :data:`STALLED_SHARE`): for a caller that saw
+        no waiter for a while (the overload has passed, and no waiter came to raise the share); one
+        timed-out waiter stalls it again."""
+        self.queue_ok = max(self.queue_ok, STALLED_SHARE)
 
     def refuse(self, reason: str) -> None:
         """Count an arrival refused for ``reason`` without waiting (also pressure on the limit)."""
@@ -115,6 +123,7 @@ class Gate:
         finally:
             timer.cancel()
         self.queue_ok += QUEUE_EWMA * ((1.0 if granted else 0.0) - self.queue_ok)
+        self.outcome_at = time.monotonic()
         if granted:
             return None
         self.shed[QUEUE_TIMEOUT] += 1
@@ -128,6 +137,7 @@ class Gate:
     def leave(self) -> None:
         """Give the slot back, or hand it straight to the oldest live waiter (unless the limit was
         lowered below the slots held: then the slot is given back)."""
+        self.done += 1
         while self._waiters and self.inflight <= self.limit:
             fut = self._waiters.popleft()
             if not fut.done():

@@ -12,6 +12,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_server.gc_watch import GC_WATCH
+
 __all__ = ["OverloadCollector"]
 
 
@@ -34,6 +36,17 @@ class OverloadCollector(Collector):
                                     value=self.adaptive.lag_s)
             yield CounterMetricFamily(f"{p}_inflight_limit_cuts", "Times the adaptive limit was lowered for lag",
                                       value=self.adaptive.cuts)
+        if GC_WATCH.installed:
+            n = CounterMetricFamily(f"{p}_gc_collections", "Garbage collections", labels=["generation"])
+            total = CounterMetricFamily(f"{p}_gc_pause_seconds", "Time the garbage collector stopped the loop",
+                                        labels=["generation"])
+            longest = GaugeMetricFamily(f"{p}_gc_pause_longest_seconds", "Longest garbage collection so far",
+                                        labels=["generation"])
+            for g in range(3):
+                n.add_metric([str(g)], GC_WATCH.count[g])
+                total.add_metric([str(g)], GC_WATCH.total_s[g])
+                longest.add_metric([str(g)], GC_WATCH.longest_s[g])
+            yield from (n, total, longest)
         if gate is not None:
             yield GaugeMetricFamily(f"{p}_inflight", "Requests holding an admission slot", value=gate.inflight)
             yield GaugeMetricFamily(f"{p}_inflight_limit", "Admission slots", value=gate.limit)
@@ -49,6 +62,9 @@ class OverloadCollector(Collector):
             if early is not None:
                 yield CounterMetricFamily(f"{p}_shed_raw", "Sheds answered from the raw bytes, before aiohttp parsed "
                                           "the request (also in the overload sheds)", value=early.taken)
+                yield CounterMetricFamily(f"{p}_shed_probes", "Requests let through to an empty, stalled admission "
+                                          "queue (at most the completions of the last two loop turns per turn)",
+                                          value=getattr(early, "let_through", 0))
             closed = CounterMetricFamily(f"{p}_connections_closed", "Client connections closed by the guard",
                                          labels=["reason"])
             for reason, n in sorted(guard.closed.items()):

@@ -18,6 +18,7 @@ from aiohttp import web
 from edge_server.accept import Listener
 from edge_server.config import ClusterConfig, ConfigError, load_cluster
 from edge_server.conn_guard import ConnectionGuard
+from edge_server.gc_watch import GC_WATCH
 
 __all__ = ["router_main", "serve_router"]
 
@@ -45,6 +46,7 @@ async def serve_router(config: ClusterConfig, host: str, port: int) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+    GC_WATCH.install()  # its pauses in /metrics (a long one is a loop lag)
     rc = config.router
     # Our own listening socket with a protocol factory that wraps aiohttp's handler: slow or idle
     # clients are cut off (edge_server.conn_guard); runner.cleanup() still closes every connection.

@@ -5,6 +5,7 @@ kept-alive connection with the same answer as the normal path.  No timing is ass
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import json
 import socket
@@ -85,6 +86,52 @@ async def test_a_queue_whose_waiters_time_out_is_stalled_but_keeps_one_probe() -
     before = gate.queue_ok
     gate.leave()  # the slot goes to the probe, whose success raises the share
     assert await probe is None and gate.queue_ok > before
+
+
+async def test_an_empty_stalled_queue_lets_through_per_turn_the_free_slots_and_the_last_two_turns_completions() -> None:
+    gate = Gate(limit=40, queue_max=100, queue_timeout_s=0.001)
+    for _ in range(40):
+        assert gate.try_enter()
+    for _ in range(40):  # waiters that all time out: the queue is stalled, and empty
+        assert await gate.enter() is not None
+    assert gate.queue_ok < 0.5 and not gate.queued and gate.refusal() is None
+    shed_before = gate.shed[QUEUE_STALLED]
+    early, routes = _early(gate)
+    early.stale_s = early.share_ttl_s = 3600.0  # every turn here counts, however slow the machine
+
+    def turn() -> int:
+        """Ten requests read in one loop turn: how many were let through (the rest are shed here)."""
+        answers = [early(REQUEST) for _ in range(10)]
+        assert all(a is None or b"X-Edge-Shed: queue_stalled" in a for a in answers)
+        return sum(a is None for a in answers)
+
+    assert turn() == 1  # no completion seen yet: one probe
+    await asyncio.sleep(0)
+    for _ in range(3):  # three requests finish and three new ones take their slots
+        gate.leave()
+        assert gate.try_enter()
+    assert turn() == 3  # the completions of the last two turns: 3 + 0
+    await asyncio.sleep(0)
+    assert turn() == 3  # 0 + 3
+    await asyncio.sleep(0)
+    assert turn() == 1  # 0 + 0: one probe again
+    assert early.let_through == 8 and early.taken == 32 and len(routes) == 32
+    assert gate.shed[QUEUE_STALLED] - shed_before == 32 and gate.inflight == 40 and not gate.queued
+    await asyncio.sleep(0)
+    gate.leave()
+    gate.leave()  # two slots free: every request of a turn sees them, only as many may take them
+    assert turn() == 2 + 2  # free slots + completions of the last two turns (2 + 0)
+    await asyncio.sleep(0)
+    assert turn() == 2 + 2  # (the handlers of those let through have not run: still 2 free) + 0 + 2
+    await asyncio.sleep(0)
+    # No waiter's outcome for longer than share_ttl_s: the overload has passed, though no waiter came to
+    # say so; the queue counts as moving again and nothing is budgeted.
+    early.share_ttl_s = 0.0
+    assert turn() == 10 and gate.queue_ok >= 0.5
+    for _ in range(2):
+        assert gate.try_enter()
+    gate.queue_ok = 1.0  # a full gate whose queue moves again: every request may wait, none is shed here
+    assert turn() == 10
 
 
 def _post(port: int, path: str, times: int = 3) -> list[tuple[int, dict[str, str], bytes]]:
@@ -230,3 +277,20 @@ def test_a_raw_shed_never_overtakes_a_pipelined_request_aiohttp_still_serves(tmp
         proc.wait(5)
     assert first == 200 and "result" in json.loads(body), (first, body)  # the first invoke's own answer
     assert second in (200, 503)
+
+
+def test_the_gc_watch_counts_collections_and_their_pauses_in_the_overload_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edge_server.gc_watch import GC_WATCH
+    from edge_server.overload_metrics import OverloadCollector
+
+    GC_WATCH.install()
+    before = GC_WATCH.count[2]
+    gc.collect()
+    assert GC_WATCH.count[2] == before + 1 and GC_WATCH.total_s[2] > 0 and GC_WATCH.longest_s[2] > 0
+    registry = CollectorRegistry()
+    registry.register(OverloadCollector("edge", lambda: (None, None)))
+    text = generate_latest(registry).decode()
+    assert 'edge_gc_collections_total{generation="2"}' in text
+    assert 'edge_gc_pause_longest_seconds{generation="2"}' in text

@@ -201,6 +201,7 @@ class LoadGenerator:
         )
         if load.client == "lean":
             session: Any = LeanSession(plan.url, limit, plan.timeout_s)
+            session.on_phases = self._phases
             if plan.warm_connections:
                 self.result.warmed = await session.warm(plan.warm_connections)
         else:
@@ -209,6 +210,14 @@ class LoadGenerator:
                                             skip_auto_headers=("User-Agent",))
         self._session = session
         return session
+
+    def _phases(self, status: int, pool_s: float, wire_s: float, resume_s: float) -> None:
+        """Where a 503's answer time went (the lean client's per-answer callback)."""
+        if status == 503:
+            h = self.result.shed_phases
+            h["pool"].record_value(min(max(int(pool_s * 1e6), 1), HIST_MAX_US))
+            h["wire"].record_value(min(max(int(wire_s * 1e6), 1), HIST_MAX_US))
+            h["resume"].record_value(min(max(int(resume_s * 1e6), 1), HIST_MAX_US))
 
     async def _drain(self, grace_s: float, why: str) -> None:
         """Give in-flight requests ``grace_s``, then cancel them: each is recorded as cut at the end,

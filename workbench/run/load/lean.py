@@ -32,7 +32,9 @@ whose request timed out or was cancelled is closed, never reused (its answer may
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -98,9 +100,10 @@ class _Headers:
 class _Conn(asyncio.Protocol):
     """One connection: at most one request at a time; the parsed answer resolves ``waiter``."""
 
-    __slots__ = ("buf", "closed", "transport", "waiter")
+    __slots__ = ("answered_at", "buf", "closed", "transport", "waiter")
 
     def __init__(self) -> None:
+        self.answered_at = 0.0  # time.monotonic() when the last answer was complete in the buffer
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[tuple[int, _Headers, bytes, bool]] | None = None
@@ -156,6 +159,7 @@ class _Conn(asyncio.Protocol):
             body = bytes(buf[start:stop])
             del buf[:stop]
             keep = headers.get("connection", "").lower() != "close"
+        self.answered_at = time.monotonic()
         self.waiter.set_result((int(status_line[1]), headers, body, keep))
 
 
@@ -201,6 +205,10 @@ class LeanSession:
         self._open = 0
         self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
         self.opened = 0  # connections opened so far
+        # Called per answer with (status, pool_s, wire_s, resume_s): waiting for a connection (or opening
+        # one), from the write to the answer complete in this process's buffer (the server, the kernel and
+        # this loop's own delay in reading it), and from there until the request's task ran again.
+        self.on_phases: Callable[[int, float, float, float], None] | None = None
         self._paths: dict[str, str] = {}  # url -> its path (the generator posts to one url)
         self._encoded: dict[tuple[str, int, int], tuple[dict[str, str], bytes, bytes]] = {}
 
@@ -285,6 +293,8 @@ class LeanSession:
 
     async def _request(self, path: str, body: bytes, headers: dict[str, str]) -> _Response:
         raw = self._encode(path, body, headers)
+        mono = time.monotonic
+        began = mono()
         async with asyncio.timeout(self.timeout_s):
             conn = await self._acquire()
             ok = False
@@ -293,12 +303,16 @@ class LeanSession:
                 conn.waiter = loop.create_future()
                 conn.buf.clear()
                 assert conn.transport is not None
+                written = mono()
                 conn.transport.write(raw)
                 status, resp_headers, data, keep = await conn.waiter
+                answered = conn.answered_at
                 ok = keep
             finally:
                 conn.waiter = None
                 self._release(conn, ok)
+        if self.on_phases is not None:
+            self.on_phases(status, written - began, answered - written, mono() - answered)
         return _Response(status, resp_headers, data)
 
     async def warm(self, n: int, at_once: int = 128) -> int:

@@ -16,6 +16,7 @@ from workbench.spec.parts import LoadSpec
 __all__ = ["CLASSES", "HIST_MAX_US", "LoadPlan", "LoadResult", "status_class"]
 
 HIST_MAX_US = 60_000_000  # histograms hold 1 µs .. 60 s, 3 significant digits
+SHED_PHASES = ("pool", "wire", "resume")
 CLASSES = ("2xx", "429", "4xx", "5xx", "error")
 
 
@@ -122,6 +123,10 @@ class LoadResult:
     warmed: int = 0  # connections opened before the clock started (plan.warm_connections)
     late: int = 0  # sent more than plan.lag_threshold_ms after their intended time (open loop: behind schedule)
     procs: list[dict[str, float]] = field(default_factory=list)  # per generator process: cpu_s, rss_peak_mb
+    # Where a 503's answer time went (lean client only, µs): waiting for a connection ("pool"), from the
+    # write to the answer read in ("wire": the server, the kernel, our loop's delay in reading), and from
+    # there until the request's task ran again ("resume": our loop's ready queue)
+    shed_phases: dict[str, HdrHistogram] = field(default_factory=lambda: {p: _hist() for p in SHED_PHASES})
 
     @property
     def lag_p99_ms(self) -> float:
@@ -168,6 +173,10 @@ class LoadResult:
             "late_pct": round(100 * self.late / self.sent, 2) if self.sent else 0.0,
             "overflow": self.overflow,
             "processes": list(self.procs),
+            "shed_phases_ms": {
+                p: {f"p{q}": h.get_value_at_percentile(q) / 1e3 for q in (50, 95, 99)}
+                for p, h in self.shed_phases.items() if h.get_total_count()
+            },
             "complete": self.complete,
             "valid": self.valid,
             "invalid_reasons": self.invalid_reasons,
@@ -185,6 +194,8 @@ class LoadResult:
         for c, h in other.latency.items():
             self.latency[c].add(h)
         self.lag.add(other.lag)
+        for p, h in other.shed_phases.items():
+            self.shed_phases[p].add(h)
         self.records.extend(other.records)
         self.sent += other.sent
         self.overflow += other.overflow
@@ -203,6 +214,7 @@ class LoadResult:
             "warmed": self.warmed,
             "records": rows_to_wire(RequestRecord, self.records),
             "latency": {c: h.encode() for c, h in self.latency.items()}, "lag": self.lag.encode(),
+            "shed_phases": {p: h.encode() for p, h in self.shed_phases.items()},
         }  # fmt: skip
 
     @classmethod
@@ -210,6 +222,8 @@ class LoadResult:
         res = cls(plan, w["t0"], w["elapsed_s"], w["sent"], rows_from_wire(RequestRecord, w["records"]))
         res.latency = {c: HdrHistogram.decode(e) for c, e in w["latency"].items()}
         res.lag = HdrHistogram.decode(w["lag"])
+        for p, e in w.get("shed_phases", {}).items():
+            res.shed_phases[p] = HdrHistogram.decode(e)
         res.complete, res.overflow, res.cut_at_end = w["complete"], w["overflow"], w["cut_at_end"]
         res.late, res.procs, res.warmed = w.get("late", 0), list(w.get("procs", [])), w.get("warmed", 0)
         return res
