@@ -18,16 +18,15 @@ __all__ = ["GC_WATCH", "GcWatch"]
 
 
 class GcWatch:
-    """Count, total and longest pause per generation, and :attr:`paused_s`, the total of all."""
+    """Count, total and longest pause per generation."""
 
-    __slots__ = ("_started", "count", "installed", "longest_s", "paused_s", "total_s")
+    __slots__ = ("_started", "count", "installed", "longest_s", "total_s")
 
     def __init__(self) -> None:
         self._started = 0.0
         self.count = [0, 0, 0]
         self.longest_s = [0.0, 0.0, 0.0]
         self.total_s = [0.0, 0.0, 0.0]
-        self.paused_s = 0.0
         self.installed = False
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -38,7 +37,6 @@ class GcWatch:
         g = min(2, int(info.get("generation", 0)))
         self.count[g] += 1
         self.total_s[g] += took
-        self.paused_s += took
         if took > self.longest_s[g]:
             self.longest_s[g] = took
 
