@@ -11,7 +11,10 @@ bench_outage.py):
    (its 2 gossip peers on cpu 1, beside wrk, as in bench_node.py; their CPU is reported too).  POST
    /v1/limits/check over 1,000 keys whose limit is far above the load, rounds interleaved.  Each side's
    CPU is measured with psutil over each run (app + redis-server; node, and node + peers), and given
-   as **CPU-seconds per 1,000 decisions**, a ratio that does not depend on the pinning.
+   as **CPU-seconds per 1,000 decisions**, a ratio that does not depend on the pinning.  Our node
+   answers plain checks from their raw bytes (``server.fast_check``), the Redis app through aiohttp's
+   request path; so the same node with ``fast_check = false`` runs beside them (a second 3-node
+   cluster, pinned the same way), and the ratio is reported for both paths.
 2. **Accuracy**: R = 100 tokens/s, B = 100, one key per design, 2x load from an open-loop asyncio
    client (every request at its intended time); admitted vs the envelope B + R·t.  The Redis app is
    one replica (replicas are stateless, Redis is the state); ours is a 3-node cluster, load split evenly.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -62,6 +66,8 @@ from benchmarks._procs import (
 from benchmarks._targets import target
 from benchmarks.bench_accuracy import worst_interval
 from benchmarks.bench_node import write_lua
+from edge_server.config import load_cluster
+from edge_server.config_dump import write_cluster as write_cluster_config
 
 R = 100.0
 B = 100.0
@@ -73,6 +79,9 @@ SERVER_CPU = {0}
 LOAD_CPU = {1}
 REDIS_SIDE = "redis (app + redis-server, cpu 0)"
 OURS_SIDE = "ours (node, cpu 0)"
+# The same node with ``server.fast_check = false``: every check through aiohttp's request path, the path
+# the Redis app takes too -- so the ratio above is split into what the HTTP path buys and what the store does.
+OURS_AIOHTTP_SIDE = "ours, aiohttp path (node, cpu 0)"
 
 
 @dataclass
@@ -248,6 +257,14 @@ def main() -> int:
         path, nodes = write_cluster(folder, ["eu", "us", "ap"], limits=[("allow-*", 1e9, 1e9), ("*", R, B)])
         cluster = Cluster(path, nodes, procs)
         cluster.start_all({nodes[0].id: SERVER_CPU, nodes[1].id: LOAD_CPU, nodes[2].id: LOAD_CPU})
+        (folder / "aiohttp-path").mkdir()
+        slow_path, slow_nodes = write_cluster(folder / "aiohttp-path", ["eu", "us", "ap"],
+                                              limits=[("allow-*", 1e9, 1e9), ("*", R, B)])
+        slow_config = load_cluster(slow_path)
+        write_cluster_config(slow_path, dataclasses.replace(
+            slow_config, server=dataclasses.replace(slow_config.server, fast_check=False)))
+        slow_cluster = Cluster(slow_path, slow_nodes, procs)
+        slow_cluster.start_all({slow_nodes[0].id: SERVER_CPU, slow_nodes[1].id: LOAD_CPU, slow_nodes[2].id: LOAD_CPU})
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if all(len(http_json(n.url + "/v1/state?keys=none")[1].get("live_peers", [])) == 2 for n in nodes):
@@ -261,7 +278,10 @@ def main() -> int:
         node_proc = psutil.Process(cluster.children[nodes[0].id].pid)
         peer_procs = [psutil.Process(cluster.children[n.id].pid) for n in nodes[1:]]
         targets = {REDIS_SIDE: (wrk_app + "/v1/limits/check", redis_procs, []),
-                   OURS_SIDE: (nodes[0].url + "/v1/limits/check", [node_proc], peer_procs)}
+                   OURS_SIDE: (nodes[0].url + "/v1/limits/check", [node_proc], peer_procs),
+                   OURS_AIOHTTP_SIDE: (slow_nodes[0].url + "/v1/limits/check",
+                                       [psutil.Process(slow_cluster.children[slow_nodes[0].id].pid)],
+                                       [psutil.Process(slow_cluster.children[n.id].pid) for n in slow_nodes[1:]])}
         wopts = {"threads": 1, "connections": 64, "cpus": LOAD_CPU, "script": lua}
         for url, _, _ in targets.values():
             run_wrk(url, duration_s=1, **wopts)
@@ -297,7 +317,7 @@ def main() -> int:
                      "p99_ms": round(med(rows, "p99_ms"), 3), "non_2xx": sum(r["non_2xx"] for r in rows),
                      "cpu_percent_of_one_core": med(rows, "server_cpu_percent_of_one_core"),
                      "cpu_s_per_1000_decisions": med(rows, "cpu_s_per_1000_decisions")}
-            if name == OURS_SIDE:
+            if name != REDIS_SIDE:
                 entry["cpu_s_per_1000_decisions_with_peers"] = med(rows, "cpu_s_per_1000_decisions_with_peers")
             results["throughput"][name] = entry
         per_round = [round(o["requests_per_s"] / max(1.0, r["requests_per_s"]), 3)
@@ -308,6 +328,14 @@ def main() -> int:
         results["throughput_ratio_ours_vs_redis"] = round(statistics.median(per_round), 3)
         results["cpu_per_decision_ratio_redis_vs_ours_per_round"] = cpu_round
         results["cpu_per_decision_ratio_redis_vs_ours"] = round(statistics.median(cpu_round), 3)
+        results["throughput_ratio_ours_aiohttp_path_vs_redis_per_round"] = [
+            round(o["requests_per_s"] / max(1.0, r["requests_per_s"]), 3)
+            for o, r in zip(wrk_runs[OURS_AIOHTTP_SIDE], wrk_runs[REDIS_SIDE], strict=True)]
+        results["throughput_ratio_ours_aiohttp_path_vs_redis"] = round(
+            statistics.median(results["throughput_ratio_ours_aiohttp_path_vs_redis_per_round"]), 3)
+        results["cpu_per_decision_ratio_redis_vs_ours_aiohttp_path"] = round(statistics.median(
+            r["cpu_s_per_1000_decisions"] / max(1e-9, o["cpu_s_per_1000_decisions"])
+            for o, r in zip(wrk_runs[OURS_AIOHTTP_SIDE], wrk_runs[REDIS_SIDE], strict=True)), 3)
         results["runs"] = wrk_runs
 
         # 2. accuracy, no fault
@@ -325,12 +353,15 @@ def main() -> int:
                   f"{v['cpu_percent_of_one_core']:.0f}%", f"{v['cpu_s_per_1000_decisions'] * 1000:.1f}"]
                  for k, v in tp.items()], ["design", "req/s", "p50 ms", "p99 ms", "cpu", "CPU ms / 1,000 decisions"]))
     print(f"ours / redis req/s per round: {per_round}; redis / ours CPU per decision per round: {cpu_round}")
+    print(f"ours through aiohttp's request path / redis req/s per round: "
+          f"{results['throughput_ratio_ours_aiohttp_path_vs_redis_per_round']}")
     print(f"\naccuracy at 2x load, R {R:g}/s B {B:g}, {acc_s:.0f} s")
     print(table([[k, v["admitted"], v["envelope_tokens"], f"{v['over_admission_pct']:+.2f}%", v["errors"]]
                  for k, v in results["accuracy"].items()], ["design", "admitted", "B+R·t", "over-admission", "errors"]))
     fig = go.Figure()
     names = list(tp)
-    fig.add_bar(name="req/s", x=names, y=[tp[n]["requests_per_s"] for n in names], marker_color=["#9ca3af", "#2563eb"],
+    fig.add_bar(name="req/s", x=names, y=[tp[n]["requests_per_s"] for n in names],
+                marker_color=["#9ca3af", "#2563eb", "#93c5fd"],
                 text=[f"p99 {tp[n]['p99_ms']:.1f} ms, {tp[n]['cpu_s_per_1000_decisions'] * 1000:.0f} ms CPU/1k"
                       for n in names], textposition="outside")
     fig.update_layout(title="Same CPU budget (one core): Redis app + redis-server vs our node",
@@ -342,6 +373,7 @@ def main() -> int:
               "redis": f"taskset -c 0 {REDIS} --save '' --appendonly no (loopback)",
               "redis_app": "taskset -c 0 benchmarks/redis_limiter_app.py --pool 64 (low-level server, orjson, uvloop)",
               "ours": "taskset -c 0 edge-server (3-node cluster, gossip 20 ms; peers on cpu 1)",
+              "ours_aiohttp_path": "the same, another 3-node cluster with server.fast_check = false",
               "cpu": "psutil user+system of the processes named, over each wrk run"}
     tgt = [target("ours / redis req/s at one core each (median of rounds)", results["throughput_ratio_ours_vs_redis"],
                   ">=", 1.0)]
