@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.support.signals import interruptible
 from workbench.check import checker
 from workbench.history import Recording
 from workbench.run.cluster import Cluster, ClusterError
@@ -127,7 +128,7 @@ def test_ctrl_c_reaps_everything_and_keeps_partial_results(tmp_path: Path):
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "drill", "--duration-s", "30", "--quiet",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=interruptible)
     try:
         # Interrupt once the load is running: a node has audited a grant (a fixed delay after start-up
         # was too short on a busy machine, and the run then had no request to keep).

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.echo import echo_handler
+from tests.support.signals import interruptible
 from workbench.run.faults.netns import BRIDGE, LAB_ADDR, NetnsError, NetnsLab, lab_namespaces, unavailable_reason
 
 _why = unavailable_reason()
@@ -175,7 +176,8 @@ def _start_cli_drill(tmp_path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "drill", "--quiet", "--faults-backend", "netns", "--duration-s", "30",
          "--route", "check", "--load-rps", "20", "--out", str(tmp_path / "run")],
-        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=interruptible)
 
 
 def _wait_running(proc: subprocess.Popen[bytes], tmp_path: Path, timeout_s: float = 40.0) -> list[str]:
