@@ -45,7 +45,7 @@ from edge_server.strict.lease import Grant, LeaseRequest, NodeLease
 from edge_server.strict.pots import Pots
 from edge_server.strict.rights import ActorRights, KeyRights, actor_id, merge_actor, split_actor
 from edge_server.strict.settings import StrictSettings
-from edge_server.strict.transfers import COLD_EVERY, Transfers
+from edge_server.strict.transfers import Transfers, cold_slots
 from edge_server.token_bucket import CostExceedsBurst, KeyTableFull, Limit, NoLimitForKey
 
 __all__ = ["CostExceedsNodeCap", "StrictDecision", "StrictTable", "Ticket", "UnknownTransfer"]
@@ -82,7 +82,8 @@ class StrictTable(Pots, Transfers, Deltas):
         self._recent: dict[str, int] = {}  # key -> seq of its last change, oldest change first
         self._spent: deque[tuple[float, KeyState]] = deque()  # (first unpublished spend, key), oldest first
         self._hot: list[KeyState] = []  # keys the next tick must visit (short of rights, or wanted)
-        self._slots: list[list[KeyState]] = [[] for _ in range(COLD_EVERY)]  # every key in one; one a round
+        # every key in one slot; one slot visited a round
+        self._slots: list[list[KeyState]] = [[] for _ in range(cold_slots(settings.gossip_s))]
         self._gifting: dict[str, KeyState] = {}  # keys with gifts not yet acknowledged
         self._peers: dict[str, PeerView] = {n: PeerView() for n in self.nodes if n != node_id}
         self._current: dict[str, int] = {}  # node -> highest incarnation seen
@@ -308,7 +309,7 @@ class StrictTable(Pots, Transfers, Deltas):
             st.coef = self._coef(limit)
             _pr, pc, _fr, fc = self._caps(st, 1.0)
             st.most = pc + fc + 1e-9  # float rounding of the caps only
-            self._slots[len(self._keys) % COLD_EVERY].append(st)
+            self._slots[len(self._keys) % len(self._slots)].append(st)
             self._touch(st)
         return st
 

@@ -13,14 +13,23 @@ import math
 
 from edge_server.strict.keystate import KeyState, Unacked
 
-__all__ = ["COLD_EVERY", "Transfers"]
+__all__ = ["COLD_PERIOD_S", "Transfers", "cold_slots"]
 
 DEMAND_TAU_S = 0.5  # demand reported to the voters: an exponential average over about this long
-# Every key is visited by tick at least every this many rounds (1/16 of them each round).  A cold visit
-# is bookkeeping (demand decay, minting, the want of a key no take marked): a key running low or wanted
-# by a peer is visited the next round anyway.  At 8, the cold visits of 1,000 busy keys were most of
-# a round's work on a node serving 20,000 requests a second.
-COLD_EVERY = 16
+# Every key is visited by tick at least once per COLD_PERIOD_S (a slot of its keys each round, at least
+# COLD_SLOTS_MIN slots).  A cold visit is bookkeeping (demand decay, minting, the want of a key no take
+# marked): a key running low or wanted by a peer is visited the next round anyway.  At 16 slots of
+# 20 ms rounds (every key every 0.32 s), the cold visits of 1,000 keys were most of a round's work on
+# a node serving 20,000 requests a second, and 3,000 visits a second on each idle peer.
+COLD_PERIOD_S = 1.0
+COLD_SLOTS_MIN = 4
+
+
+def cold_slots(gossip_s: float) -> int:
+    """How many slots the keys are spread over: one is visited per round, so all once per period."""
+    return max(COLD_SLOTS_MIN, round(COLD_PERIOD_S / gossip_s))
+
+
 WANT_GAP_MAX_STEPS = 8  # a fruitless want is republished at least this many half transfer windows apart ...
 WANT_GAP_MAX_S = 2.0  # ... or, for a slow key, as long as the rest of the cluster takes to mint a token (at most this)
 MIN_GIFT = 1.0  # tokens: a donor gives at least this much, or the whole want if it asks for less
@@ -40,15 +49,15 @@ class Transfers:
         self._rounds += 1
         rnd = self._rounds
         # History older than every key's last settle is never read again (every key is visited at
-        # least every COLD_EVERY rounds); a key settled later than that sees phi = 0 there: less.
-        self.lease.prune(now, max(self.settings.lease_s, (COLD_EVERY + 1) * self.settings.gossip_s))
+        # least once per len(_slots) rounds); a key settled later than that sees phi = 0 there: less.
+        self.lease.prune(now, max(self.settings.lease_s, (len(self._slots) + 1) * self.settings.gossip_s))
         horizon = self.settings.transfer_window_s
         # Every round: the keys running low or newly wanted by a peer, and those with gifts in
-        # flight; besides, one slot of COLD_EVERY, so every key is visited every COLD_EVERY rounds
+        # flight; besides, one slot, so every key is visited once per COLD_PERIOD_S
         # (demand decay, minting, wants of quiet keys) without a round that visits them all at once.
         # A key not visited neither wants nor gives: liveness only -- its pots settle on every take.
         hot, self._hot = self._hot, []
-        for group in (hot, self._slots[rnd % COLD_EVERY], list(self._gifting.values())):
+        for group in (hot, self._slots[rnd % len(self._slots)], list(self._gifting.values())):
             for st in group:
                 if st.visited == rnd:
                     continue
@@ -94,7 +103,7 @@ class Transfers:
                                or (amount > 1.5 * last_amount and amount - last_amount >= MIN_GIFT)):
                 base = self.settings.transfer_window_s / 2
                 if last_at and st.credited - st.want_credited < MIN_GIFT:
-                    st.want_gap = min(2 * max(st.want_gap, base), self._want_gap_max(st, base))
+                    st.want_gap = min(2 * max(st.want_gap, base), self._want_gap_max(st, base, phi))
                 else:
                     st.want_gap = base
                 st.want_credited = st.credited
@@ -150,12 +159,19 @@ class Transfers:
             self._set_unacked(st, [*st.unacked, Unacked(actor, total, from_p, from_f, now + self.settings.ghost_s)])
             self._touch(st)
 
-    def _want_gap_max(self, st: KeyState, base: float) -> float:
+    def _want_gap_max(self, st: KeyState, base: float, phi: float) -> float:
         """The longest a fruitless want waits before it is published again: ``WANT_GAP_MAX_STEPS``
         half windows, or -- for a key so slow that the rest of the cluster mints less than a token in
         that time -- the time it takes to mint one (capped at ``WANT_GAP_MAX_S``): asking sooner can
-        only bring slivers, which no donor gives."""
-        others = st.limit.rate * (1.0 - self.settings.alpha * self.weight)
+        only bring slivers, which no donor gives.
+
+        The rest of the cluster mints the pinned shares of the other nodes and the floating share we
+        do not hold: ``R (1 - alpha w - (1 - alpha) phi)``.  Counting our floating share as theirs (as
+        this did) made a node that holds nearly all of it -- all demand in one region, every key
+        starving -- republish every key's want about every second for gifts its donors could make
+        only every few seconds: a thousand such keys cost half of the node's strict messages."""
+        alpha = self.settings.alpha
+        others = st.limit.rate * max(0.0, 1.0 - alpha * self.weight - (1.0 - alpha) * phi)
         mint_one = MIN_GIFT / others if others > 0 else WANT_GAP_MAX_S
         return max(base * WANT_GAP_MAX_STEPS, min(mint_one, WANT_GAP_MAX_S))
 
