@@ -147,7 +147,8 @@ def _future(what: str, actor: str) -> WireError:
 _INF = math.inf
 
 
-def _rights(raw: Any, where: str, nodes: Collection[str] | None, max_inc: int | None = None) -> ActorRights:
+def _rights(raw: Any, where: str, nodes: Collection[str] | None, max_inc: int | None = None,
+            known: set[str] | None = None) -> ActorRights:
     # The common entry first: four floats, nothing given or accepted, a want of two floats.  ``0.0 <= x
     # < inf`` on a float is exactly ``_num``'s test (NaN fails it); anything else takes the full checks.
     # A node's peers decode every busy key's entry ten times a second: this is most of their strict work.
@@ -163,13 +164,22 @@ def _rights(raw: Any, where: str, nodes: Collection[str] | None, max_inc: int | 
     if not (isinstance(raw, list) and len(raw) == 7 and isinstance(raw[4], dict) and isinstance(raw[5], dict)
             and isinstance(raw[6], list) and len(raw[6]) == 2):
         raise _fail(f"{where} is not [minted, spent, burned, credited, sent, accepted, want]")
+    # ``known``: the actor ids this message already passed through ``_actor`` (the same few givers and
+    # receivers in every entry of a busy key: a donor's peers decode thousands of them a second).
+    if known is None:
+        known = set()
     sent = {}
     for receiver, pair in raw[4].items():
         if not (isinstance(pair, list) and len(pair) == 2):
             raise _fail(f"{where} sent[{receiver!r}] is not [total, echo]")
-        sent[_actor(receiver, f"{where} receiver", nodes, max_inc)] = (_num(pair[0], "total"),
-                                                                       _num(pair[1], "echo"))
-    accepted = {_actor(g, f"{where} giver", nodes, max_inc): _num(v, "accepted") for g, v in raw[5].items()}
+        if receiver not in known:
+            known.add(_actor(receiver, f"{where} receiver", nodes, max_inc))
+        sent[receiver] = (_num(pair[0], "total"), _num(pair[1], "echo"))
+    accepted = {}
+    for giver, value in raw[5].items():
+        if giver not in known:
+            known.add(_actor(giver, f"{where} giver", nodes, max_inc))
+        accepted[giver] = _num(value, "accepted")
     return ActorRights(_num(raw[0], "minted"), _num(raw[1], "spent"), _num(raw[2], "burned"),
                        _num(raw[3], "credited"), sent, accepted,
                        (_num(raw[6][0], "want stamp"), _num(raw[6][1], "want amount")))
@@ -267,7 +277,7 @@ def decode(secret: bytes, data: bytes, signature: str | None, *, nodes: Collecti
         for a, r in item[1].items():
             if a not in actors:
                 actors.add(_actor(a, f"entry {key!r} actor", nodes, max_incarnation))
-            rights[a] = _rights(r, f"entry {key!r}", nodes, max_incarnation)
+            rights[a] = _rights(r, f"entry {key!r}", nodes, max_incarnation, actors)
         entries.append((key, rights))
     return StrictMessage(kind, sender, seq, (_int(body.get("upto"), "'upto'"), entries))
 
