@@ -97,6 +97,32 @@ def test_bad_messages_are_refused_with_a_specific_reason(doc: object, reason: st
     assert reason_of(*signed(doc)) == reason
 
 
+def _two_entries(second: list) -> dict:
+    """A delta whose first entry names b1#2 as giver and receiver (so the decoder knows that id) and
+    whose second entry is ``second``: the entry the decoder's shortcut for known ids takes."""
+    first = [1.0, 0.0, 0.0, 1.0, {"b1#2": [1.0, 2.0]}, {"b1#2": 0.5}, [0.0, 0.0]]
+    return delta_doc(body={"upto": 1, "entries": [["k", {"a1#1": first}], ["j", {"a1#1": second}]]})
+
+
+@pytest.mark.parametrize("second", [
+    [1.0, 0.0, 0.0, 1.0, {}, {"b1#2": -0.5}, [0.0, 0.0]],
+    [1.0, 0.0, 0.0, 1.0, {}, {"b1#2": None}, [0.0, 0.0]],
+    [1.0, 0.0, 0.0, 1.0, {"b1#2": [1.0, -2.0]}, {}, [0.0, 0.0]],
+    [1.0, 0.0, 0.0, 1.0, {"b1#2": [1.0]}, {}, [0.0, 0.0]],
+    [1.0, 0.0, 0.0, 1.0, {"b1#2": "x"}, {}, [0.0, 0.0]],
+    [1.0, 0.0, 0.0, 1.0, {}, {"b1#2": True}, [0.0, 0.0]],
+])
+def test_an_entry_of_known_actors_is_checked_as_fully_as_the_first(second: list) -> None:
+    assert reason_of(*signed(_two_entries(second))) == "malformed"
+
+
+def test_entries_of_known_actors_decode_as_the_first_did() -> None:
+    second = [2.0, 1.0, 0.0, 1.5, {"b1#2": [3.0, 4.0]}, {"b1#2": 1.5}, [5.0, 0.25]]
+    msg = decode(SECRET, *signed(_two_entries(second)), nodes=NODES)
+    rights = msg.body[1][1][1]["a1#1"]
+    assert rights == ActorRights(2.0, 1.0, 0.0, 1.5, {"b1#2": (3.0, 4.0)}, {"b1#2": 1.5}, (5.0, 0.25))
+
+
 def test_bytes_that_are_not_json_are_refused() -> None:
     for data in (b"\xff\xfe", b"{", b"1e999", b"[" * 100_000):
         assert reason_of(data, sign(SECRET, data)) == "malformed"
