@@ -116,6 +116,21 @@ class StrictTable(Pots, Transfers, Deltas):
             raise CostExceedsNodeCap(st.most, st.limit.burst)
         if cost <= 0:
             raise ValueError("cost must be > 0")
+        pr, _pc, fr, _fc = st.coef  # ``_caps`` at phi = 1: the fastest this node can mint this key
+        held = st.f + st.p
+        waited = now - st.stamp
+        if held + (pr + fr) * (waited if waited > 0.0 else 0.0) < cost:
+            # Short even if the whole floating share had been ours since the last settle: a settle
+            # could only say no too, so it is left to the next take or visit (it mints from ``stamp``,
+            # and only ever less for the wait).  Most takes of a starving key end here; a settle on
+            # each of them was most of a denial's cost.  ``remaining`` is as of that settle; the
+            # retry hint is the soonest this node could mint the rest.
+            st.requested += cost
+            if not st.hot and now - st.want[0] >= st.want_gap:
+                self._mark(st)
+            short = cost - held
+            retry = min(max(short / (pr + fr), self.settings.gossip_s) if pr + fr > 0 else 1.0, 60.0)
+            return StrictDecision(False, held, st.limit.burst, retry, None)
         phi = self._settle(st, now)
         st.requested += cost
         if st.f + st.p >= cost:
