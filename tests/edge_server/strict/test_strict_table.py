@@ -200,3 +200,39 @@ def test_a_late_message_of_a_dead_incarnation_does_not_reset_what_its_successor_
     assert a.delta_for("b1")[1] == []  # nothing to resend: the successor already has it all
     a.merge("b1#3", [], 1.02)  # a newer incarnation does start from scratch
     assert a.delta_for("b1")[1]
+
+
+def _always_settled_take(t: StrictTable, key: str, cost: int, now: float):
+    """A take that settles first: the reference the no-settle denial must agree with."""
+    st = t._keys.get(key) or t._get(key, now)
+    t._settle(st, now)
+    return t.take(key, cost, now)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_denial_without_settling_decides_as_a_settled_take_would(seed: int) -> None:
+    """``take`` skips the settle of a key that could not hold ``cost`` even at the fastest mint since
+    its last settle.  Two tables, one always settled first, see the same takes at the same times
+    (random gaps and costs, leases renewed and lapsing): every decision and every admitted total agree."""
+    import random
+
+    rng = random.Random(seed)
+    voter_a, voter_b = Voter("v", ["v"], NODES, StrictSettings(alpha=0.2, lease_ms=200, rho=0.0), now=0.0), \
+        Voter("v", ["v"], NODES, StrictSettings(alpha=0.2, lease_ms=200, rho=0.0), now=0.0)
+    fast, ref = table("a1", alpha=0.2), table("a1", alpha=0.2)
+    now, admitted = 0.0, [0, 0]
+    for _ in range(3000):
+        now += rng.choice((0.0, 0.001, 0.004, 0.02, 0.15))
+        if rng.random() < 0.05:  # renewals, sometimes late enough for the lease to lapse between them
+            lease_up(fast, voter_a, now)
+            lease_up(ref, voter_b, now)
+        cost = rng.choice((1, 1, 1, 2, 3))
+        key = rng.choice(("k1", "k2"))
+        d1 = fast.take(key, cost, now)
+        d2 = _always_settled_take(ref, key, cost, now)
+        assert d1.allowed == d2.allowed, (now, key, cost)
+        for t, d, i in ((fast, d1, 0), (ref, d2, 1)):
+            if d.allowed:
+                assert d.ticket is not None and t.commit(d.ticket, now)
+                admitted[i] += cost
+    assert admitted[0] == admitted[1] > 0
