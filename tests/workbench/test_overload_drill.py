@@ -41,6 +41,9 @@ async def test_drill_over_capacity_records_sheds_and_reports_overload(tmp_path: 
     assert s["no_healthy_region"] == 0
     sheds = [r for r in rec.requests if overload.is_shed(r)]
     assert all(r.error == "router_overloaded" for r in sheds)
+    # each shed carries its reason (X-Edge-Shed), saved and loaded with the recording
+    assert all(r.shed in ("queue_full", "queue_timeout", "queue_stalled", "loop_lag") for r in sheds), \
+        {r.shed for r in sheds}
     # the verdict counts the sheds against the error budget
     assert not result.summary["invariants_ok"]
     # the generator waited for the requests in flight at the end (up to their timeout): none was cut

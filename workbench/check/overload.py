@@ -32,6 +32,7 @@ from typing import Any
 from workbench.history import MetricSample, Recording, RequestRecord, RouterSample
 
 __all__ = [
+    "ON_ARRIVAL_SHEDS",
     "SHED_CODES",
     "OverloadTracker",
     "ejections",
@@ -44,6 +45,7 @@ __all__ = [
     "rotation_intervals",
     "rotation_state",
     "shed_counters",
+    "shed_wait",
     "tracker_for",
 ]
 
@@ -61,6 +63,23 @@ _COUNTERS = frozenset({*_EJECTIONS, *_SHEDS, _CHECK_SUM, _CHECK_COUNT})
 def is_shed(r: RequestRecord) -> bool:
     """A quick 503 of admission control (router or node)."""
     return r.status == 503 and r.error in SHED_CODES
+
+
+# Shed reasons (X-Edge-Shed) of a request refused on arrival: the quick 503s for the excess.  Every other
+# reason waited by design first -- a queue's deadline (queue_timeout), a connect while the router's loop
+# lagged (loop_lag), a request that reached its node past its deadline (deadline) -- so its answer time
+# is that wait, not the shedding's.
+ON_ARRIVAL_SHEDS = frozenset({"queue_full", "queue_stalled"})
+
+
+def shed_wait(r: RequestRecord) -> str:
+    """``on_arrival`` (refused as it came), ``after_wait`` (shed after a wait by design) or ``unknown`` (no
+    X-Edge-Shed recorded) for a shed; ``""`` for anything else."""
+    if not is_shed(r):
+        return ""
+    if r.shed in ON_ARRIVAL_SHEDS:
+        return "on_arrival"
+    return "after_wait" if r.shed else "unknown"
 
 
 def outcome(r: RequestRecord) -> str:

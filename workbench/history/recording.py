@@ -26,7 +26,9 @@ from workbench.history.records import (
 
 __all__ = ["FORMAT_VERSION", "Recording", "RecordingError"]
 
-FORMAT_VERSION = 3  # bump when records change (2: RequestRecord.retried_from, 3: RouterSample); load refuses others
+# bump when records change (2: RequestRecord.retried_from, 3: RouterSample, 4: RequestRecord.shed);
+# load refuses others
+FORMAT_VERSION = 4
 
 
 class RecordingError(ValueError):

@@ -80,6 +80,7 @@ class RequestRecord:
     route: str = "invoke"  # "invoke" or "check"
     allowed: bool | None = None  # check route: the "allowed" field of a 200; None for invoke
     retried_from: str = ""  # X-Router-Retried: the node the router tried first (it never answered)
+    shed: str = ""  # X-Edge-Shed of a 503 that shed the request: why (queue_full, queue_timeout, ...)
 
     @property
     def latency_ms(self) -> float:

@@ -183,3 +183,19 @@ def test_rotation_spans_say_why_a_node_is_out():
     assert overload.overload_summary(rec)["most_out_of_rotation"] is None  # never sampled: not "0"
     rec.routers += samples
     assert overload.overload_summary(rec)["most_out_of_rotation"] == 1
+
+
+def test_sheds_are_told_apart_by_whether_they_waited_first() -> None:
+    """Refused on arrival (the quick 503s) vs shed after a wait by design (a queue's deadline, a node
+    reached past the deadline); a shed without its reason is unknown; anything else is no shed."""
+    def shed(reason: str, error: str = "router_overloaded") -> RequestRecord:
+        r = _req(1.0, 503, error)
+        r.shed = reason
+        return r
+    assert overload.shed_wait(shed("queue_full")) == "on_arrival"
+    assert overload.shed_wait(shed("queue_stalled", "overloaded")) == "on_arrival"
+    assert overload.shed_wait(shed("queue_timeout")) == "after_wait"
+    assert overload.shed_wait(shed("deadline", "overloaded")) == "after_wait"
+    assert overload.shed_wait(shed("")) == "unknown"
+    assert overload.shed_wait(shed("queue_full", "no_healthy_region")) == ""
+    assert overload.shed_wait(_req(1.0, 200)) == ""

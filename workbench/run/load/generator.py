@@ -312,7 +312,7 @@ class LoadGenerator:
             if route == "invoke":
                 headers["Authorization"] = f"Bearer {plan.api_keys[tenant]}"  # type: ignore[index]
             self._headers[(home, tenant)] = headers
-        status, region, node, error, request_id, allowed, retried = 0, "", "", "", "", None, ""
+        status, region, node, error, request_id, allowed, retried, shed = 0, "", "", "", "", None, "", ""
         wait = 0.0
         try:
             async with self._session.post(self._url, data=self._body(tenant), headers=headers) as resp:  # type: ignore[union-attr]
@@ -324,6 +324,8 @@ class LoadGenerator:
                 retried = resp.headers.get("X-Router-Retried", "")
                 if status in _RETRY_STATUSES:
                     wait = retry_after_s(resp.headers.get("Retry-After"))
+                    if status == 503:
+                        shed = resp.headers.get("X-Edge-Shed", "")
                 if status == 200 and route == "check":
                     allowed = _allowed(data)
                 elif status >= 300:
@@ -336,16 +338,16 @@ class LoadGenerator:
             error = f"timeout after {plan.timeout_s} s"
         except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed, retried)
+        self._finish(intended, start, home, region, node, tenant, status, error, request_id, allowed, retried, shed)
         return wait
 
     def _finish(
         self, intended: float, start: float, home: str, region: str, node: str, key: str, status: int, error: str,
-        request_id: str = "", allowed: bool | None = None, retried: str = "",
+        request_id: str = "", allowed: bool | None = None, retried: str = "", shed: str = "",
     ) -> None:
         rec = RequestRecord(
             intended, start, time.monotonic() - self._t0, home, region, node, key, self.load.cost, status, error,
-            request_id, self.load.route, allowed, retried,
+            request_id, self.load.route, allowed, retried, shed,
         )
         self.result.add(rec)
         if self.on_record is not None:
