@@ -194,10 +194,16 @@ def main() -> int:
     for case in scripts:
         e_rps, s_rps = med(f"eventual {case}", "requests_per_s"), med(f"strict {case}", "requests_per_s")
         e_p99, s_p99 = med(f"eventual {case}", "p99_ms"), med(f"strict {case}", "p99_ms")
+        cpu_us = {m: round(statistics.median(1e4 * r["server_cpu_percent"] / r["requests_per_s"]
+                                             for r in runs[f"{m} {case}"]), 1) for m in MODES}
         figures[case] = {"eventual_rps": round(e_rps), "strict_rps": round(s_rps),
                          "rps_ratio": round(s_rps / e_rps, 3) if e_rps else None,
                          "eventual_p99_ms": e_p99, "strict_p99_ms": s_p99,
                          "p99_ratio": round(s_p99 / e_p99, 3) if e_p99 else None,
+                         # CPU of the node under test per request (µs): what a request costs it, even
+                         # where wrk on the other core is what holds the req/s back
+                         **{f"{m}_cpu_us_per_request": cpu_us[m] for m in MODES},
+                         "cpu_per_request_ratio": round(cpu_us["strict"] / cpu_us["eventual"], 3),
                          "strict_messages_per_s": med(f"strict {case}", "strict_messages_per_s"),
                          "strict_messages_per_1k_requests": med(f"strict {case}", "strict_messages_per_1k_requests"),
                          "non_2xx": {m: sum(r["non_2xx"] for r in runs[f"{m} {case}"]) for m in MODES}}
