@@ -156,3 +156,24 @@ async def test_a_request_is_encoded_once_per_headers_and_body_objects(target: Ta
         assert [s["region"] for s in target.seen][-2:] == ["eu", "us"]
     finally:
         await session.close()
+
+
+async def test_a_connection_idle_past_the_limit_is_closed_not_reused(target: Target, monkeypatch) -> None:  # noqa: F811
+    """A server drops a kept-alive connection that brings no request within its header timeout; a
+    request written on it just then is reset.  So the pool closes connections idle longer than
+    ``IDLE_MAX_S`` and opens a new one; a connection used again sooner is reused."""
+    import workbench.run.load.lean as lean
+
+    monkeypatch.setattr(lean, "IDLE_MAX_S", 0.3)
+    session = LeanSession(target.url, 4, 5.0)
+    body, headers = b'{"key": "tenant-0000", "cost": 1}', {"Content-Type": "application/json"}
+    try:
+        for pause in (0.0, 0.05, 0.6):
+            await asyncio.sleep(pause)
+            async with session.post(target.url + "/v1/limits/check", data=body, headers=headers) as resp:
+                assert resp.status == 200
+            if pause == 0.05:
+                assert session.opened == 1  # reused after a short pause
+        assert session.opened == 2  # the third request found its connection idle too long: a new one
+    finally:
+        await session.close()

@@ -51,7 +51,7 @@ from typing import Any
 import aiohttp
 
 from workbench.history.records import CUT_AT_END, RequestRecord
-from workbench.run.load.lean import LeanSession
+from workbench.run.load.lean import IDLE_MAX_S, LeanSession
 from workbench.run.load.model import HIST_MAX_US, LoadPlan, LoadResult, status_class
 
 __all__ = ["RETRY_AFTER_CAP_S", "LoadGenerator", "LoadPlan", "LoadResult", "retry_after_s", "run_load", "status_class"]
@@ -205,7 +205,8 @@ class LoadGenerator:
             if plan.warm_connections:
                 self.result.warmed = await session.warm(plan.warm_connections)
         else:
-            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0),
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=IDLE_MAX_S)
+            session = aiohttp.ClientSession(connector=connector,
                                             timeout=aiohttp.ClientTimeout(total=plan.timeout_s),
                                             skip_auto_headers=("User-Agent",))
         self._session = session
