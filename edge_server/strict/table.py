@@ -123,7 +123,8 @@ class StrictTable(Pots, Transfers, Deltas):
             # Short even if the whole floating share had been ours since the last settle: a settle
             # could only say no too, so it is left to the next take or visit (it mints from ``stamp``,
             # and only ever less for the wait).  Most takes of a starving key end here; a settle on
-            # each of them was most of a denial's cost.  ``remaining`` is as of that settle; the
+            # each of them was about 30 % of a denial (2.32 -> 1.65 us a take over 1,000 starving keys,
+            # one loop).  ``remaining`` is as of that settle; the
             # retry hint is the soonest this node could mint the rest.
             st.requested += cost
             if not st.hot and now - st.want[0] >= st.want_gap:

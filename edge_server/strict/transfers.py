@@ -176,7 +176,7 @@ class Transfers:
         do not hold: ``R (1 - alpha w - (1 - alpha) phi)``.  Counting our floating share as theirs (as
         this did) made a node that holds nearly all of it -- all demand in one region, every key
         starving -- republish every key's want about every second for gifts its donors could make
-        only every few seconds: a thousand such keys cost half of the node's strict messages."""
+        only every few seconds."""
         alpha = self.settings.alpha
         others = st.limit.rate * max(0.0, 1.0 - alpha * self.weight - (1.0 - alpha) * phi)
         mint_one = MIN_GIFT / others if others > 0 else WANT_GAP_MAX_S
