@@ -120,6 +120,11 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 2) if values else None
 
 
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p95 and p99 of sorted ``values`` (:func:`_pct`)."""
+    return {q: _pct(values, f) for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+
+
 def _counter_total(metrics: list[Any], names: tuple[str, ...]) -> dict[str, float]:
     """The last value of each process's counter among ``names`` (counters only grow within a step)."""
     last: dict[str, float] = {}
@@ -236,12 +241,10 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "shed": s["shed"], "limited": s["limited"],
         "errors": s["errors"], "errors_by_status": s["errors_by_status"], "other_5xx": other_5xx,
         "served_p95_ms": s["served_p95_ms"], "no_healthy_region": no_healthy,
-        "shed_answer_ms": {q: _pct(shed_ms, f) for q, f in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "shed_answer_ms": _quantiles(shed_ms),
         # the same, apart: sheds refused on arrival (the quick 503s the target is for) and sheds after a
         # wait by design (a queue's deadline, a connect under loop lag, a node reached past the deadline)
-        "shed_answer_by_wait_ms": {kind: {"count": len(ms), **{q: _pct(ms, f) for q, f in
-                                                              (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}}
-                                   for kind, ms in shed_by_wait.items()},
+        "shed_answer_by_wait_ms": {kind: {"count": len(ms), **_quantiles(ms)} for kind, ms in shed_by_wait.items()},
         "shed_reasons_seen": dict(Counter(r.shed or "(none)" for r in sent if overload.outcome(r) == "shed")),
         "adaptive_cuts": _counter_total(rec.metrics, CUTS_METRICS),
         "shed_from_raw_bytes": _counter_total(rec.metrics, ("router_shed_raw_total", "edge_shed_raw_total")),
