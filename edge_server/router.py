@@ -118,6 +118,8 @@ class Router(RoutingTable):
         super().__init__(config, clock)
         rc = self.rc
         self.shedder = Shedder(clock, self._window_cap)
+        # Strict mode: a node's denial is about its own rights only, so its window holds for it alone.
+        self.shed_per_node = config.mode == "strict"
         self.gate = Gate(rc.max_inflight, rc.queue_max, rc.queue_timeout_ms / 1000)
         self.adaptive = (AdaptiveLimit(self.gate, rc.lag_target_ms / 1000, rc.lag_interval_ms / 1000, rc.min_inflight)
                          if rc.lag_target_ms > 0 else None)
@@ -200,7 +202,7 @@ class Router(RoutingTable):
         except TimeoutError:
             return self._fail(route, home, 408, "body_timeout", "the request body did not arrive in time", extra)
         key, parsed = self._limiter_key(route, request, body)
-        if key is not None and self.shedder:
+        if key is not None and self.shedder and not self.shed_per_node:
             if parsed is None and route != CHECK_ROUTE:
                 parsed = _json_object(body)
             left = self.shedder.remaining(key, _cost_of(parsed))
@@ -215,6 +217,12 @@ class Router(RoutingTable):
             self.metrics.count(route, 503, home, "-")
             return error_response(503, "no_healthy_region", f"no region has a node for home region {home}",
                                   headers={"Retry-After": "1", **extra})
+        if key is not None and self.shedder and self.shed_per_node:
+            if parsed is None and route != CHECK_ROUTE:
+                parsed = _json_object(body)
+            left = self.shedder.remaining(key, _cost_of(parsed), node.spec.id)
+            if left > 0:
+                return self._shed(route, home, key, left, extra)
         self.budget.request()
         return await self._tries(request, route, home, node, key, body, parsed, headers, extra)
 
@@ -439,7 +447,7 @@ class Router(RoutingTable):
                 length = resp.content_length
                 if length is not None and length <= INLINE_BODY_MAX:
                     data = await resp.read()
-                    self._learn(route, resp, key, body, parsed, data)
+                    self._learn(route, resp, node, key, body, parsed, data)
                     out: web.StreamResponse = web.Response(status=resp.status, body=data, headers=out_headers)
                 else:
                     out = web.StreamResponse(status=resp.status, headers=out_headers)
@@ -457,13 +465,14 @@ class Router(RoutingTable):
         self.metrics.count(route, resp.status, home, region)
         return out
 
-    def _learn(self, route: str, resp: aiohttp.ClientResponse, key: str | None, body: bytes,
+    def _learn(self, route: str, resp: aiohttp.ClientResponse, node: NodeHealth, key: str | None, body: bytes,
                parsed: dict | None, data: bytes) -> None:
         status = resp.status
+        scope = node.spec.id if self.shed_per_node else ""
         if status == 429 and key is not None:
             if parsed is None:
                 parsed = _json_object(body)
-            self.shedder.learn(key, retry_seconds(resp.headers), _cost_of(parsed))
+            self.shedder.learn(key, retry_seconds(resp.headers), _cost_of(parsed), scope)
         elif route == CHECK_ROUTE and status == 200 and resp.headers.get("RateLimit-Reset", "0") != "0":
             doc = _json_object(data) or {}
             if doc.get("allowed") is False and isinstance(doc.get("retry_after_ms"), int | float):
@@ -471,7 +480,7 @@ class Router(RoutingTable):
                     parsed = _json_object(body)
                 k = parsed.get("key") if parsed else None
                 if isinstance(k, str):
-                    self.shedder.learn(k, doc["retry_after_ms"] / 1000, _cost_of(parsed))
+                    self.shedder.learn(k, doc["retry_after_ms"] / 1000, _cost_of(parsed), scope)
 
     def _shed(self, route: str, home: str, key: str, left: float, extra: dict[str, str]) -> web.Response:
         self.counters["shed"] += 1

@@ -3,6 +3,13 @@ itself until the node's hint expires, so a hot key's excess never reaches a node
 
 A window is capped at ``SHED_CAP_S`` and at the key's ``burst / rate`` (the bucket refills while the
 router sheds, so no token is lost unless it would overflow); hints under ``SHED_MIN_S`` are ignored.
+
+A window has a scope.  In eventual mode a node's denial speaks for the whole cluster (every node
+decides against its view of the global bucket), so one window covers the key everywhere (scope "").
+In strict mode each node spends only the rights it holds, and its hint is the time *it* needs to mint
+the rest: a window per key and node (scope: the node id).  Shed for the whole key, one node's denial
+kept every other node's rights unspent -- a 1 token/s key with a burst of 5, demand in three regions,
+was admitted 5 times in 20 s where 25 were allowed, 342 of its 378 requests shed by the router.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ class Shedder:
     def __init__(self, clock: Callable[[], float], window_cap: Callable[[str], float]) -> None:
         self.clock = clock
         self.window_cap = window_cap  # key -> longest window that loses no token (burst / rate)
-        self._until: dict[str, tuple[float, int]] = {}  # key -> (deadline, smallest denied cost)
+        self._until: dict[tuple[str, str], tuple[float, int]] = {}  # (key, scope) -> (deadline, smallest denied cost)
 
     def __len__(self) -> int:
         return len(self._until)
@@ -32,8 +39,9 @@ class Shedder:
     def __repr__(self) -> str:
         return f"<Shedder keys={len(self._until)}>"
 
-    def learn(self, key: str, retry_s: float, cost: int) -> float:
-        """Remember a denial hint; returns the window actually used (0 when not shedding)."""
+    def learn(self, key: str, retry_s: float, cost: int, scope: str = "") -> float:
+        """Remember a denial hint for ``key`` within ``scope`` (see the module's docstring); returns the
+        window actually used (0 when not shedding)."""
         window = min(retry_s, SHED_CAP_S, self.window_cap(key))
         if window < SHED_MIN_S:
             return 0.0
@@ -42,20 +50,22 @@ class Shedder:
             self._purge(now)
             if len(self._until) >= MAX_SHED_KEYS:
                 return 0.0
-        old = self._until.get(key)
+        slot = (key, scope)
+        old = self._until.get(slot)
         if old is not None and old[0] > now:
             cost = min(cost, old[1])
-        self._until[key] = (now + window, cost)
+        self._until[slot] = (now + window, cost)
         return window
 
-    def remaining(self, key: str, cost: int) -> float:
-        """Seconds this request of ``cost`` should still be shed (0: forward it)."""
-        entry = self._until.get(key)
+    def remaining(self, key: str, cost: int, scope: str = "") -> float:
+        """Seconds this request of ``cost`` should still be shed within ``scope`` (0: forward it)."""
+        slot = (key, scope)
+        entry = self._until.get(slot)
         if entry is None:
             return 0.0
         left = entry[0] - self.clock()
         if left <= 0:
-            del self._until[key]
+            del self._until[slot]
             return 0.0
         return left if cost >= entry[1] else 0.0
 

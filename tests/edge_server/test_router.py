@@ -48,14 +48,16 @@ class ManualClock:
 
 
 def cluster_doc(regions: dict[str, list[tuple[str, int]]], server: dict[str, Any] | None = None,
-                skill: dict[str, Any] | None = None, **router: Any) -> dict[str, Any]:
-    """A cluster file as a dict; ``server`` and ``skill`` override those tables, the rest is ``[router]``."""
+                skill: dict[str, Any] | None = None, cluster: dict[str, Any] | None = None,
+                **router: Any) -> dict[str, Any]:
+    """A cluster file as a dict; ``server``, ``skill`` and ``cluster`` override those tables, the rest is
+    ``[router]``."""
     return {
-        "cluster": {"secret": SECRET, "gossip_interval_ms": 20, "audit_dir": "audit"},
+        "cluster": {"secret": SECRET, "gossip_interval_ms": 20, "audit_dir": "audit", **(cluster or {})},
         "regions": [{"name": r, "nodes": [{"id": i, "host": "127.0.0.1", "port": p} for i, p in nodes]}
                     for r, nodes in regions.items()],
-        "limits": [{"pattern": "tiny*", "rate": 10.0, "burst": 2}, {"pattern": "*", "rate": 100000.0,
-                                                                     "burst": 100000}],
+        "limits": [{"pattern": "tiny*", "rate": 10.0, "burst": 2}, {"pattern": "slow*", "rate": 1.0, "burst": 9},
+                   {"pattern": "*", "rate": 100000.0, "burst": 100000}],
         "api_keys": {"key-acme": "acme", TINY_KEY: "tiny-t"},
         "skill": {"name": "rating", "kind": "simulated", "median_ms": 0, "p99_ms": 0, **(skill or {})},
         "server": dict(server or {}),
@@ -87,9 +89,9 @@ def to_toml(doc: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ pure logic
 
 
-def make_router(clock: ManualClock, **router: Any) -> Router:
+def make_router(clock: ManualClock, cluster: dict[str, Any] | None = None, **router: Any) -> Router:
     doc = cluster_doc({"eu": [("eu-1", 9001), ("eu-2", 9002)], "us": [("us-1", 9003)], "ap": [("ap-1", 9004)]},
-                      rise=3, **router)
+                      cluster=cluster, rise=3, **router)
     return Router(parse_cluster(doc), clock=clock)
 
 
@@ -260,6 +262,17 @@ def test_readyz_exhausted_keeps_the_node_in_rotation() -> None:
     assert node.healthy
 
 
+def test_shedder_windows_of_one_key_in_different_scopes_are_apart() -> None:
+    clock = ManualClock()
+    shedder = Shedder(clock, lambda key: 100.0)
+    assert shedder.learn("k", 0.5, 1, "eu-1") == 0.5
+    assert shedder.remaining("k", 1, "eu-1") == pytest.approx(0.5)
+    assert shedder.remaining("k", 1, "us-1") == 0.0  # another node's rights: not shed
+    assert shedder.remaining("k", 1) == 0.0  # nor the key's cluster-wide scope
+    assert make_router(clock).shed_per_node is False
+    assert make_router(clock, cluster={"mode": "strict"}).shed_per_node is True
+
+
 def test_shedder_window_is_bounded_by_cap_minimum_and_burst_over_rate() -> None:
     clock = ManualClock()
     shedder = Shedder(clock, lambda key: 0.2 if key.startswith("tiny") else 100.0)
@@ -278,9 +291,11 @@ def test_shedder_window_is_bounded_by_cap_minimum_and_burst_over_rate() -> None:
 class Nodes:
     """Real node processes of one cluster file; ``close()`` kills and reaps every one of them."""
 
-    def __init__(self, tmp: Path, regions: dict[str, list[str]], **router: Any) -> None:
+    def __init__(self, tmp: Path, regions: dict[str, list[str]], cluster: dict[str, Any] | None = None,
+                 **router: Any) -> None:
         self.ports = {i: free_port() for ids in regions.values() for i in ids}
-        doc = cluster_doc({r: [(i, self.ports[i]) for i in ids] for r, ids in regions.items()}, **router)
+        doc = cluster_doc({r: [(i, self.ports[i]) for i in ids] for r, ids in regions.items()}, cluster=cluster,
+                          **router)
         self.doc = doc
         self.path = tmp / "cluster.toml"
         self.path.write_text(to_toml(doc))
@@ -329,8 +344,9 @@ THREE = {"eu": ["eu-1"], "us": ["us-1"], "ap": ["ap-1"]}
 def make_nodes(tmp_path: Path) -> Iterator[Any]:
     made: list[Nodes] = []
 
-    async def make(regions: dict[str, list[str]] = THREE, **router: Any) -> Nodes:
-        nodes = Nodes(tmp_path, regions, **router)
+    async def make(regions: dict[str, list[str]] = THREE, cluster: dict[str, Any] | None = None,
+                   **router: Any) -> Nodes:
+        nodes = Nodes(tmp_path, regions, cluster, **router)
         made.append(nodes)
         for ids in regions.values():
             for i in ids:
@@ -506,6 +522,35 @@ async def test_router_sheds_a_key_after_a_429_and_only_briefly(make_nodes: Any, 
         status, headers, _ = await check(s, url, "eu", key="tiny-k")
         assert status == 200 and headers["X-Edge-Node"] == "eu-1"
     assert router.counters["shed"] == 2
+
+
+@pytest.mark.integration
+async def test_in_strict_mode_a_denial_sheds_the_key_on_that_node_only(make_nodes: Any, run_router: Any) -> None:
+    """Strict nodes spend only the rights they hold: eu-1 out of a key's rights says nothing of us-1's."""
+    nodes = await make_nodes(THREE, cluster={"mode": "strict"})
+    router, url = await run_router(nodes)
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 10.0
+        for node_id in [i for ids in THREE.values() for i in ids]:
+            while True:  # every node's first lease (the voters first wait one reclaim time)
+                async with s.get(f"http://127.0.0.1:{nodes.ports[node_id]}/v1/state") as r:
+                    if r.status == 200 and (await r.json()).get("strict", {}).get("lease_valid") is True:
+                        break
+                assert time.monotonic() < deadline, f"{node_id} got no lease within 10 s"
+                await asyncio.sleep(0.05)
+        denied = None
+        for _ in range(60):  # slow-k: 1 token/s over three nodes, so eu-1 runs out within a few checks
+            status, headers, doc = await check(s, url, "eu", key="slow-k")
+            assert status == 200 and headers["X-Edge-Node"] == "eu-1", (status, doc)
+            if doc["allowed"] is False:
+                denied = doc
+                break
+        assert denied is not None, "eu-1 never denied slow-k"
+        status, headers, doc = await check(s, url, "eu", key="slow-k")
+        assert status == 429 and doc["error"]["code"] == "shed_by_router"  # eu-1's window
+        status, headers, doc = await check(s, url, "us", key="slow-k")
+        assert status == 200 and headers["X-Edge-Node"] == "us-1", (status, doc)  # us-1 decides for itself
+    assert router.counters["shed"] == 1
 
 
 @pytest.mark.integration
