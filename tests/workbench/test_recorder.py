@@ -155,6 +155,31 @@ def test_parse_metrics() -> None:
     assert all(s.name != "g" for s in samples)
 
 
+def test_parse_metrics_keeping_some_names_gives_the_samples_of_the_whole_parse_it_keeps() -> None:
+    """The drill's periodic scrape parses only the overload lines of a real router page (a router's
+    own registry, exposed as its /metrics is): the same samples as the whole page's, filtered."""
+    from prometheus_client import generate_latest
+
+    from edge_server.router_metrics import RouterMetrics
+    from workbench.run.drill import keep_overload_sample
+
+    m = RouterMetrics()
+    m.requests.labels("check", "200", "eu", "eu").inc(7)
+    m.shed.labels("check").inc(2)
+    m.upstream.labels("eu").observe(0.01)
+    text = generate_latest(m.registry).decode()
+
+    def key(s: MetricSample) -> tuple:
+        return s.name, sorted(s.labels.items()), s.value
+
+    whole = sorted(key(s) for s in parse_metrics(text, 2.0, "router") if keep_overload_sample(s.name))
+    kept = sorted(key(s) for s in parse_metrics(text, 2.0, "router", keep_overload_sample))
+    assert kept == whole
+    assert ("router_requests_total", [("home", "eu"), ("region", "eu"), ("route", "check"), ("status", "200")],
+            7.0) in kept
+    assert not any(name.endswith("_bucket") for name, _l, _v in kept)
+
+
 text_ = st.text(max_size=12)
 floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
 requests = st.builds(RequestRecord, floats, floats, floats, text_, text_, text_, text_, st.integers(1, 10**6),

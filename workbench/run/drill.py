@@ -355,9 +355,7 @@ async def _scrape_metrics(session: aiohttp.ClientSession, source: str, url: str,
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
         async with session.get(url + "/metrics") as resp:
             if resp.status == 200:
-                samples = parse_metrics(await resp.text(), t_s, source)
-    if overload_only:
-        samples = [s for s in samples if keep_overload_sample(s.name)]
+                samples = parse_metrics(await resp.text(), t_s, source, keep_overload_sample if overload_only else None)
     recording.metrics.extend(samples)
     if on_samples is not None and samples:
         on_samples(samples)
