@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_server.strict.allocator import Voter
 from edge_server.strict.lease import Grant, LeaseRequest, NodeLease
@@ -152,3 +154,44 @@ def test_bad_settings_name_the_key_and_the_expected_value(field: str, value: obj
 def test_a_lease_shorter_than_a_few_gossip_intervals_is_refused() -> None:
     with pytest.raises(StrictSettingsError, match=r"at least 3 gossip intervals \(>= 150 ms\)"):
         StrictSettings(lease_ms=100, gossip_interval_ms=50)
+
+
+def _phi_by_definition(grants: list[tuple[str, int, float, float, float]], t: float, quorum: int) -> float:
+    """``phi(t)`` straight from the module's definition, over every grant ever taken in."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    for voter, epoch, fraction, start, end in grants:
+        if start <= t < end:
+            best = by_epoch.setdefault(epoch, {})
+            best[voter] = max(best.get(voter, 0.0), fraction)
+    for epoch in sorted(by_epoch, reverse=True):
+        if len(by_epoch[epoch]) >= quorum:
+            return min(1.0, sum(by_epoch[epoch].values()) / quorum)
+    return 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.001, 0.15), st.sets(st.sampled_from(VOTERS)), st.integers(1, 2),
+                          st.floats(0.05, 0.6), st.floats(0.0, 0.15), st.booleans()), max_size=40))
+def test_the_step_function_built_grant_by_grant_and_pruned_is_phi_by_definition(steps: list) -> None:
+    """Each grant rebuilds phi only from its arrival on, and a prune cuts history: from the prune's
+    horizon on, phi is still what the definition gives over every grant taken in."""
+    lease = NodeLease("a1", 1, VOTERS, S)
+    taken: list[tuple[str, int, float, float, float]] = []
+    now, horizon = 0.0, 0.0
+    for wait, answering, epoch, fraction, delay, prune in steps:
+        now += wait
+        sent = now
+        requests = lease.requests(now, 1.0)
+        now += delay  # the grants arrive this much later (some after the lease they bring ended)
+        for req in requests:
+            if req.voter in answering:
+                g = Grant(req.voter, "a1", 1, req.req_id, epoch, 2, 3, fraction)
+                if lease.on_grant(g, now) == "":
+                    taken.append((req.voter, epoch, fraction, now, sent + S.lease_s))
+        if prune:
+            lease.prune(now, 0.3)
+            horizon = now - 0.3
+        cuts, _phis = lease.steps()
+        for t in {horizon, now, now + 0.01, *cuts, *(c - 1e-6 for c in cuts), now + S.lease_s}:
+            if t >= horizon:
+                assert lease.phi(t) == pytest.approx(_phi_by_definition(taken, t, 2)), (t, horizon)
