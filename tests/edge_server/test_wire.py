@@ -82,3 +82,13 @@ def test_replay_guard_refuses_old_and_unknown_and_skewed():
             guard.check(stale, 100.0)
         assert info.value.reason == reason
     guard.check(delta(6, 1), 100.0)  # a restarted sender (new boot) is accepted
+
+
+@given(st.binary(min_size=1, max_size=200), st.binary(max_size=2000))
+def test_sign_is_hmac_sha256_whatever_keys_came_before(secret: bytes, body: bytes) -> None:
+    """``sign`` reuses each key's HMAC state; every signature is still the plain HMAC of that key."""
+    import hashlib
+    import hmac
+
+    assert sign(secret, body) == hmac.new(secret, body, hashlib.sha256).hexdigest()
+    assert sign(SECRET, body) == hmac.new(SECRET, body, hashlib.sha256).hexdigest()
