@@ -237,9 +237,9 @@ def test_a_new_generation_counts_only_its_own_events() -> None:
 
 
 # ----------------------------------------------------------------------------- convergence
-def converging(delay: float, step: float = 0.01) -> Recording:
+def converging(delay: float, step: float = 0.01, mode: str = "eventual") -> Recording:
     """Two nodes; after a heal at 5 s, each learns the other's entry ``delay`` seconds after it had it."""
-    scen = Scenario.build(regions=2, gossip_interval_ms=20, duration_s=10)
+    scen = Scenario.build(regions=2 if mode == "eventual" else 3, gossip_interval_ms=20, duration_s=10, mode=mode)
     rec = Recording(scenario=scen.to_dict(), started_wall=WALL, complete=True)
     rec.faults = [FaultRecord(2.0, "partition", "eu|us"), FaultRecord(5.0, "heal")]
     own = {"eu-1": 40, "us-1": 30}
@@ -260,6 +260,16 @@ def test_convergence_within_two_intervals_passes() -> None:
 def test_slow_convergence_is_reported() -> None:
     v = check_convergence(converging(0.2))
     assert not v.ok and "allowed 90 ms" in v.reasons[0]
+
+
+def test_strict_mode_allows_its_spend_publication_delay() -> None:
+    """A strict node publishes a key's spends up to SPEND_DELAY_S (0.1 s) late: the bound says so."""
+    assert not check_convergence(converging(0.15)).ok
+    v = check_convergence(converging(0.15, mode="strict"))
+    assert v.ok, v.reasons
+    assert "strict spend publication delay" in v.figures["bound_rule"] and v.figures["allowed_ms"] == 190
+    v = check_convergence(converging(0.25, mode="strict"))
+    assert not v.ok and "allowed 190 ms" in v.reasons[0]
 
 
 def test_never_converging_and_no_heal() -> None:
