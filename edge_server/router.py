@@ -203,9 +203,7 @@ class Router(RoutingTable):
             return self._fail(route, home, 408, "body_timeout", "the request body did not arrive in time", extra)
         key, parsed = self._limiter_key(route, request, body)
         if key is not None and self.shedder and not self.shed_per_node:
-            if parsed is None and route != CHECK_ROUTE:
-                parsed = _json_object(body)
-            left = self.shedder.remaining(key, _cost_of(parsed))
+            parsed, left = self._shed_left(route, key, body, parsed, "")
             if left > 0:
                 return self._shed(route, home, key, left, extra)
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
@@ -218,9 +216,7 @@ class Router(RoutingTable):
             return error_response(503, "no_healthy_region", f"no region has a node for home region {home}",
                                   headers={"Retry-After": "1", **extra})
         if key is not None and self.shedder and self.shed_per_node:
-            if parsed is None and route != CHECK_ROUTE:
-                parsed = _json_object(body)
-            left = self.shedder.remaining(key, _cost_of(parsed), node.spec.id)
+            parsed, left = self._shed_left(route, key, body, parsed, node.spec.id)
             if left > 0:
                 return self._shed(route, home, key, left, extra)
         self.budget.request()
@@ -481,6 +477,13 @@ class Router(RoutingTable):
                 k = parsed.get("key") if parsed else None
                 if isinstance(k, str):
                     self.shedder.learn(k, doc["retry_after_ms"] / 1000, _cost_of(parsed), scope)
+
+    def _shed_left(self, route: str, key: str, body: bytes, parsed: dict | None,
+                   scope: str) -> tuple[dict | None, float]:
+        """The body as parsed (once) and how long ``key`` is still shed within ``scope``."""
+        if parsed is None and route != CHECK_ROUTE:
+            parsed = _json_object(body)
+        return parsed, self.shedder.remaining(key, _cost_of(parsed), scope)
 
     def _shed(self, route: str, home: str, key: str, left: float, extra: dict[str, str]) -> web.Response:
         self.counters["shed"] += 1
