@@ -27,12 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_server.strict.transfers import SPEND_DELAY_S
 from workbench.check.outages import OutageLog, build_log
 from workbench.check.verdict import NOTHING_MEASURED, Verdict, scenario_of
 from workbench.history import AuditEvent, Recording, StateSample
 
-__all__ = ["check_token_loss", "read_replicas", "replica_folder"]
+__all__ = ["INFLIGHT_S", "check_token_loss", "read_replicas", "replica_folder"]
 
+# A grant this young (by the view's wall clock, or before a node's death) may be missing from a peer's
+# view without being lost: a gossip round, its delivery and the view's own scrape.
+INFLIGHT_S = 0.25
 # faults around which one request id may be granted on two nodes without a double grant
 _ORPHANING = ("kill", "pause", "resume", "blackhole", "heal", "end_blackhole")
 
@@ -126,7 +130,7 @@ def _replica_source(rec: Recording, replicas: Sequence[AuditEvent], started_wall
     return only, figures, reasons
 
 
-def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
+def check_token_loss(rec: Recording, *, inflight_s: float | None = None,
                      replicas: Sequence[AuditEvent] | None = None) -> Verdict:
     """Every grant is in all sources exactly once.
 
@@ -138,10 +142,16 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
     ``granted_after_view``, not loss: after an overloaded run the nodes still serve requests the router
     and the client gave up on, and those grants reach the audit trails after the final views.
 
+    ``inflight_s`` defaults to :data:`INFLIGHT_S`, and in strict mode to that plus the nodes' spend
+    publication delay (``SPEND_DELAY_S``): a strict node publishes a key's spends that late, so a
+    peer's view may lack them for that much longer.
+
     ``replicas``: the replica trails' events; by default read from :func:`replica_folder` (the one
     thing this check reads from disk: the replicas stay where the cluster's holders wrote them).
     """
     scenario = scenario_of(rec)
+    if inflight_s is None:
+        inflight_s = INFLIGHT_S + (SPEND_DELAY_S if scenario is not None and scenario.mode == "strict" else 0.0)
     log = build_log(rec.faults, scenario.topology) if scenario is not None else None
     reasons: list[str] = []
     replica_figures: dict[str, Any] = {"replicas": "none (replication off, or no replica folder)"}
@@ -276,7 +286,7 @@ def check_token_loss(rec: Recording, *, inflight_s: float = 0.25,
         "unanswered_grants": len(unanswered), "unanswered_grants_answered_as_error": unanswered_as_error,
         "cost_mismatch": len(cost_mismatch), "peer_view_ahead": len(ahead), "peer_view_behind": len(behind),
         "mismatched": len(ahead) + len(behind), "unpropagated_at_death": unpropagated, "unverified": unverified,
-        "granted_after_view": after_view,
+        "granted_after_view": after_view, "inflight_allowance_s": inflight_s,
         "replies_without_request_id": no_id, "nodes_without_final_state": silent,
         "token_loss": (len(missing) + len(duplicated) + len(cost_mismatch) + len(ahead) + len(behind)
                        + replica_figures.get("replica_mismatch", 0) + replica_figures.get("replica_missing_grants", 0)
