@@ -10,6 +10,13 @@ so a blackhole of the primary is a real one for all of them.  Ours: a 3-region w
 (``workbench.run.drill.run_drill``), one node per region, the REAL router in front, the client
 knows nothing of the fault (no oracle).
 
+Ours runs twice: in ``eventual`` mode and in ``strict`` mode (``cluster.mode = "strict"``: escrow rights
+and leases, docs/strict-mode.md), where the survivors of a lost or cut-off region may admit only
+``(1 - alpha * w_lost) * R`` until the region's floating share is reclaimed.  For strict mode the run also
+reports the **recovery**: the time from the fault to the end of the first 500 ms window (by intended send
+time) in which the cluster admitted at least that rate (the issue's target: within 2.5 s), with no
+synchronized clocks (every node's lease runs on its own monotonic clock).
+
 Each of the three faults hits the primary (Redis) or the busiest region (ours) at 1/3 of the run:
 
 * **kill**: SIGKILL, never restarted (the Sentinel promotes the replica; the router routes around);
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import itertools
 import os
@@ -50,6 +58,7 @@ from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import Procs, free_port, install_signal_handlers, table, workdir, write_results
 from benchmarks._targets import target
 from benchmarks.bench_redis import Design, drive, start_app, start_redis
+from edge_server.strict.settings import StrictSettings
 from workbench.check import summarize
 from workbench.run.drill import run_drill
 from workbench.run.faults.proxy import FaultProxy
@@ -65,6 +74,9 @@ MASTER = "edge"
 DOWN_AFTER_MS = 1000
 SERVER_CPU = {0}
 LOAD_CPU = {1}
+OURS = {"eventual": "ours (3 regions, router)", "strict": "ours, strict mode (3 regions, router)"}
+RECOVERY_WINDOW_S = 0.5
+RECOVERY_TARGET_S = 2.5
 
 
 @dataclass
@@ -228,19 +240,20 @@ def redis_run(procs: Procs, folder: Path, fault: str, duration: float, fault_at:
 # ------------------------------------------------------------------------------------ ours
 
 
-def our_scenario(fault: str, duration: float, fault_at: float, back_at: float | None, seed: int) -> Scenario:
+def our_scenario(fault: str, duration: float, fault_at: float, back_at: float | None, seed: int,
+                 mode: str = "eventual") -> Scenario:
     steps = {"kill": {"kill_region_at_s": fault_at},
              "pause": {"pause_at_s": fault_at, "resume_at_s": back_at},
              "blackhole": {"blackhole_at_s": fault_at, "heal_at_s": back_at}}[fault]
     return Scenario.build(name=f"outage-{fault}", seed=seed, duration_s=duration, regions=3, nodes_per_region=1,
                           rate=R, burst=B, tenants=1, load_rps=LOAD, arrival="constant", route="check",
-                          health_interval_ms=100.0, **steps)
+                          health_interval_ms=100.0, mode=mode, **steps)
 
 
 def our_run(folder: Path, fault: str, duration: float, fault_at: float, back_at: float | None,
-            seed: int) -> dict[str, Any]:
-    scenario = our_scenario(fault, duration, fault_at, back_at, seed)
-    result = asyncio.run(run_drill(scenario, folder / f"ours-{fault}"))
+            seed: int, mode: str = "eventual") -> dict[str, Any]:
+    scenario = our_scenario(fault, duration, fault_at, back_at, seed, mode)
+    result = asyncio.run(run_drill(scenario, folder / f"ours-{mode}-{fault}"))
     rec = result.recording
     t_fault = next((f.t_s for f in rec.faults if f.action == fault), fault_at)
     outcomes = [Outcome(r.intended_s, r.end_s, decided=r.status in (200, 429), admitted=r.status == 200
@@ -282,6 +295,29 @@ def window_figures(outcomes: list[Outcome], start: float, end: float) -> dict[st
             "stall_ms": round(1000 * max(gaps), 1), "slowest_request_ms": round(1000 * slowest, 1)}
 
 
+def strict_goal_per_s(regions: int = 3) -> float:
+    """What strict mode's survivors may admit once a region (weight ``1 / regions``) is lost or cut off,
+    before its floating share is reclaimed: ``(1 - alpha * w_lost) * R`` at the default alpha."""
+    return (1.0 - StrictSettings().alpha / regions) * R
+
+
+def recovery_s(outcomes: list[Outcome], fault_at: float, end: float, goal_per_s: float,
+               window_s: float = RECOVERY_WINDOW_S, step_s: float = 0.01) -> float | None:
+    """Seconds from the fault to the end of the first ``window_s`` window (by intended send time, slid
+    by ``step_s``) in which at least ``goal_per_s`` tokens a second were admitted; None if none before
+    ``end`` (the heal or the run's end)."""
+    times = sorted(o.intended for o in outcomes if o.admitted and fault_at <= o.intended < end)
+    need = goal_per_s * window_s - 1e-9
+    t = fault_at
+    while t + window_s <= end + 1e-9:
+        lo = bisect.bisect_left(times, t)
+        hi = bisect.bisect_left(times, t + window_s)
+        if hi - lo >= need:
+            return round(t + window_s - fault_at, 3)
+        t += step_s
+    return None
+
+
 def admitted_series(outcomes: list[Outcome], duration: float, bin_s: float = 0.1) -> list[float]:
     """Admitted tokens per second in bins of ``bin_s`` (by intended time), for the chart."""
     bins = [0.0] * max(1, round(duration / bin_s))
@@ -296,7 +332,8 @@ def outage_chart(series: dict[str, dict[str, list[float]]], duration: float, fau
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=len(series), cols=1, shared_xaxes=True, subplot_titles=list(series))
-    colors = {"redis fail-open": "#d97706", "redis fail-closed": "#7c3aed", "ours (3 regions, router)": "#2563eb"}
+    colors = {"redis fail-open": "#d97706", "redis fail-closed": "#7c3aed", OURS["eventual"]: "#2563eb",
+              OURS["strict"]: "#059669"}
     for row, (_fault, designs) in enumerate(series.items(), start=1):
         for name, ys in designs.items():
             fig.add_scatter(x=[round(i * 0.1, 1) for i in range(len(ys))], y=ys, name=name, legendgroup=name,
@@ -337,20 +374,28 @@ def main() -> int:
               + (f", back at {back:g} s" if back else "") + ") ...", flush=True)
         with Procs(folder / f"redis-{fault}") as procs:
             red = redis_run(procs, folder, fault, duration, fault_at, back)
-        print(f"{fault}: ours through the router ...", flush=True)
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, SERVER_CPU | LOAD_CPU)  # the drill pins nothing: let it use both cores
-        ours = our_run(folder, fault, duration, fault_at, back, seed=300 + i)
+        ours = {}
+        for mode in OURS:
+            print(f"{fault}: ours through the router, {mode} mode ...", flush=True)
+            ours[mode] = our_run(folder, fault, duration, fault_at, back, seed=300 + i, mode=mode)
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, LOAD_CPU)
         designs: dict[str, Any] = {}
         series[fault] = {name: admitted_series(o, duration) for name, o in red["designs"].items()}
-        series[fault]["ours (3 regions, router)"] = admitted_series(ours["outcomes"], duration)
         for name, outcomes in red["designs"].items():
             designs[name] = window_figures(outcomes, fault_at, end)
-        designs["ours (3 regions, router)"] = window_figures(ours["outcomes"], ours["fault_at_s"], end) | {
-            "failover_ms": ours["failover_ms"], "checker": ours["checker"], "invariants_ok": ours["invariants_ok"],
-            "reasons": ours["reasons"], "whole_run_over_admission_pct": ours["over_admission_pct"]}
+        for mode, name in OURS.items():
+            run = ours[mode]
+            series[fault][name] = admitted_series(run["outcomes"], duration)
+            designs[name] = window_figures(run["outcomes"], run["fault_at_s"], end) | {
+                "failover_ms": run["failover_ms"], "checker": run["checker"], "invariants_ok": run["invariants_ok"],
+                "reasons": run["reasons"], "whole_run_over_admission_pct": run["over_admission_pct"]}
+            if mode == "strict":
+                goal = strict_goal_per_s()
+                designs[name] |= {"recovery_goal_per_s": round(goal, 2), "recovery_window_s": RECOVERY_WINDOW_S,
+                                  "recovery_s": recovery_s(run["outcomes"], run["fault_at_s"], end, goal)}
         results[fault] = {"fault_at_s": fault_at, "back_at_s": back, "sentinel_failover_s": red["sentinel_failover_s"],
                           "replica_promoted": red["replica_promoted"], "designs": designs}
         print(table([[n, f"{v['admitted']} / {v['limit_tokens']:g}", f"{v['admitted_pct_of_limit']:.0f}%",
@@ -360,13 +405,20 @@ def main() -> int:
                      "slowest ms"]))
         print(f"  Sentinel failover: {red['sentinel_failover_s']} s (replica promoted: {red['replica_promoted']})",
               flush=True)
-    ours_name = "ours (3 regions, router)"
+        strict_fig = designs[OURS["strict"]]
+        print(f"  strict mode: back to {strict_fig['recovery_goal_per_s']:g} tokens/s "
+              f"((1 - alpha w_lost) R) after {strict_fig['recovery_s']} s", flush=True)
     tgts = []
     for fault in FAULTS:
-        d = results[fault]["designs"][ours_name]
+        d = results[fault]["designs"][OURS["eventual"]]
         tgts.append(target(f"{fault}: ours admitted in the fault window, % of the limit", d["admitted_pct_of_limit"],
                            ">=", 95.0, "%"))
         tgts.append(target(f"{fault}: ours, client errors in the fault window", d["errors"], "==", 0, "requests"))
+        d = results[fault]["designs"][OURS["strict"]]
+        tgts.append(target(f"{fault}: strict mode, time back to (1 - alpha w_lost) R", d["recovery_s"], "<=",
+                           RECOVERY_TARGET_S, "s"))
+        tgts.append(target(f"{fault}: strict mode, client errors in the fault window", d["errors"], "==", 0,
+                           "requests"))
     params = {"R": R, "B": B, "load_per_design_rps": LOAD, "arrival": "constant", "client_timeout_s": CLIENT_TIMEOUT_S,
               "duration_s": duration, "fault_at_s": fault_at, "back_at_s": back_at,
               "redis": {"topology": "primary + 1 replica (--replicaof) + 1 Sentinel (quorum 1), all on cpu 0",
@@ -374,7 +426,10 @@ def main() -> int:
                         "proxy": "workbench FaultProxy in front of the primary (apps, replica, Sentinel use it)",
                         "apps": "benchmarks/redis_limiter_app.py --sentinel --pool 64 --redis-timeout-ms 250, "
                                 "fail open and fail closed"},
-              "ours": "workbench drill: 3 regions x 1 node, router with 100 ms health checks, check route, 1 tenant",
+              "ours": "workbench drill: 3 regions x 1 node, router with 100 ms health checks, check route, 1 tenant; "
+                      "once in eventual mode, once in strict mode (default strict settings)",
+              "recovery": f"strict mode: fault to the end of the first {RECOVERY_WINDOW_S:g} s window (intended "
+                          "send times) admitting at least (1 - alpha w_lost) R",
               "stall": "longest time after the fault with no limiter decision (200 not degraded, or 429)",
               "client": "open loop, asyncio (Redis apps: bench_redis.drive; ours: the workbench generator)"}
     for fault in FAULTS:  # the raw per-100 ms series behind the chart

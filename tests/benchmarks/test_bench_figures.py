@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.bench_audit import soak_summary, soak_targets
 from benchmarks.bench_capacity import limited_by, passes
-from benchmarks.bench_outage import Outcome, R, window_figures
+from benchmarks.bench_outage import Outcome, R, recovery_s, strict_goal_per_s, window_figures
 
 
 def _ok(t: float, admitted: bool = True) -> Outcome:
@@ -31,6 +31,18 @@ def test_stall_is_the_longest_span_without_a_decision_even_past_the_window() -> 
     assert f["admitted_without_limiter"] == 100
     assert f["admitted"] == 100 and f["limit_tokens"] == R * 2.0
     assert f["errors"] == 0
+
+
+def test_strict_recovery_is_the_end_of_the_first_window_back_at_the_goal() -> None:
+    """Admitted at 60 tokens/s for 2 s after a fault at 1 s, then at 95/s: the first 0.5 s window at the
+    goal of 93.3/s ends about 2.5 s after the fault; never back before the end: None."""
+    goal = strict_goal_per_s()
+    assert goal == pytest.approx(R * (1 - 0.2 / 3))
+    slow = [_ok(1.0 + i / 60) for i in range(120)]  # 1.0 .. 3.0 s at 60/s
+    fast = [_ok(3.0 + i / 95) for i in range(95 * 3)]  # 3.0 .. 6.0 s at 95/s
+    assert recovery_s(slow + fast, 1.0, 6.0, goal) == pytest.approx(2.5, abs=0.05)
+    assert recovery_s(slow, 1.0, 3.0, goal) is None
+    assert recovery_s([], 1.0, 3.0, goal) is None
 
 
 def test_errors_and_admitted_share_count_only_the_window() -> None:
