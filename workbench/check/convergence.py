@@ -20,9 +20,16 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from edge_server.strict.transfers import SPEND_DELAY_S
 from workbench.check.envelope import DELIVERY_ALLOWANCE_S
-from workbench.check.verdict import NOTHING_MEASURED, Verdict, ms, percentile, scenario_of, served
+from workbench.check.verdict import (
+    NOTHING_MEASURED,
+    Verdict,
+    ms,
+    percentile,
+    scenario_of,
+    served,
+    spend_publication_delay_s,
+)
 from workbench.history import Recording, StateSample
 
 __all__ = ["CONVERGENCE_EVENTS", "check_convergence", "convergence_events"]
@@ -107,9 +114,10 @@ def check_convergence(rec: Recording, *, within_intervals: float = 2.0, max_ms: 
         bound_s = within_intervals * scenario.topology.gossip_interval_ms / 1000.0 + DELIVERY_ALLOWANCE_S
         bound_rule = (f"{within_intervals:g} gossip intervals of {scenario.topology.gossip_interval_ms:g} ms "
                       f"+ {DELIVERY_ALLOWANCE_S * 1000:g} ms delivery")
-        if scenario.mode == "strict":
-            bound_s += SPEND_DELAY_S
-            bound_rule += f" + {SPEND_DELAY_S * 1000:g} ms strict spend publication delay"
+        publication = spend_publication_delay_s(scenario)
+        if publication:
+            bound_s += publication
+            bound_rule += f" + {publication * 1000:g} ms strict spend publication delay"
     by_node: dict[str, list[StateSample]] = defaultdict(list)
     for s in sorted(rec.states, key=lambda s: s.t_s):
         by_node[s.node].append(s)

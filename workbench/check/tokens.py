@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_server.strict.transfers import SPEND_DELAY_S
 from workbench.check.outages import OutageLog, build_log
-from workbench.check.verdict import NOTHING_MEASURED, Verdict, scenario_of
+from workbench.check.verdict import NOTHING_MEASURED, Verdict, scenario_of, spend_publication_delay_s
 from workbench.history import AuditEvent, Recording, StateSample
 
 __all__ = ["INFLIGHT_S", "check_token_loss", "read_replicas", "replica_folder"]
@@ -142,16 +141,16 @@ def check_token_loss(rec: Recording, *, inflight_s: float | None = None,
     ``granted_after_view``, not loss: after an overloaded run the nodes still serve requests the router
     and the client gave up on, and those grants reach the audit trails after the final views.
 
-    ``inflight_s`` defaults to :data:`INFLIGHT_S`, and in strict mode to that plus the nodes' spend
-    publication delay (``SPEND_DELAY_S``): a strict node publishes a key's spends that late, so a
-    peer's view may lack them for that much longer.
+    ``inflight_s`` defaults to :data:`INFLIGHT_S` plus the nodes' spend publication delay
+    (:func:`~workbench.check.verdict.spend_publication_delay_s`: a strict node publishes a key's spends
+    up to 0.25 s late, so a peer's view may lack them for that much longer).
 
     ``replicas``: the replica trails' events; by default read from :func:`replica_folder` (the one
     thing this check reads from disk: the replicas stay where the cluster's holders wrote them).
     """
     scenario = scenario_of(rec)
     if inflight_s is None:
-        inflight_s = INFLIGHT_S + (SPEND_DELAY_S if scenario is not None and scenario.mode == "strict" else 0.0)
+        inflight_s = INFLIGHT_S + spend_publication_delay_s(scenario)
     log = build_log(rec.faults, scenario.topology) if scenario is not None else None
     reasons: list[str] = []
     replica_figures: dict[str, Any] = {"replicas": "none (replication off, or no replica folder)"}

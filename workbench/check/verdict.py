@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_server.strict.transfers import SPEND_DELAY_S
 from workbench.history import Recording, RequestRecord
 from workbench.spec.scenario import Scenario, ScenarioError
 
@@ -24,6 +25,7 @@ __all__ = [
     "run_seconds",
     "scenario_of",
     "served",
+    "spend_publication_delay_s",
 ]
 
 NOTHING_MEASURED = "nothing measured"
@@ -64,6 +66,13 @@ def scenario_of(rec: Recording) -> Scenario | None:
         return Scenario.from_dict(rec.scenario) if rec.scenario else None
     except (ScenarioError, TypeError):
         return None
+
+
+def spend_publication_delay_s(scenario: Scenario | None) -> float:
+    """How much later than a grant its spend may reach the peers' views beyond the gossip itself: a strict
+    node publishes a key's spends up to ``SPEND_DELAY_S`` after the first of them (only it ever spends
+    its rights, so the views are for reading); an eventual node with its next round (0)."""
+    return SPEND_DELAY_S if scenario is not None and scenario.mode == "strict" else 0.0
 
 
 def run_seconds(rec: Recording, scenario: Scenario | None) -> float:
