@@ -118,8 +118,6 @@ class Router(RoutingTable):
         super().__init__(config, clock)
         rc = self.rc
         self.shedder = Shedder(clock, self._window_cap)
-        # Strict mode: a node's denial is about its own rights only, so its window holds for it alone.
-        self.shed_per_node = config.mode == "strict"
         self.gate = Gate(rc.max_inflight, rc.queue_max, rc.queue_timeout_ms / 1000)
         self.adaptive = (AdaptiveLimit(self.gate, rc.lag_target_ms / 1000, rc.lag_interval_ms / 1000, rc.min_inflight)
                          if rc.lag_target_ms > 0 else None)
@@ -202,10 +200,6 @@ class Router(RoutingTable):
         except TimeoutError:
             return self._fail(route, home, 408, "body_timeout", "the request body did not arrive in time", extra)
         key, parsed = self._limiter_key(route, request, body)
-        if key is not None and self.shedder and not self.shed_per_node:
-            parsed, left = self._shed_left(route, key, body, parsed, "")
-            if left > 0:
-                return self._shed(route, home, key, left, extra)
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
         if "X-Request-Id" not in headers:
             headers["X-Request-Id"] = f"rt-{self._boot}-{next(self._ids)}"
@@ -215,7 +209,7 @@ class Router(RoutingTable):
             self.metrics.count(route, 503, home, "-")
             return error_response(503, "no_healthy_region", f"no region has a node for home region {home}",
                                   headers={"Retry-After": "1", **extra})
-        if key is not None and self.shedder and self.shed_per_node:
+        if key is not None and self.shedder:
             parsed, left = self._shed_left(route, key, body, parsed, node.spec.id)
             if left > 0:
                 return self._shed(route, home, key, left, extra)
@@ -464,7 +458,7 @@ class Router(RoutingTable):
     def _learn(self, route: str, resp: aiohttp.ClientResponse, node: NodeHealth, key: str | None, body: bytes,
                parsed: dict | None, data: bytes) -> None:
         status = resp.status
-        scope = node.spec.id if self.shed_per_node else ""
+        scope = node.spec.id  # a denial speaks for its node's view only (edge_server.shedding)
         if status == 429 and key is not None:
             if parsed is None:
                 parsed = _json_object(body)

@@ -4,12 +4,16 @@ itself until the node's hint expires, so a hot key's excess never reaches a node
 A window is capped at ``SHED_CAP_S`` and at the key's ``burst / rate`` (the bucket refills while the
 router sheds, so no token is lost unless it would overflow); hints under ``SHED_MIN_S`` are ignored.
 
-A window has a scope.  In eventual mode a node's denial speaks for the whole cluster (every node
-decides against its view of the global bucket), so one window covers the key everywhere (scope "").
-In strict mode each node spends only the rights it holds, and its hint is the time *it* needs to mint
-the rest: a window per key and node (scope: the node id).  Shed for the whole key, one node's denial
+A window has a scope: the node that gave the hint.  In strict mode each node spends only the rights it
+holds, and its hint is the time *it* needs to mint the rest.  Shed for the whole key, one node's denial
 kept every other node's rights unspent -- a 1 token/s key with a burst of 5, demand in three regions,
 was admitted 5 times in 20 s where 25 were allowed, 342 of its 378 requests shed by the router.
+In eventual mode every node decides against its *view* of the global bucket, and views differ: a node
+back from a pause, or from the far side of a healed blackhole, learns its peers' spends of the whole
+outage at once after its own level had refilled to the burst, so it holds a debt the others do not.
+Its first hint (2 s at R = B = 100 after 5 s away) shed the key on every node for the full second:
+the cluster admitted nothing for 0.9 s after each resume and heal (``benchmarks/bench_outage.py``).
+Per node, only the clients of that node wait; the others keep the whole rate.
 """
 
 from __future__ import annotations

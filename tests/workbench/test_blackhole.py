@@ -104,6 +104,14 @@ async def test_blackhole_drill_records_the_outage_and_other_regions_keep_being_s
     assert not [r for r in during if r.answered_region == "us"], "a blackholed node answered"
     # after the heal the region serves again
     assert any(r.answered_region == "us" and r.status == 200 for r in rec.requests if r.start_s >= heal.t_s)
+    # Gossip across the cut did not wait for its pushes stuck in the blackhole to time out: the first
+    # probe answered after the heal abandoned them (edge_server.gossip), on both sides of the cut.
+    gossip = {(m.node, m.labels["direction"], m.labels["outcome"]): m.value
+              for m in sorted(rec.metrics, key=lambda m: m.t_s) if m.name == "edge_gossip_messages_total"}
+    nodes = ("us-1", "eu-1", "ap-1")
+    assert all(gossip.get((node, "probe", "unreachable"), 0) >= 1 for node in nodes), gossip  # probed while cut
+    assert sum(gossip.get((node, "probe", "ok"), 0) for node in nodes) >= 1, gossip  # answered after the heal
+    assert sum(gossip.get((node, "sent", "lost"), 0) for node in nodes) >= 1, gossip
 
 
 @pytest.mark.integration

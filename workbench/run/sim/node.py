@@ -9,7 +9,12 @@ Mirrored from the real node:
   one message in flight, the answer decoded with ``decode_ack`` and fed to ``on_peer_boot`` /
   ``on_ack``; the next push one interval after the last started (at once if it took longer), backing
   off to ``min(1 s, interval x failures)`` after ten failures; a push unanswered after
-  ``max(0.5 s, 10 x interval)`` is a failure, and its late answer is ignored;
+  ``max(0.5 s, 10 x interval)`` is a failure, and its late answer is ignored; a push unanswered for the
+  probe period (``edge_server.gossip.probe_interval_s``) gets a probe beside it every period, and is
+  abandoned for a new push at once when a probe is answered first (unless it follows an abandoned one);
+  a back-off pause longer than a probe period after an unanswered push probes the peer all along and
+  ends at the first answer;
+  a probe answered later than its period is a failure;
 * the receiver runs ``decode_delta`` with the known nodes, the ``ReplayGuard`` on its own clock, then
   ``on_peer_boot`` and ``merge``, and answers with ``encode_ack``; a refused message is counted by its
   reason and answered with an error;
@@ -70,6 +75,8 @@ class SimNode(PausableProcess):
         self._req = 0
         self._waiting: dict[str, tuple[int, float]] = {}
         self._failures: dict[str, int] = {}
+        self._next_at: dict[str, int] = {}  # peer -> token of the scheduled push (a probe's answer may move it)
+        self.lost_pushes = 0
         self._replay = ReplayGuard(set(peers))
         self._sched = world.sched
         self._offsets = world.clocks.offsets
@@ -128,13 +135,14 @@ class SimNode(PausableProcess):
         self.started = w.sched.now
         self._waiting = {}
         self._failures = dict.fromkeys(self.peers, 0)
+        self._next_at = dict.fromkeys(self.peers, 0)
         self._gossip_seq = 0
         self._req = 0
         self.held = []
         at, inc = w.sched.at, self.inc
         t = w.sched.now
         for peer in self.peers:
-            at(t, self.run, inc, self._push, (peer,))
+            at(t, self.run, inc, self._push, (peer, True))
         at(t + HOUSEKEEPING_S, self.run, inc, self._housekeeping, (1,))
 
     def kill(self) -> None:
@@ -197,7 +205,7 @@ class SimNode(PausableProcess):
         return 200, True, "", request_id
 
     # ------------------------------------------------------------------ gossip (sender)
-    def _push(self, peer: str) -> None:
+    def _push(self, peer: str, may_abandon: bool = True) -> None:
         w = self.w
         table = self.table
         assert table is not None
@@ -215,14 +223,17 @@ class SimNode(PausableProcess):
         w.net.send(self.id, peer, dst.request, dst.inc, dst._on_delta, (body, signature, self.id, inc, pid),
                    lambda: w.net.send(peer, self.id, self.run, inc, self._on_answer, (peer, pid, None, None)))
         w.sched.at(t + w.push_timeout_s, self.run, inc, self._on_timeout, (peer, pid))
+        if may_abandon:
+            w.sched.at(t + w.probe_s, self.run, inc, self._probe_beside, (peer, pid))
 
     def _on_answer(self, peer: str, pid: int, body: bytes | None, signature: str | None) -> None:
         waiting = self._waiting.get(peer)
         if waiting is None or waiting[0] != pid:
-            return  # the push timed out already: aiohttp dropped this connection
+            return  # the push timed out (or was abandoned) already: aiohttp dropped this connection
         del self._waiting[peer]
-        ok = False
+        outcome = "unreachable"  # no body: the connection was refused (a dead process)
         if body is not None:
+            outcome = "refused"
             try:
                 node, boot, acked = decode_ack(self.w.secret, body, signature)
             except WireError as exc:
@@ -234,23 +245,75 @@ class SimNode(PausableProcess):
                     now = self.now()
                     if not table.on_peer_boot(node, boot, now):
                         table.on_ack(node, acked, now)
-                    ok = True
+                    outcome = "ok"
                 else:
                     self.refused["ack_wrong_peer"] += 1
-        self._next_push(peer, waiting[1], ok)
+        self._next_push(peer, waiting[1], outcome)
 
     def _on_timeout(self, peer: str, pid: int) -> None:
         waiting = self._waiting.get(peer)
         if waiting is not None and waiting[0] == pid:
             del self._waiting[peer]
-            self._next_push(peer, waiting[1], False)
+            self._next_push(peer, waiting[1], "unreachable")
 
-    def _next_push(self, peer: str, started: float, ok: bool) -> None:
-        failures = 0 if ok else self._failures[peer] + 1
+    def _next_push(self, peer: str, started: float, outcome: str) -> None:
+        failures = 0 if outcome == "ok" else self._failures[peer] + 1
         self._failures[peer] = failures
-        g = self.w.gossip_s
+        w = self.w
+        g = w.gossip_s
         pause = g if failures < 10 else min(1.0, g * failures)
-        self.w.sched.at(started + pause, self.run, self.inc, self._push, (peer,))
+        self._next_at[peer] += 1
+        token = self._next_at[peer]
+        w.sched.at(started + pause, self.run, self.inc, self._scheduled_push, (peer, token))
+        if started + pause - w.sched.now > w.probe_s and outcome == "unreachable":
+            self._probe_pause(peer, token, started + pause)
+
+    def _scheduled_push(self, peer: str, token: int) -> None:
+        if self._next_at[peer] == token:
+            self._push(peer)
+
+    # ------------------------------------------------------------------ gossip (probes)
+    def _probe_beside(self, peer: str, pid: int) -> None:
+        waiting = self._waiting.get(peer)
+        if waiting is None or waiting[0] != pid:
+            return
+        self._probe(peer, ("push", pid))
+        self.w.sched.after(self.w.probe_s, self.run, self.inc, self._probe_beside, (peer, pid))
+
+    def _probe_pause(self, peer: str, token: int, push_at: float) -> None:
+        if self._next_at[peer] != token:
+            return
+        self._probe(peer, ("pause", token))
+        nxt = self.w.sched.now + self.w.probe_s
+        if nxt < push_at:
+            self.w.sched.at(nxt, self.run, self.inc, self._probe_pause, (peer, token, push_at))
+
+    def _probe(self, peer: str, tag: tuple[str, int]) -> None:
+        w = self.w
+        dst, inc, sent = w.nodes[peer], self.inc, w.sched.now
+        w.net.send(self.id, peer, dst.request, dst.inc, dst._on_probe, (self.id, inc, tag, sent),
+                   lambda: w.net.send(peer, self.id, self.run, inc, self._on_probe_answer, (peer, tag, sent, False)))
+
+    def _on_probe(self, sender: str, sender_inc: int, tag: tuple[str, int], sent: float) -> None:
+        src = self.w.nodes[sender]
+        self.w.net.send(self.id, sender, src.run, sender_inc, src._on_probe_answer, (self.id, tag, sent, True))
+
+    def _on_probe_answer(self, peer: str, tag: tuple[str, int], sent: float, ok: bool) -> None:
+        if not ok or self.w.sched.now - sent > self.w.probe_s:
+            return  # refused, or answered after the probe's timeout
+        kind, ident = tag
+        if kind == "push":
+            waiting = self._waiting.get(peer)
+            if waiting is None or waiting[0] != ident:
+                return
+            del self._waiting[peer]  # abandoned: its answer, if any, is dropped with its connection
+            self.lost_pushes += 1
+            self._failures[peer] = 0
+            self._next_at[peer] += 1
+            self._push(peer, may_abandon=False)
+        elif self._next_at[peer] == ident:
+            self._next_at[peer] += 1
+            self._push(peer)
 
     # ------------------------------------------------------------------ gossip (receiver)
     def _on_delta(self, body: bytes, signature: str, sender: str, sender_inc: int, pid: int) -> None:

@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from edge_server.gossip import probe_interval_s
 from edge_server.strict.settings import StrictSettings
 from edge_server.strict.table import StrictTable
 from edge_server.token_bucket import BucketTable, Limit
@@ -53,6 +54,7 @@ class World:
         self.node_ids = topo.node_ids
         self.gossip_s = topo.gossip_interval_ms / 1000.0
         self.push_timeout_s = max(0.5, 10 * self.gossip_s)  # edge_server.gossip's client timeout
+        self.probe_s = probe_interval_s(self.gossip_s)  # and its probes' period and timeout
         self.sched = Scheduler()
         self.clocks = Clocks(self.sched, list(self.node_ids))
         seed = scenario.seed
