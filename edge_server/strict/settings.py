@@ -30,7 +30,7 @@ class StrictSettings:
     gossip_interval_ms: float = 20.0  # the gossip round; transfers and wants ride on it
     transfer_window_ms: float = 0.0  # a transfer is credited only this soon after its want (0: 4 rounds)
     renew_ms: float = 0.0  # a lease is renewed this often (0: lease / 4)
-    voter_dead_ms: float = 0.0  # a voter silent this long is voted out of the quorum (0: 3 leases)
+    voter_dead_ms: float = 0.0  # a voter silent this long is voted out of the quorum (0: 2 leases)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str, got: object) -> None:
@@ -82,7 +82,7 @@ class StrictSettings:
 
     @property
     def voter_dead_s(self) -> float:
-        return (self.voter_dead_ms or 3 * self.lease_ms) / 1000
+        return (self.voter_dead_ms or 2 * self.lease_ms) / 1000
 
     def safe(self, span_s: float) -> float:
         """Wait this long on our clock to be sure ``span_s`` of another clock has passed for real."""
