@@ -9,7 +9,8 @@ A push unanswered for ``probe_s`` (two intervals, at least 40 ms) gets a probe b
 before it means the push was lost -- a healed blackhole drops the bytes of the push in flight on a
 connection that still looks open, and its answer would only come at the 0.5 s timeout -- so the push
 is abandoned and the next one goes out at once.  The same probes cut short the back-off after ten
-failures (up to 1 s): the first answer ends it.  Before them, a 5 s blackhole's heal left a node
+failures (up to 1 s) when the last push went unanswered: the first answered probe ends it (a peer that
+answers but refuses is left to the back-off).  Before them, a 5 s blackhole's heal left a node
 105-140 ms without its peers' counts, against a convergence bound of 90 ms at 20 ms gossip.  A slow
 peer (overloaded, its loop lagging) answers a probe after the push it got first, so a slow push is
 not abandoned, and the push after an abandoned one never is (a peer that reads a large delta slowly

@@ -76,7 +76,6 @@ class SimNode(PausableProcess):
         self._waiting: dict[str, tuple[int, float]] = {}
         self._failures: dict[str, int] = {}
         self._next_at: dict[str, int] = {}  # peer -> token of the scheduled push (a probe's answer may move it)
-        self.lost_pushes = 0
         self._replay = ReplayGuard(set(peers))
         self._sched = world.sched
         self._offsets = world.clocks.offsets
@@ -307,7 +306,6 @@ class SimNode(PausableProcess):
             if waiting is None or waiting[0] != ident:
                 return
             del self._waiting[peer]  # abandoned: its answer, if any, is dropped with its connection
-            self.lost_pushes += 1
             self._failures[peer] = 0
             self._next_at[peer] += 1
             self._push(peer, may_abandon=False)
