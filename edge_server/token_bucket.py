@@ -80,9 +80,11 @@ class _KeyState:
         "last_active",
         "level",
         "limit",
+        "mark",
         "own_gen",
         "pending",
         "pending_amount",
+        "post",
         "share",
         "stamp",
         "synced_with",
@@ -102,6 +104,8 @@ class _KeyState:
         self.pending_amount = 0
         self.changed = 0  # change sequence of the last change to ``counts``
         self.synced_with: str | None = None  # a peer whose last message held exactly ``counts``
+        self.mark = 0  # the table's silence count when ``post`` was last reset
+        self.post = 0.0  # own tokens granted since the table's latest silence
 
     def __repr__(self) -> str:
         return (
@@ -149,6 +153,11 @@ class BucketTable:
         self.max_debt_bursts = max_debt_bursts
         self.cold = cold
         self.started = now
+        # Our own silences: a gap of more than ``peer_timeout`` between two calls of take, tick or merge
+        # (the gossip loop ticks every interval) is a paused or stalled process, which decided nothing.
+        self._seen = now
+        self.silences = 0
+        self.woke_at = -math.inf  # when the latest silence ended
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()  # least recently active first
         self._recent: dict[str, int] = {}  # key -> change seq, ordered by change seq
         self._seq = 0
@@ -173,6 +182,11 @@ class BucketTable:
         Raises ``NoLimitForKey`` or ``KeyTableFull``.  An allowed spend must later be confirmed
         with :meth:`commit` once it is durable (or returned with :meth:`refund`).
         """
+        if now > self._seen:  # ``_note_time``, inlined: this runs on every request
+            if now - self._seen > self.peer_timeout:
+                self.silences += 1
+                self.woke_at = now
+            self._seen = now
         st = self._keys.get(key)
         if st is None:
             st = self._create(key, now)
@@ -194,6 +208,10 @@ class BucketTable:
                     return Decision(False, max(0.0, st.level), limit.burst, self.gossip_interval)
             st.level -= cost
             st.undurable += cost
+            if st.mark != self.silences:
+                st.mark = self.silences
+                st.post = 0.0
+            st.post += cost
             return Decision(True, max(0.0, st.level), limit.burst, 0.0)
         return Decision(False, max(0.0, st.level), limit.burst, (cost - st.level) / limit.rate)
 
@@ -307,6 +325,10 @@ class BucketTable:
         """Merge a peer's delta.  Returns the tokens of consumption newly learned."""
         view = self._peers.get(peer)
         baseline = self.cold and view is not None and not view.synced
+        self._note_time(now)
+        # Just back from our own silence, a peer's deltas hold its spends of that silence (those queued
+        # while we were stopped come first, at once): see the level rule below.
+        recovering = now - self.woke_at <= self.peer_timeout
         learned = 0
         for key, counters in entries:
             st = self._keys.get(key)
@@ -349,6 +371,15 @@ class BucketTable:
                     # rate x gossip interval was over-admitted with no fault at all (simulation found it).
                     floor = -max(self.max_debt_bursts * st.limit.burst, (self.cluster_size - 1) * st.share)
                     level = st.level - grew
+                    if recovering and level < 0.0:
+                        # Spends of our own silence: the refill above was capped at the burst although
+                        # they came along the whole silence, and we decided nothing meanwhile.  Our peers
+                        # enforced the bucket, so it is about empty, less what we granted since we woke
+                        # (our peers subtract those too).  Subtracted after the cap, they left a node back
+                        # from a 5 s pause a burst below its peers for as long as those spent the whole
+                        # rate, and its clients got nothing (0 of 300 requests in 5 s).
+                        post = st.post if st.mark == self.silences else 0.0
+                        level = max(level, min(st.level + post, 0.0) - post)
                     st.level = floor if level < floor else level
         if view is not None:
             view.synced = True
@@ -356,8 +387,16 @@ class BucketTable:
             self._refresh_floor()
         return learned
 
+    def _note_time(self, now: float) -> None:
+        if now > self._seen:
+            if now - self._seen > self.peer_timeout:
+                self.silences += 1
+                self.woke_at = now
+            self._seen = now
+
     def tick(self, now: float) -> None:
         """Re-evaluate which peers are live (heard within ``peer_timeout``)."""
+        self._note_time(now)
         live = frozenset(p for p, v in self._peers.items() if now - v.heard <= self.peer_timeout)
         if live != self._live:
             self._live = live

@@ -249,6 +249,58 @@ def test_debt_is_bounded():
     assert a.level("k", 6.0) >= -100 - 1e-9
 
 
+def _spend_the_rate_while_the_other_is_silent(alive: BucketTable, silent: BucketTable, t0: float,
+                                              seconds: float, silent_ticks: bool) -> float:
+    """``alive`` spends the whole rate every 20 ms for ``seconds``; ``silent`` hears nothing of it and
+    decides nothing (and ticks only if ``silent_ticks``: a live node cut off, not a paused one)."""
+    now = t0
+    while now < t0 + seconds - 1e-9:
+        now = round(now + 0.02, 6)
+        alive.tick(now)
+        while grant(alive, "k", 1, now):
+            pass
+        if silent_ticks:
+            silent.tick(now)
+    return now
+
+
+def _saturated_pair() -> tuple[BucketTable, BucketTable]:
+    a, b = make("n1", peers=["n1", "n2"]), make("n2", peers=["n1", "n2"])
+    full_sync([a, b], 0.0)
+    while grant(a, "k", 1, 0.0) | grant(b, "k", 1, 0.0):
+        pass
+    full_sync([a, b], 0.0)
+    return a, b
+
+
+@pytest.mark.parametrize("granted_on_waking", [0, 10])
+def test_the_spends_of_our_own_silence_make_no_debt_beyond_what_we_granted_since(granted_on_waking: int):
+    """A node back from a pause (no call at all for 5 s) learns its peer's spends of those 5 s at once;
+    its level was refilled to the burst across the silence, so subtracting them made a debt of a burst
+    that it kept for as long as the peer spent the whole rate.  The peer enforced the bucket meanwhile,
+    so it is about empty: the node comes back at 0, less what it granted since it woke (from a level
+    that did not know the peer's spends; the peer subtracts those too)."""
+    a, b = _saturated_pair()
+    now = _spend_the_rate_while_the_other_is_silent(a, b, 0.0, 5.0, silent_ticks=False)
+    assert b.silences == 0  # nothing called b yet
+    if granted_on_waking:
+        assert grant(b, "k", granted_on_waking, now)  # its level refilled to the burst
+    exchange(a, b, now)
+    assert b.silences == 1
+    assert b.level("k", now) == pytest.approx(-granted_on_waking, abs=1e-6)
+    exchange(b, a, now)  # the peer learns of those grants: both views agree
+    assert a.level("k", now) == pytest.approx(b.level("k", now), abs=1.0)
+
+
+def test_a_node_cut_off_but_alive_keeps_the_debt_that_pays_back_the_cut():
+    """Alive and ticking, a cut-off node's level is its own: the peer's spends of the cut make the debt
+    that pays back what both sides admitted alone (floored at a burst)."""
+    a, b = _saturated_pair()
+    now = _spend_the_rate_while_the_other_is_silent(a, b, 0.0, 5.0, silent_ticks=True)
+    exchange(a, b, now)
+    assert b.silences == 0 and b.level("k", now) == pytest.approx(-100.0, abs=1e-6)
+
+
 def test_delta_only_carries_changed_keys():
     a, b = make("n1", peers=["n1", "n2"]), make("n2", peers=["n1", "n2"])
     for i in range(1000):
