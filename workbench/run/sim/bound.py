@@ -21,6 +21,9 @@ merged by ``t`` except what is still in flight, so
    its whole duration (a run of lost messages looks like a partition once the peer times out); a
    blackholed region or node is a side of its own.
 3. **Kill / pause** of a node: its unseen spend is frozen (peers learn it late or never): ``s`` each.
+   Back from its own silence, a node takes no debt from its peers' spends of it (``BucketTable.merge``):
+   what that forgives is the refill its level lost to the cap while stopped, not an admission; the
+   peers' own excess of that time is in the other terms.
 4. **Restart with its data**: the chain of step 1 restarts at the boot, so one more steady term, plus
    the unseen spend of the dead process: ``(N - 1) max(s, R d) + s``.  **Without its data**
    (``restart_wiped``) the node starts full (``+ B``) and, if its clock is behind its old generation,
