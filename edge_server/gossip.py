@@ -56,6 +56,7 @@ class Gossiper:
         self.last_ack: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
         self.probe_s = probe_interval_s(interval_s)
+        self._probe_timeout = aiohttp.ClientTimeout(total=self.probe_s)
 
     async def run(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, force_close=False)
@@ -92,12 +93,13 @@ class Gossiper:
                             may_abandon: bool = True) -> str:
         """One push, probed beside after ``probe_s`` (the module's docstring): what :meth:`push` returns,
         or ``"lost"`` when a later probe was answered first and the push was abandoned."""
+        loop = asyncio.get_running_loop()
         push = asyncio.ensure_future(self.push(session, peer, url))
         try:
             done, _ = await asyncio.wait({push}, timeout=self.probe_s if may_abandon else None)
             while not done:
                 probe = asyncio.ensure_future(self.probe(session, peer))
-                sent = asyncio.get_running_loop().time()
+                sent = loop.time()
                 done, _ = await asyncio.wait({push, probe}, return_when=asyncio.FIRST_COMPLETED)
                 if push in done:
                     probe.cancel()
@@ -107,7 +109,7 @@ class Gossiper:
                     self.metrics.gossip_messages.labels("sent", "lost").inc()
                     return "lost"
                 # the probe failed too: the next one a probe period after this one went out
-                wait = self.probe_s - (asyncio.get_running_loop().time() - sent)
+                wait = self.probe_s - (loop.time() - sent)
                 done, _ = await asyncio.wait({push}, timeout=max(0.0, wait))
             return push.result()
         finally:
@@ -126,8 +128,7 @@ class Gossiper:
     async def probe(self, session: aiohttp.ClientSession, peer: NodeSpec) -> bool:
         """Whether ``peer`` answers ``GET /healthz`` within ``probe_s`` (on a connection of its own)."""
         try:
-            async with session.get(peer.url + "/healthz",
-                                   timeout=aiohttp.ClientTimeout(total=self.probe_s)) as resp:
+            async with session.get(peer.url + "/healthz", timeout=self._probe_timeout) as resp:
                 await resp.read()
                 ok = resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
