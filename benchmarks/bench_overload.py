@@ -39,6 +39,12 @@ Also per step: how fast sheds were answered (client-side, from the actual send t
 / p99: it includes the generator's own loop and any wait in the kernel before the router read the
 request), the adaptive limit's cuts per process and the lowest router limit seen.
 
+Every 504 is traced (``timeouts_traced``): the router logs each request it timed out (request id, the
+node that had said 100 Continue, how long each try ran, its own loop lag) and a node logs each skill
+call whose caller left before it ended (request id, how long the call ran); the two are joined by
+request id.  Beside them, ``skill_tail_expected``: how many of the step's calls the reference skill's
+lognormal alone sends past the router's 10 s timeout (3.4 in a million calls).
+
 Targets (reported, never an exit code): goodput at 2x-10x >= 90 % of the peak goodput; zero
 ``no_healthy_region`` (no node is ever down here); zero 5xx other than quick 503 sheds; P95 of served
 requests < 5 s; sheds answered in < 10 ms (p95, client-side); router and node RSS < 512 MB each.
@@ -51,6 +57,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import os
 import sys
 import time
@@ -66,6 +74,8 @@ import plotly.graph_objects as go
 from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import install_signal_handlers, table, workdir, write_results
 from benchmarks._targets import target
+from edge_server.config import RouterConfig
+from edge_server.skill import Z99
 from workbench.check import overload
 from workbench.check.errors import DEFAULT_ERROR_BUDGET_PCT, error_budget_state
 from workbench.history import CUT_AT_END, Recording
@@ -189,6 +199,50 @@ def listen_overflows() -> int | None:
         return None
 
 
+def _log_records(path: Path, message: str) -> list[dict[str, Any]]:
+    """The structured log lines of ``path`` whose message is ``message``."""
+    out = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if message in line:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("msg") == message:
+                out.append(doc)
+    return out
+
+
+def traced_timeouts(cluster_dir: Path) -> list[dict[str, Any]]:
+    """Every request the router timed out (its 504s), joined by request id with what its node logged:
+    how long the skill call itself ran (``skill_s``; None if the node logged nothing: the wait was not
+    the skill's).  So a 504 is shown to be the skill's own tail, or not."""
+    skill_s: dict[str, tuple[str, float]] = {}
+    for log_file in sorted(cluster_dir.glob("*.log")):
+        if log_file.stem == "router":
+            continue
+        for doc in _log_records(log_file, "skill call outlived its caller"):
+            skill_s[doc.get("request_id", "")] = (log_file.stem, doc.get("skill_s"))
+    out = []
+    for doc in _log_records(cluster_dir / "router.log", "request timed out"):
+        rid = doc.get("request_id", "")
+        node, ran = skill_s.get(rid, (doc.get("continued_by"), None))
+        out.append({"request_id": rid, "route": doc.get("route"), "node": node, "continued": doc.get("continued_by"),
+                    "skill_s": ran, "router_loop_lag_ms": doc.get("loop_lag_ms")})
+    return out
+
+
+def skill_tail_probability(seconds: float) -> float:
+    """P(one call of the reference skill takes longer than ``seconds``): its lognormal's upper tail."""
+    sigma = math.log(SKILL_P99_MS / SKILL_MEDIAN_MS) / Z99
+    z = math.log(seconds * 1000 / SKILL_MEDIAN_MS) / sigma
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
 def run_step(folder: Path, kind: str, amount: float, duration: float, label: str) -> dict[str, Any]:
     scenario = step_scenario(kind, amount, duration, seed=int(amount) + (0 if kind == "open" else 7))
     for attempt in (1, 2):  # a free port taken by another program between pick and bind: one more try
@@ -196,7 +250,8 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
             cpu0, overflows0 = time.process_time(), listen_overflows()
             # No fault proxies: no fault is injected here, and the proxies run in this process, relaying
             # every router-to-node request and all gossip on this one Python loop (see PROXIES_NOTE).
-            result = asyncio.run(run_drill(scenario, folder / f"{kind}-{int(amount)}-{attempt}", proxies=False))
+            run_dir = folder / f"{kind}-{int(amount)}-{attempt}"
+            result = asyncio.run(run_drill(scenario, run_dir, proxies=False))
             drill_cpu_s = time.process_time() - cpu0
             overflows1 = listen_overflows()
             break
@@ -223,6 +278,8 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
     shed_by_wait = {kind: sorted((r.end_s - r.start_s) * 1000 for r in sent if overload.shed_wait(r) == kind)
                     for kind in ("on_arrival", "after_wait", "unknown")}
     series = overload.request_series(rec)
+    timeouts = traced_timeouts(run_dir / "cluster")
+    timeout_s = RouterConfig().request_timeout_ms / 1000
     others_ok, others_pct, _ = error_budget_state(s["errors"], s["requests"] - s["cut_at_end"],
                                                   DEFAULT_ERROR_BUDGET_PCT)
     return {
@@ -240,6 +297,10 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
         "requests_measured": s["requests"], "requests_total": len(rec.requests), "served": s["served"],
         "shed": s["shed"], "limited": s["limited"],
         "errors": s["errors"], "errors_by_status": s["errors_by_status"], "other_5xx": other_5xx,
+        # the router's 504s, each traced to its node's skill call (``traced_timeouts``), beside how many
+        # calls of the reference skill are expected to outlast the router's timeout on their own
+        "timeouts_traced": timeouts,
+        "skill_tail_expected": round(served * skill_tail_probability(timeout_s), 3),
         "served_p95_ms": s["served_p95_ms"], "no_healthy_region": no_healthy,
         "shed_answer_ms": _quantiles(shed_ms),
         # the same, apart: sheds refused on arrival (the quick 503s the target is for) and sheds after a
@@ -374,6 +435,10 @@ def main() -> int:
               f"no_healthy {row['no_healthy_region']}, cut off {row['cut_off_at_end']}, "
               f"RSS router {row['router_rss_peak_mb']} MB / node {row['node_rss_peak_mb']} MB, {row['verdict']}",
               flush=True)
+        for t in row["timeouts_traced"]:
+            print(f"  504 {t['request_id']} on {t['node']}: its skill call ran "
+                  f"{'(nothing logged)' if t['skill_s'] is None else str(t['skill_s']) + ' s'}; "
+                  f"{row['skill_tail_expected']} calls expected past the timeout from the skill's tail", flush=True)
         g = row["generator"]
         print(f"  generator: asked {row['asked_in_window']}, sent {row['sent_in_window']} in the window, late "
               f"{g['late']} ({g['late_pct']} %), dropped {g['dropped_at_inflight_cap']}, lag {g['lag_ms']}, "

@@ -280,6 +280,7 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
                        f"{d.retry_after_s * 1000:.0f} ms", headers=headers)
     if client_gone(request):  # the tokens are spent and audited, the skill is not called
         raise _dropped(node, "before_skill")
+    called = time.perf_counter()
     try:
         result = await node.skill.invoke(body)
     except SkillError as exc:
@@ -288,7 +289,11 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
                        f"{request_id})", headers=headers) from None
     finally:
         if client_gone(request):
+            # The caller (the router, after its request timeout) left while the skill ran: its 504 is
+            # traced here by request id, with how long the skill call itself took.
             node.metrics.skill_calls_client_gone.inc()
+            log.warning("skill call outlived its caller", extra={
+                "request_id": request_id, "tenant": tenant, "skill_s": round(time.perf_counter() - called, 3)})
     return web.Response(body=orjson.dumps({"result": result, "request_id": request_id, "tenant": tenant,
                                            "node": node.spec.id, "region": node.spec.region}), headers=headers)
 

@@ -341,6 +341,15 @@ class Router(RoutingTable):
             for node, _ in pending.values():
                 if not (hedged and node is first):  # the first was already judged at its per-try timeout
                     self.try_failed(node, "timeout", f"no answer within {total:g} s")
+            # Where the request waited, for whoever traces a 504: which tries were still out, how long
+            # each had run, whether a node had said 100 Continue, and how late our own loop was.
+            now_pc = time.perf_counter()
+            log.warning("request timed out", extra={
+                "route": route, "home": home, "request_id": headers.get("X-Request-Id", ""), "tries": tries,
+                "hedged": hedged, "timeout_s": total, "loop_lag_ms": round(self.current_lag() * 1000, 1),
+                "continued_by": (pending[claim.holder][0].spec.id if claim is not None and claim.holder in pending
+                                 else None),
+                "pending": [(n.spec.id, round(now_pc - t0, 3)) for n, t0 in pending.values()]})
             return self._try_error(route, home, last, "timeout", self._retried(extra, first, last, reason),
                                    claim is None or claim.holder is not None)
         finally:

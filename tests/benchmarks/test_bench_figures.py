@@ -4,6 +4,7 @@ docs/audit.md quote them by these definitions)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.bench_audit import soak_summary, soak_targets
 from benchmarks.bench_capacity import limited_by, passes
 from benchmarks.bench_outage import Outcome, R, recovery_s, strict_goal_per_s, window_figures
+from benchmarks.bench_overload import skill_tail_probability, traced_timeouts
 
 
 def _ok(t: float, admitted: bool = True) -> Outcome:
@@ -88,3 +90,23 @@ def test_a_soak_band_counts_only_samples_after_the_warm_up_against_their_baselin
     assert f["max_distance_from_baseline_mb"] == 12.0
     band, around = soak_targets({"eu-1": f})
     assert band["met"] is False and around["met"] is False
+
+
+def test_a_504_is_joined_with_its_node_skill_call_by_request_id(tmp_path: Path) -> None:
+    router = {"msg": "request timed out", "request_id": "rt-1", "route": "/v1/skills/{skill}/invoke",
+              "continued_by": "eu-1", "loop_lag_ms": 3.0}
+    other = {**router, "request_id": "rt-2", "continued_by": None}
+    (tmp_path / "router.log").write_text("not json, request timed out\n" + "\n".join(
+        json.dumps(d) for d in (router, other)) + "\n")
+    (tmp_path / "eu-1.log").write_text(json.dumps({"msg": "skill call outlived its caller", "request_id": "rt-1",
+                                                   "skill_s": 10.2}) + "\n")
+    traced = traced_timeouts(tmp_path)
+    assert [(t["request_id"], t["node"], t["skill_s"]) for t in traced] == [("rt-1", "eu-1", 10.2),
+                                                                           ("rt-2", None, None)]
+    assert traced_timeouts(tmp_path / "missing") == []
+
+
+def test_the_reference_skill_tail_is_its_lognormal() -> None:
+    assert skill_tail_probability(4.0) == pytest.approx(0.01)  # its p99
+    assert skill_tail_probability(1.5) == pytest.approx(0.5)  # its median
+    assert 3e-6 < skill_tail_probability(10.0) < 4e-6

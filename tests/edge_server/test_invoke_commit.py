@@ -129,6 +129,10 @@ async def test_a_paused_node_drops_what_its_caller_gave_up_and_counts_a_skill_ca
     await eventually_metric(port, "edge_skill_calls_client_gone_total", 1)
     ids = await audited_ids(port)
     assert "p-gone" not in ids and "p-left" in ids
+    # ... and logged by request id with the skill call's own length, so a caller's timeout can be traced.
+    logged = [json.loads(line) for line in (nodes.tmp / "eu-1.log").read_text().splitlines()
+              if "outlived its caller" in line]
+    assert [(e["request_id"], e["skill_s"] > 0.1) for e in logged] == [("p-left", True)], logged
 
 
 async def test_after_a_kill9_uncommitted_skill_calls_are_retried_and_the_committed_one_is_not(
@@ -223,3 +227,24 @@ async def test_an_invoke_hedge_waits_while_the_routers_own_loop_lags(make_nodes:
     finally:
         os.kill(pid, signal.SIGCONT)
     assert status == 200 and headers["X-Router-Retried"] == "eu-1" and headers["X-Edge-Region"] == "us"
+
+
+async def test_a_skill_call_past_the_router_timeout_is_a_504_traced_by_request_id_on_both_sides(
+        make_nodes: Any, run_router: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # The skill outlasts the router's whole request timeout: the node said 100 Continue and ran it.
+    nodes = await make_nodes({"eu": ["eu-1"]}, request_timeout_ms=500, skill={"median_ms": 1500, "p99_ms": 1600})
+    _router, url = await run_router(nodes)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + INVOKE, json={}, headers={**AUTH, "X-Client-Region": "eu",
+                                                           "X-Request-Id": "slow-1"}) as r:
+            status, body = r.status, await r.json()
+    assert status == 504 and body["error"]["code"] == "upstream_timeout", body
+    traced = [r for r in caplog.records if r.getMessage() == "request timed out"]
+    assert len(traced) == 1
+    rec = traced[0].__dict__
+    assert rec["continued_by"] == "eu-1" and rec["tries"] == 1 and rec["pending"][0][0] == "eu-1"
+    assert 0.4 <= rec["pending"][0][1] < 5, rec["pending"]
+    await eventually_metric(nodes.ports["eu-1"], "edge_skill_calls_client_gone_total", 1)
+    logged = [json.loads(line) for line in (nodes.tmp / "eu-1.log").read_text().splitlines()
+              if "outlived its caller" in line]
+    assert [e["request_id"] for e in logged] == ["slow-1"] and logged[0]["skill_s"] > 0.5, logged
