@@ -220,19 +220,20 @@ def _log_records(path: Path, message: str) -> list[dict[str, Any]]:
 def traced_timeouts(cluster_dir: Path) -> list[dict[str, Any]]:
     """Every request the router timed out (its 504s), joined by request id with what its node logged:
     how long the skill call itself ran (``skill_s``; None if the node logged nothing: the wait was not
-    the skill's).  So a 504 is shown to be the skill's own tail, or not."""
-    skill_s: dict[str, tuple[str, float]] = {}
+    the skill's) and the latency the simulated skill drew (``skill_drawn_ms``).  So a 504 is shown
+    to be the skill's own tail, or not."""
+    skill_s: dict[str, tuple[str, float, float | None]] = {}
     for log_file in sorted(cluster_dir.glob("*.log")):
         if log_file.stem == "router":
             continue
         for doc in _log_records(log_file, "skill call outlived its caller"):
-            skill_s[doc.get("request_id", "")] = (log_file.stem, doc.get("skill_s"))
+            skill_s[doc.get("request_id", "")] = (log_file.stem, doc.get("skill_s"), doc.get("skill_drawn_ms"))
     out = []
     for doc in _log_records(cluster_dir / "router.log", "request timed out"):
         rid = doc.get("request_id", "")
-        node, ran = skill_s.get(rid, (doc.get("continued_by"), None))
+        node, ran, drawn = skill_s.get(rid, (doc.get("continued_by"), None, None))
         out.append({"request_id": rid, "route": doc.get("route"), "node": node, "continued": doc.get("continued_by"),
-                    "skill_s": ran, "router_loop_lag_ms": doc.get("loop_lag_ms")})
+                    "skill_s": ran, "skill_drawn_ms": drawn, "router_loop_lag_ms": doc.get("loop_lag_ms")})
     return out
 
 
@@ -437,7 +438,8 @@ def main() -> int:
               flush=True)
         for t in row["timeouts_traced"]:
             print(f"  504 {t['request_id']} on {t['node']}: its skill call ran "
-                  f"{'(nothing logged)' if t['skill_s'] is None else str(t['skill_s']) + ' s'}; "
+                  f"{'(nothing logged)' if t['skill_s'] is None else str(t['skill_s']) + ' s'} "
+                  f"(drawn {t['skill_drawn_ms']} ms); "
                   f"{row['skill_tail_expected']} calls expected past the timeout from the skill's tail", flush=True)
         g = row["generator"]
         print(f"  generator: asked {row['asked_in_window']}, sent {row['sent_in_window']} in the window, late "

@@ -281,6 +281,7 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
     if client_gone(request):  # the tokens are spent and audited, the skill is not called
         raise _dropped(node, "before_skill")
     called = time.perf_counter()
+    result: Any = None
     try:
         result = await node.skill.invoke(body)
     except SkillError as exc:
@@ -290,10 +291,13 @@ async def invoke(node: Node, request: web.BaseRequest) -> web.Response:
     finally:
         if client_gone(request):
             # The caller (the router, after its request timeout) left while the skill ran: its 504 is
-            # traced here by request id, with how long the skill call itself took.
+            # traced here by request id, with how long the skill call took on our clock and, for the
+            # simulated skill, the latency it drew (a gap between them is our own loop's lateness).
             node.metrics.skill_calls_client_gone.inc()
+            drawn = result.get("latency_ms") if isinstance(result, dict) else None
             log.warning("skill call outlived its caller", extra={
-                "request_id": request_id, "tenant": tenant, "skill_s": round(time.perf_counter() - called, 3)})
+                "request_id": request_id, "tenant": tenant, "skill_s": round(time.perf_counter() - called, 3),
+                "skill_drawn_ms": drawn})
     return web.Response(body=orjson.dumps({"result": result, "request_id": request_id, "tenant": tenant,
                                            "node": node.spec.id, "region": node.spec.region}), headers=headers)
 

@@ -99,10 +99,10 @@ def test_a_504_is_joined_with_its_node_skill_call_by_request_id(tmp_path: Path) 
     (tmp_path / "router.log").write_text("not json, request timed out\n" + "\n".join(
         json.dumps(d) for d in (router, other)) + "\n")
     (tmp_path / "eu-1.log").write_text(json.dumps({"msg": "skill call outlived its caller", "request_id": "rt-1",
-                                                   "skill_s": 10.2}) + "\n")
+                                                   "skill_s": 10.2, "skill_drawn_ms": 10150.0}) + "\n")
     traced = traced_timeouts(tmp_path)
-    assert [(t["request_id"], t["node"], t["skill_s"]) for t in traced] == [("rt-1", "eu-1", 10.2),
-                                                                           ("rt-2", None, None)]
+    assert [(t["request_id"], t["node"], t["skill_s"], t["skill_drawn_ms"]) for t in traced] == [
+        ("rt-1", "eu-1", 10.2, 10150.0), ("rt-2", None, None, None)]
     assert traced_timeouts(tmp_path / "missing") == []
 
 

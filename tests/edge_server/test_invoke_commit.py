@@ -248,3 +248,4 @@ async def test_a_skill_call_past_the_router_timeout_is_a_504_traced_by_request_i
     logged = [json.loads(line) for line in (nodes.tmp / "eu-1.log").read_text().splitlines()
               if "outlived its caller" in line]
     assert [e["request_id"] for e in logged] == ["slow-1"] and logged[0]["skill_s"] > 0.5, logged
+    assert logged[0]["skill_drawn_ms"] > 500, logged  # the simulated skill says what it drew
