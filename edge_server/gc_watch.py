@@ -16,6 +16,11 @@ scanned once as young whatever the thresholds, so their cost follows the allocat
 live for seconds.  Tried instead: automatic collection off and a full collection every 5 s.  Each one
 took 220-290 ms (the whole heap, and 5 s of garbage), and goodput and shed answer times were no better
 within the runs' noise (974 vs 1,002 req/s at 1x, 712 vs 671 at 5x, shed answer p95 849 vs 358 ms).
+Tried too (2026-12-02, paired runs of ``bench_overload.py --capacity-rps 712 --multiples 1,2,5 --users
+none --step-s 15``, two each): a young collection on a timer every 100 ms, and the middle one every 50th.
+Each young collection still scanned ~15 ms of objects (requests allocate that much and hold it), so the
+young pauses of a 15 s step added up to 1.4-3.0 s instead of 0.2-2.1 s, the middle ones took 170-420
+ms, and goodput (696-982 vs 716-887 req/s) and sheds (p95 181-424 vs 167-321 ms) were no better.
 Kept: the thresholds of ``router_main`` and the nodes.
 """
 
