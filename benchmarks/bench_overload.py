@@ -39,6 +39,13 @@ Also per step: how fast sheds were answered (client-side, from the actual send t
 / p99: it includes the generator's own loop and any wait in the kernel before the router read the
 request), the adaptive limit's cuts per process and the lowest router limit seen.
 
+``--pin`` runs the router and the nodes on cpu 0 and the drill with its load generator on cpu 1
+(results ``overload-pinned.json``, plot ``docs/img/overload-pinned.png``): the standard pinning of the
+other benchmarks (the server on one core, the load tool on the other).  Unpinned, every process shares
+both cores, and past 2x the generator's own CPU for the sheds it sends and reads (96 % of a core at
+10x) is taken from the system it measures; pinned, the system has one core of its own, so its capacity
+is lower and the steps ask less of the generator.
+
 Every 504 is traced (``timeouts_traced``): the router logs each request it timed out (request id, the
 node that had said 100 Continue, how long each try ran, its own loop lag) and a node logs each skill
 call whose caller left before it ended (request id, how long the call ran); the two are joined by
@@ -49,18 +56,20 @@ Targets (reported, never an exit code): goodput at 2x-10x >= 90 % of the peak go
 ``no_healthy_region`` (no node is ever down here); zero 5xx other than quick 503 sheds; P95 of served
 requests < 5 s; sheds answered in < 10 ms (p95, client-side); router and node RSS < 512 MB each.
 
-Usage: .venv/bin/python benchmarks/bench_overload.py [--quick] [--step-s S] [--capacity-rps R]
-Writes ``benchmarks/results/overload[-quick].json`` and (full runs) ``docs/img/overload.png``.
+Usage: .venv/bin/python benchmarks/bench_overload.py [--quick] [--pin] [--step-s S] [--capacity-rps R]
+Writes ``benchmarks/results/overload[-pinned][-quick].json`` and (full runs) ``docs/img/overload[-pinned].png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -70,6 +79,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plotly.graph_objects as go
+import psutil
 
 from benchmarks._plots import fig_json, write_png
 from benchmarks._procs import install_signal_handlers, table, workdir, write_results
@@ -244,6 +254,50 @@ def skill_tail_probability(seconds: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+SYSTEM_CPU = 0  # --pin: the router and the nodes
+LOAD_CPU = 1  # --pin: this process (the drill, its recorder) and the load generator's processes
+
+
+class Pinner:
+    """``--pin``: every edge process (router, node) this process starts runs on :data:`SYSTEM_CPU`, and
+    this process -- the drill, its recorder and the generator processes it spawns, which inherit its
+    affinity -- on :data:`LOAD_CPU`.  The drill starts its own processes, so a thread pins each one as it
+    appears (within ``poll_s`` of its start; a node is not ready for ~0.5 s anyway)."""
+
+    def __init__(self, poll_s: float = 0.02) -> None:
+        self.poll_s = poll_s
+        self.pinned: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pinner", daemon=True)
+
+    def __enter__(self) -> Pinner:
+        os.sched_setaffinity(0, {LOAD_CPU})
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(self.poll_s):
+            try:
+                children = me.children(recursive=True)
+            except psutil.Error:
+                continue
+            for child in children:
+                if child.pid in self.pinned:
+                    continue
+                try:
+                    cmd = child.cmdline()
+                    if "edge_server" in cmd:
+                        child.cpu_affinity([SYSTEM_CPU])
+                        self.pinned.add(child.pid)
+                except psutil.Error:  # gone, or not ours to pin
+                    self.pinned.add(child.pid)
+
+
 def run_step(folder: Path, kind: str, amount: float, duration: float, label: str) -> dict[str, Any]:
     scenario = step_scenario(kind, amount, duration, seed=int(amount) + (0 if kind == "open" else 7))
     for attempt in (1, 2):  # a free port taken by another program between pick and bind: one more try
@@ -330,7 +384,7 @@ def run_step(folder: Path, kind: str, amount: float, duration: float, label: str
     }
 
 
-def figure(rows: list[dict[str, Any]]) -> go.Figure:
+def figure(rows: list[dict[str, Any]], pinned: bool = False) -> go.Figure:
     """Goodput, shed and errors (req/s) and P95 of served requests (s, right axis) against offered load."""
     fig = go.Figure()
     for kind, symbol in (("open", "circle"), ("closed", "square")):
@@ -349,7 +403,9 @@ def figure(rows: list[dict[str, Any]]) -> go.Figure:
     fig.add_scatter(x=[0, max((r["offered_rps"] for r in rows), default=1)], y=[P95_LIMIT_MS / 1000] * 2,
                     yaxis="y2", mode="lines", name="P95 target (5 s)",
                     line={"color": "#2563eb", "dash": "dash", "width": 1})
-    fig.update_layout(title="Goodput, shed, errors and P95 against offered load (invoke, 3 regions, via the router)",
+    where = "; router and nodes on cpu 0, load generator on cpu 1" if pinned else ""
+    fig.update_layout(title=f"Goodput, shed, errors and P95 against offered load (invoke, 3 regions, via the router"
+                            f"{where})",
                       xaxis_title="offered load (requests / s)", yaxis_title="requests / s", template="plotly_white",
                       yaxis2={"overlaying": "y", "side": "right", "title": "P95 of served (s)", "rangemode": "tozero"},
                       legend={"orientation": "h", "y": -0.2}, margin={"l": 60, "r": 60, "t": 50, "b": 120})
@@ -406,7 +462,12 @@ def main() -> int:
                         help="open-loop steps as multiples of the capacity ('' for none)")
     parser.add_argument("--users", default="", help="comma-separated closed-loop user counts (default 1000 ... 5000; "
                         "'none' for no closed-loop step)")
+    parser.add_argument("--pin", action="store_true",
+                        help=f"the router and the nodes on cpu {SYSTEM_CPU}, the load generator on cpu {LOAD_CPU} "
+                        "(results overload-pinned.json): the generator no longer takes the system's cpu")
     args = parser.parse_args()
+    if args.pin and len(psutil.Process().cpu_affinity()) < 2:
+        parser.error("--pin needs 2 cpus")
     install_signal_handlers()
     started = time.time()
     step_s = args.step_s or (5.0 if args.quick else 20.0)
@@ -427,7 +488,11 @@ def main() -> int:
     def step(kind: str, amount: float, label: str) -> dict[str, Any]:
         print(f"step {label}: {kind} loop, {amount:g} {'req/s' if kind == 'open' else 'users'}, {step_s:g} s ...",
               flush=True)
-        row = run_step(folder, kind, amount, step_s, label)
+        with contextlib.ExitStack() as stack:
+            if args.pin:
+                pinner = stack.enter_context(Pinner())
+            row = run_step(folder, kind, amount, step_s, label)
+            row["pinned_processes"] = len(pinner.pinned) if args.pin else None
         print(f"  offered {row['offered_rps']} req/s, goodput {row['goodput_rps']}, shed {row['shed_rps']}, "
               f"errors {row['errors_by_status']}, P95 {row['served_p95_ms']} ms, shed answered "
               f"{row['shed_answer_ms']} ms (on arrival / after a wait: "
@@ -474,8 +539,9 @@ def main() -> int:
                  "other errors in budget"]))
     if any(r["verdict_note"] for r in rows):
         print(f"verdict FAILED where sheds passed the budget: {VERDICT_NOTE}.")
-    fig = figure(rows)
-    png = write_png(fig, "overload", args.quick, width=1100, height=650)
+    fig = figure(rows, args.pin)
+    name = "overload-pinned" if args.pin else "overload"
+    png = write_png(fig, name, args.quick, width=1100, height=650)
     tgts = targets_for(rows)
     for t in tgts:
         print(f"  target {t['name']}: {t['measured']} ({t['target']}) -> "
@@ -487,12 +553,14 @@ def main() -> int:
               "skill": {"median_ms": SKILL_MEDIAN_MS, "p99_ms": SKILL_P99_MS, "cpu_us": SKILL_CPU_US},
               "generator_processes": f"2 past {TWO_PROCESSES_RPS:g} req/s or {TWO_PROCESSES_USERS} users, else 1",
               "generator_client": CLIENT, "fault_proxies": PROXIES_NOTE,
+              "pinning": (f"router and nodes on cpu {SYSTEM_CPU}; the drill and the load generator on cpu {LOAD_CPU}"
+                          if args.pin else "none: every process on both cpus"),
               "load_average_before": [round(x, 2) for x in load_before],
               "closed_loop_users": "no think time; honour Retry-After after a shed (load.honor_retry_after), "
                                    "at most 5 s",
               "verdict": "the drill's default: sheds count against the 0.1 % error budget (see verdict_note)",
               "definitions": "workbench.check.overload (served = 2xx, shed = 503 router_overloaded/overloaded)"}
-    path = write_results("overload", figures, quick=args.quick, started=started, targets=tgts,
+    path = write_results(name, figures, quick=args.quick, started=started, targets=tgts,
                          extra={"parameters": params, "charts": {"overload": fig_json(fig)}})
     print(f"wrote {path}")
     return 0
