@@ -197,3 +197,20 @@ def test_free_ports_lie_below_the_kernels_ephemeral_range_and_are_never_handed_o
         finally:
             for s in ephemeral:
                 s.close()
+
+
+def test_cpu_samples_of_a_busy_child_stay_within_a_core_however_often_they_are_taken(tmp_path: Path) -> None:
+    # psutil's primed cpu_percent read at once divided a 10 ms clock tick by microseconds (24,295 %).
+    with ProcessGroup(tmp_path) as group:
+        child = group.start("spin", [sys.executable, "-c", "while True: pass"])
+        figures = []
+        ends = time.monotonic() + 0.4
+        while time.monotonic() < ends:  # back to back, bounded in time
+            sample = child.sample(0.0)
+            assert sample is not None
+            figures.append(sample.cpu_pct)
+        time.sleep(0.3)
+        last = child.sample(0.0)
+        assert last is not None
+    assert len(figures) > 100 and max(figures) <= 105, max(figures)
+    assert 20 < last.cpu_pct <= 105, last.cpu_pct  # one busy thread: about one core (less on a crowded machine)

@@ -58,6 +58,7 @@ __all__ = [
 
 STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL
 POLL_S = 0.02
+CPU_MIN_INTERVAL_S = 0.05  # a cpu figure over less wall time than this would be one clock tick over nothing
 
 
 class ProcessError(RuntimeError):
@@ -258,6 +259,8 @@ class Child:
     runs: int = 0
     history: list[tuple[float, str]] = field(default_factory=list)
     _ps: psutil.Process | None = field(default=None, repr=False)
+    _cpu_mark: tuple[float, float] = field(default=(0.0, 0.0), repr=False)  # (monotonic time, cpu s) measured from
+    _cpu_pct: float = field(default=0.0, repr=False)  # the last cpu figure
     _log_offset: int = field(default=0, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
@@ -289,6 +292,8 @@ class Child:
         self.started_at = time.monotonic()
         self.history.append((self.started_at, "start"))
         self._ps = None
+        self._cpu_mark = (self.started_at, 0.0)  # a new process has used no cpu yet
+        self._cpu_pct = 0.0
         return self
 
     @property
@@ -445,21 +450,33 @@ class Child:
         try:
             if self._ps is None or self._ps.pid != self.popen.pid:
                 self._ps = psutil.Process(self.popen.pid)
-                self._ps.cpu_percent(None)  # primes the counter: the next call measures from here
             return self._ps
         except psutil.Error:
             return None
 
     def sample(self, t_s: float) -> ProcessSample | None:
-        """CPU (% of one core since the previous sample) and RSS of the current run, or None when it is gone."""
+        """CPU (% of one core since the previous sample, or since the start for the first one) and RSS of
+        the current run, or None when it is gone.
+
+        Measured from the process's own cpu seconds over our monotonic clock, not psutil's
+        ``cpu_percent``: primed and read at once, that one divided a 10 ms clock tick by microseconds and
+        reported a node's first sample as 24,295 % (which made one step's mean 735 % in an overload run).
+        A sample within ``CPU_MIN_INTERVAL_S`` of the one measured last repeats its figure (one tick over
+        a few milliseconds is no measurement either)."""
         ps = self.psutil_process()
         if ps is None:
             return None
         try:
-            return ProcessSample(t_s=t_s, name=self.name, cpu_pct=ps.cpu_percent(None),
-                                 rss_mb=ps.memory_info().rss / 2**20)
+            times = ps.cpu_times()
+            rss = ps.memory_info().rss
         except psutil.Error:
             return None
+        now, used = time.monotonic(), times.user + times.system
+        since, used_before = self._cpu_mark
+        if now - since >= CPU_MIN_INTERVAL_S:  # else: too short to measure; the last figure stands
+            self._cpu_pct = 100.0 * max(0.0, used - used_before) / (now - since)
+            self._cpu_mark = (now, used)
+        return ProcessSample(t_s=t_s, name=self.name, cpu_pct=self._cpu_pct, rss_mb=rss / 2**20)
 
 
 # ------------------------------------------------------------------------------------ a group
