@@ -212,5 +212,6 @@ def test_cpu_samples_of_a_busy_child_stay_within_a_core_however_often_they_are_t
         time.sleep(0.3)
         last = child.sample(0.0)
         assert last is not None
-    assert len(figures) > 100 and max(figures) <= 105, max(figures)
-    assert 20 < last.cpu_pct <= 105, last.cpu_pct  # one busy thread: about one core (less on a crowded machine)
+    # One busy thread is one core; a figure over CPU_MIN_INTERVAL_S may be one 10 ms clock tick off.
+    assert len(figures) > 100 and max(figures) <= 125, max(figures)
+    assert 20 < last.cpu_pct <= 125, last.cpu_pct  # (less than a core on a crowded machine)

@@ -58,7 +58,7 @@ __all__ = [
 
 STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL
 POLL_S = 0.02
-CPU_MIN_INTERVAL_S = 0.05  # a cpu figure over less wall time than this would be one clock tick over nothing
+CPU_MIN_INTERVAL_S = 0.1  # a cpu figure over less wall time is mostly clock ticks (10 ms each: 10 % here)
 
 
 class ProcessError(RuntimeError):
